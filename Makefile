@@ -1,0 +1,36 @@
+# Both targets do all set-up themselves, idempotently, on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/lorafleet/torch_extensions
+
+.PHONY: setup test test-fast demo lint bench clean
+
+setup: $(VENV)/.installed
+
+# torch goes in first, pinned to the local CPU wheel: anything that depends on torch installed
+# before it would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m workers.demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) ops/bench/fused_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,398 @@
+"""Versioned, immutable LoRA adapter checkpoints on any fsspec filesystem.
+
+Layout under the store root::
+
+    <root>/<adapter_id>/v<version>/adapter_config.json        PEFT config (sorted keys)
+                                   adapter_model.safetensors  PEFT weights
+                                   trainer_state.safetensors  optimizer moments, RNG, ...
+                                   trainer_state.json         step counters and other metadata
+    <root>/<adapter_id>/latest                                text: newest published version
+
+A version is written under a temporary name and renamed into place (atomic on a local fs), so
+readers (PEFT, vLLM, the next train step) never see half a version. Object stores have no rename:
+there a version counts only once all four files are there, and a half-copied leftover of a crashed
+publish is replaced by the next publish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import posixpath
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec.core
+import torch
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from common.ids import is_valid_id, validate_id
+from common.settings import get_settings, redacted
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+TRAINER_TENSORS_FILE = "trainer_state.safetensors"
+TRAINER_META_FILE = "trainer_state.json"
+VERSION_FILES = (ADAPTER_WEIGHTS_FILE, TRAINER_TENSORS_FILE, TRAINER_META_FILE, ADAPTER_CONFIG_FILE)
+LATEST_FILE = "latest"
+LOCK_FILE = ".lock"
+TMP_PREFIX = ".tmp-"
+VERSION_PREFIX = "v"
+CACHE_SUBDIR = "store-cache"
+# PEFT and transformers write this metadata; some readers check it.
+SAFETENSORS_METADATA = {"format": "pt"}
+
+_VERSION_RE = re.compile(r"v(0|[1-9][0-9]*)")
+_DIGITS_RE = re.compile(r"[0-9]+")
+
+Version = int | Literal["latest"]
+
+
+class AdapterStoreError(Exception):
+    """Base class of every error raised by the adapter store."""
+
+
+class VersionExistsError(AdapterStoreError):
+    """The version is already published; published versions are immutable."""
+
+
+class AdapterNotFoundError(AdapterStoreError):
+    """Unknown adapter, or unknown version of a known adapter."""
+
+
+@dataclass(frozen=True)
+class AdapterCheckpoint:
+    adapter_id: str
+    version: int
+    weights: dict[str, torch.Tensor] = field(repr=False)
+    adapter_config: dict[str, Any]
+    trainer_tensors: dict[str, torch.Tensor] = field(repr=False)
+    trainer_meta: dict[str, Any]
+
+
+def _exists_error(adapter_id: str, version: int) -> VersionExistsError:
+    return VersionExistsError(f"adapter {adapter_id!r} v{version} is already published")
+
+
+def _check_version(version: object) -> int:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"version must be an int >= 0, got {version!r}")
+    return version
+
+
+def _tensor_bytes(tensors: Mapping[str, torch.Tensor], what: str) -> bytes:
+    prepared: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{what}: tensor names must be str, got {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{what}[{name!r}] must be a torch.Tensor, got {type(tensor).__name__}")
+        # Always a private contiguous copy: safetensors refuses tensors that share memory (tied
+        # or view weights), and the caller may keep training on the originals meanwhile.
+        prepared[name] = tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+    return st_save(prepared, metadata=SAFETENSORS_METADATA)
+
+
+def _json_bytes(data: Mapping[str, Any], what: str, *, strict: bool = False) -> bytes:
+    # strict: no NaN/Infinity (not JSON; other readers of the PEFT config reject them). Trainer
+    # metadata may legitimately record a NaN loss of a failed step.
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{what} must be a mapping, got {type(data).__name__}")
+    try:
+        text = json.dumps(dict(data), sort_keys=True, indent=2, allow_nan=not strict)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} is not JSON-serialisable: {exc}") from exc
+    return (text + "\n").encode()
+
+
+def _fsync_write(path: str, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _complete_local(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in VERSION_FILES)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AdapterStore:
+    """Publish and load adapter checkpoints under `url` (`file://`, a plain path, `memory://`,
+    or any fsspec URL such as `s3://bucket/prefix`)."""
+
+    def __init__(self, url: str, *, cache_dir: Path | None = None) -> None:
+        self.url = url
+        self._shown = redacted(url)  # object-store URLs may carry credentials
+        fs, root = fsspec.core.url_to_fs(url)
+        self.fs: AbstractFileSystem = fs
+        self.root: str = root.rstrip("/") or "/"
+        self._local = isinstance(fs, LocalFileSystem)
+        self._cache_dir = cache_dir
+
+    def __repr__(self) -> str:
+        return f"AdapterStore({self._shown!r})"
+
+    def _adapter_root(self, adapter_id: str) -> str:
+        return posixpath.join(self.root, validate_id(adapter_id, "adapter id"))
+
+    def _version_dir(self, adapter_id: str, version: int) -> str:
+        return posixpath.join(self._adapter_root(adapter_id), f"{VERSION_PREFIX}{version}")
+
+    def publish(
+        self,
+        adapter_id: str,
+        version: int,
+        *,
+        weights: Mapping[str, torch.Tensor],
+        adapter_config: Mapping[str, Any],
+        trainer_tensors: Mapping[str, torch.Tensor] | None = None,
+        trainer_meta: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Write `version` of `adapter_id`, return its directory (a path on this fs). Raises
+        `VersionExistsError`, leaving the published files untouched, if it already exists."""
+        adapter_root = self._adapter_root(adapter_id)
+        final = self._version_dir(adapter_id, _check_version(version))
+        if self.exists(adapter_id, version):
+            raise _exists_error(adapter_id, version)
+        self.fs.makedirs(adapter_root, exist_ok=True)
+        tmp = posixpath.join(adapter_root, f"{TMP_PREFIX}{uuid.uuid4().hex}")
+        self.fs.makedirs(tmp, exist_ok=True)
+        # Each payload is serialised just before it is written, so a bad input fails inside the
+        # `try` and the partial temp directory is removed.
+        payloads: dict[str, Callable[[], bytes]] = {
+            ADAPTER_WEIGHTS_FILE: lambda: _tensor_bytes(weights, "weights"),
+            TRAINER_TENSORS_FILE: lambda: _tensor_bytes(trainer_tensors or {}, "trainer_tensors"),
+            TRAINER_META_FILE: lambda: _json_bytes(trainer_meta or {}, "trainer_meta"),
+            ADAPTER_CONFIG_FILE: lambda: _json_bytes(adapter_config, "adapter_config", strict=True),
+        }
+        try:
+            for name in VERSION_FILES:
+                self._write(posixpath.join(tmp, name), payloads[name]())
+            self._move_into_place(tmp, final, adapter_id, version)
+        finally:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp, recursive=True)
+        self._advance_latest(adapter_id, version)
+        return final
+
+    def _write(self, path: str, data: bytes) -> None:
+        if self._local:
+            _fsync_write(path, data)  # a rename of unsynced files can surface empty after a crash
+        else:
+            self.fs.pipe_file(path, data)
+
+    def _move_into_place(self, tmp: str, final: str, adapter_id: str, version: int) -> None:
+        if self._local:
+            try:
+                os.rename(tmp, final)  # fails if `final` exists and is not empty
+            except OSError as exc:
+                if self._is_complete(final):
+                    raise _exists_error(adapter_id, version) from exc
+                raise
+            _fsync_dir(posixpath.dirname(final))
+            return
+        if self.fs.exists(final):
+            if self._is_complete(final):
+                raise _exists_error(adapter_id, version)
+            self.fs.rm(final, recursive=True)  # leftover of a publish that died mid-copy
+        # No rename on object stores: copy file by file, the config last, then delete the temp.
+        for name in VERSION_FILES:
+            self.fs.copy(posixpath.join(tmp, name), posixpath.join(final, name))
+
+    @contextlib.contextmanager
+    def _adapter_lock(self, adapter_id: str) -> Iterator[None]:
+        adapter_root = self._adapter_root(adapter_id)
+        if not self._local or not os.path.isdir(adapter_root):
+            yield  # best effort on object stores (no cheap lock); nothing to guard if no adapter
+            return
+        path = posixpath.join(adapter_root, LOCK_FILE)
+        with open(path, "a+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def _advance_latest(self, adapter_id: str, version: int) -> None:
+        pointer = posixpath.join(self._adapter_root(adapter_id), LATEST_FILE)
+        with self._adapter_lock(adapter_id):
+            current = self._read_pointer(adapter_id)
+            if current is not None and current >= version:
+                return
+            data = f"{version}\n".encode()
+            if not self._local:
+                self.fs.pipe_file(pointer, data)  # a single PUT is atomic on object stores
+                return
+            tmp = f"{pointer}{TMP_PREFIX}{uuid.uuid4().hex}"
+            _fsync_write(tmp, data)
+            os.replace(tmp, pointer)  # readers see the old or the new number, never a torn one
+
+    def _read_pointer(self, adapter_id: str) -> int | None:
+        pointer = posixpath.join(self._adapter_root(adapter_id), LATEST_FILE)
+        try:
+            text = self.fs.cat_file(pointer).decode().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if _DIGITS_RE.fullmatch(text) else None
+
+    def _is_complete(self, version_dir: str) -> bool:
+        try:
+            listing = self.fs.ls(version_dir, detail=False)
+        except FileNotFoundError:
+            return False
+        return {posixpath.basename(p.rstrip("/")) for p in listing}.issuperset(VERSION_FILES)
+
+    def adapters(self) -> list[str]:
+        """IDs of the adapters that have at least a directory in the store."""
+        try:
+            entries = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return []
+        names = (
+            posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory"
+        )
+        return sorted(name for name in names if is_valid_id(name))
+
+    def versions(self, adapter_id: str) -> list[int]:
+        """Published versions, ascending. Temp directories and incomplete copies are skipped."""
+        adapter_root = self._adapter_root(adapter_id)
+        try:
+            files = self.fs.find(adapter_root, maxdepth=2)
+        except FileNotFoundError:
+            return []
+        present: dict[int, set[str]] = {}
+        prefix = adapter_root.rstrip("/") + "/"
+        for path in files:
+            parts = path.removeprefix(prefix).split("/")
+            if len(parts) == 2 and _VERSION_RE.fullmatch(parts[0]):
+                present.setdefault(int(parts[0][1:]), set()).add(parts[1])
+        return sorted(v for v, names in present.items() if names.issuperset(VERSION_FILES))
+
+    def exists(self, adapter_id: str, version: int) -> bool:
+        return self._is_complete(self._version_dir(adapter_id, _check_version(version)))
+
+    def latest_version(self, adapter_id: str) -> int | None:
+        """The version the `latest` pointer names; if there is no pointer (a publish died between
+        the rename and the pointer update), the highest published version; None if none."""
+        pointer = self._read_pointer(adapter_id)
+        if pointer is not None:
+            return pointer
+        found = self.versions(adapter_id)
+        return found[-1] if found else None
+
+    def _resolve(self, adapter_id: str, version: Version) -> int:
+        if version == "latest":
+            latest = self.latest_version(adapter_id)
+            if latest is None:
+                raise AdapterNotFoundError(f"unknown adapter {adapter_id!r} in {self._shown}")
+            return latest
+        return _check_version(version)
+
+    def _require(self, adapter_id: str, version: Version) -> tuple[int, str]:
+        resolved = self._resolve(adapter_id, version)
+        directory = self._version_dir(adapter_id, resolved)
+        if not self._is_complete(directory):
+            known = self.versions(adapter_id)
+            if not known:
+                raise AdapterNotFoundError(f"unknown adapter {adapter_id!r} in {self._shown}")
+            raise AdapterNotFoundError(
+                f"adapter {adapter_id!r} has no version {resolved} in {self._shown}; "
+                f"published versions: {known}"
+            )
+        return resolved, directory
+
+    def load(self, adapter_id: str, version: Version = "latest") -> AdapterCheckpoint:
+        resolved, directory = self._require(adapter_id, version)
+
+        def read(name: str) -> bytes:
+            return self.fs.cat_file(posixpath.join(directory, name))
+
+        return AdapterCheckpoint(
+            adapter_id=adapter_id,
+            version=resolved,
+            weights=st_load(read(ADAPTER_WEIGHTS_FILE)),
+            adapter_config=json.loads(read(ADAPTER_CONFIG_FILE)),
+            trainer_tensors=st_load(read(TRAINER_TENSORS_FILE)),
+            trainer_meta=json.loads(read(TRAINER_META_FILE)),
+        )
+
+    def local_dir(self, adapter_id: str, version: Version = "latest") -> Path:
+        """A local directory with the version's files, for PEFT `from_pretrained` and vLLM.
+
+        Local stores return the version directory itself; others download it once into the
+        cache (published versions never change, so a cached copy never goes stale).
+        """
+        resolved, directory = self._require(adapter_id, version)
+        if self._local:
+            return Path(directory)
+        target = self._cache_root() / adapter_id / f"{VERSION_PREFIX}{resolved}"
+        if _complete_local(target):
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            for name in VERSION_FILES:
+                _fsync_write(str(tmp / name), self.fs.cat_file(posixpath.join(directory, name)))
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                # Another process finished the same download first; keep its copy.
+                if not _complete_local(target):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def _cache_root(self) -> Path:
+        if self._cache_dir is None:
+            self._cache_dir = get_settings().cache_dir
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        readable = re.sub(r"[^A-Za-z0-9_-]+", "_", f"{protocol}_{self.root}").strip("_")[:48]
+        digest = hashlib.sha256(f"{protocol}://{self.root}".encode()).hexdigest()[:12]
+        return Path(self._cache_dir) / CACHE_SUBDIR / f"{readable}-{digest}"
+
+    def delete_versions(self, adapter_id: str, keep_last: int) -> list[int]:
+        """Delete all but the `keep_last` newest versions; the latest is always kept.
+
+        Returns the deleted versions, ascending.
+        """
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+            raise ValueError(f"keep_last must be an int >= 0, got {keep_last!r}")
+        with self._adapter_lock(adapter_id):
+            found = self.versions(adapter_id)
+            if not found:
+                return []
+            keep = {found[-1], self._read_pointer(adapter_id), *found[len(found) - keep_last :]}
+            doomed = [v for v in found if v not in keep]
+            for version in doomed:
+                self._remove_version(adapter_id, version)
+        return doomed
+
+    def _remove_version(self, adapter_id: str, version: int) -> None:
+        directory = self._version_dir(adapter_id, version)
+        if self._local:
+            # Rename first so no reader can open a version that is half deleted.
+            doomed = f"{self._adapter_root(adapter_id)}/{TMP_PREFIX}del-{uuid.uuid4().hex}"
+            os.rename(directory, doomed)
+            directory = doomed
+        self.fs.rm(directory, recursive=True)

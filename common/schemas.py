@@ -1,0 +1,124 @@
+"""Pydantic schemas validated at every boundary (client, CLI, HTTP, worker).
+
+Every model forbids unknown fields, so a typo ("learning_rate" for "lr") is an error that names
+the field instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from common.ids import validate_id
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Linear layers of Llama/Qwen2-style decoders that may carry an adapter (lm_head never does).
+KNOWN_TARGET_MODULES = frozenset(
+    {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+)
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoRASpec(StrictModel):
+    rank: int = Field(8, ge=1, le=256, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0, le=4096, description="scaling = alpha / r")
+    target_modules: tuple[str, ...] = Field(DEFAULT_TARGET_MODULES, min_length=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    use_rslora: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_targets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(v) - KNOWN_TARGET_MODULES)
+        if unknown:
+            raise ValueError(
+                f"unknown target module(s) {unknown}; allowed: {sorted(KNOWN_TARGET_MODULES)}"
+            )
+        if len(set(v)) != len(v):
+            raise ValueError("target_modules has duplicates")
+        return tuple(sorted(v))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+
+class OptimizerSpec(StrictModel):
+    """Per-adapter AdamW: every adapter has its own lr, schedule, betas, decay and clip norm."""
+
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0, le=1e-2)
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="per-adapter clip; null = off")
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    total_steps: int | None = Field(None, ge=1, description="horizon of linear/cosine decay")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"betas must each be in [0, 1), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _decay_needs_horizon(self) -> OptimizerSpec:
+        if self.schedule != "constant" and self.total_steps is None:
+            raise ValueError(f"schedule {self.schedule!r} needs total_steps")
+        return self
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant" or self.total_steps is None:
+            return self.lr
+        span = max(1, self.total_steps - self.warmup_steps)
+        frac = min(1.0, (step - self.warmup_steps) / span)
+        if self.schedule == "linear":
+            return self.lr * (1.0 - frac)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+class LossSpec(StrictModel):
+    """Token loss of one adapter. `ppo_clip`: importance-weighted policy gradient with PPO
+    clipping against the rollout logprobs; `pg`: plain policy gradient; `nll`: supervised."""
+
+    kind: Literal["ppo_clip", "pg", "nll"] = "ppo_clip"
+    clip_eps: float = Field(0.2, gt=0, le=1.0)
+    kl_coef: float = Field(0.0, ge=0, le=10.0, description="KL penalty to the base model")
+
+
+class AdapterTrainSpec(StrictModel):
+    """Everything the fused train step needs to know about one adapter."""
+
+    lora: LoRASpec = LoRASpec()
+    optimizer: OptimizerSpec = OptimizerSpec()
+    loss: LossSpec = LossSpec()
+    seed: int = Field(0, ge=0, lt=2**63)
+
+
+class ExperimentSpec(StrictModel):
+    """One experiment = one adapter trained with RL on one reward environment."""
+
+    name: str = Field(..., min_length=1, max_length=64)
+    env: str = Field(..., min_length=1, max_length=64, description="registered reward env")
+    env_args: dict[str, str | int | float | bool] = Field(default_factory=dict, max_length=32)
+    steps: int = Field(30, ge=1, le=100_000)
+    prompts_per_step: int = Field(4, ge=1, le=1024)
+    group_size: int = Field(4, ge=1, le=64, description="samples per prompt (GRPO group)")
+    max_new_tokens: int = Field(8, ge=1, le=4096)
+    temperature: float = Field(1.0, gt=0, le=10.0)
+    weight: float = Field(1.0, gt=0, le=100.0, description="fair-share weight")
+    train: AdapterTrainSpec = AdapterTrainSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return validate_id(v, "experiment name")

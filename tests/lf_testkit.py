@@ -1,0 +1,103 @@
+"""Shared helpers for the tests: deterministic data and an independent solo reference trainer
+built from plain PEFT + torch AdamW (no lorafleet training code besides the loss formula)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from common.multilora.model import MultiLoRAModel
+from common.schemas import AdapterTrainSpec
+from common.tiny_model import load_base_model
+from workers.batch import TrainRow, collate
+from workers.losses import token_logprobs, token_loss
+
+PAD = 0
+
+
+def make_rows(adapter: str, n: int, seed: int, with_old: bool = True) -> list[TrainRow]:
+    """n rows of random length 6..12: a 3-token prompt, the rest trained."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(6, 13, (1,), generator=g))
+        ids = torch.randint(4, 100, (length,), generator=g).tolist()
+        mask = [0, 0, 0] + [1] * (length - 3)
+        adv = float(torch.randn((), generator=g))
+        old = (-4.0 + 0.5 * torch.randn(length, generator=g, dtype=torch.float64)).tolist()
+        rows.append(TrainRow(adapter, ids, mask, adv, old if with_old else None))
+    return rows
+
+
+def load_model(cache_dir: Path, dtype: torch.dtype = torch.float64, name: str = "builtin:tiny-llama"):
+    model, tok, _ = load_base_model(name, dtype, cache_dir=cache_dir)
+    return model, tok
+
+
+@dataclass
+class SoloRun:
+    """One adapter trained alone with plain PEFT + torch AdamW, one step per batch of rows."""
+
+    spec: AdapterTrainSpec
+    model: torch.nn.Module
+    init_weights: dict[str, torch.Tensor]
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        lora = self.spec.lora
+        cfg = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
+                         lora_dropout=0.0, use_rslora=lora.use_rslora, bias="none",
+                         task_type="CAUSAL_LM")
+        self.peft = get_peft_model(copy.deepcopy(self.model), cfg)
+        named = dict(self.peft.named_parameters())
+        with torch.no_grad():
+            for key, value in self.init_weights.items():
+                named[key.replace(".weight", ".default.weight")].copy_(value)
+        self.params = [p for p in self.peft.parameters() if p.requires_grad]
+        o = self.spec.optimizer
+        self.opt = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, eps=o.eps,
+                                     weight_decay=o.weight_decay, foreach=False)
+        self.step_count = 0
+
+    def step(self, rows: list[TrainRow]) -> None:
+        batch = collate(rows, PAD, torch.float64)
+        self.opt.zero_grad(set_to_none=True)
+        logits = self.peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        lp = token_logprobs(logits, batch.input_ids)
+        ref = None
+        if self.spec.loss.kl_coef > 0:
+            with torch.no_grad(), self.peft.disable_adapter():
+                ref = token_logprobs(self.peft(input_ids=batch.input_ids,
+                                               attention_mask=batch.attention_mask).logits,
+                                     batch.input_ids)
+        per_token = token_loss(self.spec.loss, lp, batch.advantages, batch.old_logprobs, ref)
+        loss = (per_token * batch.loss_mask).sum() / batch.loss_mask.sum()
+        loss.backward()
+        o = self.spec.optimizer
+        if o.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params])
+        self.opt.param_groups[0]["lr"] = o.lr_at(self.step_count)
+        self.opt.step()
+        self.step_count += 1
+        self.losses.append(loss.item())
+        self.grad_norms.append(norm.item())
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k.replace(".default.weight", ".weight"): p.detach().clone()
+                for k, p in self.peft.named_parameters() if p.requires_grad}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys(), (sorted(a)[:3], sorted(b)[:3])
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def fused_weights(model: MultiLoRAModel, name: str) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in model.parameters_of(name)}

@@ -1,0 +1,91 @@
+"""Rows of a fused train batch and the collator that orders them adapter-major."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from common.multilora.layout import BatchLayout
+
+
+@dataclass(frozen=True)
+class TrainRow:
+    """One sequence (prompt + completion) of one adapter.
+
+    `loss_mask[i] = 1` marks token i as trained (its prediction from the prefix is scored);
+    `old_logprobs[i]` is the rollout policy's logprob of token i (position 0 unused). Without
+    old logprobs the step is on-policy (ratio 1).
+    """
+
+    adapter: str
+    input_ids: Sequence[int]
+    loss_mask: Sequence[int]
+    advantage: float = 0.0
+    old_logprobs: Sequence[float] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) < 2 or len(self.loss_mask) != len(self.input_ids):
+            raise ValueError("a row needs >= 2 tokens and one loss_mask entry per token")
+        if self.old_logprobs is not None and len(self.old_logprobs) != len(self.input_ids):
+            raise ValueError("old_logprobs needs one entry per token")
+
+
+@dataclass
+class FusedBatch:
+    layout: BatchLayout
+    input_ids: torch.Tensor  # (B, T) long, right-padded
+    attention_mask: torch.Tensor  # (B, T) long
+    loss_mask: torch.Tensor  # (B, T-1) float: 1 where target token t+1 is trained
+    advantages: torch.Tensor  # (B,) float
+    old_logprobs: torch.Tensor | None  # (B, T-1) float, aligned with targets
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> FusedBatch:
+        return FusedBatch(
+            self.layout,
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.loss_mask.to(device, dtype),
+            self.advantages.to(device, dtype),
+            None if self.old_logprobs is None else self.old_logprobs.to(device, dtype),
+        )
+
+
+def collate(
+    rows: Sequence[TrainRow],
+    pad_id: int,
+    dtype: torch.dtype = torch.float32,
+    adapter_order: Sequence[str] | None = None,
+) -> FusedBatch:
+    """Order rows adapter-major (adapters by name unless `adapter_order` is given, rows of one
+    adapter in their given order) and right-pad. Right padding keeps every real token's
+    position id, so padding changes nothing for real tokens."""
+    if not rows:
+        raise ValueError("empty batch")
+    rank = {a: i for i, a in enumerate(adapter_order or sorted({r.adapter for r in rows}))}
+    rows = sorted(rows, key=lambda r: rank[r.adapter])  # stable: keeps each adapter's row order
+    width = max(len(r.input_ids) for r in rows)
+    b = len(rows)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, width), dtype=torch.long)
+    loss_mask = torch.zeros((b, width), dtype=dtype)
+    old = torch.zeros((b, width), dtype=dtype)
+    has_old = [r.old_logprobs is not None for r in rows]
+    if any(has_old) and not all(has_old):
+        raise ValueError("either every row carries old_logprobs or none does")
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        input_ids[i, :n] = torch.tensor(r.input_ids, dtype=torch.long)
+        attention[i, :n] = 1
+        loss_mask[i, :n] = torch.tensor(r.loss_mask, dtype=dtype)
+        if r.old_logprobs is not None:
+            old[i, :n] = torch.tensor(r.old_logprobs, dtype=dtype)
+    return FusedBatch(
+        layout=BatchLayout.from_row_adapters([r.adapter for r in rows]),
+        input_ids=input_ids,
+        attention_mask=attention,
+        loss_mask=loss_mask[:, 1:],  # token 0 is never predicted
+        advantages=torch.tensor([r.advantage for r in rows], dtype=dtype),
+        old_logprobs=old[:, 1:] if all(has_old) else None,
+    )
