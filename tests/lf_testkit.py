@@ -11,9 +11,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from common.multilora.model import MultiLoRAModel
-from common.schemas import AdapterTrainSpec
+from common.schemas import AdapterTrainSpec, LoRASpec, LossSpec, OptimizerSpec
 from common.tiny_model import load_base_model
 from workers.batch import TrainRow, collate
+from workers.fused_step import FusedTrainStep
 from workers.losses import token_logprobs, token_loss
 
 PAD = 0
@@ -101,3 +102,65 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def fused_weights(model: MultiLoRAModel, name: str) -> dict[str, torch.Tensor]:
     return {k: p.detach().clone() for k, p in model.parameters_of(name)}
+
+
+# ---- the co-tenancy scenario: 4 adapters that differ in everything a spec can set ----------
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SPECS = {
+    "a": AdapterTrainSpec(
+        lora=LoRASpec(rank=4, alpha=8),
+        optimizer=OptimizerSpec(lr=5e-3, max_grad_norm=0.05),  # small: the clip triggers
+        loss=LossSpec(kind="ppo_clip", clip_eps=0.2), seed=1),
+    "b": AdapterTrainSpec(
+        lora=LoRASpec(rank=2, alpha=2, target_modules=("q_proj", "v_proj", "down_proj")),
+        optimizer=OptimizerSpec(lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1, max_grad_norm=None),
+        loss=LossSpec(kind="pg", kl_coef=0.1), seed=2),
+    "c": AdapterTrainSpec(
+        lora=LoRASpec(rank=8, alpha=16, target_modules=ALL, use_rslora=True),
+        optimizer=OptimizerSpec(lr=2e-3, betas=(0.95, 0.99), weight_decay=0.01, max_grad_norm=10.0,
+                                schedule="cosine", warmup_steps=1, total_steps=5),
+        loss=LossSpec(kind="nll"), seed=3),
+    "d": AdapterTrainSpec(
+        lora=LoRASpec(rank=3, alpha=5),
+        optimizer=OptimizerSpec(lr=3e-3, weight_decay=0.05),
+        loss=LossSpec(kind="ppo_clip", clip_eps=0.1, kl_coef=0.05), seed=4),
+}
+ROWS_PER_STEP = {"a": 3, "b": 1, "c": 5, "d": 2}
+STEPS = 5
+ABSENT = {("d", 2)}  # (adapter, step): d has no data in step 2 and must not be stepped
+
+
+def step_rows(step: int) -> dict[str, list]:
+    return {a: make_rows(a, n, seed=100 * step + ord(a))
+            for a, n in ROWS_PER_STEP.items() if (a, step) not in ABSENT}
+
+
+def build_fused(cache: Path, backend: str = "torch", checkpointing: bool = False,
+                model_name: str = "builtin:tiny-llama"):
+    model, _ = load_model(cache, name=model_name)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fused = FusedTrainStep(MultiLoRAModel(model), backend)  # type: ignore[arg-type]
+    for name, spec in SPECS.items():
+        fused.add_adapter(name, spec)
+        g = torch.Generator().manual_seed(spec.seed + 1000)
+        with torch.no_grad():  # non-zero B so every gradient is non-trivial from step 0
+            for key, p in fused.model.parameters_of(name):
+                if "lora_B" in key:
+                    p.copy_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    init = {a: fused_weights(fused.model, a) for a in SPECS}
+    # an untouched copy: MultiLoRAModel edits `model` in place
+    solo_base, _ = load_model(cache, name=model_name)
+    return fused, solo_base, init
+
+
+def run_fused(fused: FusedTrainStep, order=None, poison=None, steps=range(STEPS)) -> list[dict]:
+    reports = []
+    for step in steps:
+        rows = [r for rs in step_rows(step).values() for r in rs]
+        if poison:
+            rows = poison(step, rows, fused)
+        reports.append(fused.step(collate(rows, PAD, torch.float64, adapter_order=order)))
+    return reports
+
+
