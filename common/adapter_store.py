@@ -28,17 +28,17 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import fsspec.core
-import torch
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from common.ids import is_valid_id, validate_id
 from common.settings import get_settings, redacted
+
+if TYPE_CHECKING:  # torch is imported lazily: the torch-free client lists and downloads versions
+    import torch
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -92,6 +92,9 @@ def _check_version(version: object) -> int:
 
 
 def _tensor_bytes(tensors: Mapping[str, torch.Tensor], what: str) -> bytes:
+    import torch
+    from safetensors.torch import save as st_save
+
     prepared: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if not isinstance(name, str):
@@ -321,6 +324,8 @@ class AdapterStore:
         return resolved, directory
 
     def load(self, adapter_id: str, version: Version = "latest") -> AdapterCheckpoint:
+        from safetensors.torch import load as st_load
+
         resolved, directory = self._require(adapter_id, version)
 
         def read(name: str) -> bytes:

@@ -83,7 +83,8 @@ class FusedTrainStep:
         group = self._group(name)
         for p in group["params"]:
             self.optimizer.state.pop(p, None)
-        self.optimizer.param_groups.remove(group)
+        groups = self.optimizer.param_groups
+        del groups[next(i for i, g in enumerate(groups) if g is group)]  # not list.remove: == on tensors
         self.model.remove_adapter(name)
         del self.specs[name], self.steps[name]
 

@@ -154,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     machine = {"cpu_count": os.cpu_count(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "platform": platform.platform(),
-               "python": platform.python_version()}
+               "python": platform.python_version(), "loadavg_before": os.getloadavg()}
     console.print(f"torch {machine['torch']}, torch.get_num_threads() = {machine['threads']}, "
-                  f"cpu_count = {machine['cpu_count']}")
+                  f"cpu_count = {machine['cpu_count']}, loadavg = {machine['loadavg_before']}")
+    if machine["loadavg_before"][0] > 0.5 * (os.cpu_count() or 1):
+        console.print("[yellow]warning: the machine is busy; CPU timings will be noisy[/]")
     t_start = time.perf_counter()
     results: list[dict[str, Any]] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             results += bench_size(size, ns, args, spec, progress, task)
     elapsed = time.perf_counter() - t_start
+    machine["loadavg_after"] = os.getloadavg()
 
     table = Table(title=f"Fused step vs N warm solo steps (median of {args.repeats})")
     for col in ("size", "N", "fused ms", "N solo ms", "ratio", "speedup", "fused tok/s"):

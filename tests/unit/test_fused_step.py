@@ -130,3 +130,20 @@ def test_unknown_adapter_in_batch_is_rejected_before_any_update(model_cache: Pat
     with pytest.raises(KeyError, match="zzz"):
         fused.step(collate(rows, PAD, torch.float64))
     assert max_diff(fused_weights(fused.model, "a"), init["a"]) == 0.0
+
+
+def test_removing_and_reloading_adapters_keeps_the_rest_exact(model_cache: Path) -> None:
+    """Eviction: removing adapters (any order) leaves the others' params and AdamW state alone."""
+    fused, _, _ = build_fused(model_cache)
+    run_fused(fused, steps=range(2))
+    before = {a: fused_weights(fused.model, a) for a in ("a", "c")}
+    state_before = fused.trainer_state("c")[0]
+    fused.remove_adapter("b")
+    fused.remove_adapter("d")
+    assert set(fused.specs) == {"a", "c"} and len(fused.optimizer.param_groups) == 3  # + placeholder
+    for a in ("a", "c"):
+        assert max_diff(fused_weights(fused.model, a), before[a]) == 0.0
+    state_after = fused.trainer_state("c")[0]
+    assert all(torch.equal(state_before[k], state_after[k]) for k in state_before)
+    fused.add_adapter("b", SPECS["b"])  # re-adding under the same name works
+    assert "b" in fused.model.adapters

@@ -1,0 +1,54 @@
+"""Every Redis key lorafleet uses, in one place.
+
+Redis is the record of truth (Celery only dispatches): experiment state, step claims and
+commits, trajectories, metrics, the event stream, worker heartbeats and the scheduler lease.
+"""
+
+from __future__ import annotations
+
+from common.ids import validate_id
+
+PREFIX = "lf:"
+
+# Celery queues
+ROLLOUT_QUEUE = "lf.rollout"  # shared: any worker can roll out any adapter version
+TRAIN_QUEUE = "lf.train"  # shared: train batches of adapters not yet placed on a node
+NODE_QUEUE_PREFIX = "lf.node."  # per node: train batches of the adapters held hot there
+
+
+def node_queue(node: str) -> str:
+    return NODE_QUEUE_PREFIX + validate_id(node, "node name")
+
+
+class Keys:
+    """Key names. Methods take IDs that were validated at the boundary."""
+
+    experiments = PREFIX + "experiments"  # zset: experiment id -> submit time (ms)
+    active = PREFIX + "active"  # set: ids of queued or running experiments
+    events = PREFIX + "events"  # stream: commits, completions, failures
+    fence = PREFIX + "fence"  # counter: fencing tokens of step claims
+    batches = PREFIX + "batches"  # hash: batch id -> JSON of an outstanding batch
+    leader = PREFIX + "scheduler:leader"  # string: holder id, with a TTL (the lease)
+    leader_epoch = PREFIX + "scheduler:epoch"  # counter: bumped on every leadership change
+    cursor = PREFIX + "scheduler:cursor"  # string: last event id the scheduler consumed
+    workers = PREFIX + "workers"  # set: node names ever seen (liveness is per-node key)
+
+    @staticmethod
+    def experiment(exp_id: str) -> str:
+        return f"{PREFIX}exp:{exp_id}"  # hash: spec, status, step, phase, version, node, ...
+
+    @staticmethod
+    def metrics(exp_id: str) -> str:
+        return f"{PREFIX}metrics:{exp_id}"  # list: one JSON object per committed train step
+
+    @staticmethod
+    def task(exp_id: str, step: int, phase: str) -> str:
+        return f"{PREFIX}task:{exp_id}:{step}:{phase}"  # hash: status, token, owner, lease, ...
+
+    @staticmethod
+    def trajectory(exp_id: str, step: int) -> str:
+        return f"{PREFIX}traj:{exp_id}:{step}"  # string: JSON trajectory of a committed rollout
+
+    @staticmethod
+    def worker(node: str) -> str:
+        return f"{PREFIX}worker:{node}"  # string with TTL: heartbeat JSON of a live worker

@@ -1,0 +1,36 @@
+"""Celery message bodies: IDs and versions only, never tensors or code."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from common.ids import validate_id
+
+Phase = Literal["rollout", "train"]
+
+
+class BatchItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    exp_id: str
+    step: int = Field(ge=0)
+    version: int = Field(ge=0)  # committed adapter version the task starts from
+
+    @field_validator("exp_id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return validate_id(v, "experiment id")
+
+
+class BatchMessage(BaseModel):
+    """One Celery message = one mixed-adapter batch = one ack."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_id: str
+    phase: Phase
+    node: str | None = None  # the node whose queue carries it (train affinity)
+    epoch: int = Field(ge=0)  # scheduler leadership epoch that published it
+    items: tuple[BatchItem, ...] = Field(min_length=1, max_length=4096)

@@ -1,0 +1,246 @@
+"""The exactly-once step protocol: fenced claims and commits as Redis Lua scripts.
+
+Celery on Redis delivers at least once. Every task (experiment, step, phase) is claimed with a
+fencing token from a global counter and committed only if that token still holds the claim and
+the experiment is still at that step and phase. A duplicate delivery gets "committed" or
+"claimed" from `claim` and exits; a zombie worker whose lease was taken over fails its commit.
+Lease times come from the Redis server clock (TIME), so worker clocks never matter.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import redis
+
+from common.keys import Keys
+
+_NOW = "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
+
+CLAIM = _NOW + """
+local e = redis.call('HMGET', KEYS[2], 'status', 'step', 'phase')
+if e[1] ~= 'running' then return {0, 'experiment_' .. tostring(e[1])} end
+if tonumber(e[2]) ~= tonumber(ARGV[3]) or e[3] ~= ARGV[4] then return {0, 'stale'} end
+local s = redis.call('HMGET', KEYS[1], 'status', 'lease_until')
+if s[1] == 'committed' then return {0, 'committed'} end
+if s[1] == 'claimed' and tonumber(s[2]) > now then return {0, 'claimed'} end
+local token = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], 'status', 'claimed', 'token', token, 'owner', ARGV[1],
+           'lease_until', now + tonumber(ARGV[2]), 'batch', ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'claims', 1)
+redis.call('PEXPIRE', KEYS[1], 604800000)
+return {token, 'ok'}
+"""
+
+RENEW = _NOW + """
+local s = redis.call('HMGET', KEYS[1], 'status', 'token')
+if s[1] ~= 'claimed' or s[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]))
+return 1
+"""
+
+RELEASE = """
+local s = redis.call('HMGET', KEYS[1], 'status', 'token')
+if s[1] ~= 'claimed' or s[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until', 0)
+return 1
+"""
+
+# KEYS: task, exp, trajectory, events   ARGV: token, step, traj_json, summary_json, ttl_ms, exp_id
+COMMIT_ROLLOUT = _NOW + """
+local s = redis.call('HMGET', KEYS[1], 'status', 'token')
+if s[1] ~= 'claimed' or s[2] ~= ARGV[1] then return 0 end
+local e = redis.call('HMGET', KEYS[2], 'status', 'step', 'phase')
+if e[1] ~= 'running' or tonumber(e[2]) ~= tonumber(ARGV[2]) or e[3] ~= 'rollout' then return 0 end
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[5])
+redis.call('HSET', KEYS[1], 'status', 'committed')
+redis.call('HSET', KEYS[2], 'phase', 'train', 'inflight', '', 'attempts', 0,
+           'rollout_summary', ARGV[4], 'updated_at', now)
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', 100000, '*', 'type', 'rollout_committed',
+           'exp', ARGV[6], 'step', ARGV[2])
+return 1
+"""
+
+# KEYS: task, exp, metrics, events, trajectory, active   ARGV: token, step, metrics_json, exp_id
+COMMIT_TRAIN = _NOW + """
+local s = redis.call('HMGET', KEYS[1], 'status', 'token')
+if s[1] ~= 'claimed' or s[2] ~= ARGV[1] then return 0 end
+local e = redis.call('HMGET', KEYS[2], 'status', 'step', 'phase', 'version', 'steps_total')
+local step = tonumber(ARGV[2])
+if e[1] ~= 'running' or tonumber(e[2]) ~= step or e[3] ~= 'train' or tonumber(e[4]) ~= step then
+  return 0
+end
+local nxt = step + 1
+redis.call('HSET', KEYS[1], 'status', 'committed')
+redis.call('RPUSH', KEYS[3], ARGV[3])
+redis.call('DEL', KEYS[5])
+redis.call('HSET', KEYS[2], 'step', nxt, 'version', nxt, 'phase', 'rollout', 'inflight', '',
+           'attempts', 0, 'updated_at', now)
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', 100000, '*', 'type', 'train_committed',
+           'exp', ARGV[4], 'step', step, 'version', nxt)
+if nxt >= tonumber(e[5]) then
+  redis.call('HSET', KEYS[2], 'status', 'completed', 'finished_at', now)
+  redis.call('SREM', KEYS[6], ARGV[4])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 100000, '*', 'type', 'completed', 'exp', ARGV[4])
+end
+return 1
+"""
+
+# A worker fails one experiment of its batch (non-finite loss, reward env raised); fenced.
+# KEYS: task, exp, events, active   ARGV: token, reason, exp_id
+FAIL_TASK = _NOW + """
+local s = redis.call('HMGET', KEYS[1], 'status', 'token')
+if s[1] ~= 'claimed' or s[2] ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[2], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'failed')
+redis.call('HSET', KEYS[2], 'status', 'failed', 'error', ARGV[2], 'inflight', '', 'finished_at', now)
+redis.call('SREM', KEYS[4], ARGV[3])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100000, '*', 'type', 'failed', 'exp', ARGV[3],
+           'reason', ARGV[2])
+return 1
+"""
+
+# Scheduler or client ends an experiment (poison cap, cancel). KEYS: exp, events, active
+# ARGV: status, reason, exp_id
+FINISH = _NOW + """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st ~= 'queued' and st ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'error', ARGV[2], 'inflight', '', 'finished_at', now)
+redis.call('SREM', KEYS[3], ARGV[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', ARGV[1], 'exp', ARGV[3],
+           'reason', ARGV[2])
+return 1
+"""
+
+# The leader marks an experiment's next task as published. KEYS: leader, exp
+# ARGV: leader_id, batch_id, step, phase, node
+MARK_INFLIGHT = _NOW + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local e = redis.call('HMGET', KEYS[2], 'status', 'step', 'phase', 'inflight')
+if e[1] ~= 'running' or tonumber(e[2]) ~= tonumber(ARGV[3]) or e[3] ~= ARGV[4] or e[4] ~= '' then
+  return 0
+end
+redis.call('HSET', KEYS[2], 'inflight', ARGV[2], 'inflight_at', now, 'node', ARGV[5])
+return 1
+"""
+
+# KEYS: leader, exp   ARGV: leader_id
+ACTIVATE = _NOW + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[2], 'status') ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[2], 'status', 'running', 'started_at', now)
+return 1
+"""
+
+# The leader gives up on a published task so that it is published again. KEYS: leader, exp
+# ARGV: leader_id, batch_id
+CLEAR_INFLIGHT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[2], 'inflight') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[2], 'inflight', '')
+return redis.call('HINCRBY', KEYS[2], 'attempts', 1)
+"""
+
+# KEYS: leader, epoch   ARGV: candidate id, ttl_ms  -> epoch if this call made it leader, else 0
+ACQUIRE_LEADER = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+return 0
+"""
+
+RENEW_LEADER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Claim:
+    token: int  # 0: not claimed
+    reason: str  # "ok", "committed", "claimed", "stale", "experiment_<status>"
+
+    @property
+    def ok(self) -> bool:
+        return self.token > 0
+
+
+class StepProtocol:
+    """The Lua scripts bound to one Redis client (decode_responses=True)."""
+
+    def __init__(self, r: redis.Redis) -> None:
+        self.r = r
+        self._claim = r.register_script(CLAIM)
+        self._renew = r.register_script(RENEW)
+        self._release = r.register_script(RELEASE)
+        self._commit_rollout = r.register_script(COMMIT_ROLLOUT)
+        self._commit_train = r.register_script(COMMIT_TRAIN)
+        self._fail = r.register_script(FAIL_TASK)
+        self._finish = r.register_script(FINISH)
+        self._mark = r.register_script(MARK_INFLIGHT)
+        self._activate = r.register_script(ACTIVATE)
+        self._clear = r.register_script(CLEAR_INFLIGHT)
+        self._acquire = r.register_script(ACQUIRE_LEADER)
+        self._renew_leader = r.register_script(RENEW_LEADER)
+
+    # ---- workers ---------------------------------------------------------------------------
+    def claim(self, exp_id: str, step: int, phase: str, owner: str, lease_ms: int, batch_id: str) -> Claim:
+        token, reason = self._claim(
+            keys=[Keys.task(exp_id, step, phase), Keys.experiment(exp_id), Keys.fence],
+            args=[owner, lease_ms, step, phase, batch_id],
+        )
+        return Claim(int(token), str(reason))
+
+    def renew(self, exp_id: str, step: int, phase: str, token: int, lease_ms: int) -> bool:
+        return bool(self._renew(keys=[Keys.task(exp_id, step, phase)], args=[token, lease_ms]))
+
+    def release(self, exp_id: str, step: int, phase: str, token: int) -> bool:
+        """Give a claim up early (the batch failed as a whole): the reaper re-publishes it."""
+        return bool(self._release(keys=[Keys.task(exp_id, step, phase)], args=[token]))
+
+    def commit_rollout(
+        self, exp_id: str, step: int, token: int, trajectory: dict, summary: dict, ttl_ms: int
+    ) -> bool:
+        return bool(self._commit_rollout(
+            keys=[Keys.task(exp_id, step, "rollout"), Keys.experiment(exp_id),
+                  Keys.trajectory(exp_id, step), Keys.events],
+            args=[token, step, json.dumps(trajectory), json.dumps(summary), ttl_ms, exp_id],
+        ))
+
+    def commit_train(self, exp_id: str, step: int, token: int, metrics: dict) -> bool:
+        return bool(self._commit_train(
+            keys=[Keys.task(exp_id, step, "train"), Keys.experiment(exp_id), Keys.metrics(exp_id),
+                  Keys.events, Keys.trajectory(exp_id, step), Keys.active],
+            args=[token, step, json.dumps(metrics), exp_id],
+        ))
+
+    def fail_task(self, exp_id: str, step: int, phase: str, token: int, reason: str) -> bool:
+        return bool(self._fail(
+            keys=[Keys.task(exp_id, step, phase), Keys.experiment(exp_id), Keys.events, Keys.active],
+            args=[token, reason[:2000], exp_id],
+        ))
+
+    # ---- scheduler and clients -------------------------------------------------------------
+    def finish(self, exp_id: str, status: str, reason: str) -> bool:
+        return bool(self._finish(keys=[Keys.experiment(exp_id), Keys.events, Keys.active],
+                                 args=[status, reason[:2000], exp_id]))
+
+    def mark_inflight(self, leader_id: str, exp_id: str, batch_id: str, step: int, phase: str,
+                      node: str) -> bool:
+        return bool(self._mark(keys=[Keys.leader, Keys.experiment(exp_id)],
+                               args=[leader_id, batch_id, step, phase, node]))
+
+    def activate(self, leader_id: str, exp_id: str) -> bool:
+        return bool(self._activate(keys=[Keys.leader, Keys.experiment(exp_id)], args=[leader_id]))
+
+    def clear_inflight(self, leader_id: str, exp_id: str, batch_id: str) -> int:
+        """Attempts so far after clearing (0: not cleared: lost leadership or already moved on)."""
+        return int(self._clear(keys=[Keys.leader, Keys.experiment(exp_id)], args=[leader_id, batch_id]))
+
+    def acquire_leader(self, candidate: str, ttl_ms: int) -> int:
+        return int(self._acquire(keys=[Keys.leader, Keys.leader_epoch], args=[candidate, ttl_ms]))
+
+    def renew_leader(self, candidate: str, ttl_ms: int) -> bool:
+        return bool(self._renew_leader(keys=[Keys.leader], args=[candidate, ttl_ms]))

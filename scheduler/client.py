@@ -1,0 +1,80 @@
+"""`FleetClient`: the Python client. Talks to Redis only (no torch, no Celery), so it runs in
+any process that can reach Redis: a notebook, a CI job, another service."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from common.adapter_store import AdapterStore, Version
+from common.ids import validate_id
+from common.keys import Keys
+from common.redis_conn import connect
+from common.schemas import ExperimentSpec
+from common.settings import get_settings
+from scheduler.registry import TERMINAL, ExperimentRegistry, ExperimentState
+
+
+class FleetClient:
+    def __init__(self, redis_url: str | None = None, store_url: str | None = None) -> None:
+        settings = get_settings()
+        url = redis_url or settings.redis_url
+        if not url:
+            raise ValueError("no Redis URL: pass redis_url or set LORAFLEET_REDIS_URL")
+        self.r = connect(url)
+        self.registry = ExperimentRegistry(self.r, settings.max_spec_bytes)
+        self.store_url = store_url or settings.store_url
+
+    def submit(self, spec: ExperimentSpec | dict[str, Any] | str | bytes) -> str:
+        """Validate and enqueue; returns the experiment id. Raises `SpecError` on bad input."""
+        return self.registry.submit(spec)
+
+    def get(self, exp_id: str) -> ExperimentState:
+        return self.registry.get(exp_id)
+
+    def list(self, status: str | None = None) -> list[ExperimentState]:
+        return self.registry.list(status)
+
+    def cancel(self, exp_id: str) -> bool:
+        return self.registry.cancel(exp_id)
+
+    def metrics(self, exp_id: str) -> list[dict[str, Any]]:
+        """One dict per committed step: reward stats, loss, grad norm, timings, worker."""
+        return self.registry.metrics(exp_id)
+
+    def wait(self, exp_ids: Iterable[str], timeout_s: float | None = None,
+             poll_s: float = 0.2) -> list[ExperimentState]:
+        ids = list(exp_ids)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            states = [self.get(i) for i in ids]
+            if all(s.status in TERMINAL for s in states):
+                return states
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"not finished after {timeout_s}s: "
+                                   + ", ".join(f"{s.id}={s.status}@{s.step}" for s in states if not s.done))
+            time.sleep(poll_s)
+
+    def events(self, since: str = "0", block_ms: int = 1000,
+               stop: Any = None) -> Iterator[dict[str, str]]:
+        """Follow the event stream (commits, completions, failures) from `since` ("$": new only)."""
+        last = since
+        while stop is None or not stop():
+            got = self.r.xread({Keys.events: last}, block=block_ms, count=100)
+            for _, entries in got or []:
+                for event_id, fields in entries:
+                    last = event_id
+                    yield {"id": event_id, **fields}
+
+    def download_adapter(self, exp_id: str, version: Version = "latest",
+                         dest: str | Path = ".") -> Path:
+        """Copy a published PEFT checkpoint to `dest/<exp_id>-v<version>`; returns that dir."""
+        validate_id(exp_id, "experiment id")
+        store = AdapterStore(self.store_url)
+        src = store.local_dir(exp_id, version)
+        out = Path(dest) / f"{exp_id}-{src.name}"
+        shutil.copytree(src, out, dirs_exist_ok=True)
+        return out

@@ -1,0 +1,242 @@
+"""The scheduler: one leader (a Redis lease with a fencing epoch) forms fair, mixed-adapter
+batches from the experiments that are ready, publishes them with backpressure, routes train
+batches to the node that holds the adapters hot, and reaps tasks whose worker went away.
+
+All state lives in Redis, so a restarted (or standby) scheduler simply carries on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+
+import redis
+
+from common.celery_config import TASK_ROLLOUT, TASK_TRAIN
+from common.keys import ROLLOUT_QUEUE, Keys, node_queue
+from common.logging import get_logger
+from common.messages import BatchItem, BatchMessage
+from common.protocol import StepProtocol
+
+log = get_logger("lorafleet.scheduler")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    tick_s: float = 0.05  # longest sleep between ticks; commits wake the loop at once
+    leader_ttl_ms: int = 3000
+    slots_per_worker: int = 2  # outstanding batches per live worker: one running, one queued
+    max_batch_rows: int = 512  # sequences per fused batch
+    unclaimed_timeout_s: float = 60.0  # a published task nobody claimed is published again
+    max_attempts: int = 3  # poison cap per task
+
+    @classmethod
+    def from_env(cls) -> SchedulerConfig:
+        env = os.environ.get
+        return cls(
+            unclaimed_timeout_s=float(env("LORAFLEET_UNCLAIMED_TIMEOUT_S", cls.unclaimed_timeout_s)),
+            max_attempts=int(env("LORAFLEET_MAX_ATTEMPTS", cls.max_attempts)),
+            max_batch_rows=int(env("LORAFLEET_MAX_BATCH_ROWS", cls.max_batch_rows)),
+        )
+
+
+@dataclass
+class Exp:
+    id: str
+    status: str
+    step: int
+    phase: str
+    node: str
+    inflight: str
+    inflight_at: int
+    rows: int  # sequences per step: prompts x group size
+    fair_key: float  # rows served / weight: smallest goes first
+    created_at: int
+
+
+class Scheduler:
+    def __init__(self, r: redis.Redis, sender, config: SchedulerConfig | None = None) -> None:
+        self.r = r
+        self.sender = sender  # a Celery app used only for send_task
+        self.config = config or SchedulerConfig()
+        self.protocol = StepProtocol(r)
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.epoch = 0
+        self.is_leader = False
+        self._last_event = "$"
+
+    # ---- leadership ------------------------------------------------------------------------
+    def _hold_lease(self) -> bool:
+        ttl = self.config.leader_ttl_ms
+        if self.is_leader:
+            self.is_leader = self.protocol.renew_leader(self.id, ttl)
+            if not self.is_leader:
+                log.warning("lost leadership", scheduler=self.id)
+        else:
+            epoch = self.protocol.acquire_leader(self.id, ttl)
+            if epoch:
+                self.is_leader, self.epoch = True, epoch
+                log.info("became leader", scheduler=self.id, epoch=epoch)
+        return self.is_leader
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        log.info("scheduler started", scheduler=self.id)
+        while not stop.is_set():
+            try:
+                if self._hold_lease():
+                    self.tick()
+                    self._wait_for_events(self.config.tick_s)
+                else:
+                    stop.wait(self.config.leader_ttl_ms / 3000)
+            except redis.ConnectionError as exc:
+                log.warning("redis unavailable, retrying", error=str(exc))
+                self.is_leader = False
+                stop.wait(1.0)
+
+    def _wait_for_events(self, timeout_s: float) -> None:
+        got = self.r.xread({Keys.events: self._last_event}, count=1000, block=int(timeout_s * 1000))
+        if got:
+            self._last_event = got[0][1][-1][0]
+
+    # ---- one tick ----------------------------------------------------------------------------
+    def tick(self) -> None:
+        workers = self.live_workers()
+        exps = self._load_active()
+        for e in exps:
+            if e.status == "queued" and self.protocol.activate(self.id, e.id):
+                e.status = "running"
+        running = [e for e in exps if e.status == "running"]
+        self._reap(running, workers)
+        if workers:
+            self._publish(running, workers)
+
+    def live_workers(self) -> dict[str, dict]:
+        nodes = sorted(self.r.smembers(Keys.workers))
+        beats = self.r.mget([Keys.worker(n) for n in nodes]) if nodes else []
+        return {n: json.loads(b) for n, b in zip(nodes, beats, strict=True) if b}
+
+    def _load_active(self) -> list[Exp]:
+        ids = sorted(self.r.smembers(Keys.active))
+        pipe = self.r.pipeline(transaction=False)
+        for exp_id in ids:
+            pipe.hgetall(Keys.experiment(exp_id))
+        out = []
+        for exp_id, h in zip(ids, pipe.execute(), strict=True):
+            if not h or h["status"] not in ("queued", "running"):
+                continue
+            spec = json.loads(h["spec"])
+            rows = int(spec.get("prompts_per_step", 4)) * int(spec.get("group_size", 4))
+            out.append(Exp(
+                id=exp_id, status=h["status"], step=int(h["step"]), phase=h["phase"],
+                node=h.get("node", ""), inflight=h.get("inflight", ""),
+                inflight_at=int(h.get("inflight_at") or 0), rows=rows,
+                fair_key=float(h.get("served", 0)) / float(h.get("weight", 1.0)),
+                created_at=int(h.get("created_at", 0)),
+            ))
+        return out
+
+    # ---- reaper --------------------------------------------------------------------------------
+    def _reap(self, running: list[Exp], workers: dict[str, dict]) -> None:
+        sec, usec = self.r.time()
+        now = int(sec) * 1000 + int(usec) // 1000
+        for e in running:
+            if not e.inflight:
+                continue
+            task = self.r.hgetall(Keys.task(e.id, e.step, e.phase))
+            status = task.get("status")
+            if status == "claimed" and task.get("batch") == e.inflight:
+                if int(task.get("lease_until", 0)) < now:
+                    self._retry(e, f"lease of worker {task.get('owner')} expired")
+            elif status not in ("committed", "failed"):
+                if e.phase == "train" and e.node not in workers:
+                    self._retry(e, f"node {e.node!r} has no live worker")
+                elif now - e.inflight_at > self.config.unclaimed_timeout_s * 1000:
+                    self._retry(e, "not claimed in time")
+
+    def _retry(self, e: Exp, reason: str) -> None:
+        attempts = self.protocol.clear_inflight(self.id, e.id, e.inflight)
+        if not attempts:
+            return
+        log.warning("re-publishing task", experiment_id=e.id, step=e.step, phase=e.phase,
+                    reason=reason, attempts=attempts)
+        if attempts >= self.config.max_attempts:
+            self.protocol.finish(e.id, "failed",
+                                 f"step {e.step} {e.phase}: {reason}; gave up after {attempts} attempts")
+        else:
+            e.inflight = ""
+
+    # ---- batch forming -------------------------------------------------------------------------
+    def _publish(self, running: list[Exp], workers: dict[str, dict]) -> None:
+        outstanding = {e.inflight for e in running if e.inflight}
+        free = len(workers) * self.config.slots_per_worker - len(outstanding)
+        busy_nodes = {e.node for e in running if e.inflight and e.phase == "train"}
+        ready = sorted((e for e in running if not e.inflight), key=lambda e: (e.fair_key, e.created_at))
+        load = defaultdict(int, {n: 0 for n in workers})
+        for e in running:
+            if e.node in workers:
+                load[e.node] += 1
+        by_node: dict[str, list[Exp]] = defaultdict(list)
+        for e in (e for e in ready if e.phase == "train"):
+            if e.node not in workers:  # first train step, or its worker is gone: place it
+                if e.node:
+                    load[e.node] -= 1
+                e.node = min(load, key=lambda n: (load[n], n))
+                load[e.node] += 1
+            by_node[e.node].append(e)
+        for node, items in sorted(by_node.items()):
+            if free <= 0:
+                return
+            if node not in busy_nodes:
+                self._send("train", self._fill(items), node)
+                free -= 1
+        rollouts = [e for e in ready if e.phase == "rollout"]
+        if rollouts and free > 0:
+            n_batches = min(free, len(rollouts))
+            for i in range(n_batches):  # spread over idle workers, fair order kept round-robin
+                self._send("rollout", self._fill(rollouts[i::n_batches]), None)
+
+    def _fill(self, items: list[Exp]) -> list[Exp]:
+        """Take items in fair order until the row budget is used (always at least one)."""
+        out, rows = [], 0
+        for e in items:
+            if out and rows + e.rows > self.config.max_batch_rows:
+                break
+            out.append(e)
+            rows += e.rows
+        return out
+
+    def _send(self, phase: str, items: list[Exp], node: str | None) -> None:
+        batch_id = uuid.uuid4().hex[:16]
+        marked = [e for e in items if self.protocol.mark_inflight(
+            self.id, e.id, batch_id, e.step, phase, e.node if phase == "train" else e.node or "")]
+        if not marked:
+            return
+        msg = BatchMessage(batch_id=batch_id, phase=phase, node=node, epoch=self.epoch,  # type: ignore[arg-type]
+                           items=tuple(BatchItem(exp_id=e.id, step=e.step, version=e.step) for e in marked))
+        queue = node_queue(node) if node else ROLLOUT_QUEUE
+        self.sender.send_task(TASK_TRAIN if phase == "train" else TASK_ROLLOUT,
+                              args=[msg.model_dump(mode="json")], queue=queue)
+        pipe = self.r.pipeline(transaction=False)
+        for e in marked:
+            pipe.hincrby(Keys.experiment(e.id), "served", e.rows)
+        pipe.execute()
+        log.debug("published", phase=phase, batch=batch_id, queue=queue, n=len(marked),
+                  experiments=[e.id for e in marked])
+
+
+def run_scheduler(redis_url: str, config: SchedulerConfig | None = None) -> None:
+    from common.celery_config import make_sender
+    from common.redis_conn import connect
+
+    Scheduler(connect(redis_url), make_sender(redis_url), config or SchedulerConfig.from_env()).run()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,157 @@
+"""End to end on real parts: Redis, `lorafleet worker` processes (Celery prefork), the scheduler
+process, and a client in a separate process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+
+from common.adapter_store import AdapterStore
+from common.keys import Keys
+from common.tiny_model import load_base_model
+from scheduler.client import FleetClient
+
+pytestmark = pytest.mark.slow
+
+
+def spec(name: str, env: str, env_args: dict, steps: int = 12, seed: int = 0, lr: float = 0.03) -> dict:
+    return {"name": name, "env": env, "env_args": env_args, "steps": steps, "prompts_per_step": 4,
+            "group_size": 4, "max_new_tokens": 8,
+            "train": {"seed": seed, "lora": {"rank": 8, "alpha": 16},
+                      "optimizer": {"lr": lr, "max_grad_norm": 1.0}}}
+
+
+SPECS = [
+    spec("digits", "char_class", {"cls": "digits"}, seed=1),
+    spec("nearz", "near_char", {"char": "z"}, seed=2),
+    spec("lorafleet", "target_string", {"target": "lorafleet"}, seed=3),
+]
+
+
+def submit_from_other_process(redis_url: str, specs: list[dict], tmp_path: Path) -> list[str]:
+    files = []
+    for s in specs:
+        f = tmp_path / f"{s['name']}.yaml"
+        f.write_text(yaml.safe_dump(s))
+        files.append(str(f))
+    out = subprocess.run([sys.executable, "-m", "scheduler.cli", "submit", *files, "--redis-url", redis_url],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def test_three_experiments_two_workers_end_to_end(make_fleet, redis_url: str, tmp_path: Path,
+                                                  fleet_env: dict, model_cache: Path) -> None:
+    fleet = make_fleet(workers=2)
+    ids = submit_from_other_process(fleet.redis_url, SPECS, tmp_path)
+    client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
+    states = client.wait(ids, timeout_s=600)
+    assert [s.status for s in states] == ["completed"] * 3, [s.error for s in states]
+    store = AdapterStore(fleet_env["LORAFLEET_STORE_URL"])
+    mixed_train = False
+    for s, sp in zip(states, SPECS, strict=True):
+        m = client.metrics(s.id)
+        assert [x["step"] for x in m] == list(range(sp["steps"])), "a step was lost or repeated"
+        assert s.version == sp["steps"] and store.versions(s.id) == list(range(sp["steps"] + 1))
+        first, last = mean([x["reward_mean"] for x in m[:3]]), mean([x["reward_mean"] for x in m[-3:]])
+        assert last > first + 0.02, f"{s.name}: reward {first:.3f} -> {last:.3f}"
+        mixed_train |= any(x["train_batch"] > 1 for x in m)
+        for v in store.versions(s.id):  # every published version is a loadable PEFT checkpoint
+            base, _, _ = load_base_model("builtin:tiny-llama", torch.float64, cache_dir=model_cache)
+            peft = PeftModel.from_pretrained(base, store.local_dir(s.id, v))
+            want = store.load(s.id, v).weights
+            got = {k.replace(".default", ""): p for k, p in peft.named_parameters() if "lora_" in k}
+            assert max((got[k] - want[k]).abs().max().item() for k in want) == 0.0
+    assert mixed_train, "no train task carried more than one adapter"
+
+
+def test_cotenants_do_not_change_an_experiments_results(make_fleet, redis_url: str,
+                                                        fleet_env: dict, r) -> None:
+    """float64, same seeds: the same experiment alone and fused with two co-tenants."""
+    client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
+    make_fleet(workers=1)
+    probe = spec("probe", "char_class", {"cls": "digits"}, steps=5, seed=7)
+    alone_id = client.submit(probe)
+    client.wait([alone_id], timeout_s=300)
+    alone = client.metrics(alone_id)
+    store = AdapterStore(fleet_env["LORAFLEET_STORE_URL"])
+    w_alone = store.load(alone_id).weights
+
+    ids = [client.submit(probe), client.submit(spec("other1", "near_char", {"char": "q"}, steps=5, seed=8)),
+           client.submit(spec("other2", "target_string", {"target": "abc"}, steps=5, seed=9))]
+    states = client.wait(ids, timeout_s=300)
+    assert all(s.status == "completed" for s in states)
+    shared = client.metrics(ids[0])
+    assert max(x["train_batch"] for x in shared) == 3 and max(x["rollout_batch"] for x in shared) == 3
+    # identical samples (same seeds, per-experiment RNG) -> identical rewards; losses and weights
+    # agree to float64 rounding of differently shaped fused batches
+    assert [x["reward_mean"] for x in shared] == [x["reward_mean"] for x in alone]
+    assert [x["loss"] for x in shared] == pytest.approx([x["loss"] for x in alone], abs=1e-9)
+    w_shared = store.load(ids[0]).weights
+    assert max((w_shared[k] - w_alone[k]).abs().max().item() for k in w_alone) < 1e-9
+
+
+def test_flower_lists_workers_and_queues_with_basic_auth(make_fleet, redis_url: str, tmp_path: Path) -> None:
+    import base64
+    import time
+    import urllib.error
+    import urllib.request
+
+    from common.redis_conn import free_port
+
+    fleet = make_fleet(workers=1)
+    port = free_port()
+    flower = fleet.spawn("flower", ["flower", "--port", str(port)],
+                         env={"LORAFLEET_FLOWER_BASIC_AUTH": "admin:s3cret"})
+    auth = "Basic " + base64.b64encode(b"admin:s3cret").decode()
+
+    def get(path: str, with_auth: bool = True):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+        if with_auth:
+            req.add_header("Authorization", auth)
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return json.loads(resp.read())
+
+    deadline = time.monotonic() + 60
+    workers: dict = {}
+    while time.monotonic() < deadline and not any(k.startswith("w0@") for k in workers):
+        assert flower.poll() is None, (tmp_path / "logs" / "flower.log").read_text()[-2000:]
+        with contextlib.suppress(urllib.error.URLError, ConnectionError):
+            workers = get("/api/workers?refresh=1")
+        time.sleep(0.5)
+    assert any(k.startswith("w0@") for k in workers), workers
+    queues = get("/api/queues/length")
+    assert {"lf.rollout", "lf.train", "lf.node.w0"} <= {q["name"] for q in queues["active_queues"]}
+    with pytest.raises(urllib.error.HTTPError) as info:
+        get("/api/workers", with_auth=False)
+    assert info.value.code == 401
+
+
+def test_events_stream_records_every_commit(make_fleet, redis_url: str, fleet_env: dict, r) -> None:
+    make_fleet(workers=1)
+    client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
+    exp_id = client.submit(spec("ev", "char_class", {"cls": "vowels"}, steps=3))
+    client.wait([exp_id], timeout_s=300)
+    seen = []
+    def done() -> bool:
+        return bool(seen) and seen[-1]["type"] == "completed"
+
+    for ev in client.events(since="0", block_ms=100, stop=done):
+        if ev.get("exp") == exp_id:
+            seen.append(ev)
+    kinds = [e["type"] for e in seen]
+    assert kinds == ["submitted"] + ["rollout_committed", "train_committed"] * 3 + ["completed"]
+    assert [int(e["version"]) for e in seen if e["type"] == "train_committed"] == [1, 2, 3]
+    assert r.xlen(Keys.events) >= len(seen)

@@ -1,0 +1,261 @@
+"""`WorkerRuntime`: what one always-hot worker process holds and does.
+
+The base model is loaded once. Adapters (weights + AdamW state) stay resident, keyed by
+experiment id at a known committed version, least-recently-used evicted beyond a budget (the
+store always has every committed version, so eviction loses nothing). Each batch message is
+claimed item by item through the fenced protocol; a duplicate delivery claims nothing and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import redis
+import torch
+
+from common.adapter_store import AdapterStore, VersionExistsError
+from common.envs import get_env
+from common.keys import Keys
+from common.logging import bound_context, get_logger
+from common.messages import BatchItem, BatchMessage
+from common.multilora.model import MultiLoRAModel
+from common.protocol import StepProtocol
+from common.schemas import ExperimentSpec
+from common.settings import Settings
+from common.tiny_model import load_base_model
+from workers.batch import collate
+from workers.checkpoints import load_adapter, publish_adapter
+from workers.fused_step import FusedTrainStep
+from workers.rl import RewardError, Trajectory, make_requests, score, train_rows
+from workers.rollout import TorchRolloutEngine
+from workers.step_backends import BackendName
+
+log = get_logger("lorafleet.worker")
+TRAJECTORY_TTL_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    node: str
+    device: str = "cpu"
+    backend: BackendName = "torch"
+    max_resident: int = 64  # adapters kept hot (weights + optimizer state)
+    lease_ms: int = 10_000
+    heartbeat_s: float = 1.0
+    train_delay_s: float = 0.0  # fault-injection knob for the chaos tests: widens the step window
+
+    @classmethod
+    def from_env(cls) -> WorkerConfig:
+        env = os.environ.get
+        return cls(
+            node=env("LORAFLEET_NODE", "node0"), device=env("LORAFLEET_DEVICE", "cpu"),
+            backend=env("LORAFLEET_STEP_BACKEND", "torch"),  # type: ignore[arg-type]
+            max_resident=int(env("LORAFLEET_MAX_RESIDENT", 64)),
+            lease_ms=int(env("LORAFLEET_LEASE_MS", 10_000)),
+            heartbeat_s=float(env("LORAFLEET_HEARTBEAT_S", 1.0)),
+            train_delay_s=float(env("LORAFLEET_TEST_TRAIN_DELAY_S", 0.0)),
+        )
+
+
+class WorkerRuntime:
+    def __init__(self, config: WorkerConfig, settings: Settings, r: redis.Redis) -> None:
+        self.config, self.settings, self.r = config, settings, r
+        self.protocol = StepProtocol(r)
+        self.store = AdapterStore(settings.store_url)
+        self.dtype = getattr(torch, settings.dtype)
+        model, self.tokenizer, _ = load_base_model(settings.base_model, self.dtype, config.device)
+        self.model = MultiLoRAModel(model)
+        self.fused = FusedTrainStep(self.model, config.backend)
+        self.engine = TorchRolloutEngine(self.model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        self.resident: OrderedDict[str, int] = OrderedDict()  # exp id -> committed version held
+        self.claims: dict[tuple[str, int, str], int] = {}  # (exp, step, phase) -> fencing token
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.name = f"{config.node}:{os.getpid()}"
+        self.busy = False
+        threading.Thread(target=self._heartbeat, name="lorafleet-heartbeat", daemon=True).start()
+
+    # ---- liveness -----------------------------------------------------------------------------
+    def _heartbeat(self) -> None:
+        ttl_ms = int(self.config.heartbeat_s * 5000)
+        while not self._stop.is_set():
+            try:
+                beat = {"node": self.config.node, "pid": os.getpid(), "device": self.config.device,
+                        "resident": len(self.resident), "busy": self.busy, "at": time.time()}
+                self.r.set(Keys.worker(self.config.node), json.dumps(beat), px=ttl_ms)
+                self.r.sadd(Keys.workers, self.config.node)
+                with self._lock:
+                    claims = dict(self.claims)
+                for (exp_id, step, phase), token in claims.items():
+                    self.protocol.renew(exp_id, step, phase, token, self.config.lease_ms)
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed", error=str(exc))
+            self._stop.wait(self.config.heartbeat_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.r.delete(Keys.worker(self.config.node))
+
+    # ---- claims ----------------------------------------------------------------------------------
+    def _claim(self, msg: BatchMessage) -> dict[str, tuple[BatchItem, int, ExperimentSpec]]:
+        claimed = {}
+        for item in msg.items:
+            c = self.protocol.claim(item.exp_id, item.step, msg.phase, self.name,
+                                    self.config.lease_ms, msg.batch_id)
+            if not c.ok:
+                log.info("not claimed", experiment_id=item.exp_id, step=item.step, reason=c.reason)
+                continue
+            spec = ExperimentSpec.model_validate_json(self.r.hget(Keys.experiment(item.exp_id), "spec"))
+            with self._lock:
+                self.claims[(item.exp_id, item.step, msg.phase)] = c.token
+            claimed[item.exp_id] = (item, c.token, spec)
+        return claimed
+
+    def _unclaim(self, exp_id: str, step: int, phase: str) -> None:
+        with self._lock:
+            self.claims.pop((exp_id, step, phase), None)
+
+    def _fail(self, item: BatchItem, phase: str, token: int, reason: str) -> None:
+        log.warning("experiment failed", experiment_id=item.exp_id, step=item.step, reason=reason)
+        self.protocol.fail_task(item.exp_id, item.step, phase, token, reason)
+        self._drop(item.exp_id)
+
+    # ---- resident adapters -------------------------------------------------------------------
+    def ensure_adapter(self, exp_id: str, version: int, spec: ExperimentSpec) -> None:
+        """Hold `exp_id` at committed `version`: reuse, reload, or create v0 from its seed."""
+        if self.resident.get(exp_id) == version:
+            self.resident.move_to_end(exp_id)
+            return
+        self._drop(exp_id)
+        if not self.store.exists(exp_id, version):
+            if version != 0:
+                raise RuntimeError(f"checkpoint {exp_id}@v{version} is missing from the store")
+            self.fused.add_adapter(exp_id, spec.train)  # deterministic: a function of the seed
+            try:
+                publish_adapter(self.store, self.fused, exp_id, 0, self.settings.base_model)
+            except VersionExistsError:  # another worker made v0 first: use theirs
+                self.fused.remove_adapter(exp_id)
+                load_adapter(self.store, self.fused, exp_id, 0, spec.train)
+        else:
+            load_adapter(self.store, self.fused, exp_id, version, spec.train)
+        self.resident[exp_id] = version
+        while len(self.resident) > self.config.max_resident:
+            self._drop(next(iter(self.resident)))
+
+    def _drop(self, exp_id: str) -> None:
+        if self.resident.pop(exp_id, None) is not None:
+            self.fused.remove_adapter(exp_id)
+
+    # ---- tasks ---------------------------------------------------------------------------------
+    def rollout(self, msg: BatchMessage) -> None:
+        claimed = self._claim(msg)
+        if not claimed:
+            return
+        self.busy = True
+        t0 = time.perf_counter()
+        try:
+            plan = []
+            for exp_id, (item, token, spec) in claimed.items():
+                with bound_context(experiment_id=exp_id, step=item.step):
+                    try:
+                        env = get_env(spec.env, spec.env_args)
+                        self.ensure_adapter(exp_id, item.version, spec)
+                    except Exception as exc:  # noqa: BLE001 - fail this experiment alone
+                        log.exception("rollout setup failed", experiment_id=exp_id)
+                        self._fail(item, "rollout", token, f"rollout setup: {exc!r}")
+                        continue
+                    prompts, requests = make_requests(spec, env, item.step, exp_id, self.tokenizer)
+                    plan.append((item, token, spec, env, prompts, requests))
+            samples = self.engine.generate([r for p in plan for r in p[5]])  # ONE batched generate
+            elapsed = time.perf_counter() - t0
+            pos = 0
+            for item, token, spec, env, prompts, requests in plan:
+                mine, pos = samples[pos:pos + len(requests)], pos + len(requests)
+                try:
+                    traj = score(spec, env, prompts, mine, self.tokenizer, item.step)
+                except RewardError as exc:
+                    self._fail(item, "rollout", token, str(exc))
+                    continue
+                summary = {"reward_mean": traj.reward_mean, "reward_std": traj.reward_std,
+                           "reward_min": traj.reward_min, "reward_max": traj.reward_max,
+                           "rollout_s": elapsed, "rollout_batch": len(plan),
+                           "rollout_tokens": sum(len(s.completion_ids) for s in traj.samples),
+                           "rollout_worker": self.name}
+                if not self.protocol.commit_rollout(item.exp_id, item.step, token, traj.to_json(),
+                                                    summary, TRAJECTORY_TTL_MS):
+                    log.warning("rollout commit refused", experiment_id=item.exp_id, step=item.step)
+        except Exception:
+            self._release_all(claimed, "rollout")
+            raise
+        finally:
+            for exp_id, (item, _, _) in claimed.items():
+                self._unclaim(exp_id, item.step, "rollout")
+            self.busy = False
+
+    def train(self, msg: BatchMessage) -> None:
+        claimed = self._claim(msg)
+        if not claimed:
+            return
+        self.busy = True
+        t0 = time.perf_counter()
+        try:
+            rows, ready = [], {}
+            for exp_id, (item, token, spec) in claimed.items():
+                raw = self.r.get(Keys.trajectory(exp_id, item.step))
+                if raw is None:
+                    self._fail(item, "train", token, f"trajectory of step {item.step} is missing")
+                    continue
+                traj = Trajectory.from_json(json.loads(raw))
+                try:
+                    self.ensure_adapter(exp_id, item.version, spec)
+                except Exception as exc:  # noqa: BLE001
+                    log.exception("loading adapter failed", experiment_id=exp_id)
+                    self._fail(item, "train", token, f"loading adapter: {exc!r}")
+                    continue
+                rows += train_rows(traj, exp_id)
+                ready[exp_id] = (item, token, spec, traj)
+            if not ready:
+                return
+            results = self.fused.step(collate(rows, self.tokenizer.pad_token_id, self.dtype))
+            if self.config.train_delay_s:
+                time.sleep(self.config.train_delay_s)
+            train_s = time.perf_counter() - t0
+            for exp_id, (item, token, _spec, traj) in ready.items():
+                self._finish_train(item, token, traj, results[exp_id], train_s, len(ready), msg)
+        except Exception:
+            self._release_all(claimed, "train")
+            raise
+        finally:
+            for exp_id, (item, _, _) in claimed.items():
+                self._unclaim(exp_id, item.step, "train")
+            self.busy = False
+
+    def _finish_train(self, item, token, traj, res, train_s: float, n: int, msg: BatchMessage) -> None:
+        exp_id = item.exp_id
+        if not res.stepped:
+            self._fail(item, "train", token, f"{res.skipped_reason} at step {item.step} (loss {res.loss})")
+            return
+        consistent = True
+        try:
+            publish_adapter(self.store, self.fused, exp_id, item.version + 1, self.settings.base_model)
+        except VersionExistsError:  # a lost attempt wrote it first; the store's copy wins
+            consistent = False
+        summary = json.loads(self.r.hget(Keys.experiment(exp_id), "rollout_summary") or "{}")
+        metrics = {**summary, "step": item.step, "version": item.version + 1,
+                   "reward_mean": traj.reward_mean, "loss": res.loss, "grad_norm": res.grad_norm,
+                   "train_tokens": res.num_tokens, "train_s": train_s, "train_batch": n,
+                   "worker": self.name, "batch_id": msg.batch_id, "time": time.time()}
+        if self.protocol.commit_train(exp_id, item.step, token, metrics) and consistent:
+            self.resident[exp_id] = item.version + 1
+        else:
+            self._drop(exp_id)  # memory is not the committed truth: reload next time
+
+    def _release_all(self, claimed: dict, phase: str) -> None:
+        for exp_id, (item, token, _) in claimed.items():
+            self.protocol.release(exp_id, item.step, phase, token)
+            self._drop(exp_id)
