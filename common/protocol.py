@@ -134,12 +134,12 @@ return 1
 """
 
 # The leader gives up on a published task so that it is published again. KEYS: leader, exp
-# ARGV: leader_id, batch_id
+# ARGV: leader_id, batch_id, attempts to add (0: the task never ran, e.g. its node vanished)
 CLEAR_INFLIGHT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[2], 'inflight') ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[2], 'inflight', '')
-return redis.call('HINCRBY', KEYS[2], 'attempts', 1)
+return redis.call('HINCRBY', KEYS[2], 'attempts', ARGV[3]) + 1
 """
 
 # KEYS: leader, epoch   ARGV: candidate id, ttl_ms  -> epoch if this call made it leader, else 0
@@ -235,9 +235,11 @@ class StepProtocol:
     def activate(self, leader_id: str, exp_id: str) -> bool:
         return bool(self._activate(keys=[Keys.leader, Keys.experiment(exp_id)], args=[leader_id]))
 
-    def clear_inflight(self, leader_id: str, exp_id: str, batch_id: str) -> int:
-        """Attempts so far after clearing (0: not cleared: lost leadership or already moved on)."""
-        return int(self._clear(keys=[Keys.leader, Keys.experiment(exp_id)], args=[leader_id, batch_id]))
+    def clear_inflight(self, leader_id: str, exp_id: str, batch_id: str, count: bool = True) -> int:
+        """1 + failed attempts so far after clearing; 0: not cleared (not the leader any more, or
+        the task moved on meanwhile)."""
+        return int(self._clear(keys=[Keys.leader, Keys.experiment(exp_id)],
+                               args=[leader_id, batch_id, int(count)]))
 
     def acquire_leader(self, candidate: str, ttl_ms: int) -> int:
         return int(self._acquire(keys=[Keys.leader, Keys.leader_epoch], args=[candidate, ttl_ms]))

@@ -113,7 +113,8 @@ class Scheduler:
             if e.status == "queued" and self.protocol.activate(self.id, e.id):
                 e.status = "running"
         running = [e for e in exps if e.status == "running"]
-        self._reap(running, workers)
+        for node in self._reap(running, workers):  # nodes whose leases lapsed: dead or stuck
+            workers.pop(node, None)
         if workers:
             self._publish(running, workers)
 
@@ -143,26 +144,30 @@ class Scheduler:
         return out
 
     # ---- reaper --------------------------------------------------------------------------------
-    def _reap(self, running: list[Exp], workers: dict[str, dict]) -> None:
+    def _reap(self, running: list[Exp], workers: dict[str, dict]) -> set[str]:
+        """Re-publish tasks whose worker went away. Returns the nodes to avoid this tick."""
         sec, usec = self.r.time()
         now = int(sec) * 1000 + int(usec) // 1000
+        suspect: set[str] = set()
         for e in running:
             if not e.inflight:
                 continue
             task = self.r.hgetall(Keys.task(e.id, e.step, e.phase))
             status = task.get("status")
             if status == "claimed" and task.get("batch") == e.inflight:
-                if int(task.get("lease_until", 0)) < now:
+                if int(task.get("lease_until", 0)) < now:  # a live worker renews its leases
+                    suspect.add(task.get("owner", "").split(":")[0])
                     self._retry(e, f"lease of worker {task.get('owner')} expired")
             elif status not in ("committed", "failed"):
                 if e.phase == "train" and e.node not in workers:
-                    self._retry(e, f"node {e.node!r} has no live worker")
+                    self._retry(e, f"node {e.node!r} has no live worker", count=False)
                 elif now - e.inflight_at > self.config.unclaimed_timeout_s * 1000:
                     self._retry(e, "not claimed in time")
+        return suspect
 
-    def _retry(self, e: Exp, reason: str) -> None:
-        attempts = self.protocol.clear_inflight(self.id, e.id, e.inflight)
-        if not attempts:
+    def _retry(self, e: Exp, reason: str, count: bool = True) -> None:
+        attempts = self.protocol.clear_inflight(self.id, e.id, e.inflight, count) - 1
+        if attempts < 0:
             return
         log.warning("re-publishing task", experiment_id=e.id, step=e.step, phase=e.phase,
                     reason=reason, attempts=attempts)
@@ -178,15 +183,13 @@ class Scheduler:
         free = len(workers) * self.config.slots_per_worker - len(outstanding)
         busy_nodes = {e.node for e in running if e.inflight and e.phase == "train"}
         ready = sorted((e for e in running if not e.inflight), key=lambda e: (e.fair_key, e.created_at))
-        load = defaultdict(int, {n: 0 for n in workers})
+        load = {n: 0 for n in workers}  # placed running experiments per live node
         for e in running:
             if e.node in workers:
                 load[e.node] += 1
         by_node: dict[str, list[Exp]] = defaultdict(list)
         for e in (e for e in ready if e.phase == "train"):
             if e.node not in workers:  # first train step, or its worker is gone: place it
-                if e.node:
-                    load[e.node] -= 1
                 e.node = min(load, key=lambda n: (load[n], n))
                 load[e.node] += 1
             by_node[e.node].append(e)

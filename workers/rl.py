@@ -12,6 +12,7 @@ import hashlib
 import math
 import random
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -183,10 +184,12 @@ class LocalRunner:
         param = next(model.model.parameters())
         self.device, self.dtype = param.device, param.dtype
 
-    def add(self, exp_id: str, spec: ExperimentSpec) -> None:
+    def add(self, exp_id: str, spec: ExperimentSpec, env: RewardEnv | None = None) -> None:
+        """A fresh adapter `exp_id` for `spec`; `env` overrides the registered env (tests,
+        benchmarks; `spec.env` still names it in errors)."""
         if exp_id in self.experiments:
             raise ValueError(f"experiment {exp_id!r} already added")
-        env = get_env(spec.env, spec.env_args)
+        env = env if env is not None else get_env(spec.env, spec.env_args)
         self.trainer.add_adapter(exp_id, spec.train)
         self.experiments[exp_id] = _Experiment(spec, env)
 
@@ -195,15 +198,18 @@ class LocalRunner:
         return [e for e, x in self.experiments.items() if x.failed is None and x.step < x.spec.steps]
 
     def run_step(self, only: Sequence[str] | None = None) -> dict[str, dict]:
-        """One RL step of every pending experiment (or of `only`), fused. -> metrics per experiment:
-        step, reward_mean/std/min/max, loss, grad_norm, num_tokens, stepped (or failed: message)."""
+        """One RL step of every pending experiment (or of those in `only`), fused. -> metrics per
+        experiment: step, reward_mean/std/min/max, loss, grad_norm, num_tokens, stepped, and the
+        step's shared rollout_s/train_s; or {step, failed: message} for an experiment that failed
+        (reward env raised, or non-finite loss/gradient) and leaves the run."""
         ids = [e for e in self.pending() if only is None or e in only]
         if not ids:
             return {}
+        t0 = time.perf_counter()
         plans = {e: make_requests(self.experiments[e].spec, self.experiments[e].env,
                                   self.experiments[e].step, e, self.tokenizer) for e in ids}
-        requests = [r for e in ids for r in plans[e][1]]
-        samples = self.engine.generate(requests)
+        samples = self.engine.generate([r for e in ids for r in plans[e][1]])
+        t1 = time.perf_counter()
         metrics: dict[str, dict] = {}
         rows: list[TrainRow] = []
         trajectories: dict[str, Trajectory] = {}
@@ -214,21 +220,31 @@ class LocalRunner:
             try:
                 trajectories[e] = traj = score(x.spec, x.env, prompts, mine, self.tokenizer, x.step)
             except RewardError as err:
-                x.failed = str(err)
-                metrics[e] = {"step": x.step, "failed": x.failed}
+                metrics[e] = self._fail(e, str(err))
                 continue
             rows.extend(train_rows(traj, e))
-        if rows:
-            batch = collate(rows, self.tokenizer.pad_token_id, self.dtype, adapter_order=list(trajectories))
-            results = self.trainer.step(batch.to(self.device, self.dtype))
-            for e, traj in trajectories.items():
-                r = results[e]
-                metrics[e] = {"step": traj.step, "reward_mean": traj.reward_mean,
-                              "reward_std": traj.reward_std, "reward_min": traj.reward_min,
-                              "reward_max": traj.reward_max, "loss": r.loss, "grad_norm": r.grad_norm,
-                              "num_tokens": r.num_tokens, "stepped": r.stepped}
-                self.experiments[e].step += 1
+        if not rows:
+            return metrics
+        batch = collate(rows, self.tokenizer.pad_token_id, self.dtype, adapter_order=list(trajectories))
+        results = self.trainer.step(batch.to(self.device, self.dtype))
+        t2 = time.perf_counter()
+        for e, traj in trajectories.items():
+            r = results[e]
+            if r.skipped_reason is not None:
+                metrics[e] = self._fail(e, f"{r.skipped_reason} on step {traj.step}")
+                continue
+            metrics[e] = {"step": traj.step, "reward_mean": traj.reward_mean,
+                          "reward_std": traj.reward_std, "reward_min": traj.reward_min,
+                          "reward_max": traj.reward_max, "loss": r.loss, "grad_norm": r.grad_norm,
+                          "num_tokens": r.num_tokens, "stepped": r.stepped,
+                          "rollout_s": t1 - t0, "train_s": t2 - t1}
+            self.experiments[e].step += 1
         return metrics
+
+    def _fail(self, exp_id: str, reason: str) -> dict:
+        x = self.experiments[exp_id]
+        x.failed = reason
+        return {"step": x.step, "failed": reason}
 
     def run(self, steps: int | None = None, mode: Literal["fused", "solo"] = "fused",
             ) -> dict[str, list[dict]]:

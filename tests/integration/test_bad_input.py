@@ -1,0 +1,81 @@
+"""Bad input never crashes a process: a clear error at submit time (CLI exit code 2 with a
+message naming the field), nothing enqueued; a malformed message is dropped by the worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.celery_config import TASK_TRAIN, make_sender
+from common.keys import ROLLOUT_QUEUE, Keys
+from scheduler.client import FleetClient
+from scheduler.registry import SpecError, UnknownExperimentError
+
+GOOD = {"name": "ok", "env": "char_class", "env_args": {"cls": "digits"}, "steps": 2}
+
+
+def cli(*args: str, redis_url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "scheduler.cli", *args, "--redis-url", redis_url],
+                          capture_output=True, text=True, timeout=60)
+
+
+def write(tmp_path: Path, name: str, data: object) -> str:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({**GOOD, "train": {"lora": {"rank": 0}}}, "train.lora.rank"),
+        ({**GOOD, "env": "no_such_env"}, "unknown env"),
+        ({**GOOD, "env_args": {"cls": "emoji"}}, "cls"),
+        ({**GOOD, "steps": -3}, "steps"),
+        ({**GOOD, "name": "../../etc/passwd"}, "experiment name"),
+        ({**GOOD, "learning_rate": 3}, "learning_rate"),
+        ("name: [unclosed", "not valid YAML"),
+        ("- just\n- a list\n", "mapping"),
+        ("x: " + "a" * 70_000, "limit"),
+    ],
+)
+def test_cli_rejects_bad_specs_with_exit_2_and_enqueues_nothing(tmp_path, redis_url, r, data, needle):
+    out = cli("submit", write(tmp_path, "good.yaml", GOOD), write(tmp_path, "bad.yaml", data),
+              redis_url=redis_url)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert needle in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert r.zcard(Keys.experiments) == 0  # not even the valid spec of the same call
+
+
+def test_unknown_ids_and_missing_files(tmp_path, redis_url, r):
+    for args in (["status", "nope-123"], ["status", "../x"], ["cancel", "nope"], ["metrics", "nope"],
+                 ["submit", str(tmp_path / "missing.yaml")]):
+        out = cli(*args, redis_url=redis_url)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, (args, out.stderr)
+    client = FleetClient(redis_url)
+    with pytest.raises(UnknownExperimentError):
+        client.get("nope")
+    with pytest.raises(SpecError, match="rank"):
+        client.submit({**GOOD, "train": {"lora": {"rank": 9999}}})
+    assert r.zcard(Keys.experiments) == 0
+
+
+@pytest.mark.slow
+def test_worker_drops_malformed_messages_and_keeps_working(make_fleet, redis_url, fleet_env, r):
+    make_fleet(workers=1)
+    sender = make_sender(redis_url)
+    garbage = ({"batch_id": "x"}, {"items": "../../etc"}, "not even a dict", {"phase": "train", "items": []})
+    for body in garbage:
+        sender.send_task(TASK_TRAIN, args=[body], queue=ROLLOUT_QUEUE)
+    client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
+    exp = client.submit(GOOD)
+    (state,) = client.wait([exp], timeout_s=120)
+    assert state.status == "completed"
+    time.sleep(0.5)
+    assert r.exists(Keys.worker("w0"))  # still alive and beating
