@@ -27,8 +27,11 @@ class LocalFleet:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        return {**os.environ, **self.extra_env, **(extra or {}), "LORAFLEET_REDIS_URL": self.redis_url,
-                "PYTHONUNBUFFERED": "1"}
+        # CPU workers on one machine split its cores: oversubscribed torch threads slow every
+        # process down many times over
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, self.n_workers)))
+        return {"LORAFLEET_TORCH_THREADS": threads, **os.environ, **self.extra_env, **(extra or {}),
+                "LORAFLEET_REDIS_URL": self.redis_url, "PYTHONUNBUFFERED": "1"}
 
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)

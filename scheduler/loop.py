@@ -11,15 +11,13 @@ import json
 import os
 import socket
 import threading
-import time
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass
 
 import redis
 
 from common.celery_config import TASK_ROLLOUT, TASK_TRAIN
-from common.keys import ROLLOUT_QUEUE, Keys, node_queue
+from common.keys import Keys, node_queue
 from common.logging import get_logger
 from common.messages import BatchItem, BatchMessage
 from common.protocol import StepProtocol
@@ -31,7 +29,6 @@ log = get_logger("lorafleet.scheduler")
 class SchedulerConfig:
     tick_s: float = 0.05  # longest sleep between ticks; commits wake the loop at once
     leader_ttl_ms: int = 3000
-    slots_per_worker: int = 2  # outstanding batches per live worker: one running, one queued
     max_batch_rows: int = 512  # sequences per fused batch
     unclaimed_timeout_s: float = 60.0  # a published task nobody claimed is published again
     max_attempts: int = 3  # poison cap per task
@@ -159,7 +156,7 @@ class Scheduler:
                     suspect.add(task.get("owner", "").split(":")[0])
                     self._retry(e, f"lease of worker {task.get('owner')} expired")
             elif status not in ("committed", "failed"):
-                if e.phase == "train" and e.node not in workers:
+                if e.node not in workers:
                     self._retry(e, f"node {e.node!r} has no live worker", count=False)
                 elif now - e.inflight_at > self.config.unclaimed_timeout_s * 1000:
                     self._retry(e, "not claimed in time")
@@ -179,31 +176,28 @@ class Scheduler:
 
     # ---- batch forming -------------------------------------------------------------------------
     def _publish(self, running: list[Exp], workers: dict[str, dict]) -> None:
-        outstanding = {e.inflight for e in running if e.inflight}
-        free = len(workers) * self.config.slots_per_worker - len(outstanding)
-        busy_nodes = {e.node for e in running if e.inflight and e.phase == "train"}
+        """Place unplaced experiments on the least-loaded live node, then give every idle node
+        one batch: its largest ready group (train before rollout on ties), fair order inside.
+
+        One batch per node at a time keeps queues empty, decides fairness late, and lets the
+        experiments of a node fall into step with each other, so batches stay mixed."""
+        busy = {e.node for e in running if e.inflight}
         ready = sorted((e for e in running if not e.inflight), key=lambda e: (e.fair_key, e.created_at))
         load = {n: 0 for n in workers}  # placed running experiments per live node
         for e in running:
-            if e.node in workers:
+            if e.node in load:
                 load[e.node] += 1
-        by_node: dict[str, list[Exp]] = defaultdict(list)
-        for e in (e for e in ready if e.phase == "train"):
-            if e.node not in workers:  # first train step, or its worker is gone: place it
+        groups: dict[str, dict[str, list[Exp]]] = {}
+        for e in ready:
+            if e.node not in workers:  # new, or its worker is gone
                 e.node = min(load, key=lambda n: (load[n], n))
                 load[e.node] += 1
-            by_node[e.node].append(e)
-        for node, items in sorted(by_node.items()):
-            if free <= 0:
-                return
-            if node not in busy_nodes:
-                self._send("train", self._fill(items), node)
-                free -= 1
-        rollouts = [e for e in ready if e.phase == "rollout"]
-        if rollouts and free > 0:
-            n_batches = min(free, len(rollouts))
-            for i in range(n_batches):  # spread over idle workers, fair order kept round-robin
-                self._send("rollout", self._fill(rollouts[i::n_batches]), None)
+            groups.setdefault(e.node, {}).setdefault(e.phase, []).append(e)
+        for node, by_phase in sorted(groups.items()):
+            if node in busy:
+                continue
+            phase, items = max(by_phase.items(), key=lambda kv: (len(kv[1]), kv[0] == "train"))
+            self._send(phase, self._fill(items), node)
 
     def _fill(self, items: list[Exp]) -> list[Exp]:
         """Take items in fair order until the row budget is used (always at least one)."""
@@ -215,15 +209,16 @@ class Scheduler:
             rows += e.rows
         return out
 
-    def _send(self, phase: str, items: list[Exp], node: str | None) -> None:
+    def _send(self, phase: str, items: list[Exp], node: str) -> None:
+        """Rollouts and train steps of an adapter go to the node that holds it hot."""
         batch_id = uuid.uuid4().hex[:16]
         marked = [e for e in items if self.protocol.mark_inflight(
-            self.id, e.id, batch_id, e.step, phase, e.node if phase == "train" else e.node or "")]
+            self.id, e.id, batch_id, e.step, phase, node)]
         if not marked:
             return
         msg = BatchMessage(batch_id=batch_id, phase=phase, node=node, epoch=self.epoch,  # type: ignore[arg-type]
                            items=tuple(BatchItem(exp_id=e.id, step=e.step, version=e.step) for e in marked))
-        queue = node_queue(node) if node else ROLLOUT_QUEUE
+        queue = node_queue(node)
         self.sender.send_task(TASK_TRAIN if phase == "train" else TASK_ROLLOUT,
                               args=[msg.model_dump(mode="json")], queue=queue)
         pipe = self.r.pipeline(transaction=False)
@@ -240,6 +235,3 @@ def run_scheduler(redis_url: str, config: SchedulerConfig | None = None) -> None
 
     Scheduler(connect(redis_url), make_sender(redis_url), config or SchedulerConfig.from_env()).run()
 
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

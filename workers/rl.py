@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+import torch
+
 from common.envs import RewardEnv, get_env
 from common.multilora.model import MultiLoRAModel
 from common.schemas import ExperimentSpec
@@ -182,7 +184,10 @@ class LocalRunner:
         self.engine = engine or TorchRolloutEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
         self.experiments: dict[str, _Experiment] = {}
         param = next(model.model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        # advantages and old logprobs stay in float32 under a half-precision model: the trainer
+        # computes logprobs in float32, and a bf16 old logprob would skew the PPO ratio by ~1%
+        half = param.dtype in (torch.bfloat16, torch.float16)
+        self.device, self.dtype = param.device, torch.float32 if half else param.dtype
 
     def add(self, exp_id: str, spec: ExperimentSpec, env: RewardEnv | None = None) -> None:
         """A fresh adapter `exp_id` for `spec`; `env` overrides the registered env (tests,

@@ -115,7 +115,8 @@ class TorchRolloutEngine:
         positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, P): a real token's solo position
 
         budget = torch.tensor([requests[ri].max_new_tokens for ri, _ in rows], device=device)  # (B,)
-        temps = torch.tensor([requests[ri].temperature for ri, _ in rows], device=device)  # (B,)
+        temps = torch.tensor([requests[ri].temperature for ri, _ in rows], dtype=torch.float64,
+                             device=device)  # (B,) float64: T exactly as requested
         sampler = _Sampler(requests, rows, device)
         steps = int(budget.max())
         tokens = torch.full((b, steps), self.pad_id, dtype=torch.long, device=device)  # (B, S)
@@ -129,6 +130,8 @@ class TorchRolloutEngine:
                      past_key_values=cache, use_cache=True, logits_to_keep=1)
             for t in range(steps):
                 logits = out.logits[:, -1]  # (B, V)
+                if logits.dtype in (torch.bfloat16, torch.float16):  # as the trainer scores them
+                    logits = logits.float()
                 logp = torch.log_softmax(logits, dim=-1)  # temperature 1: what the trainer scores
                 nxt = sampler.pick(logits, temps, t)  # (B,)
                 active = ~done

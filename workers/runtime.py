@@ -48,6 +48,7 @@ class WorkerConfig:
     lease_ms: int = 10_000
     heartbeat_s: float = 1.0
     train_delay_s: float = 0.0  # fault-injection knob for the chaos tests: widens the step window
+    torch_threads: int = 0  # 0: torch's default; several workers on one CPU should split the cores
 
     @classmethod
     def from_env(cls) -> WorkerConfig:
@@ -59,12 +60,15 @@ class WorkerConfig:
             lease_ms=int(env("LORAFLEET_LEASE_MS", 10_000)),
             heartbeat_s=float(env("LORAFLEET_HEARTBEAT_S", 1.0)),
             train_delay_s=float(env("LORAFLEET_TEST_TRAIN_DELAY_S", 0.0)),
+            torch_threads=int(env("LORAFLEET_TORCH_THREADS", 0)),
         )
 
 
 class WorkerRuntime:
     def __init__(self, config: WorkerConfig, settings: Settings, r: redis.Redis) -> None:
         self.config, self.settings, self.r = config, settings, r
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
         self.protocol = StepProtocol(r)
         self.store = AdapterStore(settings.store_url)
         self.dtype = getattr(torch, settings.dtype)
@@ -221,7 +225,10 @@ class WorkerRuntime:
                 ready[exp_id] = (item, token, spec, traj)
             if not ready:
                 return
-            results = self.fused.step(collate(rows, self.tokenizer.pad_token_id, self.dtype))
+            # advantages and old logprobs stay in float32 (float64 for float64 models) under bf16
+            loss_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+            batch = collate(rows, self.tokenizer.pad_token_id, loss_dtype).to(self.config.device, loss_dtype)
+            results = self.fused.step(batch)
             if self.config.train_delay_s:
                 time.sleep(self.config.train_delay_s)
             train_s = time.perf_counter() - t0

@@ -131,6 +131,9 @@ class MultiLoRAModel:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BatchLayout | None
     ) -> torch.Tensor:
         """(B, T) -> (B, T, V). Callers that backpropagate must keep `slot.use` open instead."""
+        unknown = [a for a in (layout.adapters if layout else []) if a not in self.specs]
+        if unknown:  # a layer treats an adapter it does not hold as base-only: catch typos here
+            raise KeyError(f"adapters not loaded: {unknown}")
         with self.slot.use(layout):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 

@@ -98,6 +98,7 @@ def bench_size(
             "fused_ms": fused_ms, "solo_total_ms": solo_ms, "ratio": fused_ms / solo_ms,
             "speedup": solo_ms / fused_ms, "fused_tokens_per_s": tokens / (fused_ms / 1e3),
             "solo_tokens_per_s": tokens / (solo_ms / 1e3),
+            "fused_min_ms": min(fused_runs), "solo_total_min_ms": min(solo_runs),
             "fused_runs_ms": fused_runs, "solo_total_runs_ms": solo_runs,
         })
         progress.console.print(
