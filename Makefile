@@ -24,7 +24,7 @@ test-fast: setup
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m workers.demo
+	$(VENV)/bin/lorafleet run ops/demo/*.yaml --workers 1 --plot rewards.png
 
 lint: setup
 	$(VENV)/bin/ruff check .
