@@ -130,8 +130,11 @@ class WorkerRuntime:
         self._drop(item.exp_id)
 
     # ---- resident adapters -------------------------------------------------------------------
-    def ensure_adapter(self, exp_id: str, version: int, spec: ExperimentSpec) -> None:
-        """Hold `exp_id` at committed `version`: reuse, reload, or create v0 from its seed."""
+    def ensure_adapter(self, exp_id: str, version: int, spec: ExperimentSpec,
+                       pinned: frozenset[str] = frozenset()) -> None:
+        """Hold `exp_id` at committed `version`: reuse, reload, or create v0 from its seed.
+        Least-recently-used adapters beyond the budget go, never one of `pinned` (the batch
+        being assembled): a batch larger than the budget holds all its adapters while it runs."""
         if self.resident.get(exp_id) == version:
             self.resident.move_to_end(exp_id)
             return
@@ -148,8 +151,9 @@ class WorkerRuntime:
         else:
             load_adapter(self.store, self.fused, exp_id, version, spec.train)
         self.resident[exp_id] = version
-        while len(self.resident) > self.config.max_resident:
-            self._drop(next(iter(self.resident)))
+        evictable = [a for a in self.resident if a not in pinned and a != exp_id]
+        for victim in evictable[: max(0, len(self.resident) - self.config.max_resident)]:
+            self._drop(victim)
 
     def _drop(self, exp_id: str) -> None:
         if self.resident.pop(exp_id, None) is not None:
@@ -168,7 +172,7 @@ class WorkerRuntime:
                 with bound_context(experiment_id=exp_id, step=item.step):
                     try:
                         env = get_env(spec.env, spec.env_args)
-                        self.ensure_adapter(exp_id, item.version, spec)
+                        self.ensure_adapter(exp_id, item.version, spec, frozenset(claimed))
                     except Exception as exc:  # noqa: BLE001 - fail this experiment alone
                         log.exception("rollout setup failed", experiment_id=exp_id)
                         self._fail(item, "rollout", token, f"rollout setup: {exc!r}")
@@ -216,7 +220,7 @@ class WorkerRuntime:
                     continue
                 traj = Trajectory.from_json(json.loads(raw))
                 try:
-                    self.ensure_adapter(exp_id, item.version, spec)
+                    self.ensure_adapter(exp_id, item.version, spec, frozenset(claimed))
                 except Exception as exc:  # noqa: BLE001
                     log.exception("loading adapter failed", experiment_id=exp_id)
                     self._fail(item, "train", token, f"loading adapter: {exc!r}")

@@ -156,3 +156,35 @@ def test_events_stream_records_every_commit(make_fleet, redis_url: str, fleet_en
     assert kinds == ["submitted"] + ["rollout_committed", "train_committed"] * 3 + ["completed"]
     assert [int(e["version"]) for e in seen if e["type"] == "train_committed"] == [1, 2, 3]
     assert r.xlen(Keys.events) >= len(seen)
+
+
+def test_fleet_with_tiny_residency_budget_equals_in_process_reference(make_fleet, redis_url, fleet_env,
+                                                                      model_cache) -> None:
+    """One worker that may keep only ONE adapter resident: every fused step reloads the others
+    from the store (weights + AdamW state). The fleet must still equal an in-process fused run
+    of the same experiments (float64: identical rewards, weights to 1e-9)."""
+    from common.multilora.model import MultiLoRAModel
+    from common.schemas import ExperimentSpec
+    from workers.rl import LocalRunner
+
+    specs = [spec(f"lru{i}", env, args, steps=4, seed=20 + i)
+             for i, (env, args) in enumerate([("char_class", {"cls": "upper"}), ("near_char", {"char": "m"}),
+                                              ("target_string", {"target": "xyz"})])]
+    make_fleet(workers=1, env={"LORAFLEET_MAX_RESIDENT": "1"})
+    client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
+    ids = [client.submit(s) for s in specs]
+    assert all(s.status == "completed" for s in client.wait(ids, timeout_s=300))
+    store = AdapterStore(fleet_env["LORAFLEET_STORE_URL"])
+
+    model, tok, _ = load_base_model("builtin:tiny-llama", torch.float64, cache_dir=model_cache)
+    runner = LocalRunner(MultiLoRAModel(model), tok)
+    for exp_id, s in zip(ids, specs, strict=True):
+        runner.add(exp_id, ExperimentSpec.model_validate(s))
+    reference = runner.run()
+    for exp_id in ids:
+        fleet_metrics = client.metrics(exp_id)
+        assert max(x["train_batch"] for x in fleet_metrics) == 3  # fused although only 1 stays hot
+        assert [x["reward_mean"] for x in fleet_metrics] == [x["reward_mean"] for x in reference[exp_id]]
+        want = dict(runner.model.parameters_of(exp_id))
+        got = store.load(exp_id).weights
+        assert max((got[k] - want[k].detach()).abs().max().item() for k in want) < 1e-9
