@@ -13,6 +13,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import redis
@@ -160,91 +162,93 @@ class WorkerRuntime:
             self.fused.remove_adapter(exp_id)
 
     # ---- tasks ---------------------------------------------------------------------------------
-    def rollout(self, msg: BatchMessage) -> None:
+    @contextmanager
+    def _claimed(self, msg: BatchMessage) -> Iterator[dict[str, tuple[BatchItem, int, ExperimentSpec]]]:
+        """Claim the batch's items; on an unexpected error give every claim back (the reaper
+        re-publishes them at once, within the poison cap); always forget the claims after."""
         claimed = self._claim(msg)
-        if not claimed:
-            return
-        self.busy = True
-        t0 = time.perf_counter()
+        self.busy = bool(claimed)
         try:
-            plan = []
-            for exp_id, (item, token, spec) in claimed.items():
-                with bound_context(experiment_id=exp_id, step=item.step):
-                    try:
-                        env = get_env(spec.env, spec.env_args)
-                        self.ensure_adapter(exp_id, item.version, spec, frozenset(claimed))
-                    except Exception as exc:  # noqa: BLE001 - fail this experiment alone
-                        log.exception("rollout setup failed", experiment_id=exp_id)
-                        self._fail(item, "rollout", token, f"rollout setup: {exc!r}")
-                        continue
-                    prompts, requests = make_requests(spec, env, item.step, exp_id, self.tokenizer)
-                    plan.append((item, token, spec, env, prompts, requests))
-            samples = self.engine.generate([r for p in plan for r in p[5]])  # ONE batched generate
-            elapsed = time.perf_counter() - t0
-            pos = 0
-            for item, token, spec, env, prompts, requests in plan:
-                mine, pos = samples[pos:pos + len(requests)], pos + len(requests)
-                try:
-                    traj = score(spec, env, prompts, mine, self.tokenizer, item.step)
-                except RewardError as exc:
-                    self._fail(item, "rollout", token, str(exc))
-                    continue
-                summary = {"reward_mean": traj.reward_mean, "reward_std": traj.reward_std,
-                           "reward_min": traj.reward_min, "reward_max": traj.reward_max,
-                           "rollout_s": elapsed, "rollout_batch": len(plan),
-                           "rollout_tokens": sum(len(s.completion_ids) for s in traj.samples),
-                           "rollout_worker": self.name}
-                if not self.protocol.commit_rollout(item.exp_id, item.step, token, traj.to_json(),
-                                                    summary, TRAJECTORY_TTL_MS):
-                    log.warning("rollout commit refused", experiment_id=item.exp_id, step=item.step)
+            yield claimed
         except Exception:
-            self._release_all(claimed, "rollout")
+            self._release_all(claimed, msg.phase)
             raise
         finally:
             for exp_id, (item, _, _) in claimed.items():
-                self._unclaim(exp_id, item.step, "rollout")
+                self._unclaim(exp_id, item.step, msg.phase)
             self.busy = False
 
-    def train(self, msg: BatchMessage) -> None:
-        claimed = self._claim(msg)
-        if not claimed:
-            return
-        self.busy = True
+    def rollout(self, msg: BatchMessage) -> None:
+        with self._claimed(msg) as claimed:
+            if claimed:
+                self._rollout(msg, claimed)
+
+    def _rollout(self, msg: BatchMessage, claimed: dict) -> None:
         t0 = time.perf_counter()
-        try:
-            rows, ready = [], {}
-            for exp_id, (item, token, spec) in claimed.items():
-                raw = self.r.get(Keys.trajectory(exp_id, item.step))
-                if raw is None:
-                    self._fail(item, "train", token, f"trajectory of step {item.step} is missing")
-                    continue
-                traj = Trajectory.from_json(json.loads(raw))
+        plan = []
+        for exp_id, (item, token, spec) in claimed.items():
+            with bound_context(experiment_id=exp_id, step=item.step):
                 try:
+                    env = get_env(spec.env, spec.env_args)
                     self.ensure_adapter(exp_id, item.version, spec, frozenset(claimed))
-                except Exception as exc:  # noqa: BLE001
-                    log.exception("loading adapter failed", experiment_id=exp_id)
-                    self._fail(item, "train", token, f"loading adapter: {exc!r}")
+                except Exception as exc:  # noqa: BLE001 - fail this experiment alone
+                    log.exception("rollout setup failed", experiment_id=exp_id)
+                    self._fail(item, "rollout", token, f"rollout setup: {exc!r}")
                     continue
-                rows += train_rows(traj, exp_id)
-                ready[exp_id] = (item, token, spec, traj)
-            if not ready:
-                return
-            # advantages and old logprobs stay in float32 (float64 for float64 models) under bf16
-            loss_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
-            batch = collate(rows, self.tokenizer.pad_token_id, loss_dtype).to(self.config.device, loss_dtype)
-            results = self.fused.step(batch)
-            if self.config.train_delay_s:
-                time.sleep(self.config.train_delay_s)
-            train_s = time.perf_counter() - t0
-            for exp_id, (item, token, _spec, traj) in ready.items():
-                self._finish_train(item, token, traj, results[exp_id], train_s, len(ready), msg)
-        except Exception:
-            self._release_all(claimed, "train")
-            raise
-        finally:
-            for exp_id, (item, _, _) in claimed.items():
-                self._unclaim(exp_id, item.step, "train")
-            self.busy = False
+                prompts, requests = make_requests(spec, env, item.step, exp_id, self.tokenizer)
+                plan.append((item, token, spec, env, prompts, requests))
+        samples = self.engine.generate([r for p in plan for r in p[5]])  # ONE batched generate
+        elapsed = time.perf_counter() - t0
+        pos = 0
+        for item, token, spec, env, prompts, requests in plan:
+            mine, pos = samples[pos:pos + len(requests)], pos + len(requests)
+            try:
+                traj = score(spec, env, prompts, mine, self.tokenizer, item.step)
+            except RewardError as exc:
+                self._fail(item, "rollout", token, str(exc))
+                continue
+            summary = {"reward_mean": traj.reward_mean, "reward_std": traj.reward_std,
+                       "reward_min": traj.reward_min, "reward_max": traj.reward_max,
+                       "rollout_s": elapsed, "rollout_batch": len(plan),
+                       "rollout_tokens": sum(len(s.completion_ids) for s in traj.samples),
+                       "rollout_worker": self.name, "rollout_batch_id": msg.batch_id}
+            if not self.protocol.commit_rollout(item.exp_id, item.step, token, traj.to_json(),
+                                                summary, TRAJECTORY_TTL_MS):
+                log.warning("rollout commit refused", experiment_id=item.exp_id, step=item.step)
+
+    def train(self, msg: BatchMessage) -> None:
+        with self._claimed(msg) as claimed:
+            if claimed:
+                self._train(msg, claimed)
+
+    def _train(self, msg: BatchMessage, claimed: dict) -> None:
+        t0 = time.perf_counter()
+        rows, ready = [], {}
+        for exp_id, (item, token, spec) in claimed.items():
+            raw = self.r.get(Keys.trajectory(exp_id, item.step))
+            if raw is None:
+                self._fail(item, "train", token, f"trajectory of step {item.step} is missing")
+                continue
+            traj = Trajectory.from_json(json.loads(raw))
+            try:
+                self.ensure_adapter(exp_id, item.version, spec, frozenset(claimed))
+            except Exception as exc:  # noqa: BLE001
+                log.exception("loading adapter failed", experiment_id=exp_id)
+                self._fail(item, "train", token, f"loading adapter: {exc!r}")
+                continue
+            rows += train_rows(traj, exp_id)
+            ready[exp_id] = (item, token, spec, traj)
+        if not ready:
+            return
+        # advantages and old logprobs stay in float32 (float64 for float64 models) under bf16
+        loss_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        batch = collate(rows, self.tokenizer.pad_token_id, loss_dtype).to(self.config.device, loss_dtype)
+        results = self.fused.step(batch)
+        if self.config.train_delay_s:
+            time.sleep(self.config.train_delay_s)
+        train_s = time.perf_counter() - t0
+        for exp_id, (item, token, _spec, traj) in ready.items():
+            self._finish_train(item, token, traj, results[exp_id], train_s, len(ready), msg)
 
     def _finish_train(self, item, token, traj, res, train_s: float, n: int, msg: BatchMessage) -> None:
         exp_id = item.exp_id
