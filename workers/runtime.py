@@ -36,6 +36,7 @@ from workers.fused_step import FusedTrainStep
 from workers.rl import RewardError, Trajectory, make_requests, score, train_rows
 from workers.rollout import TorchRolloutEngine
 from workers.step_backends import BackendName
+from workers.vllm_engine import trainer_scorer
 
 log = get_logger("lorafleet.worker")
 TRAJECTORY_TTL_MS = 24 * 3600 * 1000
@@ -51,6 +52,7 @@ class WorkerConfig:
     heartbeat_s: float = 1.0
     train_delay_s: float = 0.0  # fault-injection knob for the chaos tests: widens the step window
     torch_threads: int = 0  # 0: torch's default; several workers on one CPU should split the cores
+    rollout_engine: str | None = None  # "torch" | "vllm"; None: vllm on a GPU where importable
 
     @classmethod
     def from_env(cls) -> WorkerConfig:
@@ -63,6 +65,7 @@ class WorkerConfig:
             heartbeat_s=float(env("LORAFLEET_HEARTBEAT_S", 1.0)),
             train_delay_s=float(env("LORAFLEET_TEST_TRAIN_DELAY_S", 0.0)),
             torch_threads=int(env("LORAFLEET_TORCH_THREADS", 0)),
+            rollout_engine=env("LORAFLEET_ROLLOUT_ENGINE") or None,
         )
 
 
@@ -77,7 +80,9 @@ class WorkerRuntime:
         model, self.tokenizer, _ = load_base_model(settings.base_model, self.dtype, config.device)
         self.model = MultiLoRAModel(model)
         self.fused = FusedTrainStep(self.model, config.backend)
-        self.engine = TorchRolloutEngine(self.model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        self.vllm = self._make_vllm_engine(config, settings)
+        self.engine = self.vllm or TorchRolloutEngine(
+            self.model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         self.resident: OrderedDict[str, int] = OrderedDict()  # exp id -> committed version held
         self.claims: dict[tuple[str, int, str], int] = {}  # (exp, step, phase) -> fencing token
         self._lock = threading.Lock()
@@ -85,6 +90,18 @@ class WorkerRuntime:
         self.name = f"{config.node}:{os.getpid()}"
         self.busy = False
         threading.Thread(target=self._heartbeat, name="lorafleet-heartbeat", daemon=True).start()
+
+    def _make_vllm_engine(self, config: WorkerConfig, settings: Settings):  # -> VLLMRolloutEngine | None
+        from workers.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine, default_rollout_engine
+
+        name = config.rollout_engine or default_rollout_engine(config.device)
+        if name == "torch":
+            return None
+        if name != "vllm":
+            raise ValueError(f"unknown rollout engine {name!r}; use torch or vllm")
+        return VLLMRolloutEngine(VLLMEngineConfig.from_settings(
+            settings, eos_id=self.tokenizer.eos_token_id, device=config.device,
+            max_resident=config.max_resident))
 
     # ---- liveness -----------------------------------------------------------------------------
     def _heartbeat(self) -> None:
@@ -104,6 +121,8 @@ class WorkerRuntime:
             self._stop.wait(self.config.heartbeat_s)
 
     def close(self) -> None:
+        if self.vllm is not None:
+            self.vllm.close()
         self._stop.set()
         self.r.delete(Keys.worker(self.config.node))
 
@@ -160,6 +179,8 @@ class WorkerRuntime:
     def _drop(self, exp_id: str) -> None:
         if self.resident.pop(exp_id, None) is not None:
             self.fused.remove_adapter(exp_id)
+            if self.vllm is not None:
+                self.vllm.forget(exp_id)
 
     # ---- tasks ---------------------------------------------------------------------------------
     @contextmanager
@@ -191,6 +212,9 @@ class WorkerRuntime:
                 try:
                     env = get_env(spec.env, spec.env_args)
                     self.ensure_adapter(exp_id, item.version, spec, frozenset(claimed))
+                    if self.vllm is not None:  # a new version: new name, canary against the trainer
+                        self.vllm.sync(exp_id, item.version, self.store.local_dir(exp_id, item.version),
+                                       trainer_scorer(self.model, exp_id))
                 except Exception as exc:  # noqa: BLE001 - fail this experiment alone
                     log.exception("rollout setup failed", experiment_id=exp_id)
                     self._fail(item, "rollout", token, f"rollout setup: {exc!r}")

