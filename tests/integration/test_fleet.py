@@ -188,3 +188,22 @@ def test_fleet_with_tiny_residency_budget_equals_in_process_reference(make_fleet
         want = dict(runner.model.parameters_of(exp_id))
         got = store.load(exp_id).weights
         assert max((got[k] - want[k].detach()).abs().max().item() for k in want) < 1e-9
+
+
+def test_cancel_stops_one_experiment_and_spares_its_cotenant(make_fleet, redis_url, fleet_env) -> None:
+    import time
+
+    make_fleet(workers=1)
+    client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
+    long_id = client.submit(spec("long", "char_class", {"cls": "digits"}, steps=200, seed=1))
+    short_id = client.submit(spec("short", "near_char", {"char": "a"}, steps=6, seed=2))
+    deadline = time.monotonic() + 120
+    while client.get(long_id).step < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.cancel(long_id)
+    assert not client.cancel(long_id)  # already finished: a no-op
+    short, long_ = client.wait([short_id, long_id], timeout_s=300)
+    assert short.status == "completed" and long_.status == "cancelled"
+    n = len(client.metrics(long_id))
+    time.sleep(1.0)
+    assert len(client.metrics(long_id)) == n < 200  # no commit after the cancel took effect
