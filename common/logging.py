@@ -125,8 +125,18 @@ def configure_logging(fmt: str = "auto", level: str | int = "INFO") -> None:
 
 def get_logger(name: str | None = None) -> Any:
     """A structlog logger; `name` (usually `__name__`) is bound as the `logger` field."""
-    logger = structlog.get_logger()
-    return logger.bind(logger=name) if name else logger
+    return _NamedLogger(name) if name else structlog.get_logger()
+
+
+class _NamedLogger:
+    """Binds `logger=name` at each call, not once: `bind()` assembles a logger from the
+    configuration of that moment, and module-level loggers exist before configure_logging()."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(structlog.get_logger().bind(logger=self._name), attr)
 
 
 def bind_context(

@@ -164,8 +164,11 @@ def download(exp_id: str, version: str = "latest", dest: Path = Path("."),
 
 @app.command()
 def worker(node: Annotated[str, typer.Option(help="node name: its queue is lf.node.<node>")] = "node0",
-           device: str = "cpu", backend: str = "torch", redis_url: RedisOpt = None,
+           device: Annotated[str, typer.Option(envvar="LORAFLEET_DEVICE")] = "cpu",
+           backend: Annotated[str, typer.Option(envvar="LORAFLEET_STEP_BACKEND")] = "torch",
+           redis_url: RedisOpt = None,
            rollout_engine: Annotated[str | None, typer.Option(
+               envvar="LORAFLEET_ROLLOUT_ENGINE",
                help="torch | vllm (default: vllm on a GPU where installed, else torch)")] = None,
            loglevel: str = "INFO") -> None:
     """Start an always-hot worker pinned to one device (one worker per GPU)."""
@@ -236,6 +239,16 @@ def run(specs: list[Path], workers: int = 1, redis_url: RedisOpt = None,
         raise _bad_input(str(exc)) from None
     ok = run_embedded(parsed, workers, redis_url, plot_out, log_dir, timeout)
     raise typer.Exit(code=0 if ok else 1)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Experiment-throughput benchmark (ops/bench/throughput.py; its flags pass through):
+    cold-solo vs warm-solo vs fleet, reward parity, scaling sweep; table, JSON and PNG plots."""
+    script = Path(__file__).resolve().parents[1] / "ops" / "bench" / "throughput.py"
+    if not script.is_file():
+        raise _bad_input(f"{script} not found: run from a source checkout (pip install -e .)")
+    os.execv(sys.executable, [sys.executable, str(script), *ctx.args])
 
 
 def main() -> None:  # pragma: no cover

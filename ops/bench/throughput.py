@@ -32,13 +32,21 @@ train batch = one `batch_id`, counted once with its `train_s`; rollout metrics c
 id, but every item of a rollout batch stores the same `rollout_s` float measured once by its
 worker, so rollout batches are deduplicated by (`rollout_worker`, `rollout_s`). For cold-solo
 each step is its own batch (LocalRunner's `rollout_s` + `train_s`). Overhead = 1 - busy fraction:
-everything a worker spends not generating or training (in-task bookkeeping such as checkpoint
-publication and Redis commits, idle time waiting for the scheduler and Celery, and for cold-solo
-the process starts). For fleet runs the overhead is split further from the logs: Celery's
-`Task ... succeeded in Xs` lines give each task's [start, end] on its worker, and the scheduler's
-`published` debug lines (one batch at a time per node queue, so the k-th publish on a node is the
-k-th task there) split each idle gap into scheduler reaction (previous task end -> publish) and
-delivery (publish -> task start: Redis/kombu/Celery prefork hand-off).
+everything a worker spends not generating or training (checkpoint publication, Redis claims and
+commits, scoring, waiting for the scheduler and Celery; for cold-solo the process starts). Two
+further views split it: (1) per run, Celery's `Task ... succeeded in Xs` worker log lines give
+the task time, so worker time = compute + rest of the Celery tasks + idle between tasks; (2) one
+extra W=1 run each of warm-solo and fleet under Redis MONITOR (timings used nowhere else) gives,
+for every pair of consecutive tasks on the worker, reaction = last commit of the batch -> the
+scheduler's LPUSH of the next batch (XREAD wake-up, tick, mark in-flight, publish), delivery =
+LPUSH -> the first claim of the new batch (kombu BRPOP, prefork hand-off, task start), and
+wind-down = last commit -> task end.
+
+CPU contention corrupts these timings (two torch threads on two busy cores stall each other), so
+before every run the benchmark waits until no other `ops/bench/` process runs and other
+processes use at most --max-foreign cores, measures the CPU other processes used during the run
+(machine busy time from /proc/stat minus our own process tree's rusage) and reruns a disturbed
+run up to --retries times; discarded runs are kept in the JSON.
 
 Timings are medians over `--repeats`; modes are interleaved within each repeat. Reward parity:
 each experiment's per-step reward curve in every mode, the final reward (mean of the last 3
@@ -46,10 +54,12 @@ steps) difference fleet vs warm-solo and fleet vs cold-solo, judged against the 
 (3 x the standard error of the difference, from the per-step reward std over P x G samples);
 a float64 pass (the main run when --dtype float64, else an extra single-repeat pass unless
 --no-parity64) must give identical curves in all modes (max abs difference reported).
-A scaling sweep runs the fleet (W=1) at N in --sweep, and warm-solo at N <= --sweep-warm-max.
+A scaling sweep runs the fleet (W=1) at N in --sweep, and warm-solo at N <= --sweep-warm-max
+(the point N = --n reuses the main runs' medians).
 
 Run: `python ops/bench/throughput.py [--n 8] [--steps 10] [--repeats 3] [--workers 1,2]`;
-`main(argv)` is importable. Before measuring it waits until no other `ops/bench/` process runs.
+`main(argv)` is importable. Outputs: --out JSON (machine, config, every run's raw per-step metrics,
+medians, parity, traces, sweep, bars) and throughput_{bars,rewards,scaling}.png in --plots-dir.
 """
 
 from __future__ import annotations
@@ -364,6 +374,8 @@ def summarize(run: Run) -> dict[str, Any]:
     capacity = run.workers * run.makespan_s
     done = sum(e["status"] == "completed" for e in run.experiments)
     batches = [m.get("train_batch", 1) for m in steps]
+    exp_steps = max(1, len(steps))
+    rollout_s = sum(v["rollout_s"] for v in compute.values())
     return {
         "mode": run.mode, "n": run.n, "workers": run.workers, "repeat": run.repeat,
         "makespan_s": run.makespan_s, "startup_s": run.startup_s, "completed": done,
@@ -372,6 +384,9 @@ def summarize(run: Run) -> dict[str, Any]:
         "train_tokens_per_s": sum(m.get("train_tokens", 0) for m in steps) / run.makespan_s,
         "compute_s": busy_s, "busy_fraction": busy_s / capacity, "overhead": 1.0 - busy_s / capacity,
         "mean_train_batch": statistics.fmean(batches) if batches else 0.0,
+        "rollout_ms_per_exp_step": 1e3 * rollout_s / exp_steps,
+        "train_ms_per_exp_step": 1e3 * (busy_s - rollout_s) / exp_steps,
+        "foreign_cores": run.foreign_cores,
     }
 
 
@@ -531,7 +546,8 @@ def trace_run(specs: list[dict[str, Any]], sequential: bool, dtype: str, cache_d
 # ---- aggregation -----------------------------------------------------------------------------
 def medians(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("makespan_s", "startup_s", "experiments_per_hour", "rollout_tokens_per_s",
-            "train_tokens_per_s", "busy_fraction", "overhead", "mean_train_batch")
+            "train_tokens_per_s", "busy_fraction", "overhead", "mean_train_batch", "rollout_ms_per_exp_step",
+            "train_ms_per_exp_step", "foreign_cores")
     out: dict[str, Any] = {"repeats": len(summaries)}
     for k in keys:
         vals = [s[k] for s in summaries if s.get(k) is not None]
@@ -677,14 +693,15 @@ def summary_table(meds: dict[str, dict[str, Any]], n: int, repeats: int) -> Any:
 
     t = Table(title=f"Throughput, N={n} experiments (median of {repeats}; min..max)")
     for col in ("mode", "W", "makespan s", "exp/hour", "rollout tok/s", "train tok/s", "busy",
-                "overhead", "mean train batch", "start-up s"):
+                "overhead", "mean train batch", "rollout ms/exp-step", "train ms/exp-step", "start-up s"):
         t.add_column(col, justify="left" if col == "mode" else "right")
     for mode, m in meds.items():
         t.add_row(mode, str(m["workers"]),
                   f"{m['makespan_s']:.1f} ({m['makespan_s_min']:.1f}..{m['makespan_s_max']:.1f})",
                   f"{m['experiments_per_hour']:.0f}", f"{m['rollout_tokens_per_s']:.0f}",
                   f"{m['train_tokens_per_s']:.0f}", f"{m['busy_fraction']:.1%}", f"{m['overhead']:.1%}",
-                  f"{m['mean_train_batch']:.1f}", fmt(m["startup_s"]))
+                  f"{m['mean_train_batch']:.1f}", f"{m['rollout_ms_per_exp_step']:.1f}",
+                  f"{m['train_ms_per_exp_step']:.1f}", fmt(m["startup_s"]))
     return t
 
 
@@ -847,11 +864,12 @@ class Bench:
     runs: list[Run] = field(default_factory=list)
 
     discarded: list[Run] = field(default_factory=list)
+    waited_s: float = 0.0  # time spent waiting for a quiet machine
 
     def run_mode(self, mode: str, specs: list[dict[str, Any]], dtype: str, repeat: int) -> Run:
         """One run; rerun (up to --retries times) when other processes used the CPU meanwhile."""
         for attempt in range(self.args.retries + 1):
-            wait_for_quiet(self.console, self.args.max_wait_s, self.args.max_foreign)
+            self.wait()
             run = self._measure(mode, specs, dtype, repeat)
             if run.foreign_cores <= self.args.max_foreign or attempt == self.args.retries:
                 break
@@ -859,6 +877,9 @@ class Bench:
             self.discarded.append(run)
         self.runs.append(run)
         return run
+
+    def wait(self) -> None:
+        self.waited_s += wait_for_quiet(self.console, self.args.max_wait_s, self.args.max_foreign)
 
     def _measure(self, mode: str, specs: list[dict[str, Any]], dtype: str, repeat: int) -> Run:
         a = self.args
@@ -994,7 +1015,7 @@ def run_traces(bench: Bench, specs: list[dict[str, Any]]) -> list[dict[str, Any]
     bench.console.rule("Redis MONITOR trace runs (W=1; timings not used elsewhere)")
     out = []
     for sequential in (True, False):
-        wait_for_quiet(bench.console, a.max_wait_s, a.max_foreign)
+        bench.wait()
         t = trace_run(specs, sequential, a.dtype, a.cache_dir, bench.workdir, a.worker_threads)
         bench.console.print(f"  trace {t['mode']}: makespan {t['makespan_s']:.1f}s, {t['tasks']} tasks")
         out.append(t)
@@ -1083,7 +1104,6 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(width=None if sys.stdout.isatty() else 150)
     t_start = time.monotonic()
-    waited = wait_for_quiet(console, args.max_wait_s, args.max_foreign)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     prebuild_model(args.cache_dir)
     workdir = Path(tempfile.mkdtemp(prefix="lorafleet-throughput-"))
@@ -1096,8 +1116,10 @@ def main(argv: list[str] | None = None) -> int:
     report(console, res, args, modes, fleet_modes)
     elapsed = time.monotonic() - t_start
     write_outputs(res, bench, specs, fleet_modes,
-                  {"elapsed_s": elapsed, "waited_for_quiet_s": waited, "work_dir": str(workdir)})
-    console.print(f"wrote {args.out} and plots in {args.plots_dir}/; total {elapsed:.0f} s")
+                  {"elapsed_s": elapsed, "waited_for_quiet_s": bench.waited_s, "work_dir": str(workdir)})
+    console.print(f"wrote {args.out} and plots in {args.plots_dir}/; total {elapsed:.0f} s, of which "
+                  f"{bench.waited_s:.0f} s waiting for a quiet machine; {len(bench.discarded)} run(s) "
+                  "discarded because other processes used the CPU")
     return 0
 
 

@@ -164,3 +164,18 @@ def test_bad_format_or_level_is_rejected() -> None:
         configure_logging(fmt="xml")
     with pytest.raises(ValueError):
         configure_logging(level="LOUD")
+
+
+def test_module_level_logger_follows_later_configuration(capsys) -> None:
+    """Loggers created at import time (before configure_logging) obey the level and format
+    configured afterwards."""
+    from common.logging import configure_logging, get_logger
+
+    early = get_logger("lorafleet.early")
+    configure_logging("json", "INFO")
+    early.debug("hidden")
+    early.info("shown", step=3)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1
+    event = json.loads(lines[0])
+    assert event["event"] == "shown" and event["logger"] == "lorafleet.early" and event["step"] == 3
