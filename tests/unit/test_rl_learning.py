@@ -43,16 +43,6 @@ from workers.rollout import Sample
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """On a busy 2-core box, 2 OpenMP threads that spin-wait for each other made these tests
-    10-50x slower (seen: 2 s -> 107 s); tiny matmuls gain nothing from a second thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def spec(name: str, env: str, env_args: dict | None = None, seed: int = 0, **kw) -> ExperimentSpec:
     train = AdapterTrainSpec(lora=LoRASpec(rank=8, alpha=16), optimizer=OptimizerSpec(lr=3e-3), seed=seed)
     return ExperimentSpec(name=name, env=env, env_args=env_args or {}, train=train, **kw)

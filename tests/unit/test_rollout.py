@@ -26,16 +26,6 @@ TARGETS = {"a": ("q_proj", "v_proj"), "b": ("q_proj", "k_proj", "v_proj", "o_pro
            "c": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """On a busy 2-core box, 2 OpenMP threads that spin-wait for each other made these tests
-    10-50x slower (seen: 2 s -> 107 s); tiny matmuls gain nothing from a second thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models(model_cache: Path):
     """(MultiLoRAModel with adapters a/b/c, untouched base copy, tokenizer), float64."""
