@@ -207,3 +207,23 @@ def test_cancel_stops_one_experiment_and_spares_its_cotenant(make_fleet, redis_u
     n = len(client.metrics(long_id))
     time.sleep(1.0)
     assert len(client.metrics(long_id)) == n < 200  # no commit after the cancel took effect
+
+
+def test_weighted_fair_share_when_the_batch_budget_binds(make_fleet, redis_url, fleet_env) -> None:
+    """A row budget of one experiment per batch: a weight-3 experiment gets ~3x the batches of a
+    weight-1 one, and the light one is never starved."""
+    import time
+
+    make_fleet(workers=1, env={"LORAFLEET_MAX_BATCH_ROWS": "16"})  # 4 prompts x 4 samples = 16
+    client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
+    heavy = client.submit({**spec("heavy", "char_class", {"cls": "digits"}, steps=12, seed=1), "weight": 3.0})
+    light = client.submit({**spec("light", "near_char", {"char": "b"}, steps=12, seed=2), "weight": 1.0})
+    deadline = time.monotonic() + 300
+    while client.get(heavy).status != "completed" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    light_steps = client.get(light).step
+    print(f"light experiment: {light_steps} steps when heavy finished 12")
+    assert 2 <= light_steps <= 7, f"light did {light_steps} steps while heavy did 12 (expected ~4)"
+    assert max(x["train_batch"] for x in client.metrics(heavy)) == 1  # the budget really bound
+    (state,) = client.wait([light], timeout_s=300)
+    assert state.status == "completed"
