@@ -113,19 +113,46 @@ class MultiLoRALinear(nn.Module):
         return self._segment_loop(x, y, layout)
 
     def _segment_loop(self, x: torch.Tensor, y: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
-        parts = []
-        for seg in layout.segments:
-            ys = y[seg.start : seg.end]
+        # split/cat rather than slicing: the backward of a slice materialises a zero tensor the
+        # size of the whole batch per segment (quadratic in the number of adapters); split's is
+        # one cat
+        xs = x.split([seg.size for seg in layout.segments])
+        uniform = self._uniform_delta(xs, layout)
+        if uniform is not None:
+            return y + uniform
+        deltas = []
+        for seg, xi in zip(layout.segments, xs, strict=True):
             if seg.adapter in self.lora_A and seg.size > 0:
-                xs = x[seg.start : seg.end]
                 p = self.dropout[seg.adapter]
                 if p > 0 and self.training:
-                    xs = F.dropout(xs, p)
+                    xi = F.dropout(xi, p)
                 a, b = self.lora_A[seg.adapter], self.lora_B[seg.adapter]
                 # same operation order as peft's Linear: base + B(A(x)) * scaling
-                ys = ys + (xs @ a.T) @ b.T * self.scaling[seg.adapter]
-            parts.append(ys)
-        return torch.cat(parts, dim=0)
+                deltas.append((xi @ a.T) @ b.T * self.scaling[seg.adapter])
+            else:
+                deltas.append(y.new_zeros((seg.size, *y.shape[1:])))
+        return y + torch.cat(deltas, dim=0)
+
+    def _uniform_delta(self, xs: tuple[torch.Tensor, ...], layout: BatchLayout) -> torch.Tensor | None:
+        """All segments adapted, equally sized, of one rank, no dropout (the common RL batch:
+        P prompts x G samples per experiment): every delta in two batched matmuls. -> the
+        deltas of all rows, or None where the layout is not uniform."""
+        segs = layout.segments
+        if len(segs) < 2 or any(s.adapter not in self.lora_A for s in segs):
+            return None
+        names = [s.adapter for s in segs]
+        a = [self.lora_A[n] for n in names]
+        if len({s.size for s in segs}) != 1 or len({t.shape[0] for t in a}) != 1:
+            return None
+        if self.training and any(self.dropout[n] > 0 for n in names):
+            return None
+        n, rows = len(segs), xs[0].numel() // self.in_features  # rows of tokens per segment
+        x3 = torch.stack(xs).view(n, rows, self.in_features)  # (N, S*T, in)
+        a3 = torch.stack(a).transpose(1, 2)  # (N, in, r)
+        b3 = torch.stack([self.lora_B[m] for m in names]).transpose(1, 2)  # (N, r, out)
+        scale = x3.new_tensor([self.scaling[m] for m in names]).view(n, 1, 1)
+        delta = torch.bmm(torch.bmm(x3, a3), b3) * scale  # (N, S*T, out)
+        return delta.view(n * xs[0].shape[0], *xs[0].shape[1:-1], self.out_features)
 
     def _grouped(self, x: torch.Tensor, y: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
         rows_per_token = x[0].numel() // self.in_features  # tokens per row (T, or 1 in decode)

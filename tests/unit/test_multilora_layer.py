@@ -60,6 +60,27 @@ def test_fused_layer_matches_per_adapter_reference_float64(shape: tuple[int, ...
         assert torch.allclose(g_fused, g_ref, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(9, 5, 16), (9, 16)], ids=["prefill", "decode"])
+def test_uniform_layout_batched_path_matches_reference_float64(shape: tuple[int, ...]) -> None:
+    """Equal blocks of one rank (the usual RL batch) take the two-bmm path; same numbers."""
+    torch.manual_seed(1)
+    layer = MultiLoRALinear(nn.Linear(16, 24, dtype=torch.float64), LayoutSlot())
+    for name, alpha in [("a", 8.0), ("b", 2.0), ("c", 16.0)]:
+        layer.add_adapter(name, 4, alpha)
+        with torch.no_grad():
+            layer.lora_B[name].normal_()
+    layout = BatchLayout.from_sizes([("a", 3), ("b", 3), ("c", 3)])
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert layer._uniform_delta(x.split(3), layout) is not None  # the batched path is taken
+    w = torch.randn(*shape[:-1], 24, dtype=torch.float64)
+    with layer.slot.use(layout):
+        fused = layer(x)
+    ref = _reference(layer, x, layout)
+    assert torch.allclose(fused, ref, rtol=0, atol=1e-12)  # float64 summation-order rounding only
+    for g_fused, g_ref in zip(_grads(layer, x, fused, w), _grads(layer, x, ref, w), strict=True):
+        assert torch.allclose(g_fused, g_ref, rtol=0, atol=1e-12)
+
+
 def test_adapter_grads_come_only_from_its_rows() -> None:
     layer = _layer(torch.float64)
     layout = BatchLayout.from_sizes(SIZES)
