@@ -186,12 +186,21 @@ class StepProtocol:
         self._renew_leader = r.register_script(RENEW_LEADER)
 
     # ---- workers ---------------------------------------------------------------------------
+    # A batch's claims and commits go in one pipeline (one round trip); each script stays atomic
+    # on its own, and the items of a batch never depend on each other.
     def claim(self, exp_id: str, step: int, phase: str, owner: str, lease_ms: int, batch_id: str) -> Claim:
-        token, reason = self._claim(
-            keys=[Keys.task(exp_id, step, phase), Keys.experiment(exp_id), Keys.fence],
-            args=[owner, lease_ms, step, phase, batch_id],
-        )
-        return Claim(int(token), str(reason))
+        return self.claim_batch([(exp_id, step)], phase, owner, lease_ms, batch_id)[0][0]
+
+    def claim_batch(self, items: list[tuple[str, int]], phase: str, owner: str, lease_ms: int,
+                    batch_id: str) -> list[tuple[Claim, str | None]]:
+        """Claim (exp_id, step) of each item -> (claim, the experiment's spec JSON) per item."""
+        pipe = self.r.pipeline(transaction=False)
+        for exp_id, step in items:
+            self._claim(keys=[Keys.task(exp_id, step, phase), Keys.experiment(exp_id), Keys.fence],
+                        args=[owner, lease_ms, step, phase, batch_id], client=pipe)
+            pipe.hget(Keys.experiment(exp_id), "spec")
+        out = pipe.execute()
+        return [(Claim(int(out[i][0]), str(out[i][1])), out[i + 1]) for i in range(0, len(out), 2)]
 
     def renew(self, exp_id: str, step: int, phase: str, token: int, lease_ms: int) -> bool:
         return bool(self._renew(keys=[Keys.task(exp_id, step, phase)], args=[token, lease_ms]))
@@ -203,18 +212,40 @@ class StepProtocol:
     def commit_rollout(
         self, exp_id: str, step: int, token: int, trajectory: dict, summary: dict, ttl_ms: int
     ) -> bool:
-        return bool(self._commit_rollout(
-            keys=[Keys.task(exp_id, step, "rollout"), Keys.experiment(exp_id),
-                  Keys.trajectory(exp_id, step), Keys.events],
-            args=[token, step, json.dumps(trajectory), json.dumps(summary), ttl_ms, exp_id],
-        ))
+        return self.commit_rollouts([(exp_id, step, token, trajectory, summary)], ttl_ms)[0]
+
+    def commit_rollouts(self, commits: list[tuple[str, int, int, dict, dict]], ttl_ms: int) -> list[bool]:
+        """(exp_id, step, token, trajectory, summary) per item -> committed per item."""
+        pipe = self.r.pipeline(transaction=False)
+        for exp_id, step, token, trajectory, summary in commits:
+            self._commit_rollout(
+                keys=[Keys.task(exp_id, step, "rollout"), Keys.experiment(exp_id),
+                      Keys.trajectory(exp_id, step), Keys.events],
+                args=[token, step, json.dumps(trajectory), json.dumps(summary), ttl_ms, exp_id],
+                client=pipe)
+        return [bool(x) for x in pipe.execute()] if commits else []
 
     def commit_train(self, exp_id: str, step: int, token: int, metrics: dict) -> bool:
-        return bool(self._commit_train(
-            keys=[Keys.task(exp_id, step, "train"), Keys.experiment(exp_id), Keys.metrics(exp_id),
-                  Keys.events, Keys.trajectory(exp_id, step), Keys.active],
-            args=[token, step, json.dumps(metrics), exp_id],
-        ))
+        return self.commit_trains([(exp_id, step, token, metrics)])[0]
+
+    def commit_trains(self, commits: list[tuple[str, int, int, dict]]) -> list[bool]:
+        """(exp_id, step, token, metrics) per item -> committed per item."""
+        pipe = self.r.pipeline(transaction=False)
+        for exp_id, step, token, metrics in commits:
+            self._commit_train(
+                keys=[Keys.task(exp_id, step, "train"), Keys.experiment(exp_id), Keys.metrics(exp_id),
+                      Keys.events, Keys.trajectory(exp_id, step), Keys.active],
+                args=[token, step, json.dumps(metrics), exp_id], client=pipe)
+        return [bool(x) for x in pipe.execute()] if commits else []
+
+    def train_inputs(self, items: list[tuple[str, int]]) -> list[tuple[str | None, str | None]]:
+        """(trajectory JSON, rollout summary JSON) of each (exp_id, step), in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for exp_id, step in items:
+            pipe.get(Keys.trajectory(exp_id, step))
+            pipe.hget(Keys.experiment(exp_id), "rollout_summary")
+        out = pipe.execute()
+        return [(out[i], out[i + 1]) for i in range(0, len(out), 2)]
 
     def fail_task(self, exp_id: str, step: int, phase: str, token: int, reason: str) -> bool:
         return bool(self._fail(
@@ -229,8 +260,16 @@ class StepProtocol:
 
     def mark_inflight(self, leader_id: str, exp_id: str, batch_id: str, step: int, phase: str,
                       node: str) -> bool:
-        return bool(self._mark(keys=[Keys.leader, Keys.experiment(exp_id)],
-                               args=[leader_id, batch_id, step, phase, node]))
+        return self.mark_inflight_batch(leader_id, [(exp_id, step)], batch_id, phase, node)[0]
+
+    def mark_inflight_batch(self, leader_id: str, items: list[tuple[str, int]], batch_id: str,
+                            phase: str, node: str) -> list[bool]:
+        """mark_inflight for each (exp_id, step) of one batch, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for exp_id, step in items:
+            self._mark(keys=[Keys.leader, Keys.experiment(exp_id)],
+                       args=[leader_id, batch_id, step, phase, node], client=pipe)
+        return [bool(x) for x in pipe.execute()] if items else []
 
     def activate(self, leader_id: str, exp_id: str) -> bool:
         return bool(self._activate(keys=[Keys.leader, Keys.experiment(exp_id)], args=[leader_id]))

@@ -27,7 +27,10 @@ log = get_logger("lorafleet.scheduler")
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    tick_s: float = 0.05  # longest sleep between ticks; commits wake the loop at once
+    # longest sleep between ticks: submits, commits and failures wake the loop at once; the
+    # timer only paces the reaper and notices new workers, and every tick costs CPU that the
+    # workers on the same machine would otherwise use
+    tick_s: float = 0.25
     leader_ttl_ms: int = 3000
     max_batch_rows: int = 512  # sequences per fused batch
     unclaimed_timeout_s: float = 60.0  # a published task nobody claimed is published again
@@ -67,6 +70,7 @@ class Scheduler:
         self.epoch = 0
         self.is_leader = False
         self._last_event = "$"
+        self._rows_cache: dict[str, int] = {}
 
     # ---- leadership ------------------------------------------------------------------------
     def _hold_lease(self) -> bool:
@@ -120,25 +124,35 @@ class Scheduler:
         beats = self.r.mget([Keys.worker(n) for n in nodes]) if nodes else []
         return {n: json.loads(b) for n, b in zip(nodes, beats, strict=True) if b}
 
+    _FIELDS = ("status", "step", "phase", "node", "inflight", "inflight_at", "served", "weight",
+               "created_at")
+
     def _load_active(self) -> list[Exp]:
         ids = sorted(self.r.smembers(Keys.active))
+        self._rows_cache = {e: n for e, n in self._rows_cache.items() if e in ids}  # forget finished
         pipe = self.r.pipeline(transaction=False)
         for exp_id in ids:
-            pipe.hgetall(Keys.experiment(exp_id))
+            pipe.hmget(Keys.experiment(exp_id), self._FIELDS)
         out = []
-        for exp_id, h in zip(ids, pipe.execute(), strict=True):
-            if not h or h["status"] not in ("queued", "running"):
+        for exp_id, values in zip(ids, pipe.execute() if ids else [], strict=True):
+            h = dict(zip(self._FIELDS, values, strict=True))
+            if h["status"] not in ("queued", "running"):
                 continue
-            spec = json.loads(h["spec"])
-            rows = int(spec.get("prompts_per_step", 4)) * int(spec.get("group_size", 4))
             out.append(Exp(
                 id=exp_id, status=h["status"], step=int(h["step"]), phase=h["phase"],
-                node=h.get("node", ""), inflight=h.get("inflight", ""),
-                inflight_at=int(h.get("inflight_at") or 0), rows=rows,
-                fair_key=float(h.get("served", 0)) / float(h.get("weight", 1.0)),
-                created_at=int(h.get("created_at", 0)),
+                node=h["node"] or "", inflight=h["inflight"] or "",
+                inflight_at=int(h["inflight_at"] or 0), rows=self._rows(exp_id),
+                fair_key=float(h["served"] or 0) / float(h["weight"] or 1.0),
+                created_at=int(h["created_at"] or 0),
             ))
         return out
+
+    def _rows(self, exp_id: str) -> int:
+        """Sequences per step (prompts x group size), from the spec, which never changes."""
+        if exp_id not in self._rows_cache:
+            spec = json.loads(self.r.hget(Keys.experiment(exp_id), "spec") or "{}")
+            self._rows_cache[exp_id] = int(spec.get("prompts_per_step", 4)) * int(spec.get("group_size", 4))
+        return self._rows_cache[exp_id]
 
     # ---- reaper --------------------------------------------------------------------------------
     def _reap(self, running: list[Exp], workers: dict[str, dict]) -> set[str]:
@@ -146,10 +160,11 @@ class Scheduler:
         sec, usec = self.r.time()
         now = int(sec) * 1000 + int(usec) // 1000
         suspect: set[str] = set()
-        for e in running:
-            if not e.inflight:
-                continue
-            task = self.r.hgetall(Keys.task(e.id, e.step, e.phase))
+        inflight = [e for e in running if e.inflight]
+        pipe = self.r.pipeline(transaction=False)
+        for e in inflight:
+            pipe.hgetall(Keys.task(e.id, e.step, e.phase))
+        for e, task in zip(inflight, pipe.execute() if inflight else [], strict=True):
             status = task.get("status")
             if status == "claimed" and task.get("batch") == e.inflight:
                 if int(task.get("lease_until", 0)) < now:  # a live worker renews its leases
@@ -212,8 +227,9 @@ class Scheduler:
     def _send(self, phase: str, items: list[Exp], node: str) -> None:
         """Rollouts and train steps of an adapter go to the node that holds it hot."""
         batch_id = uuid.uuid4().hex[:16]
-        marked = [e for e in items if self.protocol.mark_inflight(
-            self.id, e.id, batch_id, e.step, phase, node)]
+        marks = self.protocol.mark_inflight_batch(self.id, [(e.id, e.step) for e in items], batch_id,
+                                                  phase, node)
+        marked = [e for e, ok in zip(items, marks, strict=True) if ok]
         if not marked:
             return
         msg = BatchMessage(batch_id=batch_id, phase=phase, node=node, epoch=self.epoch,  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ unchanged) plus the trainer state that makes resuming exact: AdamW moments and s
 
 from __future__ import annotations
 
-from common.adapter_store import AdapterCheckpoint, AdapterStore, Version
+from common.adapter_store import AdapterCheckpoint, AdapterStore, NewVersion, Version, VersionExistsError
 from common.schemas import AdapterTrainSpec
 from workers.fused_step import FusedTrainStep
 
@@ -14,15 +14,23 @@ from workers.fused_step import FusedTrainStep
 def publish_adapter(
     store: AdapterStore, fused: FusedTrainStep, name: str, version: int, base_model: str | None = None
 ) -> str:
-    tensors, meta = fused.trainer_state(name)
-    return store.publish(
-        name,
-        version,
-        weights=fused.model.peft_state_dict(name),
-        adapter_config=fused.model.peft_config(name, base_model),
-        trainer_tensors=tensors,
-        trainer_meta=meta,
-    )
+    [result] = publish_adapters(store, fused, [(name, version)], base_model)
+    if isinstance(result, VersionExistsError):
+        raise result
+    return result
+
+
+def publish_adapters(
+    store: AdapterStore, fused: FusedTrainStep, versions: list[tuple[str, int]], base_model: str | None = None
+) -> list[str | VersionExistsError]:
+    """Publish (adapter, version) of each item together (one filesystem sync for all) -> per
+    item its directory, or the `VersionExistsError` of a version that was already there."""
+    items = []
+    for name, version in versions:
+        tensors, meta = fused.trainer_state(name)
+        items.append(NewVersion(name, version, fused.model.peft_state_dict(name),
+                                fused.model.peft_config(name, base_model), tensors, meta))
+    return store.publish_many(items)
 
 
 def load_adapter(

@@ -31,7 +31,7 @@ from common.schemas import ExperimentSpec
 from common.settings import Settings
 from common.tiny_model import load_base_model
 from workers.batch import collate
-from workers.checkpoints import load_adapter, publish_adapter
+from workers.checkpoints import load_adapter, publish_adapter, publish_adapters
 from workers.fused_step import FusedTrainStep
 from workers.rl import RewardError, Trajectory, make_requests, score, train_rows
 from workers.rollout import TorchRolloutEngine
@@ -128,17 +128,16 @@ class WorkerRuntime:
 
     # ---- claims ----------------------------------------------------------------------------------
     def _claim(self, msg: BatchMessage) -> dict[str, tuple[BatchItem, int, ExperimentSpec]]:
+        claims = self.protocol.claim_batch([(i.exp_id, i.step) for i in msg.items], msg.phase,
+                                           self.name, self.config.lease_ms, msg.batch_id)
         claimed = {}
-        for item in msg.items:
-            c = self.protocol.claim(item.exp_id, item.step, msg.phase, self.name,
-                                    self.config.lease_ms, msg.batch_id)
+        for item, (c, spec_json) in zip(msg.items, claims, strict=True):
             if not c.ok:
                 log.info("not claimed", experiment_id=item.exp_id, step=item.step, reason=c.reason)
                 continue
-            spec = ExperimentSpec.model_validate_json(self.r.hget(Keys.experiment(item.exp_id), "spec"))
             with self._lock:
                 self.claims[(item.exp_id, item.step, msg.phase)] = c.token
-            claimed[item.exp_id] = (item, c.token, spec)
+            claimed[item.exp_id] = (item, c.token, ExperimentSpec.model_validate_json(spec_json))
         return claimed
 
     def _unclaim(self, exp_id: str, step: int, phase: str) -> None:
@@ -223,7 +222,7 @@ class WorkerRuntime:
                 plan.append((item, token, spec, env, prompts, requests))
         samples = self.engine.generate([r for p in plan for r in p[5]])  # ONE batched generate
         elapsed = time.perf_counter() - t0
-        pos = 0
+        pos, commits = 0, []
         for item, token, spec, env, prompts, requests in plan:
             mine, pos = samples[pos:pos + len(requests)], pos + len(requests)
             try:
@@ -236,9 +235,11 @@ class WorkerRuntime:
                        "rollout_s": elapsed, "rollout_batch": len(plan),
                        "rollout_tokens": sum(len(s.completion_ids) for s in traj.samples),
                        "rollout_worker": self.name, "rollout_batch_id": msg.batch_id}
-            if not self.protocol.commit_rollout(item.exp_id, item.step, token, traj.to_json(),
-                                                summary, TRAJECTORY_TTL_MS):
-                log.warning("rollout commit refused", experiment_id=item.exp_id, step=item.step)
+            commits.append((item.exp_id, item.step, token, traj.to_json(), summary))
+        for (exp_id, step, *_), ok in zip(commits, self.protocol.commit_rollouts(commits, TRAJECTORY_TTL_MS),
+                                          strict=True):
+            if not ok:
+                log.warning("rollout commit refused", experiment_id=exp_id, step=step)
 
     def train(self, msg: BatchMessage) -> None:
         with self._claimed(msg) as claimed:
@@ -248,8 +249,8 @@ class WorkerRuntime:
     def _train(self, msg: BatchMessage, claimed: dict) -> None:
         t0 = time.perf_counter()
         rows, ready = [], {}
-        for exp_id, (item, token, spec) in claimed.items():
-            raw = self.r.get(Keys.trajectory(exp_id, item.step))
+        inputs = self.protocol.train_inputs([(item.exp_id, item.step) for item, _, _ in claimed.values()])
+        for (exp_id, (item, token, spec)), (raw, summary) in zip(claimed.items(), inputs, strict=True):
             if raw is None:
                 self._fail(item, "train", token, f"trajectory of step {item.step} is missing")
                 continue
@@ -261,7 +262,7 @@ class WorkerRuntime:
                 self._fail(item, "train", token, f"loading adapter: {exc!r}")
                 continue
             rows += train_rows(traj, exp_id)
-            ready[exp_id] = (item, token, spec, traj)
+            ready[exp_id] = (item, token, traj, json.loads(summary or "{}"))
         if not ready:
             return
         # advantages and old logprobs stay in float32 (float64 for float64 models) under bf16
@@ -271,28 +272,36 @@ class WorkerRuntime:
         if self.config.train_delay_s:
             time.sleep(self.config.train_delay_s)
         train_s = time.perf_counter() - t0
-        for exp_id, (item, token, _spec, traj) in ready.items():
-            self._finish_train(item, token, traj, results[exp_id], train_s, len(ready), msg)
+        self._finish_train(msg, ready, results, train_s)
 
-    def _finish_train(self, item, token, traj, res, train_s: float, n: int, msg: BatchMessage) -> None:
-        exp_id = item.exp_id
-        if not res.stepped:
-            self._fail(item, "train", token, f"{res.skipped_reason} at step {item.step} (loss {res.loss})")
-            return
-        consistent = True
-        try:
-            publish_adapter(self.store, self.fused, exp_id, item.version + 1, self.settings.base_model)
-        except VersionExistsError:  # a lost attempt wrote it first; the store's copy wins
-            consistent = False
-        summary = json.loads(self.r.hget(Keys.experiment(exp_id), "rollout_summary") or "{}")
-        metrics = {**summary, "step": item.step, "version": item.version + 1,
-                   "reward_mean": traj.reward_mean, "loss": res.loss, "grad_norm": res.grad_norm,
-                   "train_tokens": res.num_tokens, "train_s": train_s, "train_batch": n,
-                   "worker": self.name, "batch_id": msg.batch_id, "time": time.time()}
-        if self.protocol.commit_train(exp_id, item.step, token, metrics) and consistent:
-            self.resident[exp_id] = item.version + 1
-        else:
-            self._drop(exp_id)  # memory is not the committed truth: reload next time
+    def _finish_train(self, msg: BatchMessage, ready: dict, results: dict, train_s: float) -> None:
+        """Publish every stepped adapter's new version together (one filesystem sync for the
+        batch), then commit them all in one round trip. A version is committed only once it is
+        durable in the store; one that a lost attempt wrote first wins over this worker's memory."""
+        stepped = {}
+        for exp_id, (item, token, _traj, _summary) in ready.items():
+            res = results[exp_id]
+            if res.stepped:
+                stepped[exp_id] = ready[exp_id]
+            else:
+                reason = f"{res.skipped_reason} at step {item.step} (loss {res.loss})"
+                self._fail(item, "train", token, reason)
+        versions = [(exp_id, item.version + 1) for exp_id, (item, *_) in stepped.items()]
+        published = publish_adapters(self.store, self.fused, versions, self.settings.base_model)
+        consistent = {e: isinstance(p, str) for e, p in zip(stepped, published, strict=True)}
+        commits = []
+        for exp_id, (item, token, traj, summary) in stepped.items():
+            res = results[exp_id]
+            metrics = {**summary, "step": item.step, "version": item.version + 1,
+                       "reward_mean": traj.reward_mean, "loss": res.loss, "grad_norm": res.grad_norm,
+                       "train_tokens": res.num_tokens, "train_s": train_s, "train_batch": len(ready),
+                       "worker": self.name, "batch_id": msg.batch_id, "time": time.time()}
+            commits.append((exp_id, item.step, token, metrics))
+        for (exp_id, step, _, _), ok in zip(commits, self.protocol.commit_trains(commits), strict=True):
+            if ok and consistent[exp_id]:
+                self.resident[exp_id] = step + 1
+            else:
+                self._drop(exp_id)  # memory is not the committed truth: reload next time
 
     def _release_all(self, claimed: dict, phase: str) -> None:
         for exp_id, (item, token, _) in claimed.items():

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common import durable_fs
 from common.adapter_store import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -16,6 +17,7 @@ from common.adapter_store import (
     AdapterNotFoundError,
     AdapterStore,
     AdapterStoreError,
+    NewVersion,
     VersionExistsError,
 )
 
@@ -141,6 +143,46 @@ def test_missing_pointer_falls_back_to_highest_version(store: AdapterStore) -> N
     _publish(store, "exp-a", 0)
     _publish(store, "exp-a", 1)
     (Path(store.root) / "exp-a" / LATEST_FILE).unlink()
+    assert store.latest_version("exp-a") == 1
+
+
+def _new(adapter_id: str, version: int, seed: int = 0) -> NewVersion:
+    return NewVersion(adapter_id, version, _weights(seed), CONFIG, _trainer_tensors(), {"step": version})
+
+
+@pytest.mark.parametrize("syncfs", [True, False], ids=["syncfs", "fsync-each"])
+def test_publish_many_publishes_each_and_keeps_existing_versions(
+    store: AdapterStore, monkeypatch: pytest.MonkeyPatch, syncfs: bool
+) -> None:
+    if not syncfs:  # the portable path: one fsync per file and directory
+        monkeypatch.setattr(durable_fs, "_libc_syncfs", lambda: None)
+    original = Path(_publish(store, "exp-b", 1, seed=7))
+    results = store.publish_many([_new("exp-a", 0, seed=1), _new("exp-b", 1, seed=2),
+                                  _new("exp-c", 3, seed=3)])
+    assert results[0] == store._version_dir("exp-a", 0) and results[2] == store._version_dir("exp-c", 3)
+    assert isinstance(results[1], VersionExistsError)  # in its slot, not raised: the others went on
+    _assert_bitwise_equal(store.load("exp-b", 1).weights, _weights(7))  # untouched
+    assert sorted(p.name for p in original.iterdir()) == sorted(VERSION_FILES)
+    for adapter_id, version, seed in [("exp-a", 0, 1), ("exp-c", 3, 3)]:
+        loaded = store.load(adapter_id)  # the latest pointer moved
+        assert loaded.version == version
+        _assert_bitwise_equal(loaded.weights, _weights(seed))
+        assert _leftovers(store, adapter_id) == []
+
+
+def test_publish_many_with_a_bad_item_leaves_nothing_behind(store: AdapterStore) -> None:
+    bad = NewVersion("exp-b", 0, {"a": torch.zeros(2)}, {"nan": float("nan")})
+    with pytest.raises(TypeError):
+        store.publish_many([_new("exp-a", 0), bad])
+    assert store.versions("exp-a") == [] and store.versions("exp-b") == []
+    assert _leftovers(store, "exp-a") == [] and _leftovers(store, "exp-b") == []
+
+
+def test_unreadable_pointer_falls_back_to_highest_version(store: AdapterStore) -> None:
+    """The pointer is not fsynced: after a machine crash it may be empty."""
+    _publish(store, "exp-a", 0)
+    _publish(store, "exp-a", 1)
+    (Path(store.root) / "exp-a" / LATEST_FILE).write_text("")
     assert store.latest_version("exp-a") == 1
 
 
