@@ -62,6 +62,31 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', 100000, '*', 'type', 'rollout_committ
 return 1
 """
 
+# The same commit, and the step's train task claimed at once by the committing worker (its batch
+# runs there next, without a round trip through the scheduler and the queue). The experiment is
+# never without an in-flight task in between, so the scheduler cannot publish the train step too.
+# KEYS: task, exp, trajectory, events, train task, fence
+# ARGV: token, step, traj_json, summary_json, ttl_ms, exp_id, owner, lease_ms, batch_id, node, rows
+COMMIT_ROLLOUT_CLAIM_TRAIN = _NOW + """
+local s = redis.call('HMGET', KEYS[1], 'status', 'token')
+if s[1] ~= 'claimed' or s[2] ~= ARGV[1] then return 0 end
+local e = redis.call('HMGET', KEYS[2], 'status', 'step', 'phase')
+if e[1] ~= 'running' or tonumber(e[2]) ~= tonumber(ARGV[2]) or e[3] ~= 'rollout' then return 0 end
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[5])
+redis.call('HSET', KEYS[1], 'status', 'committed')
+local token = redis.call('INCR', KEYS[6])
+redis.call('HSET', KEYS[5], 'status', 'claimed', 'token', token, 'owner', ARGV[7],
+           'lease_until', now + tonumber(ARGV[8]), 'batch', ARGV[9])
+redis.call('HINCRBY', KEYS[5], 'claims', 1)
+redis.call('PEXPIRE', KEYS[5], 604800000)
+redis.call('HSET', KEYS[2], 'phase', 'train', 'inflight', ARGV[9], 'inflight_at', now,
+           'node', ARGV[10], 'attempts', 0, 'rollout_summary', ARGV[4], 'updated_at', now)
+redis.call('HINCRBY', KEYS[2], 'served', ARGV[11])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', 100000, '*', 'type', 'rollout_committed',
+           'exp', ARGV[6], 'step', ARGV[2])
+return token
+"""
+
 # KEYS: task, exp, metrics, events, trajectory, active   ARGV: token, step, metrics_json, exp_id
 COMMIT_TRAIN = _NOW + """
 local s = redis.call('HMGET', KEYS[1], 'status', 'token')
@@ -176,6 +201,7 @@ class StepProtocol:
         self._renew = r.register_script(RENEW)
         self._release = r.register_script(RELEASE)
         self._commit_rollout = r.register_script(COMMIT_ROLLOUT)
+        self._commit_rollout_claim = r.register_script(COMMIT_ROLLOUT_CLAIM_TRAIN)
         self._commit_train = r.register_script(COMMIT_TRAIN)
         self._fail = r.register_script(FAIL_TASK)
         self._finish = r.register_script(FINISH)
@@ -224,6 +250,22 @@ class StepProtocol:
                 args=[token, step, json.dumps(trajectory), json.dumps(summary), ttl_ms, exp_id],
                 client=pipe)
         return [bool(x) for x in pipe.execute()] if commits else []
+
+    def commit_rollouts_claim_train(self, commits: list[tuple[str, int, int, dict, dict, int]], ttl_ms: int,
+                                    owner: str, lease_ms: int, batch_id: str, node: str) -> list[int]:
+        """commit_rollouts, each committed item's train task claimed for `owner` as batch
+        `batch_id`. (exp_id, step, token, trajectory, summary, rows per step) per item -> the
+        train claim's fencing token per item, 0 where the commit was refused."""
+        pipe = self.r.pipeline(transaction=False)
+        for exp_id, step, token, trajectory, summary, rows in commits:
+            self._commit_rollout_claim(
+                keys=[Keys.task(exp_id, step, "rollout"), Keys.experiment(exp_id),
+                      Keys.trajectory(exp_id, step), Keys.events, Keys.task(exp_id, step, "train"),
+                      Keys.fence],
+                args=[token, step, json.dumps(trajectory), json.dumps(summary), ttl_ms, exp_id, owner,
+                      lease_ms, batch_id, node, rows],
+                client=pipe)
+        return [int(x) for x in pipe.execute()] if commits else []
 
     def commit_train(self, exp_id: str, step: int, token: int, metrics: dict) -> bool:
         return self.commit_trains([(exp_id, step, token, metrics)])[0]

@@ -53,6 +53,7 @@ class WorkerConfig:
     train_delay_s: float = 0.0  # fault-injection knob for the chaos tests: widens the step window
     torch_threads: int = 0  # 0: torch's default; several workers on one CPU should split the cores
     rollout_engine: str | None = None  # "torch" | "vllm"; None: vllm on a GPU where importable
+    chain_train: bool = True  # train a node-routed rollout batch's step here at once (no queue trip)
 
     @classmethod
     def from_env(cls) -> WorkerConfig:
@@ -66,6 +67,7 @@ class WorkerConfig:
             train_delay_s=float(env("LORAFLEET_TEST_TRAIN_DELAY_S", 0.0)),
             torch_threads=int(env("LORAFLEET_TORCH_THREADS", 0)),
             rollout_engine=env("LORAFLEET_ROLLOUT_ENGINE") or None,
+            chain_train=env("LORAFLEET_CHAIN_TRAIN", "1") not in ("0", "false", "no"),
         )
 
 
@@ -183,10 +185,16 @@ class WorkerRuntime:
 
     # ---- tasks ---------------------------------------------------------------------------------
     @contextmanager
-    def _claimed(self, msg: BatchMessage) -> Iterator[dict[str, tuple[BatchItem, int, ExperimentSpec]]]:
-        """Claim the batch's items; on an unexpected error give every claim back (the reaper
-        re-publishes them at once, within the poison cap); always forget the claims after."""
-        claimed = self._claim(msg)
+    def _claimed(self, msg: BatchMessage, claimed: dict | None = None,
+                 ) -> Iterator[dict[str, tuple[BatchItem, int, ExperimentSpec]]]:
+        """Claim the batch's items (or hold `claimed`, made by a chained commit); on an unexpected
+        error give every claim back (the reaper re-publishes them at once, within the poison
+        cap); always forget the claims after."""
+        if claimed is None:
+            claimed = self._claim(msg)
+        else:  # from now on the heartbeat renews them
+            with self._lock:
+                self.claims.update({(e, item.step, msg.phase): tok for e, (item, tok, _) in claimed.items()})
         self.busy = bool(claimed)
         try:
             yield claimed
@@ -200,10 +208,13 @@ class WorkerRuntime:
 
     def rollout(self, msg: BatchMessage) -> None:
         with self._claimed(msg) as claimed:
-            if claimed:
-                self._rollout(msg, claimed)
+            chained = self._rollout(msg, claimed) if claimed else None
+        if chained is not None:  # the same batch's train step, claimed with the rollout commit
+            train_msg, train_claimed, inputs = chained
+            with self._claimed(train_msg, train_claimed) as held:
+                self._train(train_msg, held, inputs)
 
-    def _rollout(self, msg: BatchMessage, claimed: dict) -> None:
+    def _rollout(self, msg: BatchMessage, claimed: dict) -> tuple | None:
         t0 = time.perf_counter()
         plan = []
         for exp_id, (item, token, spec) in claimed.items():
@@ -222,7 +233,7 @@ class WorkerRuntime:
                 plan.append((item, token, spec, env, prompts, requests))
         samples = self.engine.generate([r for p in plan for r in p[5]])  # ONE batched generate
         elapsed = time.perf_counter() - t0
-        pos, commits = 0, []
+        pos, commits, done = 0, [], {}
         for item, token, spec, env, prompts, requests in plan:
             mine, pos = samples[pos:pos + len(requests)], pos + len(requests)
             try:
@@ -236,25 +247,55 @@ class WorkerRuntime:
                        "rollout_tokens": sum(len(s.completion_ids) for s in traj.samples),
                        "rollout_worker": self.name, "rollout_batch_id": msg.batch_id}
             commits.append((item.exp_id, item.step, token, traj.to_json(), summary))
+            done[item.exp_id] = (item, spec, traj, summary)
+        if self.config.chain_train and msg.node == self.config.node:
+            return self._commit_and_chain(msg, commits, done)
         for (exp_id, step, *_), ok in zip(commits, self.protocol.commit_rollouts(commits, TRAJECTORY_TTL_MS),
                                           strict=True):
             if not ok:
                 log.warning("rollout commit refused", experiment_id=exp_id, step=step)
+        return None
+
+    def _commit_and_chain(self, msg: BatchMessage, commits: list, done: dict) -> tuple | None:
+        """Commit the rollouts and claim their train step for this worker in the same scripts:
+        the batch's train step runs here next, without waiting for the scheduler and Celery.
+        -> (train message, its claims, {exp: (trajectory, summary)}) or None if nothing to train."""
+        batch_id = f"{msg.batch_id}-t"
+        rows = [done[c[0]][1].prompts_per_step * done[c[0]][1].group_size for c in commits]
+        tokens = self.protocol.commit_rollouts_claim_train(
+            [(*c, n) for c, n in zip(commits, rows, strict=True)], TRAJECTORY_TTL_MS, self.name,
+            self.config.lease_ms, batch_id, self.config.node)
+        claimed, inputs = {}, {}
+        for (exp_id, step, *_), token in zip(commits, tokens, strict=True):
+            if not token:
+                log.warning("rollout commit refused", experiment_id=exp_id, step=step)
+                continue
+            item, spec, traj, summary = done[exp_id]
+            claimed[exp_id], inputs[exp_id] = (item, token, spec), (traj, summary)
+        if not claimed:
+            return None
+        items = tuple(item for item, _, _ in claimed.values())
+        train_msg = BatchMessage(batch_id=batch_id, phase="train", node=msg.node, epoch=msg.epoch,
+                                 items=items)
+        return train_msg, claimed, inputs
 
     def train(self, msg: BatchMessage) -> None:
         with self._claimed(msg) as claimed:
             if claimed:
                 self._train(msg, claimed)
 
-    def _train(self, msg: BatchMessage, claimed: dict) -> None:
+    def _train(self, msg: BatchMessage, claimed: dict, inputs: dict | None = None) -> None:
+        """`inputs`: {exp: (trajectory, rollout summary)} when the rollout ran here just before;
+        else they are read from Redis (the committed rollout)."""
         t0 = time.perf_counter()
         rows, ready = [], {}
-        inputs = self.protocol.train_inputs([(item.exp_id, item.step) for item, _, _ in claimed.values()])
-        for (exp_id, (item, token, spec)), (raw, summary) in zip(claimed.items(), inputs, strict=True):
-            if raw is None:
+        if inputs is None:
+            inputs = self._committed_rollouts(claimed)
+        for exp_id, (item, token, spec) in claimed.items():
+            if inputs.get(exp_id) is None:
                 self._fail(item, "train", token, f"trajectory of step {item.step} is missing")
                 continue
-            traj = Trajectory.from_json(json.loads(raw))
+            traj, summary = inputs[exp_id]
             try:
                 self.ensure_adapter(exp_id, item.version, spec, frozenset(claimed))
             except Exception as exc:  # noqa: BLE001
@@ -262,7 +303,7 @@ class WorkerRuntime:
                 self._fail(item, "train", token, f"loading adapter: {exc!r}")
                 continue
             rows += train_rows(traj, exp_id)
-            ready[exp_id] = (item, token, traj, json.loads(summary or "{}"))
+            ready[exp_id] = (item, token, traj, summary)
         if not ready:
             return
         # advantages and old logprobs stay in float32 (float64 for float64 models) under bf16
@@ -273,6 +314,12 @@ class WorkerRuntime:
             time.sleep(self.config.train_delay_s)
         train_s = time.perf_counter() - t0
         self._finish_train(msg, ready, results, train_s)
+
+    def _committed_rollouts(self, claimed: dict) -> dict[str, tuple[Trajectory, dict] | None]:
+        raw = self.protocol.train_inputs([(item.exp_id, item.step) for item, _, _ in claimed.values()])
+        return {exp_id: None if traj is None else
+                (Trajectory.from_json(json.loads(traj)), json.loads(summary or "{}"))
+                for exp_id, (traj, summary) in zip(claimed, raw, strict=True)}
 
     def _finish_train(self, msg: BatchMessage, ready: dict, results: dict, train_s: float) -> None:
         """Publish every stepped adapter's new version together (one filesystem sync for the

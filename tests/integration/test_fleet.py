@@ -158,6 +158,26 @@ def test_events_stream_records_every_commit(make_fleet, redis_url: str, fleet_en
     assert r.xlen(Keys.events) >= len(seen)
 
 
+@pytest.mark.parametrize("chain", [True, False], ids=["chained", "through-the-queue"])
+def test_train_step_runs_right_after_its_rollout_unless_disabled(make_fleet, redis_url, fleet_env, r,
+                                                                 chain: bool) -> None:
+    """A node-routed rollout batch commits and claims its train step in one script and trains it
+    in the same task; with LORAFLEET_CHAIN_TRAIN=0 the scheduler publishes the train batch."""
+    make_fleet(workers=1, env={"LORAFLEET_CHAIN_TRAIN": "1" if chain else "0"})
+    client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
+    ids = [client.submit(spec(f"ch{i}", "near_char", {"char": "q"}, steps=3, seed=i)) for i in range(2)]
+    assert [s.status for s in client.wait(ids, timeout_s=300)] == ["completed"] * 2
+    for exp_id in ids:
+        metrics = client.metrics(exp_id)
+        assert [m["step"] for m in metrics] == [0, 1, 2]
+        chained = [m["batch_id"] == f"{m['rollout_batch_id']}-t" for m in metrics]
+        assert chained == [chain] * 3
+        for step in range(3):  # claimed exactly once either way: the scheduler never published it too
+            assert r.hget(Keys.task(exp_id, step, "train"), "claims") == "1"
+        # fair-share accounting counts the chained train step like a published one
+        assert int(r.hget(Keys.experiment(exp_id), "served")) == 3 * 2 * 4 * 4
+
+
 def test_fleet_with_tiny_residency_budget_equals_in_process_reference(make_fleet, redis_url, fleet_env,
                                                                       model_cache) -> None:
     """One worker that may keep only ONE adapter resident: every fused step reloads the others
