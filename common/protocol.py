@@ -138,16 +138,26 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', ARGV[1], 'exp', 
 return 1
 """
 
-# The leader marks an experiment's next task as published. KEYS: leader, exp
-# ARGV: leader_id, batch_id, step, phase, node
+# The leader marks the experiments of one batch as published (and counts the rows it serves
+# them, for fair share), each only if it is still running at that step and phase with nothing in
+# flight. KEYS: leader, exp... ARGV: leader_id, batch_id, phase, node, then step, rows per exp
+# -> 1/0 per exp (all 0 if the caller is not the leader)
 MARK_INFLIGHT = _NOW + """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local e = redis.call('HMGET', KEYS[2], 'status', 'step', 'phase', 'inflight')
-if e[1] ~= 'running' or tonumber(e[2]) ~= tonumber(ARGV[3]) or e[3] ~= ARGV[4] or e[4] ~= '' then
-  return 0
+local out = {}
+local leader = redis.call('GET', KEYS[1]) == ARGV[1]
+for i = 2, #KEYS do
+  local step, rows = ARGV[3 + 2 * (i - 1)], ARGV[4 + 2 * (i - 1)]
+  local e = redis.call('HMGET', KEYS[i], 'status', 'step', 'phase', 'inflight')
+  if leader and e[1] == 'running' and tonumber(e[2]) == tonumber(step) and e[3] == ARGV[3]
+     and e[4] == '' then
+    redis.call('HSET', KEYS[i], 'inflight', ARGV[2], 'inflight_at', now, 'node', ARGV[4])
+    redis.call('HINCRBY', KEYS[i], 'served', rows)
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
 end
-redis.call('HSET', KEYS[2], 'inflight', ARGV[2], 'inflight_at', now, 'node', ARGV[5])
-return 1
+return out
 """
 
 # KEYS: leader, exp   ARGV: leader_id
@@ -302,16 +312,19 @@ class StepProtocol:
 
     def mark_inflight(self, leader_id: str, exp_id: str, batch_id: str, step: int, phase: str,
                       node: str) -> bool:
-        return self.mark_inflight_batch(leader_id, [(exp_id, step)], batch_id, phase, node)[0]
+        return self.mark_inflight_batch(leader_id, [(exp_id, step, 0)], batch_id, phase, node)[0]
 
-    def mark_inflight_batch(self, leader_id: str, items: list[tuple[str, int]], batch_id: str,
+    def mark_inflight_batch(self, leader_id: str, items: list[tuple[str, int, int]], batch_id: str,
                             phase: str, node: str) -> list[bool]:
-        """mark_inflight for each (exp_id, step) of one batch, in one round trip."""
-        pipe = self.r.pipeline(transaction=False)
-        for exp_id, step in items:
-            self._mark(keys=[Keys.leader, Keys.experiment(exp_id)],
-                       args=[leader_id, batch_id, step, phase, node], client=pipe)
-        return [bool(x) for x in pipe.execute()] if items else []
+        """Mark (exp_id, step, rows) of each item as published in batch `batch_id`, in one script
+        (one round trip) -> marked per item."""
+        if not items:
+            return []
+        args: list[object] = [leader_id, batch_id, phase, node]
+        for _, step, rows in items:
+            args += [step, rows]
+        return [bool(x) for x in self._mark(keys=[Keys.leader, *(Keys.experiment(e) for e, _, _ in items)],
+                                            args=args)]
 
     def activate(self, leader_id: str, exp_id: str) -> bool:
         return bool(self._activate(keys=[Keys.leader, Keys.experiment(exp_id)], args=[leader_id]))

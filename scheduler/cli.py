@@ -76,9 +76,8 @@ def submit(specs: list[Path], redis_url: RedisOpt = None) -> None:
             parse_spec(text, get_settings().max_spec_bytes)
         except SpecError as exc:
             raise _bad_input(f"{path}: {exc}") from None
-    client = _client(redis_url)
-    for text in texts:
-        typer.echo(client.submit(text))
+    for exp_id in _client(redis_url).submit_many(texts):
+        typer.echo(exp_id)
 
 
 def _table(states: list[ExperimentState], metrics: dict[str, list[dict]] | None = None) -> Table:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,11 @@ class FleetClient:
     def submit(self, spec: ExperimentSpec | dict[str, Any] | str | bytes) -> str:
         """Validate and enqueue; returns the experiment id. Raises `SpecError` on bad input."""
         return self.registry.submit(spec)
+
+    def submit_many(self, specs: Sequence[ExperimentSpec | dict[str, Any] | str | bytes]) -> list[str]:
+        """Validate all, then enqueue all at once (one transaction): they start together, in the
+        same first batch. Raises `SpecError` naming the bad spec, with nothing enqueued."""
+        return self.registry.submit_many(specs)
 
     def get(self, exp_id: str) -> ExperimentState:
         return self.registry.get(exp_id)

@@ -24,7 +24,7 @@ def run_embedded(specs: list[ExperimentSpec], workers: int, redis_url: str | Non
     with LocalFleet(workers=workers, redis_url=redis_url, log_dir=log_dir) as fleet:
         console.print(f"fleet ready in {time.monotonic() - t0:.1f}s")
         client = FleetClient(fleet.redis_url)
-        ids = [client.submit(s) for s in specs]
+        ids = client.submit_many(specs)
         t_run = time.monotonic()
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as bar:

@@ -108,44 +108,49 @@ class Scheduler:
 
     # ---- one tick ----------------------------------------------------------------------------
     def tick(self) -> None:
-        workers = self.live_workers()
-        exps = self._load_active()
+        workers, exps, now = self._snapshot()
         for e in exps:
             if e.status == "queued" and self.protocol.activate(self.id, e.id):
                 e.status = "running"
         running = [e for e in exps if e.status == "running"]
-        for node in self._reap(running, workers):  # nodes whose leases lapsed: dead or stuck
+        for node in self._reap(running, workers, now):  # nodes whose leases lapsed: dead or stuck
             workers.pop(node, None)
         if workers:
             self._publish(running, workers)
 
-    def live_workers(self) -> dict[str, dict]:
-        nodes = sorted(self.r.smembers(Keys.workers))
-        beats = self.r.mget([Keys.worker(n) for n in nodes]) if nodes else []
-        return {n: json.loads(b) for n, b in zip(nodes, beats, strict=True) if b}
-
     _FIELDS = ("status", "step", "phase", "node", "inflight", "inflight_at", "served", "weight",
                "created_at")
 
-    def _load_active(self) -> list[Exp]:
-        ids = sorted(self.r.smembers(Keys.active))
+    def _snapshot(self) -> tuple[dict[str, dict], list[Exp], int]:
+        """(live workers' heartbeats, active experiments, Redis clock in ms) in two round trips:
+        every tick sits between a commit and the next batch, so it is kept short."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.smembers(Keys.workers)
+        pipe.smembers(Keys.active)
+        pipe.time()
+        nodes, ids, (sec, usec) = pipe.execute()
+        nodes, ids = sorted(nodes), sorted(ids)
         self._rows_cache = {e: n for e, n in self._rows_cache.items() if e in ids}  # forget finished
         pipe = self.r.pipeline(transaction=False)
+        for node in nodes:
+            pipe.get(Keys.worker(node))
         for exp_id in ids:
             pipe.hmget(Keys.experiment(exp_id), self._FIELDS)
-        out = []
-        for exp_id, values in zip(ids, pipe.execute() if ids else [], strict=True):
+        out = pipe.execute() if nodes or ids else []
+        workers = {n: json.loads(b) for n, b in zip(nodes, out[:len(nodes)], strict=True) if b}
+        exps = []
+        for exp_id, values in zip(ids, out[len(nodes):], strict=True):
             h = dict(zip(self._FIELDS, values, strict=True))
             if h["status"] not in ("queued", "running"):
                 continue
-            out.append(Exp(
+            exps.append(Exp(
                 id=exp_id, status=h["status"], step=int(h["step"]), phase=h["phase"],
                 node=h["node"] or "", inflight=h["inflight"] or "",
                 inflight_at=int(h["inflight_at"] or 0), rows=self._rows(exp_id),
                 fair_key=float(h["served"] or 0) / float(h["weight"] or 1.0),
                 created_at=int(h["created_at"] or 0),
             ))
-        return out
+        return workers, exps, int(sec) * 1000 + int(usec) // 1000
 
     def _rows(self, exp_id: str) -> int:
         """Sequences per step (prompts x group size), from the spec, which never changes."""
@@ -155,10 +160,8 @@ class Scheduler:
         return self._rows_cache[exp_id]
 
     # ---- reaper --------------------------------------------------------------------------------
-    def _reap(self, running: list[Exp], workers: dict[str, dict]) -> set[str]:
+    def _reap(self, running: list[Exp], workers: dict[str, dict], now: int) -> set[str]:
         """Re-publish tasks whose worker went away. Returns the nodes to avoid this tick."""
-        sec, usec = self.r.time()
-        now = int(sec) * 1000 + int(usec) // 1000
         suspect: set[str] = set()
         inflight = [e for e in running if e.inflight]
         pipe = self.r.pipeline(transaction=False)
@@ -227,8 +230,8 @@ class Scheduler:
     def _send(self, phase: str, items: list[Exp], node: str) -> None:
         """Rollouts and train steps of an adapter go to the node that holds it hot."""
         batch_id = uuid.uuid4().hex[:16]
-        marks = self.protocol.mark_inflight_batch(self.id, [(e.id, e.step) for e in items], batch_id,
-                                                  phase, node)
+        marks = self.protocol.mark_inflight_batch(self.id, [(e.id, e.step, e.rows) for e in items],
+                                                  batch_id, phase, node)
         marked = [e for e, ok in zip(items, marks, strict=True) if ok]
         if not marked:
             return
@@ -237,10 +240,6 @@ class Scheduler:
         queue = node_queue(node)
         self.sender.send_task(TASK_TRAIN if phase == "train" else TASK_ROLLOUT,
                               args=[msg.model_dump(mode="json")], queue=queue)
-        pipe = self.r.pipeline(transaction=False)
-        for e in marked:
-            pipe.hincrby(Keys.experiment(e.id), "served", e.rows)
-        pipe.execute()
         log.debug("published", phase=phase, batch=batch_id, queue=queue, n=len(marked),
                   experiments=[e.id for e in marked])
 

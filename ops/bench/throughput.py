@@ -17,7 +17,8 @@ Modes:
   process start: that is the point.
 - warm-solo: one hot fleet worker (`LocalFleet(workers=1)`); experiments are submitted one after
   another (submit, wait for its completion, submit the next), so nothing is ever fused.
-- fleet: all N submitted at once to a `LocalFleet` with W workers (W=1, and W=2 for scaling).
+- fleet: all N submitted at once (`FleetClient.submit_many`, one transaction) to a `LocalFleet`
+  with W workers (W=1, and W=2 for scaling).
 
 Every fleet run gets a fresh `LocalFleet` (embedded Redis, its own temporary
 `LORAFLEET_STORE_URL`, a shared `LORAFLEET_CACHE_DIR` so the model is built once). The makespan is

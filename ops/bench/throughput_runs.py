@@ -250,7 +250,7 @@ def submit_all(client: Any, waiter: Completions, fleet: Any, specs: list[dict[st
             ids.append(client.submit(spec))
             waiter.wait({ids[-1]}, timeout_s, fleet)
         return ids, wall0, t0, time.monotonic()
-    ids = [client.submit(spec) for spec in specs]
+    ids = client.submit_many(specs)  # one transaction: the experiments start in step
     done = waiter.wait(set(ids), timeout_s, fleet)
     return ids, wall0, t0, max(done.values())
 

@@ -66,6 +66,16 @@ def test_unknown_ids_and_missing_files(tmp_path, redis_url, r):
     assert r.zcard(Keys.experiments) == 0
 
 
+def test_submit_many_is_all_or_nothing_and_names_the_bad_spec(redis_url, r):
+    client = FleetClient(redis_url)
+    with pytest.raises(SpecError, match=r"(?s)spec #2 of 3: .*steps"):
+        client.submit_many([GOOD, {**GOOD, "steps": 0}, GOOD])
+    assert r.zcard(Keys.experiments) == 0 and r.xlen(Keys.events) == 0
+    ids = client.submit_many([GOOD, {**GOOD, "name": "ok2"}])
+    assert [client.get(i).name for i in ids] == ["ok", "ok2"]
+    assert [f["exp"] for _, f in r.xrange(Keys.events)] == ids
+
+
 @pytest.mark.slow
 def test_worker_drops_malformed_messages_and_keeps_working(make_fleet, redis_url, fleet_env, r):
     make_fleet(workers=1)

@@ -165,11 +165,12 @@ def test_train_step_runs_right_after_its_rollout_unless_disabled(make_fleet, red
     in the same task; with LORAFLEET_CHAIN_TRAIN=0 the scheduler publishes the train batch."""
     make_fleet(workers=1, env={"LORAFLEET_CHAIN_TRAIN": "1" if chain else "0"})
     client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
-    ids = [client.submit(spec(f"ch{i}", "near_char", {"char": "q"}, steps=3, seed=i)) for i in range(2)]
+    ids = client.submit_many([spec(f"ch{i}", "near_char", {"char": "q"}, steps=3, seed=i) for i in range(2)])
     assert [s.status for s in client.wait(ids, timeout_s=300)] == ["completed"] * 2
     for exp_id in ids:
         metrics = client.metrics(exp_id)
         assert [m["step"] for m in metrics] == [0, 1, 2]
+        assert [m["train_batch"] for m in metrics] == [2, 2, 2]  # submitted together: in step from the start
         chained = [m["batch_id"] == f"{m['rollout_batch_id']}-t" for m in metrics]
         assert chained == [chain] * 3
         for step in range(3):  # claimed exactly once either way: the scheduler never published it too
