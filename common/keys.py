@@ -33,6 +33,8 @@ class Keys:
     cursor = PREFIX + "scheduler:cursor"  # string: last event id the scheduler consumed
     workers = PREFIX + "workers"  # set: node names ever seen (liveness is per-node key)
 
+    experiment_prefix = PREFIX + "exp:"  # + experiment id (Lua scripts that scan lf:active)
+
     @staticmethod
     def experiment(exp_id: str) -> str:
         return f"{PREFIX}exp:{exp_id}"  # hash: spec, status, step, phase, version, node, ...

@@ -112,6 +112,43 @@ end
 return 1
 """
 
+# After a train commit the same worker claims the batch's next rollouts, but only when the
+# scheduler would publish exactly that batch to it anyway: no other experiment is waiting
+# (queued, or running with nothing in flight; O(active experiments)). Items that finished or
+# moved on are skipped. KEYS: active, fence, then exp, rollout task per item
+# ARGV: experiment key prefix, owner, lease_ms, batch_id, node, then exp_id, step, rows per item
+# -> a fencing token per item (0: not claimed); {} when something else is waiting
+CLAIM_NEXT_ROLLOUTS = _NOW + """
+local n = (#KEYS - 2) / 2
+local mine = {}
+for i = 0, n - 1 do mine[ARGV[6 + 3 * i]] = true end
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if not mine[id] then
+    local e = redis.call('HMGET', ARGV[1] .. id, 'status', 'inflight')
+    if e[1] == 'queued' or (e[1] == 'running' and e[2] == '') then return {} end
+  end
+end
+local out = {}
+for i = 0, n - 1 do
+  local exp, task, step, rows = KEYS[3 + 2 * i], KEYS[4 + 2 * i], ARGV[7 + 3 * i], ARGV[8 + 3 * i]
+  local e = redis.call('HMGET', exp, 'status', 'step', 'phase', 'inflight')
+  local s = redis.call('HMGET', task, 'status', 'lease_until')
+  local token = 0
+  if e[1] == 'running' and tonumber(e[2]) == tonumber(step) and e[3] == 'rollout' and e[4] == ''
+     and s[1] ~= 'committed' and not (s[1] == 'claimed' and tonumber(s[2]) > now) then
+    token = redis.call('INCR', KEYS[2])
+    redis.call('HSET', task, 'status', 'claimed', 'token', token, 'owner', ARGV[2],
+               'lease_until', now + tonumber(ARGV[3]), 'batch', ARGV[4])
+    redis.call('HINCRBY', task, 'claims', 1)
+    redis.call('PEXPIRE', task, 604800000)
+    redis.call('HSET', exp, 'inflight', ARGV[4], 'inflight_at', now, 'node', ARGV[5])
+    redis.call('HINCRBY', exp, 'served', rows)
+  end
+  out[#out + 1] = token
+end
+return out
+"""
+
 # A worker fails one experiment of its batch (non-finite loss, reward env raised); fenced.
 # KEYS: task, exp, events, active   ARGV: token, reason, exp_id
 FAIL_TASK = _NOW + """
@@ -193,6 +230,17 @@ return 1
 
 
 @dataclass(frozen=True)
+class ChainNext:
+    """Who claims a train batch's next rollouts with CLAIM_NEXT_ROLLOUTS, and how."""
+
+    owner: str
+    lease_ms: int
+    batch_id: str
+    node: str
+    rows: list[int]  # sequences per step of each item (fair-share accounting)
+
+
+@dataclass(frozen=True)
 class Claim:
     token: int  # 0: not claimed
     reason: str  # "ok", "committed", "claimed", "stale", "experiment_<status>"
@@ -213,6 +261,7 @@ class StepProtocol:
         self._commit_rollout = r.register_script(COMMIT_ROLLOUT)
         self._commit_rollout_claim = r.register_script(COMMIT_ROLLOUT_CLAIM_TRAIN)
         self._commit_train = r.register_script(COMMIT_TRAIN)
+        self._claim_next = r.register_script(CLAIM_NEXT_ROLLOUTS)
         self._fail = r.register_script(FAIL_TASK)
         self._finish = r.register_script(FINISH)
         self._mark = r.register_script(MARK_INFLIGHT)
@@ -278,17 +327,31 @@ class StepProtocol:
         return [int(x) for x in pipe.execute()] if commits else []
 
     def commit_train(self, exp_id: str, step: int, token: int, metrics: dict) -> bool:
-        return self.commit_trains([(exp_id, step, token, metrics)])[0]
+        return self.commit_trains([(exp_id, step, token, metrics)])[0][0]
 
-    def commit_trains(self, commits: list[tuple[str, int, int, dict]]) -> list[bool]:
-        """(exp_id, step, token, metrics) per item -> committed per item."""
+    def commit_trains(self, commits: list[tuple[str, int, int, dict]], chain: ChainNext | None = None,
+                      ) -> tuple[list[bool], list[int]]:
+        """(exp_id, step, token, metrics) per item -> (committed per item, next-rollout claim
+        token per item: all 0 unless `chain` is given and CLAIM_NEXT_ROLLOUTS granted them)."""
+        if not commits:
+            return [], []
         pipe = self.r.pipeline(transaction=False)
         for exp_id, step, token, metrics in commits:
             self._commit_train(
                 keys=[Keys.task(exp_id, step, "train"), Keys.experiment(exp_id), Keys.metrics(exp_id),
                       Keys.events, Keys.trajectory(exp_id, step), Keys.active],
                 args=[token, step, json.dumps(metrics), exp_id], client=pipe)
-        return [bool(x) for x in pipe.execute()] if commits else []
+        if chain is not None:  # in the same round trip, right behind the commits
+            keys, args = [Keys.active, Keys.fence], [Keys.experiment_prefix, chain.owner, chain.lease_ms,
+                                                     chain.batch_id, chain.node]
+            for (exp_id, step, _, _), rows in zip(commits, chain.rows, strict=True):
+                keys += [Keys.experiment(exp_id), Keys.task(exp_id, step + 1, "rollout")]
+                args += [exp_id, step + 1, rows]
+            self._claim_next(keys=keys, args=args, client=pipe)
+        out = pipe.execute()
+        committed = [bool(x) for x in out[:len(commits)]]
+        tokens = [int(t) for t in out[len(commits)]] if chain is not None else []
+        return committed, tokens or [0] * len(commits)
 
     def train_inputs(self, items: list[tuple[str, int]]) -> list[tuple[str | None, str | None]]:
         """(trajectory JSON, rollout summary JSON) of each (exp_id, step), in one round trip."""

@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from common.keys import Keys
 from common.logging import bound_context, get_logger
 from common.messages import BatchItem, BatchMessage
 from common.multilora.model import MultiLoRAModel
-from common.protocol import StepProtocol
+from common.protocol import ChainNext, StepProtocol
 from common.schemas import ExperimentSpec
 from common.settings import Settings
 from common.tiny_model import load_base_model
@@ -54,6 +55,9 @@ class WorkerConfig:
     torch_threads: int = 0  # 0: torch's default; several workers on one CPU should split the cores
     rollout_engine: str | None = None  # "torch" | "vllm"; None: vllm on a GPU where importable
     chain_train: bool = True  # train a node-routed rollout batch's step here at once (no queue trip)
+    # then keep claiming the batch's next rollout while no other experiment waits, for up to
+    # this many seconds per Celery task (0: the scheduler publishes every rollout)
+    chain_rollouts_s: float = 30.0
 
     @classmethod
     def from_env(cls) -> WorkerConfig:
@@ -68,6 +72,7 @@ class WorkerConfig:
             torch_threads=int(env("LORAFLEET_TORCH_THREADS", 0)),
             rollout_engine=env("LORAFLEET_ROLLOUT_ENGINE") or None,
             chain_train=env("LORAFLEET_CHAIN_TRAIN", "1") not in ("0", "false", "no"),
+            chain_rollouts_s=float(env("LORAFLEET_CHAIN_ROLLOUTS_S", 30.0)),
         )
 
 
@@ -207,12 +212,27 @@ class WorkerRuntime:
             self.busy = False
 
     def rollout(self, msg: BatchMessage) -> None:
-        with self._claimed(msg) as claimed:
-            chained = self._rollout(msg, claimed) if claimed else None
-        if chained is not None:  # the same batch's train step, claimed with the rollout commit
-            train_msg, train_claimed, inputs = chained
-            with self._claimed(train_msg, train_claimed) as held:
-                self._train(train_msg, held, inputs)
+        self._run(msg)
+
+    def train(self, msg: BatchMessage) -> None:
+        self._run(msg)
+
+    def _run(self, msg: BatchMessage) -> None:
+        """Run the batch, then what its commits claimed for this worker at once: a rollout
+        batch's train step, and after a train step, while no other experiment waits and for at
+        most `chain_rollouts_s`, the batch's next rollout. Each is its own claimed batch."""
+        started = time.monotonic()
+        nxt: tuple | None = (msg, None, None)
+        while nxt is not None:
+            batch, claims, inputs = nxt
+            with self._claimed(batch, claims) as claimed:
+                if not claimed:
+                    return
+                if batch.phase == "rollout":
+                    nxt = self._rollout(batch, claimed)
+                else:
+                    chain = time.monotonic() - started < self.config.chain_rollouts_s
+                    nxt = self._train(batch, claimed, inputs, chain)
 
     def _rollout(self, msg: BatchMessage, claimed: dict) -> tuple | None:
         t0 = time.perf_counter()
@@ -279,14 +299,11 @@ class WorkerRuntime:
                                  items=items)
         return train_msg, claimed, inputs
 
-    def train(self, msg: BatchMessage) -> None:
-        with self._claimed(msg) as claimed:
-            if claimed:
-                self._train(msg, claimed)
-
-    def _train(self, msg: BatchMessage, claimed: dict, inputs: dict | None = None) -> None:
+    def _train(self, msg: BatchMessage, claimed: dict, inputs: dict | None = None,
+               chain: bool = False) -> tuple | None:
         """`inputs`: {exp: (trajectory, rollout summary)} when the rollout ran here just before;
-        else they are read from Redis (the committed rollout)."""
+        else they are read from Redis (the committed rollout). -> the next rollout batch if
+        `chain` and the commits claimed it for this worker."""
         t0 = time.perf_counter()
         rows, ready = [], {}
         if inputs is None:
@@ -303,9 +320,9 @@ class WorkerRuntime:
                 self._fail(item, "train", token, f"loading adapter: {exc!r}")
                 continue
             rows += train_rows(traj, exp_id)
-            ready[exp_id] = (item, token, traj, summary)
+            ready[exp_id] = (item, token, traj, summary, spec)
         if not ready:
-            return
+            return None
         # advantages and old logprobs stay in float32 (float64 for float64 models) under bf16
         loss_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         batch = collate(rows, self.tokenizer.pad_token_id, loss_dtype).to(self.config.device, loss_dtype)
@@ -313,7 +330,7 @@ class WorkerRuntime:
         if self.config.train_delay_s:
             time.sleep(self.config.train_delay_s)
         train_s = time.perf_counter() - t0
-        self._finish_train(msg, ready, results, train_s)
+        return self._finish_train(msg, ready, results, train_s, chain)
 
     def _committed_rollouts(self, claimed: dict) -> dict[str, tuple[Trajectory, dict] | None]:
         raw = self.protocol.train_inputs([(item.exp_id, item.step) for item, _, _ in claimed.values()])
@@ -321,12 +338,13 @@ class WorkerRuntime:
                 (Trajectory.from_json(json.loads(traj)), json.loads(summary or "{}"))
                 for exp_id, (traj, summary) in zip(claimed, raw, strict=True)}
 
-    def _finish_train(self, msg: BatchMessage, ready: dict, results: dict, train_s: float) -> None:
+    def _finish_train(self, msg: BatchMessage, ready: dict, results: dict, train_s: float,
+                      chain: bool) -> tuple | None:
         """Publish every stepped adapter's new version together (one filesystem sync for the
         batch), then commit them all in one round trip. A version is committed only once it is
         durable in the store; one that a lost attempt wrote first wins over this worker's memory."""
         stepped = {}
-        for exp_id, (item, token, _traj, _summary) in ready.items():
+        for exp_id, (item, token, _traj, _summary, _spec) in ready.items():
             res = results[exp_id]
             if res.stepped:
                 stepped[exp_id] = ready[exp_id]
@@ -337,18 +355,34 @@ class WorkerRuntime:
         published = publish_adapters(self.store, self.fused, versions, self.settings.base_model)
         consistent = {e: isinstance(p, str) for e, p in zip(stepped, published, strict=True)}
         commits = []
-        for exp_id, (item, token, traj, summary) in stepped.items():
+        for exp_id, (item, token, traj, summary, _spec) in stepped.items():
             res = results[exp_id]
             metrics = {**summary, "step": item.step, "version": item.version + 1,
                        "reward_mean": traj.reward_mean, "loss": res.loss, "grad_norm": res.grad_norm,
                        "train_tokens": res.num_tokens, "train_s": train_s, "train_batch": len(ready),
                        "worker": self.name, "batch_id": msg.batch_id, "time": time.time()}
             commits.append((exp_id, item.step, token, metrics))
-        for (exp_id, step, _, _), ok in zip(commits, self.protocol.commit_trains(commits), strict=True):
+        nxt = None
+        if chain and msg.node == self.config.node and self.config.chain_rollouts_s > 0:
+            nxt = ChainNext(self.name, self.config.lease_ms, f"chain-{uuid.uuid4().hex[:12]}",
+                            self.config.node, [stepped[c[0]][4].prompts_per_step * stepped[c[0]][4].group_size
+                                               for c in commits])
+        committed, tokens = self.protocol.commit_trains(commits, nxt)
+        claims = {}
+        for (exp_id, step, _, _), ok, token in zip(commits, committed, tokens, strict=True):
             if ok and consistent[exp_id]:
                 self.resident[exp_id] = step + 1
             else:
                 self._drop(exp_id)  # memory is not the committed truth: reload next time
+            if token:  # claimed with the commit: this worker rolls it out next
+                claims[exp_id] = (BatchItem(exp_id=exp_id, step=step + 1, version=step + 1), token,
+                                  stepped[exp_id][4])
+        if nxt is None or not claims:
+            return None
+        items = tuple(item for item, _, _ in claims.values())
+        rollout = BatchMessage(batch_id=nxt.batch_id, phase="rollout", node=msg.node, epoch=msg.epoch,
+                               items=items)
+        return rollout, claims, None
 
     def _release_all(self, claimed: dict, phase: str) -> None:
         for exp_id, (item, token, _) in claimed.items():

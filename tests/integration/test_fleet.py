@@ -162,8 +162,10 @@ def test_events_stream_records_every_commit(make_fleet, redis_url: str, fleet_en
 def test_train_step_runs_right_after_its_rollout_unless_disabled(make_fleet, redis_url, fleet_env, r,
                                                                  chain: bool) -> None:
     """A node-routed rollout batch commits and claims its train step in one script and trains it
-    in the same task; with LORAFLEET_CHAIN_TRAIN=0 the scheduler publishes the train batch."""
-    make_fleet(workers=1, env={"LORAFLEET_CHAIN_TRAIN": "1" if chain else "0"})
+    in the same task, and the train commit claims the next rollout while nothing else waits;
+    with both chains off the scheduler publishes every batch."""
+    make_fleet(workers=1, env={"LORAFLEET_CHAIN_TRAIN": "1" if chain else "0",
+                               "LORAFLEET_CHAIN_ROLLOUTS_S": "30" if chain else "0"})
     client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
     ids = client.submit_many([spec(f"ch{i}", "near_char", {"char": "q"}, steps=3, seed=i) for i in range(2)])
     assert [s.status for s in client.wait(ids, timeout_s=300)] == ["completed"] * 2
@@ -173,6 +175,9 @@ def test_train_step_runs_right_after_its_rollout_unless_disabled(make_fleet, red
         assert [m["train_batch"] for m in metrics] == [2, 2, 2]  # submitted together: in step from the start
         chained = [m["batch_id"] == f"{m['rollout_batch_id']}-t" for m in metrics]
         assert chained == [chain] * 3
+        # nothing else waits, so after step 0 the worker also claims the next rollouts itself
+        rollouts_chained = [m["rollout_batch_id"].startswith("chain-") for m in metrics]
+        assert rollouts_chained == [False, chain, chain]
         for step in range(3):  # claimed exactly once either way: the scheduler never published it too
             assert r.hget(Keys.task(exp_id, step, "train"), "claims") == "1"
         # fair-share accounting counts the chained train step like a published one
