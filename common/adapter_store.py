@@ -34,6 +34,7 @@ import fsspec.core
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from common.checkpoint_format import json_bytes, tensor_bytes
 from common.durable_fs import fsync_write, sync_paths
 from common.ids import is_valid_id, validate_id
 from common.settings import get_settings, redacted
@@ -51,8 +52,6 @@ LOCK_FILE = ".lock"
 TMP_PREFIX = ".tmp-"
 VERSION_PREFIX = "v"
 CACHE_SUBDIR = "store-cache"
-# PEFT and transformers write this metadata; some readers check it.
-SAFETENSORS_METADATA = {"format": "pt"}
 
 _VERSION_RE = re.compile(r"v(0|[1-9][0-9]*)")
 _DIGITS_RE = re.compile(r"[0-9]+")
@@ -102,34 +101,6 @@ def _check_version(version: object) -> int:
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise ValueError(f"version must be an int >= 0, got {version!r}")
     return version
-
-
-def _tensor_bytes(tensors: Mapping[str, torch.Tensor], what: str) -> bytes:
-    import torch
-    from safetensors.torch import save as st_save
-
-    prepared: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
-        if not isinstance(name, str):
-            raise TypeError(f"{what}: tensor names must be str, got {name!r}")
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{what}[{name!r}] must be a torch.Tensor, got {type(tensor).__name__}")
-        # Always a private contiguous copy: safetensors refuses tensors that share memory (tied
-        # or view weights), and the caller may keep training on the originals meanwhile.
-        prepared[name] = tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
-    return st_save(prepared, metadata=SAFETENSORS_METADATA)
-
-
-def _json_bytes(data: Mapping[str, Any], what: str, *, strict: bool = False) -> bytes:
-    # strict: no NaN/Infinity (not JSON; other readers of the PEFT config reject them). Trainer
-    # metadata may legitimately record a NaN loss of a failed step.
-    if not isinstance(data, Mapping):
-        raise TypeError(f"{what} must be a mapping, got {type(data).__name__}")
-    try:
-        text = json.dumps(dict(data), sort_keys=True, indent=2, allow_nan=not strict)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} is not JSON-serialisable: {exc}") from exc
-    return (text + "\n").encode()
 
 
 def _complete_local(directory: Path) -> bool:
@@ -225,10 +196,10 @@ class AdapterStore:
         # Each payload is serialised just before it is written, so a bad input fails inside the
         # caller's `try` and the partial temp directory is removed.
         payloads: dict[str, Callable[[], bytes]] = {
-            ADAPTER_WEIGHTS_FILE: lambda: _tensor_bytes(nv.weights, "weights"),
-            TRAINER_TENSORS_FILE: lambda: _tensor_bytes(nv.trainer_tensors or {}, "trainer_tensors"),
-            TRAINER_META_FILE: lambda: _json_bytes(nv.trainer_meta or {}, "trainer_meta"),
-            ADAPTER_CONFIG_FILE: lambda: _json_bytes(nv.adapter_config, "adapter_config", strict=True),
+            ADAPTER_WEIGHTS_FILE: lambda: tensor_bytes(nv.weights, "weights"),
+            TRAINER_TENSORS_FILE: lambda: tensor_bytes(nv.trainer_tensors or {}, "trainer_tensors"),
+            TRAINER_META_FILE: lambda: json_bytes(nv.trainer_meta or {}, "trainer_meta"),
+            ADAPTER_CONFIG_FILE: lambda: json_bytes(nv.adapter_config, "adapter_config", strict=True),
         }
         try:
             for name in VERSION_FILES:
