@@ -7,7 +7,8 @@ other), and sooner than a hot single-tenant worker fed one experiment at a time.
 Workload (the same in every mode): N experiments (default 8) drawn in order from a catalogue of
 the 3 built-in envs (char_class / near_char / target_string) with different args, each with its
 own seed; each runs K RL steps (default 10) of P=4 prompts x G=4 samples, max_new_tokens 8,
-temperature 0.3, lr 3e-3, LoRA rank 8 / alpha 16, on `builtin:tiny-llama` (CPU, --dtype).
+temperature 0.3, lr 3e-3, LoRA rank 8 / alpha 16, on `builtin:tiny-llama` (CPU, --dtype; the
+GPU script sets LORAFLEET_BASE_MODEL / LORAFLEET_DEVICE / LORAFLEET_DTYPE instead).
 
 Modes:
 - cold-solo: the traditional way. Each experiment is a fresh Python process (this file with
@@ -195,7 +196,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", default="1,2", help="fleet worker counts")
     p.add_argument("--sweep", default="1,2,4,8,16", help="N values of the fleet W=1 sweep ('' = none)")
     p.add_argument("--sweep-warm-max", type=int, default=4, help="warm-solo sweep points up to this N")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "float64", "bfloat16"),
+                   default=os.environ.get("LORAFLEET_DTYPE", "float32"))
     p.add_argument("--no-parity64", action="store_true", help="skip the float64 identical-curves pass")
     p.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
     p.add_argument("--plots-dir", type=Path, default=RESULTS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from throughput_runs import Run
+from throughput_runs import BASE_MODEL, DEVICE, Run
 
 
 # ---- output --------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def plot_bars(meds: dict[str, dict[str, Any]], n: int, path: Path) -> None:
     for i, v in enumerate(vals):
         ax.text(i, v, f"{v:.0f}\n({v / vals[0]:.1f}x cold)", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("experiments / hour (median, min..max)")
-    ax.set_title(f"{n} RL experiments x {meds[modes[0]].get('steps', '')} steps, tiny model, CPU")
+    ax.set_title(f"{n} RL experiments x {meds[modes[0]].get('steps', '')} steps, {BASE_MODEL} on {DEVICE}")
     ax.set_ylim(0, max(vals) * 1.25)
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -19,7 +19,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("throughput.py")  # also the cold-solo child
 RESULTS = ROOT / "ops" / "bench" / "results"
-BASE_MODEL = "builtin:tiny-llama"
+# ops/device/bench_gpu.sh sets these for the GPU run (larger model, CUDA); the CPU default is tiny
+BASE_MODEL = os.environ.get("LORAFLEET_BASE_MODEL", "builtin:tiny-llama")
+DEVICE = os.environ.get("LORAFLEET_DEVICE", "cpu")
 PROMPTS, GROUP, MAX_NEW_TOKENS, TEMPERATURE, LR, RANK, ALPHA = 4, 4, 8, 0.3, 3e-3, 8, 16
 FINAL_WINDOW = 3  # final reward = mean of the last 3 steps
 NOISE_SIGMAS = 3.0
@@ -116,7 +118,7 @@ def child_main(spec_json: str, dtype: str, store_url: str) -> int:
     from workers.rollout import TorchRolloutEngine
 
     t_import = time.perf_counter()
-    hf, tok, _ = load_base_model(BASE_MODEL, getattr(torch, dtype))
+    hf, tok, _ = load_base_model(BASE_MODEL, getattr(torch, dtype), DEVICE)
     model = MultiLoRAModel(hf)
     engine = CountingEngine(TorchRolloutEngine(model, tok.eos_token_id, tok.pad_token_id))
     runner = LocalRunner(model, tok, engine=engine)
