@@ -31,6 +31,7 @@ class Keys:
     leader = PREFIX + "scheduler:leader"  # string: holder id, with a TTL (the lease)
     leader_epoch = PREFIX + "scheduler:epoch"  # counter: bumped on every leadership change
     cursor = PREFIX + "scheduler:cursor"  # string: last event id the scheduler consumed
+    rebalance = PREFIX + "scheduler:rebalance"  # string with TTL: workers stop chaining rollouts
     workers = PREFIX + "workers"  # set: node names ever seen (liveness is per-node key)
 
     experiment_prefix = PREFIX + "exp:"  # + experiment id (Lua scripts that scan lf:active)

@@ -146,8 +146,8 @@ class StepProtocol:
                       Keys.events, Keys.trajectory(exp_id, step), Keys.active],
                 args=[token, step, json.dumps(metrics), exp_id], client=pipe)
         if chain is not None:  # in the same round trip, right behind the commits
-            keys, args = [Keys.active, Keys.fence], [Keys.experiment_prefix, chain.owner, chain.lease_ms,
-                                                     chain.batch_id, chain.node]
+            keys = [Keys.active, Keys.fence, Keys.rebalance]
+            args = [Keys.experiment_prefix, chain.owner, chain.lease_ms, chain.batch_id, chain.node]
             for (exp_id, step, _, _), rows in zip(commits, chain.rows, strict=True):
                 keys += [Keys.experiment(exp_id), Keys.task(exp_id, step + 1, "rollout")]
                 args += [exp_id, step + 1, rows]

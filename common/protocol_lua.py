@@ -101,12 +101,14 @@ return 1
 
 # After a train commit the same worker claims the batch's next rollouts, but only when the
 # scheduler would publish exactly that batch to it anyway: no other experiment is waiting
-# (queued, or running with nothing in flight; O(active experiments)). Items that finished or
-# moved on are skipped. KEYS: active, fence, then exp, rollout task per item
+# (queued, or running with nothing in flight; O(active experiments)) and the scheduler has not
+# asked to rebalance nodes. Items that finished or moved on are skipped.
+# KEYS: active, fence, rebalance flag, then exp, rollout task per item
 # ARGV: experiment key prefix, owner, lease_ms, batch_id, node, then exp_id, step, rows per item
 # -> a fencing token per item (0: not claimed); {} when something else is waiting
 CLAIM_NEXT_ROLLOUTS = _NOW + """
-local n = (#KEYS - 2) / 2
+if redis.call('EXISTS', KEYS[3]) == 1 then return {} end
+local n = (#KEYS - 3) / 2
 local mine = {}
 for i = 0, n - 1 do mine[ARGV[6 + 3 * i]] = true end
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -117,7 +119,7 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 local out = {}
 for i = 0, n - 1 do
-  local exp, task, step, rows = KEYS[3 + 2 * i], KEYS[4 + 2 * i], ARGV[7 + 3 * i], ARGV[8 + 3 * i]
+  local exp, task, step, rows = KEYS[4 + 2 * i], KEYS[5 + 2 * i], ARGV[7 + 3 * i], ARGV[8 + 3 * i]
   local e = redis.call('HMGET', exp, 'status', 'step', 'phase', 'inflight')
   local s = redis.call('HMGET', task, 'status', 'lease_until')
   local token = 0

@@ -71,6 +71,7 @@ class Scheduler:
         self.is_leader = False
         self._last_event = "$"
         self._rows_cache: dict[str, int] = {}
+        self._rebalancing = False  # this scheduler set the rebalance flag
 
     # ---- leadership ------------------------------------------------------------------------
     def _hold_lease(self) -> bool:
@@ -205,17 +206,36 @@ class Scheduler:
         for e in running:
             if e.node in load:
                 load[e.node] += 1
-        groups: dict[str, dict[str, list[Exp]]] = {}
         for e in ready:
             if e.node not in workers:  # new, or its worker is gone
                 e.node = min(load, key=lambda n: (load[n], n))
                 load[e.node] += 1
+        self._rebalance(ready, load)
+        groups: dict[str, dict[str, list[Exp]]] = {}
+        for e in ready:
             groups.setdefault(e.node, {}).setdefault(e.phase, []).append(e)
         for node, by_phase in sorted(groups.items()):
             if node in busy:
                 continue
             phase, items = max(by_phase.items(), key=lambda kv: (len(kv[1]), kv[0] == "train"))
             self._send(phase, self._fill(items), node)
+
+    def _rebalance(self, ready: list[Exp], load: dict[str, int]) -> None:
+        """Move ready experiments off a node that holds 2+ more than another live node (a worker
+        joined, or one node's experiments finished first) to the least-loaded one, lowest fair
+        priority first; the receiving worker loads the committed version from the store. While
+        an imbalance remains, a flag stops workers from chaining their next rollouts, so their
+        experiments come back to the scheduler at the next commit and can be moved."""
+        for e in reversed(ready):
+            light = min(load, key=lambda n: (load[n], n))
+            if load[e.node] - load[light] >= 2:
+                load[e.node], load[light], e.node = load[e.node] - 1, load[light] + 1, light
+        if load and max(load.values()) - min(load.values()) >= 2:
+            self.r.set(Keys.rebalance, self.id, px=int(self.config.tick_s * 4000))
+            self._rebalancing = True
+        elif self._rebalancing:
+            self.r.delete(Keys.rebalance)
+            self._rebalancing = False
 
     def _fill(self, items: list[Exp]) -> list[Exp]:
         """Take items in fair order until the row budget is used (always at least one)."""

@@ -7,6 +7,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,38 @@ def test_train_step_runs_right_after_its_rollout_unless_disabled(make_fleet, red
             assert r.hget(Keys.task(exp_id, step, "train"), "claims") == "1"
         # fair-share accounting counts the chained train step like a published one
         assert int(r.hget(Keys.experiment(exp_id), "served")) == 3 * 2 * 4 * 4
+
+
+def test_a_worker_that_joins_mid_run_takes_over_half_the_experiments(make_fleet, redis_url, fleet_env,
+                                                                      r) -> None:
+    """Scale-out: experiments already running on w0 are rebalanced onto w1 once it joins; every
+    step still runs exactly once."""
+    # each train step takes >= 0.3 s, so the run outlasts the new worker's start-up (~5-8 s here)
+    fleet = make_fleet(workers=1, env={"LORAFLEET_TORCH_THREADS": "1", "LORAFLEET_TEST_TRAIN_DELAY_S": "0.3"})
+    client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
+    steps = 40
+    ids = client.submit_many([spec(f"so{i}", "char_class", {"cls": "digits"}, steps=steps, seed=i)
+                              for i in range(4)])
+    deadline = time.monotonic() + 300
+    while min(client.get(i).step for i in ids) < 2:
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.05)
+    fleet.start_worker("w1")
+    fleet.wait_for_workers(2, 120)
+    joined_at = max(client.get(i).step for i in ids)
+    assert joined_at < steps - 10, "the run ended before w1 started; slow the steps down further"
+    states = client.wait(ids, timeout_s=600)
+    assert [s.status for s in states] == ["completed"] * 4, [s.error for s in states]
+    by_node: dict[str, int] = {}
+    for exp_id in ids:
+        metrics = client.metrics(exp_id)
+        assert [m["step"] for m in metrics] == list(range(steps)), "a step was lost or repeated"
+        for m in metrics:
+            node = m["worker"].split(":")[0]
+            by_node[node] = by_node.get(node, 0) + 1
+    # 2 of the 4 experiments move to w1 within a step or two of it joining
+    assert by_node.get("w1", 0) >= 2 * (steps - joined_at - 3), (by_node, joined_at)
+    assert not r.exists(Keys.rebalance)  # balanced (then done): the flag is cleared
 
 
 def test_fleet_with_tiny_residency_budget_equals_in_process_reference(make_fleet, redis_url, fleet_env,
