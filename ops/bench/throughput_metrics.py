@@ -26,6 +26,7 @@ from throughput_runs import (
     fleet_mode,
     start_fleet,
     submit_all,
+    wait_for_task_ends,
 )
 
 
@@ -220,6 +221,7 @@ def trace_run(specs: list[dict[str, Any]], sequential: bool, dtype: str, cache_d
         monitor = Monitor(fleet.redis_url)
         time.sleep(0.5)
         _, _, t0, t_end = submit_all(client, Completions(client.r), fleet, specs, sequential, 900.0)
+        wait_for_task_ends(log_dir, 1)
         events = monitor.close()
     finally:
         fleet.stop()

@@ -43,6 +43,8 @@ METRIC_KEYS = ("step", "reward_mean", "reward_std", "loss", "grad_norm", "rollou
                "worker", "batch_id", "time", "failed")
 TERMINAL_EVENTS = ("completed", "failed", "cancelled")
 SUCCEEDED_RE = re.compile(r"Task (\S+)\[([0-9a-f-]+)\] succeeded in ([0-9.e-]+)s")
+RECEIVED_RE = re.compile(r"Task \S+\[([0-9a-f-]+)\] received")
+ENDED_RE = re.compile(r"Task \S+\[([0-9a-f-]+)\] (?:succeeded|raised|failed|retry)")
 
 
 # ---- workload -------------------------------------------------------------------------------
@@ -257,6 +259,19 @@ def submit_all(client: Any, waiter: Completions, fleet: Any, specs: list[dict[st
     return ids, wall0, t0, max(done.values())
 
 
+def wait_for_task_ends(log_dir: Path, workers: int, timeout_s: float = 20.0) -> None:
+    """Wait until every task a worker received has logged its end: a chaining worker's last task
+    ends (and logs its duration, which the profile reads) a moment after the last commit the
+    client saw, and stopping the fleet before that would lose the line."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        texts = [(log_dir / f"w{i}.log").read_text(errors="replace") if (log_dir / f"w{i}.log").exists()
+                 else "" for i in range(workers)]
+        if all(set(RECEIVED_RE.findall(t)) <= set(ENDED_RE.findall(t)) for t in texts):
+            return
+        time.sleep(0.05)
+
+
 def run_fleet(specs: list[dict[str, Any]], workers: int, sequential: bool, dtype: str,
               cache_dir: Path, workdir: Path, repeat: int, timeout_s: float, threads: int = 0) -> Run:
     from throughput_metrics import fleet_profile  # here: throughput_metrics imports this module
@@ -275,6 +290,7 @@ def run_fleet(specs: list[dict[str, Any]], workers: int, sequential: bool, dtype
         experiments = [{"name": s["name"], "id": i, "status": client.get(i).status,
                         "error": client.get(i).error, "metrics": [trim(m) for m in client.metrics(i)]}
                        for s, i in zip(specs, ids, strict=True)]
+        wait_for_task_ends(log_dir, workers)
     finally:
         fleet.stop()
         shutil.rmtree(store, ignore_errors=True)

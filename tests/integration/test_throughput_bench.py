@@ -29,7 +29,9 @@ def test_benchmark_runs_every_mode_and_modes_agree(tmp_path: Path, model_cache: 
         m = res["medians"][mode]
         assert m["makespan_s"] > 0 and m["experiments_per_hour"] > 0 and 0 < m["busy_fraction"] <= 1
     assert res["medians"]["fleet-w1"]["mean_train_batch"] == 2.0  # the two experiments were fused
-    assert 0 <= res["medians"]["fleet-w1"]["idle_fraction"] < 1
+    # the worker's task log was read (1.0 would mean no task seen); start-up latency dominates
+    # a run this short, so the bound is loose
+    assert 0 <= res["medians"]["fleet-w1"]["idle_fraction"] < 0.5
     # same seeds: in float64 the fleet, the hot solo worker and the fresh processes produce the
     # very same reward curves (float32 may differ in the last bits between fused and solo kernels)
     assert all(len(c) == 2 for c in res["parity"]["curves"]["fleet-w1"])
