@@ -98,11 +98,6 @@ class StepProtocol:
         """Give a claim up early (the batch failed as a whole): the reaper re-publishes it."""
         return bool(self._release(keys=[Keys.task(exp_id, step, phase)], args=[token]))
 
-    def commit_rollout(
-        self, exp_id: str, step: int, token: int, trajectory: dict, summary: dict, ttl_ms: int
-    ) -> bool:
-        return self.commit_rollouts([(exp_id, step, token, trajectory, summary)], ttl_ms)[0]
-
     def commit_rollouts(self, commits: list[tuple[str, int, int, dict, dict]], ttl_ms: int) -> list[bool]:
         """(exp_id, step, token, trajectory, summary) per item -> committed per item."""
         pipe = self.r.pipeline(transaction=False)
@@ -129,9 +124,6 @@ class StepProtocol:
                       lease_ms, batch_id, node, rows],
                 client=pipe)
         return [int(x) for x in pipe.execute()] if commits else []
-
-    def commit_train(self, exp_id: str, step: int, token: int, metrics: dict) -> bool:
-        return self.commit_trains([(exp_id, step, token, metrics)])[0][0]
 
     def commit_trains(self, commits: list[tuple[str, int, int, dict]], chain: ChainNext | None = None,
                       ) -> tuple[list[bool], list[int]]:
