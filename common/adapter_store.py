@@ -34,10 +34,10 @@ import fsspec.core
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from common.checkpoint_format import json_bytes, tensor_bytes
-from common.durable_fs import fsync_write, sync_paths
-from common.ids import is_valid_id, validate_id
-from common.settings import get_settings, redacted
+from lorafleet.common.checkpoint_format import json_bytes, tensor_bytes
+from lorafleet.common.durable_fs import fsync_write, sync_paths
+from lorafleet.common.ids import is_valid_id, validate_id
+from lorafleet.common.settings import get_settings, redacted
 
 if TYPE_CHECKING:  # torch is imported lazily: the torch-free client lists and downloads versions
     import torch

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE
+from lorafleet.common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE
 
 TASK_ROLLOUT = "lf.rollout_batch"
 TASK_TRAIN = "lf.train_batch"

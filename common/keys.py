@@ -6,7 +6,7 @@ commits, trajectories, metrics, the event stream, worker heartbeats and the sche
 
 from __future__ import annotations
 
-from common.ids import validate_id
+from lorafleet.common.ids import validate_id
 
 PREFIX = "lf:"
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from common.ids import validate_id
+from lorafleet.common.ids import validate_id
 
 Phase = Literal["rollout", "train"]
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import redis
 
-from common.keys import Keys
-from common.protocol_lua import (
+from lorafleet.common.keys import Keys
+from lorafleet.common.protocol_lua import (
     ACQUIRE_LEADER,
     ACTIVATE,
     CLAIM,

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from common.ids import validate_id
+from lorafleet.common.ids import validate_id
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Linear layers of Llama/Qwen2-style decoders that may carry an adapter (lm_head never does).

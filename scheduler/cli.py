@@ -20,9 +20,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE, node_queue
-from common.settings import get_settings, redacted
-from scheduler.registry import TERMINAL, ExperimentState, SpecError, UnknownExperimentError, parse_spec
+from lorafleet.common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE, node_queue
+from lorafleet.common.settings import get_settings, redacted
+from lorafleet.scheduler.registry import (
+    TERMINAL,
+    ExperimentState,
+    SpecError,
+    UnknownExperimentError,
+    parse_spec,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -34,7 +40,7 @@ def _bad_input(msg: str) -> typer.Exit:
 
 
 def _client(redis_url: str | None):
-    from scheduler.client import FleetClient
+    from lorafleet.scheduler.client import FleetClient
 
     try:
         return FleetClient(redis_url)
@@ -143,7 +149,7 @@ def metrics(exp_id: str, redis_url: RedisOpt = None) -> None:
 def plot(exp_ids: list[str], out: Annotated[Path, typer.Option("-o", "--out")] = Path("rewards.png"),
          redis_url: RedisOpt = None) -> None:
     """Reward curves of experiments as a PNG."""
-    from scheduler.plots import plot_rewards
+    from lorafleet.scheduler.plots import plot_rewards
 
     client = _client(redis_url)
     try:
@@ -188,7 +194,7 @@ def worker(node: Annotated[str, typer.Option(help="node name: its queue is lf.no
            "LORAFLEET_DEVICE": device, "LORAFLEET_STEP_BACKEND": backend}
     if rollout_engine:
         env["LORAFLEET_ROLLOUT_ENGINE"] = rollout_engine
-    args = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues,
+    args = [sys.executable, "-m", "celery", "-A", "lorafleet.workers.app", "worker", "-Q", queues,
             "-n", f"{node}@%h", "-c", "1", "-P", "prefork", "-E", "--loglevel", loglevel,
             "--without-gossip", "--without-mingle"]
     os.execvpe(args[0], args, env)
@@ -197,8 +203,8 @@ def worker(node: Annotated[str, typer.Option(help="node name: its queue is lf.no
 @app.command()
 def scheduler(redis_url: RedisOpt = None) -> None:
     """Run the scheduler (a second one waits as a standby leader)."""
-    from common.logging import configure_logging
-    from scheduler.loop import run_scheduler
+    from lorafleet.common.logging import configure_logging
+    from lorafleet.scheduler.loop import run_scheduler
 
     if not redis_url:
         raise _bad_input("set LORAFLEET_REDIS_URL (or --redis-url)")
@@ -229,7 +235,7 @@ def run(specs: list[Path], workers: int = 1, redis_url: RedisOpt = None,
         log_dir: Path = Path("lorafleet-logs"), timeout: float = 3600.0) -> None:
     """The embedded default: start Redis (unless given), workers and a scheduler, run the
     experiments to the end with progress, print a summary, plot rewards, shut everything down."""
-    from scheduler.embedded_run import run_embedded
+    from lorafleet.scheduler.embedded_run import run_embedded
 
     texts = [_read_spec(p) for p in specs]
     try:

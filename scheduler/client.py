@@ -9,13 +9,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.adapter_store import AdapterStore, Version
-from common.ids import validate_id
-from common.keys import Keys
-from common.redis_conn import connect
-from common.schemas import ExperimentSpec
-from common.settings import get_settings
-from scheduler.registry import TERMINAL, ExperimentRegistry, ExperimentState
+from lorafleet.common.adapter_store import AdapterStore, Version
+from lorafleet.common.ids import validate_id
+from lorafleet.common.keys import Keys
+from lorafleet.common.redis_conn import connect
+from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.common.settings import get_settings
+from lorafleet.scheduler.registry import TERMINAL, ExperimentRegistry, ExperimentState
 
 
 class FleetClient:

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from common.keys import Keys
-from common.redis_conn import EmbeddedRedis, connect
+from lorafleet.common.keys import Keys
+from lorafleet.common.redis_conn import EmbeddedRedis, connect
 
 
 class LocalFleet:
@@ -36,7 +36,7 @@ class LocalFleet:
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen([sys.executable, "-m", "scheduler.cli", *args], env=self._env(env),
+        proc = subprocess.Popen([sys.executable, "-m", "lorafleet.scheduler.cli", *args], env=self._env(env),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc

@@ -9,10 +9,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.schemas import ExperimentSpec
-from scheduler.client import FleetClient
-from scheduler.embedded import LocalFleet
-from scheduler.plots import plot_rewards
+from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.scheduler.client import FleetClient
+from lorafleet.scheduler.embedded import LocalFleet
+from lorafleet.scheduler.plots import plot_rewards
 
 
 def run_embedded(specs: list[ExperimentSpec], workers: int, redis_url: str | None, plot_out: Path,

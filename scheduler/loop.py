@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import redis
 
-from common.celery_config import TASK_ROLLOUT, TASK_TRAIN
-from common.keys import Keys, node_queue
-from common.logging import get_logger
-from common.messages import BatchItem, BatchMessage
-from common.protocol import StepProtocol
+from lorafleet.common.celery_config import TASK_ROLLOUT, TASK_TRAIN
+from lorafleet.common.keys import Keys, node_queue
+from lorafleet.common.logging import get_logger
+from lorafleet.common.messages import BatchItem, BatchMessage
+from lorafleet.common.protocol import StepProtocol
 
 log = get_logger("lorafleet.scheduler")
 
@@ -265,8 +265,8 @@ class Scheduler:
 
 
 def run_scheduler(redis_url: str, config: SchedulerConfig | None = None) -> None:
-    from common.celery_config import make_sender
-    from common.redis_conn import connect
+    from lorafleet.common.celery_config import make_sender
+    from lorafleet.common.redis_conn import connect
 
     Scheduler(connect(redis_url), make_sender(redis_url), config or SchedulerConfig.from_env()).run()
 

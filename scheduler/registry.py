@@ -18,11 +18,11 @@ import redis
 import yaml
 from pydantic import ValidationError
 
-from common.envs import get_env
-from common.ids import is_valid_id
-from common.keys import Keys
-from common.protocol import StepProtocol
-from common.schemas import ExperimentSpec
+from lorafleet.common.envs import get_env
+from lorafleet.common.ids import is_valid_id
+from lorafleet.common.keys import Keys
+from lorafleet.common.protocol import StepProtocol
+from lorafleet.common.schemas import ExperimentSpec
 
 TERMINAL = ("completed", "failed", "cancelled")
 

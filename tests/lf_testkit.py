@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from common.multilora.model import MultiLoRAModel
-from common.schemas import AdapterTrainSpec, LoRASpec, LossSpec, OptimizerSpec
-from common.tiny_model import load_base_model
-from workers.batch import TrainRow, collate
-from workers.fused_step import FusedTrainStep
-from workers.losses import token_logprobs, token_loss
+from lorafleet.common.schemas import AdapterTrainSpec, LoRASpec, LossSpec, OptimizerSpec
+from lorafleet.workers.batch import TrainRow, collate
+from lorafleet.workers.fused_step import FusedTrainStep
+from lorafleet.workers.losses import token_logprobs, token_loss
+from lorafleet.workers.multilora.model import MultiLoRAModel
+from lorafleet.workers.tiny_model import load_base_model
 
 PAD = 0
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from lf_testkit import SPECS, STEPS, load_model, run_fused
 
-from common.adapter_store import AdapterStore
-from common.multilora.model import MultiLoRAModel
-from workers.checkpoints import load_adapter, publish_adapter
-from workers.fused_step import FusedTrainStep
+from lorafleet.common.adapter_store import AdapterStore
+from lorafleet.workers.checkpoints import load_adapter, publish_adapter
+from lorafleet.workers.fused_step import FusedTrainStep
+from lorafleet.workers.multilora.model import MultiLoRAModel
 
 if __name__ == "__main__":
     cache, store_url, k = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])

@@ -14,10 +14,10 @@ from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
 from pydantic import ValidationError
 
-from common.celery_config import TASK_ROLLOUT, TASK_TRAIN, celery_config
-from common.logging import bound_context, configure_logging, get_logger
-from common.messages import BatchMessage
-from common.settings import get_settings
+from lorafleet.common.celery_config import TASK_ROLLOUT, TASK_TRAIN, celery_config
+from lorafleet.common.logging import bound_context, configure_logging, get_logger
+from lorafleet.common.messages import BatchMessage
+from lorafleet.common.settings import get_settings
 
 log = get_logger("lorafleet.worker")
 settings = get_settings()
@@ -31,8 +31,8 @@ _runtime = None  # WorkerRuntime, created in the worker child process
 def _load_runtime(**_: object) -> None:
     global _runtime
     configure_logging(settings.log_format, settings.log_level)
-    from common.redis_conn import connect
-    from workers.runtime import WorkerConfig, WorkerRuntime
+    from lorafleet.common.redis_conn import connect
+    from lorafleet.workers.runtime import WorkerConfig, WorkerRuntime
 
     config = WorkerConfig.from_env()
     if config.device.startswith("cuda"):

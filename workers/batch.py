@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.multilora.layout import BatchLayout
+from lorafleet.workers.multilora.layout import BatchLayout
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,15 @@ unchanged) plus the trainer state that makes resuming exact: AdamW moments and s
 
 from __future__ import annotations
 
-from common.adapter_store import AdapterCheckpoint, AdapterStore, NewVersion, Version, VersionExistsError
-from common.schemas import AdapterTrainSpec
-from workers.fused_step import FusedTrainStep
+from lorafleet.common.adapter_store import (
+    AdapterCheckpoint,
+    AdapterStore,
+    NewVersion,
+    Version,
+    VersionExistsError,
+)
+from lorafleet.common.schemas import AdapterTrainSpec
+from lorafleet.workers.fused_step import FusedTrainStep
 
 
 def publish_adapter(

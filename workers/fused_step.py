@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from common.multilora.model import MultiLoRAModel
-from common.schemas import AdapterTrainSpec
-from workers.batch import FusedBatch
-from workers.losses import masked_mean, token_logprobs, token_loss
-from workers.step_backends import BackendName, make_backend
+from lorafleet.common.schemas import AdapterTrainSpec
+from lorafleet.workers.batch import FusedBatch
+from lorafleet.workers.losses import masked_mean, token_logprobs, token_loss
+from lorafleet.workers.multilora.model import MultiLoRAModel
+from lorafleet.workers.step_backends import BackendName, make_backend
 
 OPT_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 

@@ -19,13 +19,13 @@ from typing import Any, Literal
 
 import torch
 
-from common.envs import RewardEnv, get_env
-from common.multilora.model import MultiLoRAModel
-from common.schemas import ExperimentSpec
-from workers.batch import TrainRow, collate
-from workers.fused_step import FusedTrainStep
-from workers.rollout import RolloutEngine, RolloutRequest, Sample, TorchRolloutEngine
-from workers.step_backends import BackendName
+from lorafleet.common.envs import RewardEnv, get_env
+from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.workers.batch import TrainRow, collate
+from lorafleet.workers.fused_step import FusedTrainStep
+from lorafleet.workers.multilora.model import MultiLoRAModel
+from lorafleet.workers.rollout import RolloutEngine, RolloutRequest, Sample, TorchRolloutEngine
+from lorafleet.workers.step_backends import BackendName
 
 
 class RewardError(RuntimeError):

@@ -22,8 +22,8 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache
 
-from common.multilora.layout import BatchLayout
-from common.multilora.model import MultiLoRAModel
+from lorafleet.workers.multilora.layout import BatchLayout
+from lorafleet.workers.multilora.model import MultiLoRAModel
 
 
 @dataclass(frozen=True)

@@ -21,23 +21,23 @@ from dataclasses import dataclass
 import redis
 import torch
 
-from common.adapter_store import AdapterStore, VersionExistsError
-from common.envs import get_env
-from common.keys import Keys
-from common.logging import bound_context, get_logger
-from common.messages import BatchItem, BatchMessage
-from common.multilora.model import MultiLoRAModel
-from common.protocol import ChainNext, StepProtocol
-from common.schemas import ExperimentSpec
-from common.settings import Settings
-from common.tiny_model import load_base_model
-from workers.batch import collate
-from workers.checkpoints import load_adapter, publish_adapter, publish_adapters
-from workers.fused_step import FusedTrainStep
-from workers.rl import RewardError, Trajectory, make_requests, score, train_rows
-from workers.rollout import TorchRolloutEngine
-from workers.step_backends import BackendName
-from workers.vllm_engine import trainer_scorer
+from lorafleet.common.adapter_store import AdapterStore, VersionExistsError
+from lorafleet.common.envs import get_env
+from lorafleet.common.keys import Keys
+from lorafleet.common.logging import bound_context, get_logger
+from lorafleet.common.messages import BatchItem, BatchMessage
+from lorafleet.common.protocol import ChainNext, StepProtocol
+from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.common.settings import Settings
+from lorafleet.workers.batch import collate
+from lorafleet.workers.checkpoints import load_adapter, publish_adapter, publish_adapters
+from lorafleet.workers.fused_step import FusedTrainStep
+from lorafleet.workers.multilora.model import MultiLoRAModel
+from lorafleet.workers.rl import RewardError, Trajectory, make_requests, score, train_rows
+from lorafleet.workers.rollout import TorchRolloutEngine
+from lorafleet.workers.step_backends import BackendName
+from lorafleet.workers.tiny_model import load_base_model
+from lorafleet.workers.vllm_engine import trainer_scorer
 
 log = get_logger("lorafleet.worker")
 TRAJECTORY_TTL_MS = 24 * 3600 * 1000
@@ -99,7 +99,7 @@ class WorkerRuntime:
         threading.Thread(target=self._heartbeat, name="lorafleet-heartbeat", daemon=True).start()
 
     def _make_vllm_engine(self, config: WorkerConfig, settings: Settings):  # -> VLLMRolloutEngine | None
-        from workers.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine, default_rollout_engine
+        from lorafleet.workers.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine, default_rollout_engine
 
         name = config.rollout_engine or default_rollout_engine(config.device)
         if name == "torch":

@@ -61,7 +61,7 @@ def _ensure_dist_env() -> None:
                        "LOCAL_RANK": "0"}.items():
         os.environ.setdefault(key, value)
     if "TORCH_EXTENSIONS_DIR" not in os.environ:  # JIT ops are built once, then reused
-        from common.settings import get_settings
+        from lorafleet.common.settings import get_settings
 
         os.environ["TORCH_EXTENSIONS_DIR"] = str(get_settings().resolved_torch_extensions_dir)
 

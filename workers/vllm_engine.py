@@ -42,8 +42,8 @@ from typing import Any
 
 import torch
 
-from common.logging import get_logger
-from workers.rollout import RolloutRequest, Sample
+from lorafleet.common.logging import get_logger
+from lorafleet.workers.rollout import RolloutRequest, Sample
 
 log = get_logger("lorafleet.vllm")
 
@@ -95,7 +95,7 @@ def peft_rank(peft_dir: Path) -> int:
 
 @dataclass(frozen=True)
 class VLLMEngineConfig:
-    model_dir: str  # a local Hugging Face model directory (common.tiny_model.resolve_model_dir)
+    model_dir: str  # a local Hugging Face model directory (workers.tiny_model.resolve_model_dir)
     eos_id: int
     dtype: str = "float32"  # float64 is not a vLLM dtype: from_settings maps it to float32
     device: str = "cpu"
@@ -124,7 +124,7 @@ class VLLMEngineConfig:
     def from_settings(cls, settings: Any, *, eos_id: int, device: str, max_resident: int,
                       env: Mapping[str, str] = os.environ) -> VLLMEngineConfig:
         """Limits from the worker's configuration; LORAFLEET_VLLM_* variables override them."""
-        from common.tiny_model import resolve_model_dir
+        from lorafleet.workers.tiny_model import resolve_model_dir
 
         if device.startswith("cuda:") and device != "cuda:0":
             raise ValueError(f"vLLM uses the first visible GPU: run the worker with "
@@ -372,8 +372,8 @@ def _tokens_and_logprobs(completion: Any) -> tuple[tuple[int, ...], tuple[float,
 def trainer_scorer(model: Any, adapter: str | None) -> Scorer:
     """The trainer's temperature-1 logprobs of a completion under `adapter`, from one full
     forward of the `MultiLoRAModel` (the same `token_logprobs` the loss uses)."""
-    from common.multilora.layout import BatchLayout
-    from workers.losses import token_logprobs
+    from lorafleet.workers.losses import token_logprobs
+    from lorafleet.workers.multilora.layout import BatchLayout
 
     def score(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         hf = model.model

@@ -32,11 +32,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.multilora.model import MultiLoRAModel
-from common.schemas import DEFAULT_TARGET_MODULES, KNOWN_TARGET_MODULES, AdapterTrainSpec, LoRASpec
-from common.tiny_model import load_base_model
-from workers.batch import FusedBatch, TrainRow, collate
-from workers.fused_step import FusedTrainStep
+from lorafleet.common.schemas import DEFAULT_TARGET_MODULES, KNOWN_TARGET_MODULES, AdapterTrainSpec, LoRASpec
+from lorafleet.workers.batch import FusedBatch, TrainRow, collate
+from lorafleet.workers.fused_step import FusedTrainStep
+from lorafleet.workers.multilora.model import MultiLoRAModel
+from lorafleet.workers.tiny_model import load_base_model
 
 BAR_SIZE, BAR_N, BAR_RATIO = "small", 8, 0.35
 WARMUP = 2

@@ -217,7 +217,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def prebuild_model(cache_dir: Path) -> None:
     env = {**os.environ, "LORAFLEET_CACHE_DIR": str(cache_dir)}
-    subprocess.run([sys.executable, "-m", "common.tiny_model", BASE_MODEL], env=env, check=True,
+    subprocess.run([sys.executable, "-m", "lorafleet.workers.tiny_model", BASE_MODEL], env=env, check=True,
                    capture_output=True, cwd=ROOT)
 
 

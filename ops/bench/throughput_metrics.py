@@ -139,7 +139,7 @@ def script_names() -> dict[str, str]:
     """sha1 -> name of the protocol's Lua scripts (EVALSHA lines in MONITOR)."""
     import hashlib
 
-    from common import protocol
+    from lorafleet.common import protocol
 
     names = ("CLAIM", "COMMIT_ROLLOUT", "COMMIT_ROLLOUT_CLAIM_TRAIN", "COMMIT_TRAIN", "MARK_INFLIGHT",
              "RENEW", "ACTIVATE")
@@ -152,7 +152,7 @@ class Monitor:
     def __init__(self, redis_url: str) -> None:
         import threading
 
-        from common.redis_conn import connect
+        from lorafleet.common.redis_conn import connect
 
         self.r, self.shas, self.events = connect(redis_url), script_names(), []
         self.stop = threading.Event()
@@ -209,7 +209,7 @@ def transitions(tasks: list[dict[str, Any]], events: list[tuple[float, str]]) ->
 def trace_run(specs: list[dict[str, Any]], sequential: bool, dtype: str, cache_dir: Path, workdir: Path,
               threads: int) -> dict[str, Any]:
     """One extra W=1 run under Redis MONITOR (its timings are not used anywhere else)."""
-    from scheduler.client import FleetClient
+    from lorafleet.scheduler.client import FleetClient
 
     mode = WARM if sequential else fleet_mode(1)
     store = Path(tempfile.mkdtemp(prefix=f"store-trace-{mode}-", dir=workdir))

@@ -111,13 +111,13 @@ def child_main(spec_json: str, dtype: str, store_url: str) -> int:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    from common.adapter_store import AdapterStore
-    from common.multilora.model import MultiLoRAModel
-    from common.schemas import ExperimentSpec
-    from common.tiny_model import load_base_model
-    from workers.checkpoints import publish_adapter
-    from workers.rl import LocalRunner
-    from workers.rollout import TorchRolloutEngine
+    from lorafleet.common.adapter_store import AdapterStore
+    from lorafleet.common.schemas import ExperimentSpec
+    from lorafleet.workers.checkpoints import publish_adapter
+    from lorafleet.workers.multilora.model import MultiLoRAModel
+    from lorafleet.workers.rl import LocalRunner
+    from lorafleet.workers.rollout import TorchRolloutEngine
+    from lorafleet.workers.tiny_model import load_base_model
 
     t_import = time.perf_counter()
     hf, tok, _ = load_base_model(BASE_MODEL, getattr(torch, dtype), DEVICE)
@@ -186,7 +186,7 @@ class Completions:
     """Follows `lf:events` from now on; `wait` returns when every id reached a terminal event."""
 
     def __init__(self, r: Any) -> None:
-        from common.keys import Keys
+        from lorafleet.common.keys import Keys
 
         self.r, self.key = r, Keys.events
         last = r.xrevrange(self.key, count=1)
@@ -214,9 +214,9 @@ class Completions:
 def start_fleet(workers: int, env: dict[str, str], log_dir: Path) -> tuple[Any, float]:
     """LocalFleet.start(), with the scheduler at DEBUG (its `published` lines time each batch)
     and a wait until the scheduler holds the leader lease. -> (fleet, start-up seconds)."""
-    from common.keys import Keys
-    from common.redis_conn import connect
-    from scheduler.embedded import LocalFleet
+    from lorafleet.common.keys import Keys
+    from lorafleet.common.redis_conn import connect
+    from lorafleet.scheduler.embedded import LocalFleet
 
     fleet = LocalFleet(workers=workers, log_dir=log_dir, env=env)
     t0 = time.monotonic()
@@ -276,7 +276,7 @@ def run_fleet(specs: list[dict[str, Any]], workers: int, sequential: bool, dtype
               cache_dir: Path, workdir: Path, repeat: int, timeout_s: float, threads: int = 0) -> Run:
     from throughput_metrics import fleet_profile  # here: throughput_metrics imports this module
 
-    from scheduler.client import FleetClient
+    from lorafleet.scheduler.client import FleetClient
 
     mode = WARM if sequential else fleet_mode(workers)
     store = Path(tempfile.mkdtemp(prefix=f"store-{mode}-", dir=workdir))

@@ -32,14 +32,14 @@ echo "float32 tests: $((SECONDS - t0)) s"
 MODEL=${MODEL:-builtin:small-llama} "$PY" - <<'EOF'
 import os, time
 import torch
-from common.adapter_store import AdapterStore
-from common.multilora.model import MultiLoRAModel
-from common.schemas import AdapterTrainSpec, LoRASpec
-from common.tiny_model import load_base_model, resolve_model_dir
-from workers.checkpoints import publish_adapter
-from workers.fused_step import FusedTrainStep
-from workers.rollout import RolloutRequest, TorchRolloutEngine
-from workers.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine, trainer_scorer
+from lorafleet.common.adapter_store import AdapterStore
+from lorafleet.workers.multilora.model import MultiLoRAModel
+from lorafleet.common.schemas import AdapterTrainSpec, LoRASpec
+from lorafleet.workers.tiny_model import load_base_model, resolve_model_dir
+from lorafleet.workers.checkpoints import publish_adapter
+from lorafleet.workers.fused_step import FusedTrainStep
+from lorafleet.workers.rollout import RolloutRequest, TorchRolloutEngine
+from lorafleet.workers.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine, trainer_scorer
 
 def main() -> None:
     name, cache = os.environ["MODEL"], os.environ["LORAFLEET_CACHE_DIR"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from common.redis_conn import EmbeddedRedis, connect
-from scheduler.embedded import LocalFleet
+from lorafleet.common.redis_conn import EmbeddedRedis, connect
+from lorafleet.scheduler.embedded import LocalFleet
 
 
 @pytest.fixture(scope="session")

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.celery_config import TASK_TRAIN, make_sender
-from common.keys import ROLLOUT_QUEUE, Keys
-from scheduler.client import FleetClient
-from scheduler.registry import SpecError, UnknownExperimentError
+from lorafleet.common.celery_config import TASK_TRAIN, make_sender
+from lorafleet.common.keys import ROLLOUT_QUEUE, Keys
+from lorafleet.scheduler.client import FleetClient
+from lorafleet.scheduler.registry import SpecError, UnknownExperimentError
 
 GOOD = {"name": "ok", "env": "char_class", "env_args": {"cls": "digits"}, "steps": 2}
 
 
 def cli(*args: str, redis_url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "scheduler.cli", *args, "--redis-url", redis_url],
+    return subprocess.run([sys.executable, "-m", "lorafleet.scheduler.cli", *args, "--redis-url", redis_url],
                           capture_output=True, text=True, timeout=60)
 
 

@@ -15,10 +15,10 @@ import torch
 import yaml
 from peft import PeftModel
 
-from common.adapter_store import AdapterStore
-from common.keys import Keys
-from common.tiny_model import load_base_model
-from scheduler.client import FleetClient
+from lorafleet.common.adapter_store import AdapterStore
+from lorafleet.common.keys import Keys
+from lorafleet.scheduler.client import FleetClient
+from lorafleet.workers.tiny_model import load_base_model
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,8 @@ def submit_from_other_process(redis_url: str, specs: list[dict], tmp_path: Path)
         f = tmp_path / f"{s['name']}.yaml"
         f.write_text(yaml.safe_dump(s))
         files.append(str(f))
-    out = subprocess.run([sys.executable, "-m", "scheduler.cli", "submit", *files, "--redis-url", redis_url],
+    out = subprocess.run([sys.executable, "-m", "lorafleet.scheduler.cli", "submit", *files,
+                          "--redis-url", redis_url],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.split()
@@ -111,7 +112,7 @@ def test_flower_lists_workers_and_queues_with_basic_auth(make_fleet, redis_url: 
     import urllib.error
     import urllib.request
 
-    from common.redis_conn import free_port
+    from lorafleet.common.redis_conn import free_port
 
     fleet = make_fleet(workers=1)
     port = free_port()
@@ -222,9 +223,9 @@ def test_fleet_with_tiny_residency_budget_equals_in_process_reference(make_fleet
     """One worker that may keep only ONE adapter resident: every fused step reloads the others
     from the store (weights + AdamW state). The fleet must still equal an in-process fused run
     of the same experiments (float64: identical rewards, weights to 1e-9)."""
-    from common.multilora.model import MultiLoRAModel
-    from common.schemas import ExperimentSpec
-    from workers.rl import LocalRunner
+    from lorafleet.common.schemas import ExperimentSpec
+    from lorafleet.workers.multilora.model import MultiLoRAModel
+    from lorafleet.workers.rl import LocalRunner
 
     specs = [spec(f"lru{i}", env, args, steps=4, seed=20 + i)
              for i, (env, args) in enumerate([("char_class", {"cls": "upper"}), ("near_char", {"char": "m"}),

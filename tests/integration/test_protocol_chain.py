@@ -3,9 +3,9 @@ only while no other experiment waits, and never a step that another claim holds.
 
 from __future__ import annotations
 
-from common.keys import Keys
-from common.protocol import ChainNext, StepProtocol
-from scheduler.client import FleetClient
+from lorafleet.common.keys import Keys
+from lorafleet.common.protocol import ChainNext, StepProtocol
+from lorafleet.scheduler.client import FleetClient
 
 GOOD = {"env": "char_class", "env_args": {"cls": "digits"}, "steps": 5}
 

@@ -8,12 +8,12 @@ import time
 import pytest
 from test_fleet import spec
 
-from common.adapter_store import AdapterStore
-from common.celery_config import TASK_ROLLOUT, TASK_TRAIN, make_sender
-from common.keys import ROLLOUT_QUEUE, Keys, node_queue
-from common.messages import BatchItem, BatchMessage
-from common.protocol import StepProtocol
-from scheduler.client import FleetClient
+from lorafleet.common.adapter_store import AdapterStore
+from lorafleet.common.celery_config import TASK_ROLLOUT, TASK_TRAIN, make_sender
+from lorafleet.common.keys import ROLLOUT_QUEUE, Keys, node_queue
+from lorafleet.common.messages import BatchItem, BatchMessage
+from lorafleet.common.protocol import StepProtocol
+from lorafleet.scheduler.client import FleetClient
 
 pytestmark = pytest.mark.slow
 

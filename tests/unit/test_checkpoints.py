@@ -14,11 +14,11 @@ from lf_testkit import PAD, SPECS, STEPS, build_fused, fused_weights, load_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from common.adapter_store import AdapterStore
-from common.multilora.layout import BatchLayout
-from common.multilora.model import MultiLoRAModel
-from workers.batch import collate
-from workers.checkpoints import publish_adapter
+from lorafleet.common.adapter_store import AdapterStore
+from lorafleet.workers.batch import collate
+from lorafleet.workers.checkpoints import publish_adapter
+from lorafleet.workers.multilora.layout import BatchLayout
+from lorafleet.workers.multilora.model import MultiLoRAModel
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 

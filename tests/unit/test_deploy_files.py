@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from typer.main import get_command
 
-from scheduler.cli import app
+from lorafleet.scheduler.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 

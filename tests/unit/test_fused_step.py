@@ -25,7 +25,7 @@ from lf_testkit import (
     step_rows,
 )
 
-from workers.batch import collate
+from lorafleet.workers.batch import collate
 
 
 def run_solo(model, init, name: str, skip_steps: frozenset[int] = frozenset()) -> SoloRun:

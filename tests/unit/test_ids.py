@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from common.ids import ID_PATTERN, is_valid_id, new_id, validate_id
+from lorafleet.common.ids import ID_PATTERN, is_valid_id, new_id, validate_id
 
 GOOD = ["a", "A", "0", "exp-1", "adapter_2", "x" * 64, "a-b_c-D9"]
 BAD = ["", "../x", "a/b", ".hidden", "x" * 65, "-lead", "_lead", "a.b", "a b", "abc\n", "é", "a\\b"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.multilora.layer import MultiLoRALinear, grouped_mm_supported
-from common.multilora.layout import BatchLayout, LayoutSlot, Segment
+from lorafleet.workers.multilora.layer import MultiLoRALinear, grouped_mm_supported
+from lorafleet.workers.multilora.layout import BatchLayout, LayoutSlot, Segment
 
 # (adapter, rows): unequal sizes, a base-only block, an empty adapter block, different ranks
 SIZES = [("a", 3), (None, 2), ("b", 1), ("empty", 0), ("c", 4)]

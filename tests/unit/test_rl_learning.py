@@ -23,11 +23,10 @@ import pytest
 import torch
 from lf_testkit import load_model
 
-from common.envs import get_env
-from common.multilora.model import MultiLoRAModel
-from common.schemas import AdapterTrainSpec, ExperimentSpec, LoRASpec, OptimizerSpec
-from common.tiny_model import build_tokenizer
-from workers.rl import (
+from lorafleet.common.envs import get_env
+from lorafleet.common.schemas import AdapterTrainSpec, ExperimentSpec, LoRASpec, OptimizerSpec
+from lorafleet.workers.multilora.model import MultiLoRAModel
+from lorafleet.workers.rl import (
     LocalRunner,
     RewardError,
     Trajectory,
@@ -38,7 +37,8 @@ from workers.rl import (
     step_rng,
     train_rows,
 )
-from workers.rollout import Sample
+from lorafleet.workers.rollout import Sample
+from lorafleet.workers.tiny_model import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,7 +50,7 @@ def spec(name: str, env: str, env_args: dict | None = None, seed: int = 0, **kw)
 
 # ---- seeds ----------------------------------------------------------------------------------
 def test_seeds_are_stable_across_processes() -> None:
-    code = ("from workers.rl import step_rng, request_seed\n"
+    code = ("from lorafleet.workers.rl import step_rng, request_seed\n"
             "print(step_rng(7, 3, 'x').random(), request_seed(7, 3, 2))")
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                            env={"PYTHONHASHSEED": h, "PATH": "/usr/bin:/bin"}, check=True).stdout.strip()

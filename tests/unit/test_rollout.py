@@ -16,9 +16,9 @@ import torch
 from lf_testkit import load_model
 from peft import LoraConfig, get_peft_model
 
-from common.multilora.model import MultiLoRAModel
-from common.schemas import LoRASpec
-from workers.rollout import RolloutRequest, Sample, TorchRolloutEngine
+from lorafleet.common.schemas import LoRASpec
+from lorafleet.workers.multilora.model import MultiLoRAModel
+from lorafleet.workers.rollout import RolloutRequest, Sample, TorchRolloutEngine
 
 EOS, PAD = 2, 0
 RANKS = {"a": 2, "b": 4, "c": 8}

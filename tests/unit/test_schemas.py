@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from common.schemas import AdapterTrainSpec, ExperimentSpec, LoRASpec, OptimizerSpec
+from lorafleet.common.schemas import AdapterTrainSpec, ExperimentSpec, LoRASpec, OptimizerSpec
 
 
 def _error(model, **data) -> str:

@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 import structlog
 
-from common.logging import (
+from lorafleet.common.logging import (
     bind_context,
     bound_context,
     clear_context,
     configure_logging,
     get_logger,
 )
-from common.settings import Settings, get_settings, redacted
+from lorafleet.common.settings import Settings, get_settings, redacted
 
 
 @pytest.fixture(autouse=True)
@@ -169,7 +169,7 @@ def test_bad_format_or_level_is_rejected() -> None:
 def test_module_level_logger_follows_later_configuration(capsys) -> None:
     """Loggers created at import time (before configure_logging) obey the level and format
     configured afterwards."""
-    from common.logging import configure_logging, get_logger
+    from lorafleet.common.logging import configure_logging, get_logger
 
     early = get_logger("lorafleet.early")
     configure_logging("json", "INFO")

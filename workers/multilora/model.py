@@ -11,9 +11,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from common.multilora.layer import Backend, MultiLoRALinear
-from common.multilora.layout import BatchLayout, LayoutSlot
-from common.schemas import KNOWN_TARGET_MODULES, LoRASpec
+from lorafleet.common.schemas import KNOWN_TARGET_MODULES, LoRASpec
+from lorafleet.workers.multilora.layer import Backend, MultiLoRALinear
+from lorafleet.workers.multilora.layout import BatchLayout, LayoutSlot
 
 PEFT_PREFIX = "base_model.model."
 

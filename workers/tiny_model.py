@@ -102,7 +102,7 @@ def resolve_model_dir(name: str, cache_dir: Path | None = None) -> Path:
             f"unknown built-in model {name!r}; use builtin:<{'|'.join(SIZES)}>-<llama|qwen2>"
         )
     if cache_dir is None:
-        from common.settings import get_settings
+        from lorafleet.common.settings import get_settings
 
         cache_dir = get_settings().cache_dir
     dest = Path(cache_dir) / "models" / f"{size}-{arch}-v{BUILD_VERSION}"
@@ -122,7 +122,7 @@ def load_base_model(
     return model, tok, path
 
 
-if __name__ == "__main__":  # python -m common.tiny_model [NAME]
+if __name__ == "__main__":  # python -m lorafleet.workers.tiny_model [NAME]
     import sys
 
     print(resolve_model_dir(sys.argv[1] if len(sys.argv) > 1 else "builtin:tiny-llama"))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.multilora.layout import BatchLayout, LayoutSlot
+from lorafleet.workers.multilora.layout import BatchLayout, LayoutSlot
 
 Backend = Literal["segment", "grouped", "auto"]
 
