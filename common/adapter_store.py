@@ -37,7 +37,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lorafleet.common.checkpoint_format import json_bytes, tensor_bytes
 from lorafleet.common.durable_fs import fsync_write, sync_paths
 from lorafleet.common.ids import is_valid_id, validate_id
-from lorafleet.common.settings import get_settings, redacted
+from lorafleet.common.settings import Settings, redacted
 
 if TYPE_CHECKING:  # torch is imported lazily: the torch-free client lists and downloads versions
     import torch
@@ -119,6 +119,12 @@ class AdapterStore:
         self.root: str = root.rstrip("/") or "/"
         self._local = isinstance(fs, LocalFileSystem)
         self._cache_dir = cache_dir
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AdapterStore:
+        """The fleet's store: `settings.store_url` (default: under the cache dir), with local
+        copies of remote versions under `settings.cache_dir`."""
+        return cls(settings.resolved_store_url, cache_dir=settings.cache_dir)
 
     def __repr__(self) -> str:
         return f"AdapterStore({self._shown!r})"
@@ -384,7 +390,8 @@ class AdapterStore:
 
     def _cache_root(self) -> Path:
         if self._cache_dir is None:
-            self._cache_dir = get_settings().cache_dir
+            raise ValueError(f"{self!r} is not a local store: reading it needs a cache_dir "
+                             "(AdapterStore.from_settings passes LORAFLEET_CACHE_DIR)")
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         readable = re.sub(r"[^A-Za-z0-9_-]+", "_", f"{protocol}_{self.root}").strip("_")[:48]
         digest = hashlib.sha256(f"{protocol}://{self.root}".encode()).hexdigest()[:12]

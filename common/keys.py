@@ -10,6 +10,11 @@ from lorafleet.common.ids import validate_id
 
 PREFIX = "lf:"
 
+# Sizes and lifetimes of what lives under these keys (the Lua scripts take them from here too).
+STREAM_MAXLEN = 100_000  # lf:events and lf:worker_tasks keep about this many entries (MAXLEN ~)
+TASK_TTL_MS = 7 * 24 * 3600 * 1000  # a step's task hash outlives any retry of that step
+TRAJECTORY_TTL_MS = 24 * 3600 * 1000  # a committed rollout waits at most this long for its train step
+
 # Celery queues
 ROLLOUT_QUEUE = "lf.rollout"  # shared: any worker can roll out any adapter version
 TRAIN_QUEUE = "lf.train"  # shared: train batches of adapters not yet placed on a node
@@ -33,6 +38,7 @@ class Keys:
     cursor = PREFIX + "scheduler:cursor"  # string: last event id the scheduler consumed
     rebalance = PREFIX + "scheduler:rebalance"  # string with TTL: workers stop chaining rollouts
     workers = PREFIX + "workers"  # set: node names ever seen (liveness is per-node key)
+    worker_tasks = PREFIX + "worker_tasks"  # stream: one entry per Celery task a worker ran
 
     experiment_prefix = PREFIX + "exp:"  # + experiment id (Lua scripts that scan lf:active)
 

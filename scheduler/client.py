@@ -14,19 +14,22 @@ from lorafleet.common.ids import validate_id
 from lorafleet.common.keys import Keys
 from lorafleet.common.redis_conn import connect
 from lorafleet.common.schemas import ExperimentSpec
-from lorafleet.common.settings import get_settings
+from lorafleet.common.settings import Settings
 from lorafleet.scheduler.registry import TERMINAL, ExperimentRegistry, ExperimentState
 
 
 class FleetClient:
-    def __init__(self, redis_url: str | None = None, store_url: str | None = None) -> None:
-        settings = get_settings()
-        url = redis_url or settings.redis_url
-        if not url:
-            raise ValueError("no Redis URL: pass redis_url or set LORAFLEET_REDIS_URL")
-        self.r = connect(url)
-        self.registry = ExperimentRegistry(self.r, settings.max_spec_bytes)
-        self.store_url = store_url or settings.store_url
+    """`FleetClient()` reads LORAFLEET_* like every lorafleet process; arguments win over it."""
+
+    def __init__(self, redis_url: str | None = None, store_url: str | None = None, *,
+                 settings: Settings | None = None) -> None:
+        self.settings = (settings or Settings()).with_overrides(redis_url=redis_url, store_url=store_url)
+        self.r = connect(self.settings.require_redis_url())
+        self.registry = ExperimentRegistry(self.r, self.settings.max_spec_bytes)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FleetClient:
+        return cls(settings=settings)
 
     def submit(self, spec: ExperimentSpec | dict[str, Any] | str | bytes) -> str:
         """Validate and enqueue; returns the experiment id. Raises `SpecError` on bad input."""
@@ -78,7 +81,7 @@ class FleetClient:
                          dest: str | Path = ".") -> Path:
         """Copy a published PEFT checkpoint to `dest/<exp_id>-v<version>`; returns that dir."""
         validate_id(exp_id, "experiment id")
-        store = AdapterStore(self.store_url)
+        store = AdapterStore.from_settings(self.settings)
         src = store.local_dir(exp_id, version)
         out = Path(dest) / f"{exp_id}-{src.name}"
         shutil.copytree(src, out, dirs_exist_ok=True)

@@ -10,20 +10,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.common.settings import Settings
 from lorafleet.scheduler.client import FleetClient
 from lorafleet.scheduler.embedded import LocalFleet
 from lorafleet.scheduler.plots import plot_rewards
 
 
-def run_embedded(specs: list[ExperimentSpec], workers: int, redis_url: str | None, plot_out: Path,
+def run_embedded(specs: list[ExperimentSpec], workers: int, settings: Settings, plot_out: Path,
                  log_dir: Path, timeout_s: float) -> bool:
+    redis_url = settings.redis_url
     console = Console()
     console.print(f"starting {'local Redis, ' if not redis_url else ''}{workers} worker(s) and a "
                   f"scheduler (logs in {log_dir}/) ...")
     t0 = time.monotonic()
     with LocalFleet(workers=workers, redis_url=redis_url, log_dir=log_dir) as fleet:
         console.print(f"fleet ready in {time.monotonic() - t0:.1f}s")
-        client = FleetClient(fleet.redis_url)
+        client = FleetClient(fleet.redis_url, settings=settings)
         ids = client.submit_many(specs)
         t_run = time.monotonic()
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -13,6 +13,7 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import redis
 
@@ -21,29 +22,15 @@ from lorafleet.common.keys import Keys, node_queue
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import BatchItem, BatchMessage
 from lorafleet.common.protocol import StepProtocol
+from lorafleet.common.settings import Settings
 
 log = get_logger("lorafleet.scheduler")
 
 
-@dataclass(frozen=True)
-class SchedulerConfig:
-    # longest sleep between ticks: submits, commits and failures wake the loop at once; the
-    # timer only paces the reaper and notices new workers, and every tick costs CPU that the
-    # workers on the same machine would otherwise use
-    tick_s: float = 0.25
-    leader_ttl_ms: int = 3000
-    max_batch_rows: int = 512  # sequences per fused batch
-    unclaimed_timeout_s: float = 60.0  # a published task nobody claimed is published again
-    max_attempts: int = 3  # poison cap per task
+class TaskSender(Protocol):
+    """What the scheduler needs of Celery: publish a task by name to a queue."""
 
-    @classmethod
-    def from_env(cls) -> SchedulerConfig:
-        env = os.environ.get
-        return cls(
-            unclaimed_timeout_s=float(env("LORAFLEET_UNCLAIMED_TIMEOUT_S", cls.unclaimed_timeout_s)),
-            max_attempts=int(env("LORAFLEET_MAX_ATTEMPTS", cls.max_attempts)),
-            max_batch_rows=int(env("LORAFLEET_MAX_BATCH_ROWS", cls.max_batch_rows)),
-        )
+    def send_task(self, name: str, args: list[Any], queue: str) -> Any: ...
 
 
 @dataclass
@@ -61,10 +48,10 @@ class Exp:
 
 
 class Scheduler:
-    def __init__(self, r: redis.Redis, sender, config: SchedulerConfig | None = None) -> None:
+    def __init__(self, r: redis.Redis, sender: TaskSender, settings: Settings) -> None:
         self.r = r
-        self.sender = sender  # a Celery app used only for send_task
-        self.config = config or SchedulerConfig()
+        self.sender = sender  # a Celery app used only for send_task (tests inject a recorder)
+        self.config = settings
         self.protocol = StepProtocol(r)
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.epoch = 0
@@ -264,9 +251,10 @@ class Scheduler:
                   experiments=[e.id for e in marked])
 
 
-def run_scheduler(redis_url: str, config: SchedulerConfig | None = None) -> None:
+def run_scheduler(settings: Settings) -> None:
     from lorafleet.common.celery_config import make_sender
     from lorafleet.common.redis_conn import connect
 
-    Scheduler(connect(redis_url), make_sender(redis_url), config or SchedulerConfig.from_env()).run()
+    url = settings.require_redis_url()
+    Scheduler(connect(url), make_sender(url), settings).run()
 

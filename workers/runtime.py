@@ -16,14 +16,13 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import redis
 import torch
 
 from lorafleet.common.adapter_store import AdapterStore, VersionExistsError
 from lorafleet.common.envs import get_env
-from lorafleet.common.keys import Keys
+from lorafleet.common.keys import STREAM_MAXLEN, TRAJECTORY_TTL_MS, Keys
 from lorafleet.common.logging import bound_context, get_logger
 from lorafleet.common.messages import BatchItem, BatchMessage
 from lorafleet.common.protocol import ChainNext, StepProtocol
@@ -35,59 +34,27 @@ from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.multilora.model import MultiLoRAModel
 from lorafleet.workers.rl import RewardError, Trajectory, make_requests, score, train_rows
 from lorafleet.workers.rollout import TorchRolloutEngine
-from lorafleet.workers.step_backends import BackendName
 from lorafleet.workers.tiny_model import load_base_model
 from lorafleet.workers.vllm_engine import trainer_scorer
 
 log = get_logger("lorafleet.worker")
-TRAJECTORY_TTL_MS = 24 * 3600 * 1000
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    node: str
-    device: str = "cpu"
-    backend: BackendName = "torch"
-    max_resident: int = 64  # adapters kept hot (weights + optimizer state)
-    lease_ms: int = 10_000
-    heartbeat_s: float = 1.0
-    train_delay_s: float = 0.0  # fault-injection knob for the chaos tests: widens the step window
-    torch_threads: int = 0  # 0: torch's default; several workers on one CPU should split the cores
-    rollout_engine: str | None = None  # "torch" | "vllm"; None: vllm on a GPU where importable
-    chain_train: bool = True  # train a node-routed rollout batch's step here at once (no queue trip)
-    # then keep claiming the batch's next rollout while no other experiment waits, for up to
-    # this many seconds per Celery task (0: the scheduler publishes every rollout)
-    chain_rollouts_s: float = 30.0
-
-    @classmethod
-    def from_env(cls) -> WorkerConfig:
-        env = os.environ.get
-        return cls(
-            node=env("LORAFLEET_NODE", "node0"), device=env("LORAFLEET_DEVICE", "cpu"),
-            backend=env("LORAFLEET_STEP_BACKEND", "torch"),  # type: ignore[arg-type]
-            max_resident=int(env("LORAFLEET_MAX_RESIDENT", 64)),
-            lease_ms=int(env("LORAFLEET_LEASE_MS", 10_000)),
-            heartbeat_s=float(env("LORAFLEET_HEARTBEAT_S", 1.0)),
-            train_delay_s=float(env("LORAFLEET_TEST_TRAIN_DELAY_S", 0.0)),
-            torch_threads=int(env("LORAFLEET_TORCH_THREADS", 0)),
-            rollout_engine=env("LORAFLEET_ROLLOUT_ENGINE") or None,
-            chain_train=env("LORAFLEET_CHAIN_TRAIN", "1") not in ("0", "false", "no"),
-            chain_rollouts_s=float(env("LORAFLEET_CHAIN_ROLLOUTS_S", 30.0)),
-        )
 
 
 class WorkerRuntime:
-    def __init__(self, config: WorkerConfig, settings: Settings, r: redis.Redis) -> None:
-        self.config, self.settings, self.r = config, settings, r
+    def __init__(self, settings: Settings, r: redis.Redis) -> None:
+        config = self.config = self.settings = settings
+        self.r = r
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(settings.resolved_torch_extensions_dir))
         self.protocol = StepProtocol(r)
-        self.store = AdapterStore(settings.store_url)
+        self.store = AdapterStore.from_settings(settings)
         self.dtype = getattr(torch, settings.dtype)
-        model, self.tokenizer, _ = load_base_model(settings.base_model, self.dtype, config.device)
+        model, self.tokenizer, _ = load_base_model(settings.base_model, self.dtype, config.device,
+                                                   settings.cache_dir)
         self.model = MultiLoRAModel(model)
-        self.fused = FusedTrainStep(self.model, config.backend)
-        self.vllm = self._make_vllm_engine(config, settings)
+        self.fused = FusedTrainStep(self.model, config.step_backend)
+        self.vllm = self._make_vllm_engine(settings)
         self.engine = self.vllm or TorchRolloutEngine(
             self.model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         self.resident: OrderedDict[str, int] = OrderedDict()  # exp id -> committed version held
@@ -98,17 +65,12 @@ class WorkerRuntime:
         self.busy = False
         threading.Thread(target=self._heartbeat, name="lorafleet-heartbeat", daemon=True).start()
 
-    def _make_vllm_engine(self, config: WorkerConfig, settings: Settings):  # -> VLLMRolloutEngine | None
+    def _make_vllm_engine(self, settings: Settings):  # -> VLLMRolloutEngine | None
         from lorafleet.workers.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine, default_rollout_engine
 
-        name = config.rollout_engine or default_rollout_engine(config.device)
-        if name == "torch":
+        if (settings.rollout_engine or default_rollout_engine(settings.device)) == "torch":
             return None
-        if name != "vllm":
-            raise ValueError(f"unknown rollout engine {name!r}; use torch or vllm")
-        return VLLMRolloutEngine(VLLMEngineConfig.from_settings(
-            settings, eos_id=self.tokenizer.eos_token_id, device=config.device,
-            max_resident=config.max_resident))
+        return VLLMRolloutEngine(VLLMEngineConfig.from_settings(settings, eos_id=self.tokenizer.eos_token_id))
 
     # ---- liveness -----------------------------------------------------------------------------
     def _heartbeat(self) -> None:
@@ -211,13 +173,17 @@ class WorkerRuntime:
                 self._unclaim(exp_id, item.step, msg.phase)
             self.busy = False
 
-    def rollout(self, msg: BatchMessage) -> None:
-        self._run(msg)
+    def record_task(self, task_id: str, kind: str, started: float, ended: float, outcome: str) -> None:
+        """One entry per Celery task in lf:worker_tasks: what monitoring and the benchmarks read
+        to tell busy from idle time (never log text)."""
+        try:
+            self.r.xadd(Keys.worker_tasks, {"node": self.config.node, "worker": self.name, "task_id": task_id,
+                                            "kind": kind, "started": repr(started), "ended": repr(ended),
+                                            "outcome": outcome}, maxlen=STREAM_MAXLEN, approximate=True)
+        except redis.RedisError as exc:
+            log.warning("could not record task", error=str(exc))
 
-    def train(self, msg: BatchMessage) -> None:
-        self._run(msg)
-
-    def _run(self, msg: BatchMessage) -> None:
+    def run(self, msg: BatchMessage) -> None:
         """Run the batch, then what its commits claimed for this worker at once: a rollout
         batch's train step, and after a train step, while no other experiment waits and for at
         most `chain_rollouts_s`, the batch's next rollout. Each is its own claimed batch."""
@@ -327,8 +293,8 @@ class WorkerRuntime:
         loss_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         batch = collate(rows, self.tokenizer.pad_token_id, loss_dtype).to(self.config.device, loss_dtype)
         results = self.fused.step(batch)
-        if self.config.train_delay_s:
-            time.sleep(self.config.train_delay_s)
+        if self.config.test_train_delay_s:
+            time.sleep(self.config.test_train_delay_s)
         train_s = time.perf_counter() - t0
         return self._finish_train(msg, ready, results, train_s, chain)
 

@@ -60,10 +60,8 @@ def _ensure_dist_env() -> None:
     for key, value in {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1",
                        "LOCAL_RANK": "0"}.items():
         os.environ.setdefault(key, value)
-    if "TORCH_EXTENSIONS_DIR" not in os.environ:  # JIT ops are built once, then reused
-        from lorafleet.common.settings import get_settings
-
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(get_settings().resolved_torch_extensions_dir)
+    # JIT ops are built once, then reused: the worker sets TORCH_EXTENSIONS_DIR from its
+    # settings (settings.resolved_torch_extensions_dir) before it builds a step backend
 
 
 class DeepSpeedBackend:

@@ -102,9 +102,7 @@ def resolve_model_dir(name: str, cache_dir: Path | None = None) -> Path:
             f"unknown built-in model {name!r}; use builtin:<{'|'.join(SIZES)}>-<llama|qwen2>"
         )
     if cache_dir is None:
-        from lorafleet.common.settings import get_settings
-
-        cache_dir = get_settings().cache_dir
+        raise ValueError(f"building {name!r} needs a cache_dir (settings.cache_dir)")
     dest = Path(cache_dir) / "models" / f"{size}-{arch}-v{BUILD_VERSION}"
     if not (dest / "lorafleet_build.json").is_file():
         build_model_dir(dest, arch, size)  # type: ignore[arg-type]
@@ -125,4 +123,6 @@ def load_base_model(
 if __name__ == "__main__":  # python -m lorafleet.workers.tiny_model [NAME]
     import sys
 
-    print(resolve_model_dir(sys.argv[1] if len(sys.argv) > 1 else "builtin:tiny-llama"))
+    from lorafleet.common.settings import Settings
+
+    print(resolve_model_dir(sys.argv[1] if len(sys.argv) > 1 else "builtin:tiny-llama", Settings().cache_dir))

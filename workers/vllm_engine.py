@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from lorafleet.common.logging import get_logger
+from lorafleet.common.settings import Settings
 from lorafleet.workers.rollout import RolloutRequest, Sample
 
 log = get_logger("lorafleet.vllm")
@@ -121,26 +122,26 @@ class VLLMEngineConfig:
             raise ValueError(f"vLLM dtype must be one of {sorted(CANARY_ATOL)}, not {self.dtype!r}")
 
     @classmethod
-    def from_settings(cls, settings: Any, *, eos_id: int, device: str, max_resident: int,
-                      env: Mapping[str, str] = os.environ) -> VLLMEngineConfig:
-        """Limits from the worker's configuration; LORAFLEET_VLLM_* variables override them."""
+    def from_settings(cls, settings: Settings, *, eos_id: int) -> VLLMEngineConfig:
+        """Limits from the worker's settings (`vllm_*` fields, else derived from its residency
+        budget)."""
         from lorafleet.workers.tiny_model import resolve_model_dir
 
+        device = settings.device
         if device.startswith("cuda:") and device != "cuda:0":
             raise ValueError(f"vLLM uses the first visible GPU: run the worker with "
                              f"CUDA_VISIBLE_DEVICES={device[5:]} and --device cuda:0, not {device}")
-        dtype = {"float64": "float32"}.get(settings.dtype, settings.dtype)
-        kv = env.get("LORAFLEET_VLLM_KV_CACHE_BYTES")
-        atol = env.get("LORAFLEET_VLLM_CANARY_ATOL")
-        max_loras = int(env.get("LORAFLEET_VLLM_MAX_LORAS", 8))
+        cpu_loras = settings.vllm_max_cpu_loras
         return cls(
             model_dir=str(resolve_model_dir(settings.base_model, settings.cache_dir)), eos_id=eos_id,
-            dtype=dtype, device="cpu" if device == "cpu" else "cuda", max_loras=max_loras,
-            max_lora_rank=int(env.get("LORAFLEET_VLLM_MAX_LORA_RANK", 64)),
-            max_cpu_loras=int(env.get("LORAFLEET_VLLM_MAX_CPU_LORAS", max(max_resident, max_loras))),
-            kv_cache_bytes=int(kv) if kv else None,
-            gpu_memory_utilization=float(env.get("LORAFLEET_VLLM_GPU_MEMORY_UTILIZATION", 0.5)),
-            canary_atol=float(atol) if atol else None,
+            dtype={"float64": "float32"}.get(settings.dtype, settings.dtype),
+            device="cpu" if device == "cpu" else "cuda", max_loras=settings.vllm_max_loras,
+            max_lora_rank=settings.vllm_max_lora_rank,
+            max_cpu_loras=cpu_loras if cpu_loras is not None else max(settings.max_resident,
+                                                                       settings.vllm_max_loras),
+            kv_cache_bytes=settings.vllm_kv_cache_bytes,
+            gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+            canary_atol=settings.vllm_canary_atol,
         )
 
     def engine_args(self) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import sys
 import textwrap
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -31,6 +30,7 @@ from lf_testkit import make_rows  # noqa: E402
 
 from lorafleet.common.adapter_store import AdapterStore  # noqa: E402
 from lorafleet.common.schemas import AdapterTrainSpec, LoRASpec, OptimizerSpec  # noqa: E402
+from lorafleet.common.settings import Settings  # noqa: E402
 from lorafleet.workers.batch import collate  # noqa: E402
 from lorafleet.workers.checkpoints import publish_adapter  # noqa: E402
 from lorafleet.workers.fused_step import FusedTrainStep  # noqa: E402
@@ -111,15 +111,14 @@ def test_engine_limits_from_configuration(model_cache: Path) -> None:
     cfg = VLLMEngineConfig("/m", eos_id=2, max_loras=4, max_lora_rank=12)
     assert (cfg.max_lora_rank, cfg.max_cpu_loras) == (16, 8)
     assert VLLMEngineConfig("/m", eos_id=2, max_loras=4, max_cpu_loras=1).max_cpu_loras == 4
-    settings = SimpleNamespace(base_model=MODEL, cache_dir=model_cache, dtype="float64")
-    cfg = VLLMEngineConfig.from_settings(settings, eos_id=2, device="cpu", max_resident=64,
-                                         env={"LORAFLEET_VLLM_MAX_LORA_RANK": "48"})
+    settings = Settings(base_model=MODEL, cache_dir=model_cache, dtype="float64", vllm_max_lora_rank=48)
+    cfg = VLLMEngineConfig.from_settings(settings, eos_id=2)
     assert (cfg.dtype, cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras) == ("float32", 8, 64, 64)
     assert Path(cfg.model_dir) == resolve_model_dir(MODEL, model_cache)
     args = cfg.engine_args()
     assert args["enable_lora"] and args["logprobs_mode"] == "raw_logprobs" and args["enforce_eager"]
     with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES=1"):
-        VLLMEngineConfig.from_settings(settings, eos_id=2, device="cuda:1", max_resident=8, env={})
+        VLLMEngineConfig.from_settings(settings.with_overrides(device="cuda:1"), eos_id=2)
 
 
 def test_greedy_mixed_batch_equals_torch_engine(fx: Fixture) -> None:

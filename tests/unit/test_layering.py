@@ -21,6 +21,9 @@ PACKAGES = ("common", "scheduler", "workers")
 TORCH_STACK = {"torch", "transformers", "peft", "deepspeed", "vllm"}
 FORBIDDEN = {"common": {"lorafleet.scheduler", "lorafleet.workers"}, "workers": {"lorafleet.scheduler"},
              "scheduler": {"lorafleet.workers", *TORCH_STACK}}
+# The one crossing: `lorafleet worker` starts a Celery worker in its own process
+# (lorafleet.workers.app, torch-free at import; the model loads in the forked child).
+ALLOWED = {("scheduler/cli.py", "lorafleet.workers")}
 
 
 def _imports(path: Path) -> set[str]:
@@ -48,7 +51,9 @@ def test_package_imports_respect_layering(package: str) -> None:
     assert files, f"{package}/ has no modules"
     bad = {}
     for f in files:
-        found = {n for n in _imports(f) if n in FORBIDDEN[package] or n.split(".")[0] in FORBIDDEN[package]}
+        rel = str(f.relative_to(ROOT))
+        found = {n for n in _imports(f) if (n in FORBIDDEN[package] or n.split(".")[0] in FORBIDDEN[package])
+                 and (rel, n) not in ALLOWED}
         if found:
             bad[str(f.relative_to(ROOT))] = sorted(found)
     assert not bad

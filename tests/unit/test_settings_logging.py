@@ -13,7 +13,7 @@ from lorafleet.common.logging import (
     configure_logging,
     get_logger,
 )
-from lorafleet.common.settings import Settings, get_settings, redacted
+from lorafleet.common.settings import Settings, redacted
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +44,8 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert settings.device == "cpu"
     assert settings.dtype == "float32"
     assert settings.cache_dir == tmp_path / ".cache" / "lorafleet"
-    assert settings.store_url == "file://" + str(tmp_path / ".cache" / "lorafleet" / "store")
+    assert settings.store_url is None
+    assert settings.resolved_store_url == "file://" + str(tmp_path / ".cache" / "lorafleet" / "store")
     assert settings.resolved_torch_extensions_dir == settings.cache_dir / "torch_extensions"
     assert settings.max_spec_bytes == 65536
 
@@ -72,8 +73,26 @@ def test_overrides_beat_env_and_bad_values_are_rejected(monkeypatch: pytest.Monk
         Settings(max_spec_bytes=0)
 
 
-def test_get_settings_is_cached() -> None:
-    assert get_settings() is get_settings()
+def test_the_store_follows_the_cache_dir_unless_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("LORAFLEET_STORE_URL", raising=False)
+    monkeypatch.setenv("LORAFLEET_CACHE_DIR", str(tmp_path / "c"))
+    assert Settings().resolved_store_url == f"file://{tmp_path}/c/store"
+    monkeypatch.setenv("LORAFLEET_STORE_URL", "memory://elsewhere")
+    assert Settings().resolved_store_url == "memory://elsewhere"
+
+
+def test_worker_and_scheduler_knobs_come_from_the_same_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAFLEET_LEASE_MS", "2500")
+    monkeypatch.setenv("LORAFLEET_MAX_BATCH_ROWS", "16")
+    monkeypatch.setenv("LORAFLEET_CHAIN_TRAIN", "0")
+    s = Settings()
+    assert (s.lease_ms, s.max_batch_rows, s.chain_train) == (2500, 16, False)
+    flagged = s.with_overrides(node="gpu3", device=None)  # None: a flag left unset
+    assert (flagged.node, flagged.device, flagged.lease_ms) == ("gpu3", s.device, 2500)
+    with pytest.raises(ValueError):
+        s.with_overrides(step_backend="jax")
+    with pytest.raises(ValueError):
+        s.with_overrides(node="../etc")
 
 
 @pytest.mark.parametrize(
