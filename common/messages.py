@@ -15,8 +15,7 @@ class BatchItem(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     exp_id: str
-    step: int = Field(ge=0)
-    version: int = Field(ge=0)  # committed adapter version the task starts from
+    step: int = Field(ge=0)  # the step, and the committed adapter version it starts from
 
     @field_validator("exp_id")
     @classmethod

@@ -10,11 +10,13 @@ Lease times come from the Redis server clock (TIME), so worker clocks never matt
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import redis
 
-from lorafleet.common.keys import Keys
+from lorafleet.common.keys import TRAJECTORY_TTL_MS, Keys
 from lorafleet.common.protocol_lua import (
     ACQUIRE_LEADER,
     ACTIVATE,
@@ -31,6 +33,48 @@ from lorafleet.common.protocol_lua import (
     RENEW,
     RENEW_LEADER,
 )
+from lorafleet.common.schemas import ExperimentSpec
+
+
+@dataclass(frozen=True)
+class StepItem:
+    """One experiment's step in a batch, claimed by this worker: what the pipeline works on."""
+
+    exp_id: str
+    step: int  # also the adapter version the step starts from
+    token: int  # fencing token of the claim (0 in in-process runs, which claim nothing)
+    spec: ExperimentSpec
+
+    @property
+    def version(self) -> int:
+        return self.step
+
+    @property
+    def rows(self) -> int:
+        return self.spec.prompts_per_step * self.spec.group_size
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A batch item this worker did not claim, and why ("committed", "claimed", "stale",
+    "experiment_<status>")."""
+
+    exp_id: str
+    step: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RolloutCommit:
+    item: StepItem
+    trajectory: dict[str, Any]
+    summary: dict[str, Any]  # reward stats, timings: the train step's metrics start from it
+
+
+@dataclass(frozen=True)
+class TrainCommit:
+    item: StepItem
+    metrics: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -41,17 +85,6 @@ class ChainNext:
     lease_ms: int
     batch_id: str
     node: str
-    rows: list[int]  # sequences per step of each item (fair-share accounting)
-
-
-@dataclass(frozen=True)
-class Claim:
-    token: int  # 0: not claimed
-    reason: str  # "ok", "committed", "claimed", "stale", "experiment_<status>"
-
-    @property
-    def ok(self) -> bool:
-        return self.token > 0
 
 
 class StepProtocol:
@@ -77,91 +110,101 @@ class StepProtocol:
     # ---- workers ---------------------------------------------------------------------------
     # A batch's claims and commits go in one pipeline (one round trip); each script stays atomic
     # on its own, and the items of a batch never depend on each other.
-    def claim(self, exp_id: str, step: int, phase: str, owner: str, lease_ms: int, batch_id: str) -> Claim:
-        return self.claim_batch([(exp_id, step)], phase, owner, lease_ms, batch_id)[0][0]
-
-    def claim_batch(self, items: list[tuple[str, int]], phase: str, owner: str, lease_ms: int,
-                    batch_id: str) -> list[tuple[Claim, str | None]]:
-        """Claim (exp_id, step) of each item -> (claim, the experiment's spec JSON) per item."""
+    def claim_batch(self, items: Sequence[tuple[str, int]], phase: str, owner: str, lease_ms: int,
+                    batch_id: str) -> tuple[list[StepItem], list[Refusal]]:
+        """Claim (exp_id, step) of each item -> (the claimed items with their specs, the refused)."""
         pipe = self.r.pipeline(transaction=False)
         for exp_id, step in items:
             self._claim(keys=[Keys.task(exp_id, step, phase), Keys.experiment(exp_id), Keys.fence],
                         args=[owner, lease_ms, step, phase, batch_id], client=pipe)
-            pipe.hget(Keys.experiment(exp_id), "spec")
+            pipe.hget(Keys.experiment(exp_id), "spec_json")
         out = pipe.execute()
-        return [(Claim(int(out[i][0]), str(out[i][1])), out[i + 1]) for i in range(0, len(out), 2)]
+        claimed, refused = [], []
+        for (exp_id, step), (token, reason), spec_json in zip(items, out[0::2], out[1::2], strict=True):
+            if int(token) > 0:
+                spec = ExperimentSpec.model_validate_json(spec_json)
+                claimed.append(StepItem(exp_id, step, int(token), spec))
+            else:
+                refused.append(Refusal(exp_id, step, str(reason)))
+        return claimed, refused
 
     def renew(self, exp_id: str, step: int, phase: str, token: int, lease_ms: int) -> bool:
         return bool(self._renew(keys=[Keys.task(exp_id, step, phase)], args=[token, lease_ms]))
 
-    def release(self, exp_id: str, step: int, phase: str, token: int) -> bool:
+    def release(self, item: StepItem, phase: str) -> bool:
         """Give a claim up early (the batch failed as a whole): the reaper re-publishes it."""
-        return bool(self._release(keys=[Keys.task(exp_id, step, phase)], args=[token]))
+        return bool(self._release(keys=[Keys.task(item.exp_id, item.step, phase)], args=[item.token]))
 
-    def commit_rollouts(self, commits: list[tuple[str, int, int, dict, dict]], ttl_ms: int) -> list[bool]:
-        """(exp_id, step, token, trajectory, summary) per item -> committed per item."""
+    def _rollout_commit(self, c: RolloutCommit) -> tuple[list[str], list[Any]]:
+        e, step = c.item.exp_id, c.item.step
+        return ([Keys.task(e, step, "rollout"), Keys.experiment(e), Keys.trajectory(e, step), Keys.events],
+                [c.item.token, step, json.dumps(c.trajectory), json.dumps(c.summary), TRAJECTORY_TTL_MS, e])
+
+    def commit_rollouts(self, commits: Sequence[RolloutCommit]) -> list[bool]:
+        """-> committed per item."""
         pipe = self.r.pipeline(transaction=False)
-        for exp_id, step, token, trajectory, summary in commits:
-            self._commit_rollout(
-                keys=[Keys.task(exp_id, step, "rollout"), Keys.experiment(exp_id),
-                      Keys.trajectory(exp_id, step), Keys.events],
-                args=[token, step, json.dumps(trajectory), json.dumps(summary), ttl_ms, exp_id],
-                client=pipe)
+        for c in commits:
+            keys, args = self._rollout_commit(c)
+            self._commit_rollout(keys=keys, args=args, client=pipe)
         return [bool(x) for x in pipe.execute()] if commits else []
 
-    def commit_rollouts_claim_train(self, commits: list[tuple[str, int, int, dict, dict, int]], ttl_ms: int,
-                                    owner: str, lease_ms: int, batch_id: str, node: str) -> list[int]:
-        """commit_rollouts, each committed item's train task claimed for `owner` as batch
-        `batch_id`. (exp_id, step, token, trajectory, summary, rows per step) per item -> the
-        train claim's fencing token per item, 0 where the commit was refused."""
+    def commit_rollouts_claim_train(self, commits: Sequence[RolloutCommit], owner: str, lease_ms: int,
+                                    batch_id: str, node: str) -> list[StepItem | None]:
+        """commit_rollouts, and each committed item's train task claimed for `owner` as batch
+        `batch_id` -> per item the claimed train step, None where the commit was refused."""
         pipe = self.r.pipeline(transaction=False)
-        for exp_id, step, token, trajectory, summary, rows in commits:
-            self._commit_rollout_claim(
-                keys=[Keys.task(exp_id, step, "rollout"), Keys.experiment(exp_id),
-                      Keys.trajectory(exp_id, step), Keys.events, Keys.task(exp_id, step, "train"),
-                      Keys.fence],
-                args=[token, step, json.dumps(trajectory), json.dumps(summary), ttl_ms, exp_id, owner,
-                      lease_ms, batch_id, node, rows],
-                client=pipe)
-        return [int(x) for x in pipe.execute()] if commits else []
+        for c in commits:
+            keys, args = self._rollout_commit(c)
+            keys += [Keys.task(c.item.exp_id, c.item.step, "train"), Keys.fence]
+            args += [owner, lease_ms, batch_id, node]
+            self._commit_rollout_claim(keys=keys, args=args, client=pipe)
+        tokens = [int(x) for x in pipe.execute()] if commits else []
+        return [replace(c.item, token=t) if t else None for c, t in zip(commits, tokens, strict=True)]
 
-    def commit_trains(self, commits: list[tuple[str, int, int, dict]], chain: ChainNext | None = None,
-                      ) -> tuple[list[bool], list[int]]:
-        """(exp_id, step, token, metrics) per item -> (committed per item, next-rollout claim
-        token per item: all 0 unless `chain` is given and CLAIM_NEXT_ROLLOUTS granted them)."""
+    def commit_trains(self, commits: Sequence[TrainCommit], chain: ChainNext | None = None,
+                      ) -> tuple[list[bool], list[StepItem | None]]:
+        """-> (committed per item, per item its next rollout step when `chain` is given and
+        CLAIM_NEXT_ROLLOUTS claimed it for `chain.owner`, else None)."""
         if not commits:
             return [], []
         pipe = self.r.pipeline(transaction=False)
-        for exp_id, step, token, metrics in commits:
+        for c in commits:
+            e, step = c.item.exp_id, c.item.step
             self._commit_train(
-                keys=[Keys.task(exp_id, step, "train"), Keys.experiment(exp_id), Keys.metrics(exp_id),
-                      Keys.events, Keys.trajectory(exp_id, step), Keys.active],
-                args=[token, step, json.dumps(metrics), exp_id], client=pipe)
+                keys=[Keys.task(e, step, "train"), Keys.experiment(e), Keys.metrics(e), Keys.events,
+                      Keys.trajectory(e, step), Keys.active],
+                args=[c.item.token, step, json.dumps(c.metrics), e], client=pipe)
         if chain is not None:  # in the same round trip, right behind the commits
             keys = [Keys.active, Keys.fence, Keys.rebalance]
-            args = [Keys.experiment_prefix, chain.owner, chain.lease_ms, chain.batch_id, chain.node]
-            for (exp_id, step, _, _), rows in zip(commits, chain.rows, strict=True):
-                keys += [Keys.experiment(exp_id), Keys.task(exp_id, step + 1, "rollout")]
-                args += [exp_id, step + 1, rows]
+            args: list[Any] = [Keys.experiment_prefix, chain.owner, chain.lease_ms, chain.batch_id,
+                               chain.node]
+            for c in commits:
+                e = c.item.exp_id
+                keys += [Keys.experiment(e), Keys.task(e, c.item.step + 1, "rollout")]
+                args += [c.item.exp_id, c.item.step + 1]
             self._claim_next(keys=keys, args=args, client=pipe)
         out = pipe.execute()
         committed = [bool(x) for x in out[:len(commits)]]
         tokens = [int(t) for t in out[len(commits)]] if chain is not None else []
-        return committed, tokens or [0] * len(commits)
+        tokens = tokens or [0] * len(commits)
+        nxt = [replace(c.item, step=c.item.step + 1, token=t) if t else None
+               for c, t in zip(commits, tokens, strict=True)]
+        return committed, nxt
 
-    def train_inputs(self, items: list[tuple[str, int]]) -> list[tuple[str | None, str | None]]:
-        """(trajectory JSON, rollout summary JSON) of each (exp_id, step), in one round trip."""
+    def train_inputs(self, items: Sequence[StepItem]) -> list[tuple[str | None, str | None]]:
+        """(trajectory JSON, rollout summary JSON) of each item's committed rollout, in one round trip."""
         pipe = self.r.pipeline(transaction=False)
-        for exp_id, step in items:
-            pipe.get(Keys.trajectory(exp_id, step))
-            pipe.hget(Keys.experiment(exp_id), "rollout_summary")
+        for item in items:
+            pipe.get(Keys.trajectory(item.exp_id, item.step))
+            pipe.hget(Keys.experiment(item.exp_id), "rollout_summary")
         out = pipe.execute()
-        return [(out[i], out[i + 1]) for i in range(0, len(out), 2)]
+        return list(zip(out[0::2], out[1::2], strict=True))
 
-    def fail_task(self, exp_id: str, step: int, phase: str, token: int, reason: str) -> bool:
+    def fail_task(self, item: StepItem, phase: str, reason: str) -> bool:
+        e = item.exp_id
         return bool(self._fail(
-            keys=[Keys.task(exp_id, step, phase), Keys.experiment(exp_id), Keys.events, Keys.active],
-            args=[token, reason[:2000], exp_id],
+            keys=[Keys.task(e, item.step, phase), Keys.experiment(e), Keys.events, Keys.active],
+            args=[item.token, reason[:2000], e],
         ))
 
     # ---- scheduler and clients -------------------------------------------------------------
@@ -169,20 +212,14 @@ class StepProtocol:
         return bool(self._finish(keys=[Keys.experiment(exp_id), Keys.events, Keys.active],
                                  args=[status, reason[:2000], exp_id]))
 
-    def mark_inflight(self, leader_id: str, exp_id: str, batch_id: str, step: int, phase: str,
-                      node: str) -> bool:
-        return self.mark_inflight_batch(leader_id, [(exp_id, step, 0)], batch_id, phase, node)[0]
-
-    def mark_inflight_batch(self, leader_id: str, items: list[tuple[str, int, int]], batch_id: str,
-                            phase: str, node: str) -> list[bool]:
-        """Mark (exp_id, step, rows) of each item as published in batch `batch_id`, in one script
+    def mark_inflight(self, leader_id: str, items: Sequence[tuple[str, int]], batch_id: str,
+                      phase: str, node: str) -> list[bool]:
+        """Mark (exp_id, step) of each item as published in batch `batch_id`, in one script
         (one round trip) -> marked per item."""
         if not items:
             return []
-        args: list[object] = [leader_id, batch_id, phase, node]
-        for _, step, rows in items:
-            args += [step, rows]
-        return [bool(x) for x in self._mark(keys=[Keys.leader, *(Keys.experiment(e) for e, _, _ in items)],
+        args: list[object] = [leader_id, batch_id, phase, node, *(step for _, step in items)]
+        return [bool(x) for x in self._mark(keys=[Keys.leader, *(Keys.experiment(e) for e, _ in items)],
                                             args=args)]
 
     def activate(self, leader_id: str, exp_id: str) -> bool:

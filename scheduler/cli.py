@@ -21,15 +21,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from lorafleet.common.experiment import ExperimentRecord, UnknownExperimentError
 from lorafleet.common.keys import node_queue
 from lorafleet.common.settings import Settings, redacted
-from lorafleet.scheduler.registry import (
-    TERMINAL,
-    ExperimentState,
-    SpecError,
-    UnknownExperimentError,
-    parse_spec,
-)
+from lorafleet.common.spec_input import SpecError, parse_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -109,7 +104,7 @@ def submit(specs: list[Path], redis_url: RedisOpt = None) -> None:
         typer.echo(exp_id)
 
 
-def _table(states: list[ExperimentState], metrics: dict[str, list[dict]] | None = None) -> Table:
+def _table(states: list[ExperimentRecord], metrics: dict[str, list[dict]] | None = None) -> Table:
     t = Table(title="lorafleet experiments")
     for col in ("id", "env", "status", "step", "phase", "node", "reward (first→last)", "error"):
         t.add_column(col)
@@ -130,7 +125,7 @@ def status(exp_id: Annotated[str | None, typer.Argument()] = None, redis_url: Re
     except UnknownExperimentError as exc:
         raise _bad_input(str(exc)) from None
     if as_json:
-        typer.echo(json.dumps([{**s.__dict__, "spec": s.spec.model_dump()} for s in states], indent=2))
+        typer.echo(json.dumps([s.summary() for s in states], indent=2))
     else:
         Console().print(_table(states, {s.id: client.metrics(s.id) for s in states}))
 
@@ -268,5 +263,3 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":
     app()
-
-__all__ = ["app", "TERMINAL"]

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.common.adapter_store import AdapterStore, Version
+from lorafleet.common.experiment import TERMINAL, ExperimentRecord
 from lorafleet.common.ids import validate_id
 from lorafleet.common.keys import Keys
 from lorafleet.common.redis_conn import connect
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.settings import Settings
-from lorafleet.scheduler.registry import TERMINAL, ExperimentRegistry, ExperimentState
+from lorafleet.scheduler.registry import ExperimentRegistry
 
 
 class FleetClient:
@@ -40,10 +41,10 @@ class FleetClient:
         same first batch. Raises `SpecError` naming the bad spec, with nothing enqueued."""
         return self.registry.submit_many(specs)
 
-    def get(self, exp_id: str) -> ExperimentState:
+    def get(self, exp_id: str) -> ExperimentRecord:
         return self.registry.get(exp_id)
 
-    def list(self, status: str | None = None) -> list[ExperimentState]:
+    def list(self, status: str | None = None) -> list[ExperimentRecord]:
         return self.registry.list(status)
 
     def cancel(self, exp_id: str) -> bool:
@@ -54,7 +55,7 @@ class FleetClient:
         return self.registry.metrics(exp_id)
 
     def wait(self, exp_ids: Iterable[str], timeout_s: float | None = None,
-             poll_s: float = 0.2) -> list[ExperimentState]:
+             poll_s: float = 0.2) -> list[ExperimentRecord]:
         ids = list(exp_ids)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:

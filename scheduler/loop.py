@@ -12,12 +12,12 @@ import os
 import socket
 import threading
 import uuid
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
 
 from lorafleet.common.celery_config import TASK_ROLLOUT, TASK_TRAIN
+from lorafleet.common.experiment import ACTIVE, SCHEDULING_FIELDS, ExperimentRecord
 from lorafleet.common.keys import Keys, node_queue
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import BatchItem, BatchMessage
@@ -33,20 +33,6 @@ class TaskSender(Protocol):
     def send_task(self, name: str, args: list[Any], queue: str) -> Any: ...
 
 
-@dataclass
-class Exp:
-    id: str
-    status: str
-    step: int
-    phase: str
-    node: str
-    inflight: str
-    inflight_at: int
-    rows: int  # sequences per step: prompts x group size
-    fair_key: float  # rows served / weight: smallest goes first
-    created_at: int
-
-
 class Scheduler:
     def __init__(self, r: redis.Redis, sender: TaskSender, settings: Settings) -> None:
         self.r = r
@@ -57,7 +43,6 @@ class Scheduler:
         self.epoch = 0
         self.is_leader = False
         self._last_event = "$"
-        self._rows_cache: dict[str, int] = {}
         self._rebalancing = False  # this scheduler set the rebalance flag
 
     # ---- leadership ------------------------------------------------------------------------
@@ -106,10 +91,7 @@ class Scheduler:
         if workers:
             self._publish(running, workers)
 
-    _FIELDS = ("status", "step", "phase", "node", "inflight", "inflight_at", "served", "weight",
-               "created_at")
-
-    def _snapshot(self) -> tuple[dict[str, dict], list[Exp], int]:
+    def _snapshot(self) -> tuple[dict[str, dict], list[ExperimentRecord], int]:
         """(live workers' heartbeats, active experiments, Redis clock in ms) in two round trips:
         every tick sits between a commit and the next batch, so it is kept short."""
         pipe = self.r.pipeline(transaction=False)
@@ -118,37 +100,19 @@ class Scheduler:
         pipe.time()
         nodes, ids, (sec, usec) = pipe.execute()
         nodes, ids = sorted(nodes), sorted(ids)
-        self._rows_cache = {e: n for e, n in self._rows_cache.items() if e in ids}  # forget finished
         pipe = self.r.pipeline(transaction=False)
         for node in nodes:
             pipe.get(Keys.worker(node))
         for exp_id in ids:
-            pipe.hmget(Keys.experiment(exp_id), self._FIELDS)
+            pipe.hmget(Keys.experiment(exp_id), SCHEDULING_FIELDS)
         out = pipe.execute() if nodes or ids else []
         workers = {n: json.loads(b) for n, b in zip(nodes, out[:len(nodes)], strict=True) if b}
-        exps = []
-        for exp_id, values in zip(ids, out[len(nodes):], strict=True):
-            h = dict(zip(self._FIELDS, values, strict=True))
-            if h["status"] not in ("queued", "running"):
-                continue
-            exps.append(Exp(
-                id=exp_id, status=h["status"], step=int(h["step"]), phase=h["phase"],
-                node=h["node"] or "", inflight=h["inflight"] or "",
-                inflight_at=int(h["inflight_at"] or 0), rows=self._rows(exp_id),
-                fair_key=float(h["served"] or 0) / float(h["weight"] or 1.0),
-                created_at=int(h["created_at"] or 0),
-            ))
-        return workers, exps, int(sec) * 1000 + int(usec) // 1000
-
-    def _rows(self, exp_id: str) -> int:
-        """Sequences per step (prompts x group size), from the spec, which never changes."""
-        if exp_id not in self._rows_cache:
-            spec = json.loads(self.r.hget(Keys.experiment(exp_id), "spec") or "{}")
-            self._rows_cache[exp_id] = int(spec.get("prompts_per_step", 4)) * int(spec.get("group_size", 4))
-        return self._rows_cache[exp_id]
+        exps = [ExperimentRecord.from_values(exp_id, SCHEDULING_FIELDS, values)
+                for exp_id, values in zip(ids, out[len(nodes):], strict=True)]
+        return workers, [e for e in exps if e.status in ACTIVE], int(sec) * 1000 + int(usec) // 1000
 
     # ---- reaper --------------------------------------------------------------------------------
-    def _reap(self, running: list[Exp], workers: dict[str, dict], now: int) -> set[str]:
+    def _reap(self, running: list[ExperimentRecord], workers: dict[str, dict], now: int) -> set[str]:
         """Re-publish tasks whose worker went away. Returns the nodes to avoid this tick."""
         suspect: set[str] = set()
         inflight = [e for e in running if e.inflight]
@@ -168,7 +132,7 @@ class Scheduler:
                     self._retry(e, "not claimed in time")
         return suspect
 
-    def _retry(self, e: Exp, reason: str, count: bool = True) -> None:
+    def _retry(self, e: ExperimentRecord, reason: str, count: bool = True) -> None:
         attempts = self.protocol.clear_inflight(self.id, e.id, e.inflight, count) - 1
         if attempts < 0:
             return
@@ -181,7 +145,7 @@ class Scheduler:
             e.inflight = ""
 
     # ---- batch forming -------------------------------------------------------------------------
-    def _publish(self, running: list[Exp], workers: dict[str, dict]) -> None:
+    def _publish(self, running: list[ExperimentRecord], workers: dict[str, dict]) -> None:
         """Place unplaced experiments on the least-loaded live node, then give every idle node
         one batch: its largest ready group (train before rollout on ties), fair order inside.
 
@@ -198,7 +162,7 @@ class Scheduler:
                 e.node = min(load, key=lambda n: (load[n], n))
                 load[e.node] += 1
         self._rebalance(ready, load)
-        groups: dict[str, dict[str, list[Exp]]] = {}
+        groups: dict[str, dict[str, list[ExperimentRecord]]] = {}
         for e in ready:
             groups.setdefault(e.node, {}).setdefault(e.phase, []).append(e)
         for node, by_phase in sorted(groups.items()):
@@ -207,7 +171,7 @@ class Scheduler:
             phase, items = max(by_phase.items(), key=lambda kv: (len(kv[1]), kv[0] == "train"))
             self._send(phase, self._fill(items), node)
 
-    def _rebalance(self, ready: list[Exp], load: dict[str, int]) -> None:
+    def _rebalance(self, ready: list[ExperimentRecord], load: dict[str, int]) -> None:
         """Move ready experiments off a node that holds 2+ more than another live node (a worker
         joined, or one node's experiments finished first) to the least-loaded one, lowest fair
         priority first; the receiving worker loads the committed version from the store. While
@@ -224,7 +188,7 @@ class Scheduler:
             self.r.delete(Keys.rebalance)
             self._rebalancing = False
 
-    def _fill(self, items: list[Exp]) -> list[Exp]:
+    def _fill(self, items: list[ExperimentRecord]) -> list[ExperimentRecord]:
         """Take items in fair order until the row budget is used (always at least one)."""
         out, rows = [], 0
         for e in items:
@@ -234,16 +198,15 @@ class Scheduler:
             rows += e.rows
         return out
 
-    def _send(self, phase: str, items: list[Exp], node: str) -> None:
+    def _send(self, phase: str, items: list[ExperimentRecord], node: str) -> None:
         """Rollouts and train steps of an adapter go to the node that holds it hot."""
         batch_id = uuid.uuid4().hex[:16]
-        marks = self.protocol.mark_inflight_batch(self.id, [(e.id, e.step, e.rows) for e in items],
-                                                  batch_id, phase, node)
+        marks = self.protocol.mark_inflight(self.id, [(e.id, e.step) for e in items], batch_id, phase, node)
         marked = [e for e, ok in zip(items, marks, strict=True) if ok]
         if not marked:
             return
         msg = BatchMessage(batch_id=batch_id, phase=phase, node=node, epoch=self.epoch,  # type: ignore[arg-type]
-                           items=tuple(BatchItem(exp_id=e.id, step=e.step, version=e.step) for e in marked))
+                           items=tuple(BatchItem(exp_id=e.id, step=e.step) for e in marked))
         queue = node_queue(node)
         self.sender.send_task(TASK_TRAIN if phase == "train" else TASK_ROLLOUT,
                               args=[msg.model_dump(mode="json")], queue=queue)

@@ -12,20 +12,14 @@ import hashlib
 import math
 import random
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import torch
-
-from lorafleet.common.envs import RewardEnv, get_env
+from lorafleet.common.envs import RewardEnv
 from lorafleet.common.schemas import ExperimentSpec
-from lorafleet.workers.batch import TrainRow, collate
-from lorafleet.workers.fused_step import FusedTrainStep
-from lorafleet.workers.multilora.model import MultiLoRAModel
-from lorafleet.workers.rollout import RolloutEngine, RolloutRequest, Sample, TorchRolloutEngine
-from lorafleet.workers.step_backends import BackendName
+from lorafleet.workers.batch import TrainRow
+from lorafleet.workers.rollout import RolloutRequest, Sample
 
 
 class RewardError(RuntimeError):
@@ -157,114 +151,3 @@ def train_rows(traj: Trajectory, adapter: str) -> list[TrainRow]:
             old_logprobs=[0.0] * n_prompt + list(s.logprobs),
         ))
     return rows
-
-
-# ---- in-process runs ------------------------------------------------------------------------
-@dataclass
-class _Experiment:
-    spec: ExperimentSpec
-    env: RewardEnv
-    step: int = 0
-    failed: str | None = None
-
-
-class LocalRunner:
-    """Several experiments on one in-process model: per RL step, ONE generate call and ONE fused
-    train step for all of them (`run_step`), or one experiment at a time on the same warm model
-    (`run(..., mode="solo")`, the single-tenant baseline of the benchmarks).
-
-    An experiment whose reward env raises is marked failed and leaves the batch; the others go on.
-    """
-
-    def __init__(self, model: MultiLoRAModel, tokenizer: Any, backend: BackendName = "torch",
-                 engine: RolloutEngine | None = None) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.trainer = FusedTrainStep(model, backend)
-        self.engine = engine or TorchRolloutEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        self.experiments: dict[str, _Experiment] = {}
-        param = next(model.model.parameters())
-        # advantages and old logprobs stay in float32 under a half-precision model: the trainer
-        # computes logprobs in float32, and a bf16 old logprob would skew the PPO ratio by ~1%
-        half = param.dtype in (torch.bfloat16, torch.float16)
-        self.device, self.dtype = param.device, torch.float32 if half else param.dtype
-
-    def add(self, exp_id: str, spec: ExperimentSpec, env: RewardEnv | None = None) -> None:
-        """A fresh adapter `exp_id` for `spec`; `env` overrides the registered env (tests,
-        benchmarks; `spec.env` still names it in errors)."""
-        if exp_id in self.experiments:
-            raise ValueError(f"experiment {exp_id!r} already added")
-        env = env if env is not None else get_env(spec.env, spec.env_args)
-        self.trainer.add_adapter(exp_id, spec.train)
-        self.experiments[exp_id] = _Experiment(spec, env)
-
-    def pending(self) -> list[str]:
-        """Experiments that have steps left and have not failed."""
-        return [e for e, x in self.experiments.items() if x.failed is None and x.step < x.spec.steps]
-
-    def run_step(self, only: Sequence[str] | None = None) -> dict[str, dict]:
-        """One RL step of every pending experiment (or of those in `only`), fused. -> metrics per
-        experiment: step, reward_mean/std/min/max, loss, grad_norm, num_tokens, stepped, and the
-        step's shared rollout_s/train_s; or {step, failed: message} for an experiment that failed
-        (reward env raised, or non-finite loss/gradient) and leaves the run."""
-        ids = [e for e in self.pending() if only is None or e in only]
-        if not ids:
-            return {}
-        t0 = time.perf_counter()
-        plans = {e: make_requests(self.experiments[e].spec, self.experiments[e].env,
-                                  self.experiments[e].step, e, self.tokenizer) for e in ids}
-        samples = self.engine.generate([r for e in ids for r in plans[e][1]])
-        t1 = time.perf_counter()
-        metrics: dict[str, dict] = {}
-        rows: list[TrainRow] = []
-        trajectories: dict[str, Trajectory] = {}
-        pos = 0
-        for e in ids:
-            x, (prompts, reqs) = self.experiments[e], plans[e]
-            mine, pos = samples[pos : pos + len(reqs)], pos + len(reqs)
-            try:
-                trajectories[e] = traj = score(x.spec, x.env, prompts, mine, self.tokenizer, x.step)
-            except RewardError as err:
-                metrics[e] = self._fail(e, str(err))
-                continue
-            rows.extend(train_rows(traj, e))
-        if not rows:
-            return metrics
-        batch = collate(rows, self.tokenizer.pad_token_id, self.dtype, adapter_order=list(trajectories))
-        results = self.trainer.step(batch.to(self.device, self.dtype))
-        t2 = time.perf_counter()
-        for e, traj in trajectories.items():
-            r = results[e]
-            if r.skipped_reason is not None:
-                metrics[e] = self._fail(e, f"{r.skipped_reason} on step {traj.step}")
-                continue
-            metrics[e] = {"step": traj.step, "reward_mean": traj.reward_mean,
-                          "reward_std": traj.reward_std, "reward_min": traj.reward_min,
-                          "reward_max": traj.reward_max, "loss": r.loss, "grad_norm": r.grad_norm,
-                          "num_tokens": r.num_tokens, "stepped": r.stepped,
-                          "rollout_s": t1 - t0, "train_s": t2 - t1}
-            self.experiments[e].step += 1
-        return metrics
-
-    def _fail(self, exp_id: str, reason: str) -> dict:
-        x = self.experiments[exp_id]
-        x.failed = reason
-        return {"step": x.step, "failed": reason}
-
-    def run(self, steps: int | None = None, mode: Literal["fused", "solo"] = "fused",
-            ) -> dict[str, list[dict]]:
-        """Up to `steps` RL steps per experiment (default: each spec's `steps`).
-        fused: all experiments advance together; solo: each runs to the end before the next."""
-        history: dict[str, list[dict]] = {e: [] for e in self.experiments}
-        if steps is None:
-            steps = max((x.spec.steps for x in self.experiments.values()), default=0)
-        groups = [None] if mode == "fused" else [[e] for e in self.experiments]
-        for only in groups:
-            for _ in range(steps):
-                metrics = self.run_step(only)
-                if not metrics:
-                    break
-                for e, m in metrics.items():
-                    history[e].append(m)
-        return history
-

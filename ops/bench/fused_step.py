@@ -33,6 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lorafleet.common.schemas import DEFAULT_TARGET_MODULES, KNOWN_TARGET_MODULES, AdapterTrainSpec, LoRASpec
+from lorafleet.common.settings import Settings
 from lorafleet.workers.batch import FusedBatch, TrainRow, collate
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.multilora.model import MultiLoRAModel
@@ -66,7 +67,7 @@ def bench_size(
     size: str, ns: list[int], args: argparse.Namespace, spec: AdapterTrainSpec,
     progress: Progress, task: Any,
 ) -> list[dict[str, Any]]:
-    base, _, _ = load_base_model(f"builtin:{size}-llama", torch.float32)
+    base, _, _ = load_base_model(f"builtin:{size}-llama", torch.float32, "cpu", args.cache_dir)
     trainer = FusedTrainStep(MultiLoRAModel(base), backend="torch")
     names: list[str] = []
     rows: dict[str, list[TrainRow]] = {}
@@ -143,7 +144,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--all-modules", action="store_true", help="adapt all 7 linear modules")
     p.add_argument("--out", type=Path, default=here / "fused_step.json")
     p.add_argument("--plot", type=Path, default=here / "fused_step.png")
-    return p.parse_args(argv)
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="built-in models are built here once (default: Settings().cache_dir, i.e. "
+                        "LORAFLEET_CACHE_DIR or ~/.cache/lorafleet)")
+    args = p.parse_args(argv)
+    if args.cache_dir is None:
+        args.cache_dir = Settings().cache_dir
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

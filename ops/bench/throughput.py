@@ -30,20 +30,26 @@ event on the `lf:events` stream (a blocking XREAD, so no polling delay is added)
 Per run we report: makespan, experiments/hour = 3600 N / makespan, rollout and train tokens/s
 (sums of the per-step `rollout_tokens` / `train_tokens` metrics over the makespan), and the
 worker busy fraction = compute / (W x makespan). Compute is read from the per-step metrics: one
-train batch = one `batch_id`, counted once with its `train_s`; rollout metrics carry no batch
-id, but every item of a rollout batch stores the same `rollout_s` float measured once by its
-worker, so rollout batches are deduplicated by (`rollout_worker`, `rollout_s`). For cold-solo
-each step is its own batch (LocalRunner's `rollout_s` + `train_s`). "Not compute" = 1 - busy
-fraction: everything a worker spends not generating or training (checkpoint publication, Redis
-claims and commits, scoring, waiting for the scheduler and Celery; for cold-solo the process
-starts). Two further views split it: (1) per run, Celery's `Task ... succeeded in Xs` worker log
-lines give the task time, so worker time = compute + rest of the Celery tasks + idle between
-tasks. The idle share, (W x makespan - task time) / (W x makespan), is the queue/scheduling
-overhead of the issue's bar: worker time with no task running while experiments are pending
-(every experiment is pending from the first submit to its completion; the bookkeeping inside a
-task is reported as its own share, not hidden); (2) one
-extra W=1 run each of warm-solo and fleet under Redis MONITOR (timings used nowhere else) gives,
-for every pair of consecutive tasks on the worker, reaction = last commit of the batch -> the
+train batch = one `batch_id`, counted once with its `train_s`; every item of a rollout batch
+carries the batch's `rollout_batch_id` and the same `rollout_s` float measured once by its
+worker, so rollout batches are deduplicated by (`rollout_batch_id`, `rollout_worker`,
+`rollout_s`). For cold-solo each step is its own batch (LocalRunner's `rollout_s` + `train_s`).
+"Not compute" = 1 - busy fraction: everything a worker spends not generating or training
+(checkpoint publication, Redis claims and commits, scoring, waiting for the scheduler and
+Celery; for cold-solo the process starts). Two further views split it, both read from
+structured records, never from log text: (1) per run, every worker writes one entry per Celery
+task it ran to the Redis stream `lf:worker_tasks` (node, worker, kind, started, ended, outcome),
+so worker time = compute + rest of the Celery tasks (busy = the union of its task intervals
+within the makespan) + idle between tasks (makespan - busy). The idle share is the
+queue/scheduling overhead of the issue's bar: worker time with no task running while some
+experiment is pending (from its `submitted` to its terminal event on `lf:events`; in a fleet run
+every experiment is pending from the first submit to its completion; the bookkeeping inside a
+task is reported as its own share, not hidden). Before a fleet is stopped the benchmark waits
+(at most 20 s) until every worker has recorded the task of its last commit and either a task
+that ended after the last completion or a heartbeat (`lf:worker:<node>`, `busy` false) written
+after it. (2) One extra W=1 run each of warm-solo and fleet under Redis MONITOR (timings used
+nowhere else) gives, for every pair of consecutive tasks on the worker (from the same task
+records), reaction = last commit of the batch -> the
 scheduler's LPUSH of the next batch (XREAD wake-up, tick, mark in-flight, publish), delivery =
 LPUSH -> the first claim of the new batch (kombu BRPOP, prefork hand-off, task start), and
 wind-down = last commit -> task end.
@@ -73,7 +79,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -82,15 +87,37 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from throughput_config import (
+    ALPHA,
+    BASE_MODEL,
+    COLD,
+    FINAL_WINDOW,
+    GROUP,
+    LR,
+    MAX_NEW_TOKENS,
+    NOISE_SIGMAS,
+    PROMPTS,
+    RANK,
+    RESULTS,
+    ROOT,
+    TEMPERATURE,
+    WARM,
+    Run,
+    fleet_mode,
+    workload,
+)
+from throughput_machine import cpu_snapshot, foreign_cores, machine_info, wait_for_quiet
 from throughput_metrics import (
     curves,
+    evaluate_bars,
     medians,
     pairwise_diffs,
     parity,
+    profile,
     profile_medians,
     repeat_diff,
     summarize,
-    trace_run,
+    trace_summary,
 )
 from throughput_report import (
     bars_table,
@@ -104,35 +131,7 @@ from throughput_report import (
     sweep_table,
     trace_table,
 )
-from throughput_runs import (
-    ALPHA,
-    BAR_COLD,
-    BAR_OVERHEAD,
-    BAR_WARM,
-    BASE_MODEL,
-    COLD,
-    FINAL_WINDOW,
-    GROUP,
-    IDENTICAL_TOL,
-    LR,
-    MAX_NEW_TOKENS,
-    NOISE_SIGMAS,
-    PROMPTS,
-    RANK,
-    RESULTS,
-    ROOT,
-    TEMPERATURE,
-    WARM,
-    Run,
-    child_main,
-    cpu_snapshot,
-    fleet_mode,
-    foreign_cores,
-    run_cold,
-    run_fleet,
-    wait_for_quiet,
-    workload,
-)
+from throughput_runs import child_main, run_cold, run_fleet, trace_run
 
 
 # ---- driver --------------------------------------------------------------------------------
@@ -171,21 +170,16 @@ class Bench:
             run = run_fleet(specs, workers, mode == WARM, dtype, a.cache_dir, self.workdir, repeat,
                             a.timeout_s, a.worker_threads)
         run.foreign_cores = foreign_cores(before, cpu_snapshot(), time.monotonic() - t0)
+        run.profile = profile(run)
         s = summarize(run)
         bad = [e["name"] for e in run.experiments if e["status"] != "completed"]
         self.console.print(
             f"  {mode:10s} N={run.n:2d} {dtype} r{repeat}: makespan {run.makespan_s:6.1f}s  "
             f"{s['experiments_per_hour']:7.0f} exp/h  busy {s['busy_fraction']:.1%}  "
             f"start-up {fmt(run.startup_s)}s  foreign CPU {run.foreign_cores:.2f}"
-            + (f"  [red]not completed: {bad}[/]" if bad else ""))
+            + (f"  [red]not completed: {bad}[/]" if bad else "")
+            + ("  [red]worker task records incomplete[/]" if run.records_complete is False else ""))
         return run
-
-
-def machine_info() -> dict[str, Any]:
-    from importlib.metadata import version
-
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": version("torch"), "processor": platform.processor(), "loadavg_start": os.getloadavg()}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -216,9 +210,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def prebuild_model(cache_dir: Path) -> None:
-    env = {**os.environ, "LORAFLEET_CACHE_DIR": str(cache_dir)}
-    subprocess.run([sys.executable, "-m", "lorafleet.workers.tiny_model", BASE_MODEL], env=env, check=True,
-                   capture_output=True, cwd=ROOT)
+    """Build the built-in model into `cache_dir` once, in a child process (the driver itself
+    never imports torch)."""
+    code = ("import sys; from pathlib import Path; "
+            "from lorafleet.workers.tiny_model import resolve_model_dir; "
+            "print(resolve_model_dir(sys.argv[1], Path(sys.argv[2])))")
+    subprocess.run([sys.executable, "-c", code, BASE_MODEL, str(cache_dir)], check=True, capture_output=True,
+                   cwd=ROOT)
 
 
 def main_modes(bench: Bench, specs: list[dict[str, Any]], modes: list[str]) -> dict[str, list[Run]]:
@@ -262,35 +260,6 @@ def run_sweep(bench: Bench, main_meds: dict[str, dict[str, Any]]) -> list[dict[s
     return out
 
 
-def evaluate_bars(meds: dict[str, dict[str, Any]], rows: list[dict[str, Any]], diffs64: dict[str, float],
-                  n: int, fleet_modes: list[str]) -> list[dict[str, Any]]:
-    bars = []
-    w, c = meds[WARM]["experiments_per_hour"], meds[COLD]["experiments_per_hour"]
-    for fm in fleet_modes:
-        f = meds[fm]["experiments_per_hour"]
-        bars += [{"bar": f"{fm}/cold-solo exp/h >= {BAR_COLD} at N={n}", "value": f / c,
-                  "measured": f"{f / c:.2f}x", "pass": f / c >= BAR_COLD},
-                 {"bar": f"{fm}/warm-solo exp/h >= {BAR_WARM} at N={n}", "value": f / w,
-                  "measured": f"{f / w:.2f}x", "pass": f / w >= BAR_WARM}]
-    keys = [f"{fm} vs {WARM}" for fm in fleet_modes]
-    within = [abs(r["diff"][k]) <= r["tol"][k] for r in rows for k in keys]
-    bars.append({"bar": "no reward regression: every final reward within noise of warm-solo",
-                 "value": sum(within), "pass": all(within),
-                 "measured": f"{sum(within)}/{len(within)} (experiment x fleet mode) within "
-                             f"{NOISE_SIGMAS:.0f} sigma"})
-    worst64 = max(diffs64.values(), default=float("nan"))
-    bars.append({"bar": "float64: identical reward curves in all modes", "value": worst64,
-                 "measured": f"max |Δ| = {worst64:.3g}" if diffs64 else "not run",
-                 "pass": bool(diffs64) and worst64 <= IDENTICAL_TOL})
-    for fm in fleet_modes:
-        idle, rest = meds[fm]["idle_fraction"], meds[fm]["overhead"]
-        bars.append({"bar": f"{fm}: queue/scheduling overhead (worker idle while work is pending) < "
-                            f"{BAR_OVERHEAD:.0%} of worker time at N={n}", "value": idle,
-                     "measured": f"{idle:.1%} (all non-compute incl. checkpointing: {rest:.1%})",
-                     "pass": idle < BAR_OVERHEAD})
-    return bars
-
-
 def run_traces(bench: Bench, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     a = bench.args
     if a.no_trace:
@@ -299,7 +268,7 @@ def run_traces(bench: Bench, specs: list[dict[str, Any]]) -> list[dict[str, Any]
     out = []
     for sequential in (True, False):
         bench.wait()
-        t = trace_run(specs, sequential, a.dtype, a.cache_dir, bench.workdir, a.worker_threads)
+        t = trace_summary(trace_run(specs, sequential, a.dtype, a.cache_dir, bench.workdir, a.worker_threads))
         bench.console.print(f"  trace {t['mode']}: makespan {t['makespan_s']:.1f}s, {t['tasks']} tasks")
         out.append(t)
     return out
@@ -382,7 +351,7 @@ def write_outputs(res: dict, bench: Bench, specs: list[dict[str, Any]], fleet_mo
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child_spec:
-        return child_main(args.child_spec, args.dtype, args.child_store)
+        return child_main(args.child_spec, args.dtype, args.child_store, args.cache_dir)
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 150)

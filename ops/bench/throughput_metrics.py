@@ -1,49 +1,46 @@
-"""What the throughput benchmark computes from its runs: compute per worker, the worker-log
-profile, the Redis MONITOR trace of the gaps between tasks, medians and reward parity."""
+"""What the throughput benchmark computes from its runs (pure functions of `Run` and of the trace
+runs' raw records): compute per worker, the per-worker time profile from the `lf:worker_tasks`
+records, the gaps between tasks from the Redis MONITOR trace, medians and reward parity."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import statistics
-import tempfile
-import time
-from datetime import datetime
-from pathlib import Path
+from collections import Counter
 from typing import Any
 
-from throughput_runs import (
+from throughput_config import (
+    BAR_COLD,
+    BAR_OVERHEAD,
+    BAR_WARM,
     COLD,
     FINAL_WINDOW,
     GROUP,
+    IDENTICAL_TOL,
     NOISE_SIGMAS,
     PROMPTS,
-    SUCCEEDED_RE,
     WARM,
-    Completions,
     Run,
-    fleet_env,
-    fleet_mode,
-    start_fleet,
-    submit_all,
-    wait_for_task_ends,
 )
+
+Spans = list[tuple[float, float]]
 
 
 # ---- compute accounting ----------------------------------------------------------------------
 def compute_by_worker(run: Run) -> dict[str, dict[str, float]]:
-    """Rollout and train seconds per worker, each batch counted once (see module docstring)."""
+    """Rollout and train seconds per worker node, each batch counted once: a train batch is one
+    `batch_id` with its `train_s`; every item of a rollout batch carries the batch's
+    `rollout_batch_id` and the same `rollout_s` measured once by its worker."""
     out: dict[str, dict[str, float]] = {}
     if run.mode == COLD:
         total = {"rollout_s": sum(m.get("rollout_s", 0.0) for m in run.steps()),
                  "train_s": sum(m.get("train_s", 0.0) for m in run.steps())}
         return {"cold": total}
-    rollouts: dict[tuple[str, float], tuple[str, float]] = {}
+    rollouts: dict[tuple[Any, str, float], tuple[str, float]] = {}
     trains: dict[str, tuple[str, float]] = {}
     for m in run.steps():
         if "rollout_s" in m:
             worker = m.get("rollout_worker", "")
-            rollouts[(worker, m["rollout_s"])] = (worker, m["rollout_s"])
+            rollouts[(m.get("rollout_batch_id"), worker, m["rollout_s"])] = (worker, m["rollout_s"])
         if "batch_id" in m:
             trains[m["batch_id"]] = (m.get("worker", ""), m["train_s"])
     for phase, batches in (("rollout_s", rollouts), ("train_s", trains)):
@@ -77,113 +74,82 @@ def summarize(run: Run) -> dict[str, Any]:
 
 
 def idle_fraction(run: Run) -> float | None:
-    """Share of W x makespan with no Celery task running on a worker (fleet runs)."""
+    """Share of W x makespan in which a worker ran no Celery task while some experiment was
+    pending (submitted, not yet terminal) (fleet runs)."""
     nodes = run.profile.get("nodes")
-    return sum(n["idle_s"] for n in nodes.values()) / (run.workers * run.makespan_s) if nodes else None
+    if not nodes:
+        return None
+    return sum(n["idle_pending_s"] for n in nodes.values()) / (run.workers * run.makespan_s)
 
 
-# ---- log profile (fleet runs) ------------------------------------------------------------------
-def _ts(stamp: str) -> float:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+# ---- time profile (from structured records) ---------------------------------------------------
+def clip_union(intervals: list[tuple[float, float]], lo: float, hi: float) -> Spans:
+    """The union of `intervals` within [lo, hi], as sorted disjoint spans."""
+    spans = sorted((max(a, lo), min(b, hi)) for a, b in intervals if min(b, hi) > max(a, lo))
+    merged: Spans = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
 
 
-def _json_lines(path: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
+def length(spans: Spans) -> float:
+    return sum(b - a for a, b in spans)
 
 
-def worker_tasks(log: Path) -> list[dict[str, Any]]:
-    """[{name, start, end, duration}] from Celery's `succeeded in` lines, in end order."""
-    tasks: dict[str, dict[str, Any]] = {}
-    for rec in _json_lines(log):
-        m = SUCCEEDED_RE.search(str(rec.get("event", "")))
-        if m and "timestamp" in rec:
-            end, dur = _ts(rec["timestamp"]), float(m.group(3))
-            task = {"name": m.group(1), "start": end - dur, "end": end, "duration": dur}
-            tasks.setdefault(m.group(2), task)
-    return sorted(tasks.values(), key=lambda t: t["end"])
+def overlap(xs: Spans, ys: Spans) -> float:
+    """Total length of the intersection of two lists of disjoint spans."""
+    return sum(max(0.0, min(b, d) - max(a, c)) for a, b in xs for c, d in ys)
 
 
-def fleet_profile(run: Run, log_dir: Path, wall0: float) -> dict[str, Any]:
-    """Per worker: Celery task time, compute inside it, the rest of the task, and idle time."""
+def cold_profile(run: Run) -> dict[str, Any]:
+    exps = run.experiments
+    keys = ("process_wall_s", "child_s", "import_s", "load_s", "train_s", "save_s")
+    total = {k: sum(e[k] for e in exps) for k in keys}
+    total["interpreter_s"] = total["process_wall_s"] - total["child_s"]
+    return {"sum_s": total, "per_experiment_mean_s": {k: v / len(exps) for k, v in total.items()}}
+
+
+def fleet_profile(run: Run) -> dict[str, Any]:
+    """Per worker node, within the makespan window: busy = the union of its recorded Celery tasks
+    (`lf:worker_tasks`, started..ended), compute inside them (per-step metrics), the rest of the
+    tasks, idle = makespan - busy, and idle while pending = the part of the pending time (some
+    experiment submitted and not yet terminal, from `lf:events`) with no task running."""
+    assert run.window is not None, "a fleet run records its wall-clock window"
+    lo, hi = run.window
+    pending = clip_union(run.pending, lo, hi)
     compute = compute_by_worker(run)
     nodes: dict[str, Any] = {}
     for i in range(run.workers):
         node = f"w{i}"
-        log = log_dir / f"{node}.log"
-        tasks = worker_tasks(log) if log.exists() else []
+        mine = [t for t in run.tasks if t["node"] == node and t["end"] > lo and t["start"] < hi]
+        busy = clip_union([(t["start"], t["end"]) for t in mine], lo, hi)
+        task_s = length(busy)
         c = compute.get(node, {"rollout_s": 0.0, "train_s": 0.0})
-        task_s = sum(t["duration"] for t in tasks)
-        by_name: dict[str, list[float]] = {}
-        for t in tasks:
-            by_name.setdefault(t["name"].rsplit(".", 1)[-1], []).append(t["duration"])
+        by_kind: dict[str, list[float]] = {}
+        for t in mine:
+            by_kind.setdefault(t["kind"], []).append(min(t["end"], hi) - max(t["start"], lo))
         nodes[node] = {
-            "tasks": len(tasks), "task_s": task_s, "compute_s": c["rollout_s"] + c["train_s"], **c,
+            "tasks": len(mine), "task_s": task_s, "compute_s": c["rollout_s"] + c["train_s"], **c,
             "in_task_other_s": task_s - c["rollout_s"] - c["train_s"],
             "idle_s": max(0.0, run.makespan_s - task_s),
-            "first_task_start_s": tasks[0]["start"] - wall0 if tasks else None,
-            "task_s_by_kind": {k: sum(v) for k, v in by_name.items()},
-            "tasks_by_kind": {k: len(v) for k, v in by_name.items()},
+            "idle_pending_s": max(0.0, length(pending) - overlap(busy, pending)),
+            "first_task_start_s": min(t["start"] for t in mine) - lo if mine else None,
+            "task_s_by_kind": {k: sum(v) for k, v in by_kind.items()},
+            "tasks_by_kind": {k: len(v) for k, v in by_kind.items()},
+            "outcomes": dict(Counter(t["outcome"] for t in mine)),
         }
-    return {"nodes": nodes}
+    return {"nodes": nodes, "pending_s": length(pending), "records_complete": run.records_complete,
+            "log_dir": run.log_dir}
+
+
+def profile(run: Run) -> dict[str, Any]:
+    return cold_profile(run) if run.mode == COLD else fleet_profile(run)
 
 
 # ---- Redis MONITOR trace: where the gaps between tasks go -------------------------------------
-def script_names() -> dict[str, str]:
-    """sha1 -> name of the protocol's Lua scripts (EVALSHA lines in MONITOR)."""
-    import hashlib
-
-    from lorafleet.common import protocol
-
-    names = ("CLAIM", "COMMIT_ROLLOUT", "COMMIT_ROLLOUT_CLAIM_TRAIN", "COMMIT_TRAIN", "MARK_INFLIGHT",
-             "RENEW", "ACTIVATE")
-    return {hashlib.sha1(getattr(protocol, n).encode()).hexdigest(): n for n in names}
-
-
-class Monitor:
-    """Redis MONITOR in a thread: (server time, kind) of claims, commits, publishes and ticks."""
-
-    def __init__(self, redis_url: str) -> None:
-        import threading
-
-        from lorafleet.common.redis_conn import connect
-
-        self.r, self.shas, self.events = connect(redis_url), script_names(), []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._listen, daemon=True)
-        self.thread.start()
-
-    def _listen(self) -> None:
-        with self.r.monitor() as m:
-            for c in m.listen():
-                kind = self._kind(str(c.get("command", "")))
-                if kind:
-                    self.events.append((float(c["time"]), kind))
-                if self.stop.is_set():
-                    return
-
-    def _kind(self, cmd: str) -> str | None:
-        head = cmd[:200].split(" ", 2)
-        name = head[0].upper()
-        if name == "EVALSHA" and len(head) > 1:
-            return self.shas.get(head[1].strip('"'))
-        if name == "LPUSH" and len(head) > 1 and head[1].strip('"').startswith("lf.node."):
-            return "PUBLISH"
-        return "TICK" if name == "SMEMBERS" and "lf:workers" in cmd else None
-
-    def close(self) -> list[tuple[float, str]]:
-        self.stop.set()
-        self.r.ping()  # one more command wakes the listener
-        self.thread.join(5)
-        return self.events
-
-
 def transitions(tasks: list[dict[str, Any]], events: list[tuple[float, str]]) -> dict[str, list[float]]:
     """For each task after the first on one worker: previous batch's last commit -> scheduler's
     publish (LPUSH) = reaction; publish -> first claim of the new batch = Celery delivery;
@@ -206,32 +172,16 @@ def transitions(tasks: list[dict[str, Any]], events: list[tuple[float, str]]) ->
     return out
 
 
-def trace_run(specs: list[dict[str, Any]], sequential: bool, dtype: str, cache_dir: Path, workdir: Path,
-              threads: int) -> dict[str, Any]:
-    """One extra W=1 run under Redis MONITOR (its timings are not used anywhere else)."""
-    from lorafleet.scheduler.client import FleetClient
-
-    mode = WARM if sequential else fleet_mode(1)
-    store = Path(tempfile.mkdtemp(prefix=f"store-trace-{mode}-", dir=workdir))
-    log_dir = workdir / "logs" / f"trace-{mode}-n{len(specs)}"
-    shutil.rmtree(log_dir, ignore_errors=True)
-    fleet, _ = start_fleet(1, fleet_env(cache_dir, store, dtype, threads), log_dir)
-    try:
-        client = FleetClient(fleet.redis_url, f"file://{store}")
-        monitor = Monitor(fleet.redis_url)
-        time.sleep(0.5)
-        _, _, t0, t_end = submit_all(client, Completions(client.r), fleet, specs, sequential, 900.0)
-        wait_for_task_ends(log_dir, 1)
-        events = monitor.close()
-    finally:
-        fleet.stop()
-        shutil.rmtree(store, ignore_errors=True)
-    tasks = worker_tasks(log_dir / "w0.log")
+def trace_summary(raw: dict[str, Any]) -> dict[str, Any]:
+    """A trace run's raw records (throughput_runs.trace_run) -> its medians and sums."""
+    tasks = sorted(raw["tasks"], key=lambda t: t["start"])
+    events = raw["events"]
     parts = transitions(tasks, events)
-    makespan = t_end - t0
+    makespan = raw["makespan_s"]
     ticks = sum(1 for _, k in events if k == "TICK")
-    return {"mode": mode, "n": len(specs), "makespan_s": makespan, "tasks": len(tasks),
-            "scheduler_ticks_per_s": ticks / makespan, "log_dir": str(log_dir),
+    return {"mode": raw["mode"], "n": raw["n"], "makespan_s": makespan, "tasks": len(tasks),
+            "scheduler_ticks_per_s": ticks / makespan, "log_dir": raw["log_dir"],
+            "records_complete": raw["records_complete"],
             **{f"{k}_median_ms": 1e3 * statistics.median(v) for k, v in parts.items() if v},
             **{f"{k}_sum_s": sum(v) for k, v in parts.items()},
             "task_s": sum(t["duration"] for t in tasks)}
@@ -253,7 +203,7 @@ def medians(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 def profile_medians(runs: list[Run]) -> dict[str, Any]:
     """Median over repeats of the per-run sums over workers of each time bucket, as fractions
     of W x makespan."""
-    keys = ("task_s", "compute_s", "in_task_other_s", "idle_s")
+    keys = ("task_s", "compute_s", "in_task_other_s", "idle_s", "idle_pending_s")
     per_run = []
     for run in runs:
         nodes = run.profile.get("nodes", {}).values()
@@ -308,3 +258,33 @@ def pairwise_diffs(runs: dict[str, Run]) -> dict[str, float]:
     modes = list(runs)
     return {f"{a} vs {b}": max_curve_diff(runs[a], runs[b])
             for i, a in enumerate(modes) for b in modes[i + 1:]}
+
+
+# ---- bars -------------------------------------------------------------------------------------
+def evaluate_bars(meds: dict[str, dict[str, Any]], rows: list[dict[str, Any]], diffs64: dict[str, float],
+                  n: int, fleet_modes: list[str]) -> list[dict[str, Any]]:
+    bars = []
+    w, c = meds[WARM]["experiments_per_hour"], meds[COLD]["experiments_per_hour"]
+    for fm in fleet_modes:
+        f = meds[fm]["experiments_per_hour"]
+        bars += [{"bar": f"{fm}/cold-solo exp/h >= {BAR_COLD} at N={n}", "value": f / c,
+                  "measured": f"{f / c:.2f}x", "pass": f / c >= BAR_COLD},
+                 {"bar": f"{fm}/warm-solo exp/h >= {BAR_WARM} at N={n}", "value": f / w,
+                  "measured": f"{f / w:.2f}x", "pass": f / w >= BAR_WARM}]
+    keys = [f"{fm} vs {WARM}" for fm in fleet_modes]
+    within = [abs(r["diff"][k]) <= r["tol"][k] for r in rows for k in keys]
+    bars.append({"bar": "no reward regression: every final reward within noise of warm-solo",
+                 "value": sum(within), "pass": all(within),
+                 "measured": f"{sum(within)}/{len(within)} (experiment x fleet mode) within "
+                             f"{NOISE_SIGMAS:.0f} sigma"})
+    worst64 = max(diffs64.values(), default=float("nan"))
+    bars.append({"bar": "float64: identical reward curves in all modes", "value": worst64,
+                 "measured": f"max |Δ| = {worst64:.3g}" if diffs64 else "not run",
+                 "pass": bool(diffs64) and worst64 <= IDENTICAL_TOL})
+    for fm in fleet_modes:
+        idle, rest = meds[fm]["idle_fraction"], meds[fm]["overhead"]
+        bars.append({"bar": f"{fm}: queue/scheduling overhead (worker idle while work is pending) < "
+                            f"{BAR_OVERHEAD:.0%} of worker time at N={n}", "value": idle,
+                     "measured": f"{idle:.1%} (all non-compute incl. checkpointing: {rest:.1%})",
+                     "pass": idle < BAR_OVERHEAD})
+    return bars

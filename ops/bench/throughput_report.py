@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from throughput_runs import BASE_MODEL, DEVICE, Run
+from throughput_config import BASE_MODEL, DEVICE, Run
 
 
 # ---- output --------------------------------------------------------------------------------
@@ -35,13 +35,15 @@ def summary_table(meds: dict[str, dict[str, Any]], n: int, repeats: int) -> Any:
 def profile_table(profiles: dict[str, dict[str, Any]], cold: dict[str, Any] | None) -> Any:
     from rich.table import Table
 
-    t = Table(title="Where worker time goes (share of W x makespan, median over repeats)")
-    for col in ("mode", "compute (rollout+train)", "rest of Celery tasks", "idle between tasks", "tasks"):
+    t = Table(title="Where worker time goes (share of W x makespan, median over repeats; from the "
+                    "lf:worker_tasks records)")
+    for col in ("mode", "compute (rollout+train)", "rest of Celery tasks", "idle between tasks",
+                "of which work pending", "tasks"):
         t.add_column(col, justify="left" if col == "mode" else "right")
     for mode, p in profiles.items():
         if p:
             t.add_row(mode, f"{p['compute_s']:.1%}", f"{p['in_task_other_s']:.1%}", f"{p['idle_s']:.1%}",
-                      f"{p['tasks']:.0f}")
+                      f"{p['idle_pending_s']:.1%}", f"{p['tasks']:.0f}")
     if cold:
         s = cold["per_experiment_mean_s"]
         t.caption = (f"cold-solo per experiment (mean s): process {s['process_wall_s']:.2f} = interpreter "

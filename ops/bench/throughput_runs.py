@@ -1,95 +1,27 @@
-"""The throughput benchmark's workload and its three ways to run it (cold-solo, warm-solo,
-fleet), plus the checks that keep other processes from spoiling the timings."""
+"""The throughput benchmark's three ways to run the workload (cold-solo, warm-solo, fleet) and the
+Redis MONITOR trace run. A run returns what it measured and the structured records it read from
+Redis (throughput_records); throughput_metrics derives everything else from them."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-DRIVER = Path(__file__).with_name("throughput.py")  # also the cold-solo child
-RESULTS = ROOT / "ops" / "bench" / "results"
-# ops/device/bench_gpu.sh sets these for the GPU run (larger model, CUDA); the CPU default is tiny
-BASE_MODEL = os.environ.get("LORAFLEET_BASE_MODEL", "builtin:tiny-llama")
-DEVICE = os.environ.get("LORAFLEET_DEVICE", "cpu")
-PROMPTS, GROUP, MAX_NEW_TOKENS, TEMPERATURE, LR, RANK, ALPHA = 4, 4, 8, 0.3, 3e-3, 8, 16
-FINAL_WINDOW = 3  # final reward = mean of the last 3 steps
-NOISE_SIGMAS = 3.0
-BAR_COLD, BAR_WARM, BAR_OVERHEAD = 3.0, 2.0, 0.05
-IDENTICAL_TOL = 1e-12
-COLD, WARM = "cold-solo", "warm-solo"
-TASKS: list[tuple[str, dict[str, str]]] = [
-    ("char_class", {"cls": "digits"}), ("near_char", {"char": "z"}),
-    ("target_string", {"target": "lorafleet"}), ("char_class", {"cls": "vowels"}),
-    ("near_char", {"char": "e"}), ("target_string", {"target": "hello"}),
-    ("char_class", {"cls": "upper"}), ("near_char", {"char": "m"}),
-    ("target_string", {"target": "fleet"}), ("char_class", {"cls": "punct"}),
-    ("near_char", {"char": "a"}), ("target_string", {"target": "adapter"}),
-    ("char_class", {"cls": "lower"}), ("near_char", {"char": "q"}),
-    ("target_string", {"target": "lora"}),
-]
-METRIC_KEYS = ("step", "reward_mean", "reward_std", "loss", "grad_norm", "rollout_s", "train_s",
-               "rollout_tokens", "train_tokens", "rollout_batch", "train_batch", "rollout_worker",
-               "worker", "batch_id", "time", "failed")
-TERMINAL_EVENTS = ("completed", "failed", "cancelled")
-SUCCEEDED_RE = re.compile(r"Task (\S+)\[([0-9a-f-]+)\] succeeded in ([0-9.e-]+)s")
-RECEIVED_RE = re.compile(r"Task \S+\[([0-9a-f-]+)\] received")
-ENDED_RE = re.compile(r"Task \S+\[([0-9a-f-]+)\] (?:succeeded|raised|failed|retry)")
-
-
-# ---- workload -------------------------------------------------------------------------------
-def fleet_mode(workers: int) -> str:
-    return f"fleet-w{workers}"
-
-
-def workload(n: int, steps: int) -> list[dict[str, Any]]:
-    """N specs: envs/args cycle through TASKS, every experiment has its own seed."""
-    specs = []
-    for i in range(n):
-        env, args = TASKS[i % len(TASKS)]
-        tag = "-".join(str(v) for v in args.values())
-        specs.append({
-            "name": f"e{i:02d}-{env.replace('_', '-')}-{tag}", "env": env, "env_args": args,
-            "steps": steps, "prompts_per_step": PROMPTS, "group_size": GROUP,
-            "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE,
-            "train": {"seed": 101 + i, "lora": {"rank": RANK, "alpha": ALPHA},
-                      "optimizer": {"lr": LR, "max_grad_norm": 1.0}},
-        })
-    return specs
-
-
-@dataclass
-class Run:
-    """One measured run of one mode; `experiments` holds each experiment's per-step metrics."""
-
-    mode: str
-    n: int
-    workers: int
-    repeat: int
-    dtype: str
-    makespan_s: float
-    startup_s: float | None
-    experiments: list[dict[str, Any]] = field(default_factory=list)
-    profile: dict[str, Any] = field(default_factory=dict)
-    loadavg: tuple[float, ...] = ()
-    foreign_cores: float = 0.0  # mean cores used by other people's processes during the run
-
-    def steps(self) -> list[dict[str, Any]]:
-        return [m for e in self.experiments for m in e["metrics"]]
-
-
-def trim(m: dict[str, Any]) -> dict[str, Any]:
-    return {k: m[k] for k in METRIC_KEYS if k in m}
+from throughput_config import BASE_MODEL, COLD, DEVICE, DRIVER, ROOT, WARM, Run, fleet_mode, trim
+from throughput_records import (
+    Completions,
+    last_commits,
+    pending_intervals,
+    task_entries,
+    wait_for_task_records,
+)
 
 
 # ---- cold-solo: one fresh process per experiment ------------------------------------------------
@@ -105,7 +37,7 @@ class CountingEngine:
         return out
 
 
-def child_main(spec_json: str, dtype: str, store_url: str) -> int:
+def child_main(spec_json: str, dtype: str, store_url: str, cache_dir: Path) -> int:
     """The cold-solo child: import torch, load the model, train one adapter, save it, exit."""
     t0 = time.perf_counter()
     import torch
@@ -114,13 +46,13 @@ def child_main(spec_json: str, dtype: str, store_url: str) -> int:
     from lorafleet.common.adapter_store import AdapterStore
     from lorafleet.common.schemas import ExperimentSpec
     from lorafleet.workers.checkpoints import publish_adapter
+    from lorafleet.workers.local_runner import LocalRunner
     from lorafleet.workers.multilora.model import MultiLoRAModel
-    from lorafleet.workers.rl import LocalRunner
     from lorafleet.workers.rollout import TorchRolloutEngine
     from lorafleet.workers.tiny_model import load_base_model
 
     t_import = time.perf_counter()
-    hf, tok, _ = load_base_model(BASE_MODEL, getattr(torch, dtype), DEVICE)
+    hf, tok, _ = load_base_model(BASE_MODEL, getattr(torch, dtype), DEVICE, cache_dir)
     model = MultiLoRAModel(hf)
     engine = CountingEngine(TorchRolloutEngine(model, tok.eos_token_id, tok.pad_token_id))
     runner = LocalRunner(model, tok, engine=engine)
@@ -133,11 +65,13 @@ def child_main(spec_json: str, dtype: str, store_url: str) -> int:
         m = runner.run_step().get(spec.name)
         if not m:
             break
-        steps.append({**m, "rollout_tokens": engine.tokens - before, "train_tokens": m.get("num_tokens", 0)})
+        # the step's own token counts where it reports them, else the engine's count
+        steps.append({"rollout_tokens": engine.tokens - before, "train_tokens": m.get("num_tokens", 0), **m})
         if "failed" in m:
             break
     t_train = time.perf_counter()
-    publish_adapter(AdapterStore(store_url), runner.trainer, spec.name, len(steps), BASE_MODEL)
+    publish_adapter(AdapterStore(store_url, cache_dir=cache_dir), runner.trainer, spec.name, len(steps),
+                    BASE_MODEL)
     t_end = time.perf_counter()
     print(json.dumps({"metrics": steps, "import_s": t_import - t0, "load_s": t_load - t_import,
                       "train_s": t_train - t_load, "save_s": t_end - t_train, "child_s": t_end - t0,
@@ -155,8 +89,8 @@ def run_cold(specs: list[dict[str, Any]], dtype: str, cache_dir: Path, workdir: 
     for spec in specs:
         t_start = time.monotonic()
         proc = subprocess.run(
-            [sys.executable, str(DRIVER), "--child-spec", json.dumps(spec),
-             "--dtype", dtype, "--child-store", f"file://{store}"],
+            [sys.executable, str(DRIVER), "--child-spec", json.dumps(spec), "--dtype", dtype,
+             "--child-store", f"file://{store}", "--cache-dir", str(cache_dir)],
             env=env, capture_output=True, text=True, cwd=ROOT, check=False)
         wall = time.monotonic() - t_start
         if proc.returncode != 0:
@@ -168,52 +102,14 @@ def run_cold(specs: list[dict[str, Any]], dtype: str, cache_dir: Path, workdir: 
                             "metrics": metrics, "process_wall_s": wall, **out})
     makespan = time.monotonic() - t0
     shutil.rmtree(store, ignore_errors=True)
-    run = Run(COLD, len(specs), 1, repeat, dtype, makespan, None, experiments, loadavg=loadavg)
-    run.profile = cold_profile(run)
-    return run
-
-
-def cold_profile(run: Run) -> dict[str, Any]:
-    exps = run.experiments
-    keys = ("process_wall_s", "child_s", "import_s", "load_s", "train_s", "save_s")
-    total = {k: sum(e[k] for e in exps) for k in keys}
-    total["interpreter_s"] = total["process_wall_s"] - total["child_s"]
-    return {"sum_s": total, "per_experiment_mean_s": {k: v / len(exps) for k, v in total.items()}}
+    return Run(COLD, len(specs), 1, repeat, dtype, makespan, None, experiments, loadavg=loadavg)
 
 
 # ---- warm-solo and fleet: LocalFleet ----------------------------------------------------------
-class Completions:
-    """Follows `lf:events` from now on; `wait` returns when every id reached a terminal event."""
-
-    def __init__(self, r: Any) -> None:
-        from lorafleet.common.keys import Keys
-
-        self.r, self.key = r, Keys.events
-        last = r.xrevrange(self.key, count=1)
-        self.last = last[0][0] if last else "0"
-
-    def wait(self, ids: set[str], timeout_s: float, fleet: Any) -> dict[str, float]:
-        done: dict[str, float] = {}
-        deadline = time.monotonic() + timeout_s
-        while ids - done.keys():
-            got = self.r.xread({self.key: self.last}, block=250, count=1000)
-            now = time.monotonic()
-            for _, entries in got or []:
-                for event_id, fields in entries:
-                    self.last = event_id
-                    if fields.get("type") in TERMINAL_EVENTS and fields.get("exp") in ids:
-                        done.setdefault(fields["exp"], now)
-            if now > deadline:
-                raise TimeoutError(f"{len(ids - done.keys())} experiment(s) not done after {timeout_s}s")
-            dead = [k for k, p in fleet.procs.items() if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"fleet process(es) exited: {dead}; see {fleet.log_dir}/")
-        return done
-
-
 def start_fleet(workers: int, env: dict[str, str], log_dir: Path) -> tuple[Any, float]:
-    """LocalFleet.start(), with the scheduler at DEBUG (its `published` lines time each batch)
-    and a wait until the scheduler holds the leader lease. -> (fleet, start-up seconds)."""
+    """LocalFleet.start(), with the scheduler at DEBUG (its `published` lines, for a human reading
+    the logs, time each batch) and a wait until the scheduler holds the leader lease.
+    -> (fleet, start-up seconds)."""
     from lorafleet.common.keys import Keys
     from lorafleet.common.redis_conn import connect
     from lorafleet.scheduler.embedded import LocalFleet
@@ -259,23 +155,17 @@ def submit_all(client: Any, waiter: Completions, fleet: Any, specs: list[dict[st
     return ids, wall0, t0, max(done.values())
 
 
-def wait_for_task_ends(log_dir: Path, workers: int, timeout_s: float = 20.0) -> None:
-    """Wait until every task a worker received has logged its end: a chaining worker's last task
-    ends (and logs its duration, which the profile reads) a moment after the last commit the
-    client saw, and stopping the fleet before that would lose the line."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        texts = [(log_dir / f"w{i}.log").read_text(errors="replace") if (log_dir / f"w{i}.log").exists()
-                 else "" for i in range(workers)]
-        if all(set(RECEIVED_RE.findall(t)) <= set(ENDED_RE.findall(t)) for t in texts):
-            return
-        time.sleep(0.05)
+def settle(client: Any, waiter: Completions, ids: list[str], workers: int,
+           experiments: list[dict[str, Any]]) -> bool:
+    """Wait until every worker's task records are in `lf:worker_tasks` (see
+    throughput_records.node_settled); False when they did not all arrive in time."""
+    done_wall = max((waiter.wall[i] for i in ids if i in waiter.wall), default=time.time())
+    return wait_for_task_records(client.r, [f"w{i}" for i in range(workers)], last_commits(experiments),
+                                 done_wall)
 
 
 def run_fleet(specs: list[dict[str, Any]], workers: int, sequential: bool, dtype: str,
               cache_dir: Path, workdir: Path, repeat: int, timeout_s: float, threads: int = 0) -> Run:
-    from throughput_metrics import fleet_profile  # here: throughput_metrics imports this module
-
     from lorafleet.scheduler.client import FleetClient
 
     mode = WARM if sequential else fleet_mode(workers)
@@ -286,82 +176,95 @@ def run_fleet(specs: list[dict[str, Any]], workers: int, sequential: bool, dtype
     try:
         client = FleetClient(fleet.redis_url, f"file://{store}")
         loadavg = os.getloadavg()
-        ids, wall0, t0, t_end = submit_all(client, Completions(client.r), fleet, specs, sequential, timeout_s)
+        waiter = Completions(client.r)
+        ids, wall0, t0, t_end = submit_all(client, waiter, fleet, specs, sequential, timeout_s)
         experiments = [{"name": s["name"], "id": i, "status": client.get(i).status,
                         "error": client.get(i).error, "metrics": [trim(m) for m in client.metrics(i)]}
                        for s, i in zip(specs, ids, strict=True)]
-        wait_for_task_ends(log_dir, workers)
+        complete = settle(client, waiter, ids, workers, experiments)
+        tasks, pending = task_entries(client.r), pending_intervals(client.r, ids)
     finally:
         fleet.stop()
         shutil.rmtree(store, ignore_errors=True)
-    run = Run(mode, len(specs), workers, repeat, dtype, t_end - t0, startup, experiments, loadavg=loadavg)
-    run.profile = fleet_profile(run, log_dir, wall0)
-    run.profile["log_dir"] = str(log_dir)
-    return run
+    makespan = t_end - t0
+    return Run(mode, len(specs), workers, repeat, dtype, makespan, startup, experiments, loadavg=loadavg,
+               window=(wall0, wall0 + makespan), tasks=tasks, pending=pending, records_complete=complete,
+               log_dir=str(log_dir))
 
 
-# ---- other benchmarks ------------------------------------------------------------------------
-def _ppid(pid: int) -> int:
+# ---- Redis MONITOR trace: where the gaps between tasks go -------------------------------------
+def script_names() -> dict[str, str]:
+    """sha1 -> name of the protocol's Lua scripts (EVALSHA lines in MONITOR)."""
+    import hashlib
+
+    from lorafleet.common import protocol
+
+    names = ("CLAIM", "COMMIT_ROLLOUT", "COMMIT_ROLLOUT_CLAIM_TRAIN", "COMMIT_TRAIN", "MARK_INFLIGHT",
+             "RENEW", "ACTIVATE")
+    return {hashlib.sha1(getattr(protocol, n).encode()).hexdigest(): n for n in names}
+
+
+class Monitor:
+    """Redis MONITOR in a thread: (server time, kind) of claims, commits, publishes and ticks."""
+
+    def __init__(self, redis_url: str) -> None:
+        import threading
+
+        from lorafleet.common.redis_conn import connect
+
+        self.r, self.shas, self.events = connect(redis_url), script_names(), []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._listen, daemon=True)
+        self.thread.start()
+
+    def _listen(self) -> None:
+        with self.r.monitor() as m:
+            for c in m.listen():
+                kind = self._kind(str(c.get("command", "")))
+                if kind:
+                    self.events.append((float(c["time"]), kind))
+                if self.stop.is_set():
+                    return
+
+    def _kind(self, cmd: str) -> str | None:
+        head = cmd[:200].split(" ", 2)
+        name = head[0].upper()
+        if name == "EVALSHA" and len(head) > 1:
+            return self.shas.get(head[1].strip('"'))
+        if name == "LPUSH" and len(head) > 1 and head[1].strip('"').startswith("lf.node."):
+            return "PUBLISH"
+        return "TICK" if name == "SMEMBERS" and "lf:workers" in cmd else None
+
+    def close(self) -> list[tuple[float, str]]:
+        self.stop.set()
+        self.r.ping()  # one more command wakes the listener
+        self.thread.join(5)
+        return self.events
+
+
+def trace_run(specs: list[dict[str, Any]], sequential: bool, dtype: str, cache_dir: Path, workdir: Path,
+              threads: int) -> dict[str, Any]:
+    """One extra W=1 run under Redis MONITOR (its timings are not used anywhere else). -> the raw
+    material of throughput_metrics.trace_summary: the worker's task records and MONITOR events."""
+    from lorafleet.scheduler.client import FleetClient
+
+    mode = WARM if sequential else fleet_mode(1)
+    store = Path(tempfile.mkdtemp(prefix=f"store-trace-{mode}-", dir=workdir))
+    log_dir = workdir / "logs" / f"trace-{mode}-n{len(specs)}"
+    shutil.rmtree(log_dir, ignore_errors=True)
+    fleet, _ = start_fleet(1, fleet_env(cache_dir, store, dtype, threads), log_dir)
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _ancestors(pid: int) -> set[int]:
-    out = set()
-    while pid > 1:
-        pid = _ppid(pid)
-        out.add(pid)
-    return out
-
-
-def other_benchmarks() -> list[str]:
-    """Command lines of `ops/bench/` processes that are neither us, our ancestors nor children."""
-    me = os.getpid()
-    mine = _ancestors(me) | {me}
-    proc = subprocess.run(["pgrep", "-af", "ops/bench/"], capture_output=True, text=True, check=False)
-    others = []
-    for line in proc.stdout.splitlines():
-        pid_s, _, cmd = line.partition(" ")
-        pid = int(pid_s)
-        if pid not in mine and me not in _ancestors(pid):
-            others.append(line)
-    return others
-
-
-def cpu_snapshot() -> tuple[float, float]:
-    """(CPU seconds the whole machine has been busy, CPU seconds of this process and its
-    waited-for descendants: the cold-solo children, every fleet process once stopped)."""
-    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    busy = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return busy, me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def foreign_cores(before: tuple[float, float], after: tuple[float, float], wall_s: float) -> float:
-    """Mean number of cores other people's processes used between two snapshots."""
-    return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / max(wall_s, 1e-9)
-
-
-def machine_quiet(max_foreign: float, window_s: float = 2.0) -> tuple[bool, str]:
-    others = other_benchmarks()
-    if others:
-        return False, f"another benchmark is running: {others[0][:150]}"
-    before, t0 = cpu_snapshot(), time.monotonic()
-    time.sleep(window_s)
-    used = foreign_cores(before, cpu_snapshot(), time.monotonic() - t0)
-    return used <= max_foreign, f"other processes use {used:.2f} cores"
-
-
-def wait_for_quiet(console: Any, max_wait_s: float, max_foreign: float) -> float:
-    """Wait until no other `ops/bench/` process runs and other processes use < max_foreign cores."""
-    t0 = time.monotonic()
-    quiet, why = machine_quiet(max_foreign)
-    while not quiet and time.monotonic() - t0 < max_wait_s:
-        console.print(f"[yellow]waiting for a quiet machine: {why}[/]")
-        time.sleep(10)
-        quiet, why = machine_quiet(max_foreign)
-    if not quiet:
-        console.print(f"[red]gave up waiting ({why}); timings may be contaminated[/]")
-    return time.monotonic() - t0
+        client = FleetClient(fleet.redis_url, f"file://{store}")
+        monitor = Monitor(fleet.redis_url)
+        time.sleep(0.5)
+        waiter = Completions(client.r)
+        ids, _, t0, t_end = submit_all(client, waiter, fleet, specs, sequential, 900.0)
+        experiments = [{"metrics": client.metrics(i)} for i in ids]
+        complete = settle(client, waiter, ids, 1, experiments)
+        events = monitor.close()
+        tasks = [t for t in task_entries(client.r) if t["node"] == "w0"]
+    finally:
+        fleet.stop()
+        shutil.rmtree(store, ignore_errors=True)
+    return {"mode": mode, "n": len(specs), "makespan_s": t_end - t0, "tasks": tasks, "events": events,
+            "records_complete": complete, "log_dir": str(log_dir)}

@@ -25,9 +25,9 @@ from lf_testkit import load_model
 
 from lorafleet.common.envs import get_env
 from lorafleet.common.schemas import AdapterTrainSpec, ExperimentSpec, LoRASpec, OptimizerSpec
+from lorafleet.workers.local_runner import LocalRunner
 from lorafleet.workers.multilora.model import MultiLoRAModel
 from lorafleet.workers.rl import (
-    LocalRunner,
     RewardError,
     Trajectory,
     group_advantages,
@@ -173,7 +173,7 @@ def test_runner_cotenancy_and_fault_isolation(model_cache: Path) -> None:
     assert "env 'char_class' raised on step 1" in hist["bad"][1]["failed"]
     assert fused.pending() == [] and fused.experiments["bad"].failed
     for a, b in zip(hist["good"], solo_hist["good"], strict=True):
-        for key in ("reward_mean", "reward_std", "loss", "grad_norm", "num_tokens"):
+        for key in ("reward_mean", "reward_std", "loss", "grad_norm", "train_tokens"):
             assert a[key] == pytest.approx(b[key], abs=1e-10), key
     w_fused, w_solo = _weights(fused, "good"), _weights(solo, "good")
     assert max((w_fused[k] - w_solo[k]).abs().max().item() for k in w_solo) < 1e-9

@@ -1,0 +1,171 @@
+"""`RLStepPipeline`: the one implementation of an RL step for a mixed batch of experiments.
+
+    rollout(items): plan (adapters, envs, requests) -> ONE batched generate -> score (rewards,
+                    GRPO advantages)                                  -> trajectories
+    train(items, trajectories): train rows -> ONE fused step -> publish each new version
+
+A fleet worker runs the two halves as two claimed tasks with commits in between
+(`workers/runtime.py`); the in-process runner runs them back to back (`workers/local_runner.py`).
+Both use this code, so the in-process reference of the fleet tests is the fleet's own step.
+
+Failures belong to one experiment: a reward env that raises, an adapter that cannot be loaded, a
+non-finite loss or gradient fails that experiment (reported in `failed`) and its co-tenants carry
+on with exactly the update they would have had alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from lorafleet.common.envs import RewardEnv, get_env
+from lorafleet.common.logging import bound_context, get_logger
+from lorafleet.common.protocol import StepItem
+from lorafleet.workers.batch import TrainRow, collate
+from lorafleet.workers.fused_step import FusedTrainStep
+from lorafleet.workers.rl import RewardError, Trajectory, make_requests, score, train_rows
+from lorafleet.workers.rollout import RolloutEngine, RolloutRequest
+
+log = get_logger("lorafleet.pipeline")
+
+
+class AdapterHost(Protocol):
+    """Where a pipeline's adapters live: resident on a worker (loaded from and published to the
+    store, `ResidentAdapters`) or in one process (`InProcessAdapters`)."""
+
+    def ensure(self, item: StepItem, pinned: frozenset[str], for_rollout: bool = False) -> None:
+        """Hold `item`'s adapter at version `item.step`; raise if it cannot be had."""
+
+    def publish(self, items: Sequence[StepItem]) -> dict[str, bool]:
+        """Publish version step+1 of each item -> whether memory equals what was published."""
+
+
+def loss_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """Advantages and old logprobs stay float32 under a half-precision model (the trainer
+    computes logprobs in float32; a bf16 old logprob would skew the PPO ratio by ~1%), and
+    float64 for a float64 model (the exactness tests)."""
+    return torch.float64 if model_dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class RolloutOutput:
+    trajectories: dict[str, Trajectory] = field(default_factory=dict)
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # reward stats, timings
+    failed: dict[str, str] = field(default_factory=dict)  # exp id -> reason
+    seconds: float = 0.0
+
+
+@dataclass
+class TrainOutput:
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # stepped experiments
+    in_memory: dict[str, bool] = field(default_factory=dict)  # published version == memory
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Plan:
+    item: StepItem
+    env: RewardEnv
+    prompts: list[str]
+    requests: list[RolloutRequest]
+
+
+class RLStepPipeline:
+    def __init__(self, trainer: FusedTrainStep, tokenizer: Any, engine: RolloutEngine, adapters: AdapterHost,
+                 envs: Mapping[str, RewardEnv] | None = None, train_delay_s: float = 0.0) -> None:
+        self.trainer = trainer
+        self.tokenizer = tokenizer
+        self.engine = engine
+        self.adapters = adapters
+        self.envs = dict(envs or {})  # exp id -> an env object overriding the spec's (tests, benches)
+        self.train_delay_s = train_delay_s  # fault injection: widens the train step's window
+        param = next(trainer.model.model.parameters())
+        self.device, self.loss_dtype = param.device, loss_dtype(param.dtype)
+
+    def env(self, item: StepItem) -> RewardEnv:
+        return self.envs.get(item.exp_id) or get_env(item.spec.env, item.spec.env_args)
+
+    # ---- rollout ---------------------------------------------------------------------------
+    def rollout(self, items: Sequence[StepItem]) -> RolloutOutput:
+        t0 = time.perf_counter()
+        out = RolloutOutput()
+        pinned = frozenset(i.exp_id for i in items)
+        plans = []
+        for item in items:
+            with bound_context(experiment_id=item.exp_id, step=item.step):
+                try:
+                    env = self.env(item)
+                    self.adapters.ensure(item, pinned, for_rollout=True)
+                except Exception as exc:  # noqa: BLE001 - fail this experiment alone
+                    log.exception("rollout setup failed")
+                    out.failed[item.exp_id] = f"rollout setup: {exc!r}"
+                    continue
+            prompts, requests = make_requests(item.spec, env, item.step, item.exp_id, self.tokenizer)
+            plans.append(_Plan(item, env, prompts, requests))
+        samples = self.engine.generate([r for p in plans for r in p.requests])  # ONE batched generate
+        out.seconds = time.perf_counter() - t0
+        pos = 0
+        for p in plans:
+            mine, pos = samples[pos:pos + len(p.requests)], pos + len(p.requests)
+            try:
+                traj = score(p.item.spec, p.env, p.prompts, mine, self.tokenizer, p.item.step)
+            except RewardError as exc:
+                out.failed[p.item.exp_id] = str(exc)
+                continue
+            out.trajectories[p.item.exp_id] = traj
+            out.summaries[p.item.exp_id] = {
+                "reward_mean": traj.reward_mean, "reward_std": traj.reward_std,
+                "reward_min": traj.reward_min, "reward_max": traj.reward_max,
+                "rollout_s": out.seconds, "rollout_batch": len(plans),
+                "rollout_tokens": sum(len(s.completion_ids) for s in traj.samples)}
+        return out
+
+    # ---- train -----------------------------------------------------------------------------
+    def train(self, items: Sequence[StepItem], trajectories: Mapping[str, Trajectory | None]) -> TrainOutput:
+        """One fused optimizer step over `items` (each with its committed rollout), then
+        version step+1 of every stepped adapter published."""
+        t0 = time.perf_counter()
+        out = TrainOutput()
+        pinned = frozenset(i.exp_id for i in items)
+        rows: list[TrainRow] = []
+        ready: list[StepItem] = []
+        for item in items:
+            traj = trajectories.get(item.exp_id)
+            if traj is None:
+                out.failed[item.exp_id] = f"trajectory of step {item.step} is missing"
+                continue
+            try:
+                self.adapters.ensure(item, pinned)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("loading adapter failed", experiment_id=item.exp_id)
+                out.failed[item.exp_id] = f"loading adapter: {exc!r}"
+                continue
+            rows += train_rows(traj, item.exp_id)
+            ready.append(item)
+        if not ready:
+            return out
+        order = [i.exp_id for i in ready]
+        batch = collate(rows, self.tokenizer.pad_token_id, self.loss_dtype, adapter_order=order)
+        results = self.trainer.step(batch.to(self.device, self.loss_dtype))
+        if self.train_delay_s:
+            time.sleep(self.train_delay_s)
+        out.seconds = time.perf_counter() - t0
+        stepped = []
+        for item in ready:
+            res = results[item.exp_id]
+            if not res.stepped:
+                out.failed[item.exp_id] = f"{res.skipped_reason} at step {item.step} (loss {res.loss})"
+                continue
+            stepped.append(item)
+            out.metrics[item.exp_id] = {
+                "step": item.step, "version": item.step + 1,
+                "reward_mean": trajectories[item.exp_id].reward_mean,
+                "loss": res.loss, "grad_norm": res.grad_norm, "train_tokens": res.num_tokens,
+                "train_s": out.seconds, "train_batch": len(ready)}
+        out.in_memory = self.adapters.publish(stepped) if stepped else {}
+        return out

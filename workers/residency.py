@@ -1,0 +1,90 @@
+"""`ResidentAdapters`: the adapters a worker holds hot, and their way in and out of the store.
+
+Each resident adapter (LoRA weights + AdamW state in the `FusedTrainStep`) is held at a known
+committed version. Beyond `max_resident` the least recently used go; the store has every
+committed version, so eviction loses nothing. A version that was not committed never stays
+resident: after a refused commit, or when the store already held a version written by a lost
+attempt, the adapter is dropped and reloaded from the store next time, so memory never diverges
+from the committed truth.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from lorafleet.common.adapter_store import AdapterStore, VersionExistsError
+from lorafleet.common.protocol import StepItem
+from lorafleet.workers.checkpoints import load_adapter, publish_adapter, publish_adapters
+from lorafleet.workers.fused_step import FusedTrainStep
+from lorafleet.workers.vllm_engine import trainer_scorer
+
+
+class ResidentAdapters:
+    """The worker's `AdapterHost` (see `workers/pipeline.py`)."""
+
+    def __init__(self, store: AdapterStore, trainer: FusedTrainStep, base_model: str, max_resident: int,
+                 vllm: Any = None) -> None:
+        self.store = store
+        self.trainer = trainer
+        self.base_model = base_model
+        self.max_resident = max_resident
+        self.vllm = vllm  # VLLMRolloutEngine | None: told about every version it must sample
+        self.versions: OrderedDict[str, int] = OrderedDict()  # exp id -> committed version held
+
+    def __len__(self) -> int:
+        return len(self.versions)
+
+    def ensure(self, item: StepItem, pinned: frozenset[str], for_rollout: bool = False) -> None:
+        """Hold `item`'s adapter at its committed version: reuse, reload, or create v0 from its
+        seed. Never evicts one of `pinned` (the batch being assembled): a batch larger than the
+        budget holds all its adapters while it runs."""
+        exp_id, version = item.exp_id, item.version
+        if self.versions.get(exp_id) == version:
+            self.versions.move_to_end(exp_id)
+        else:
+            self.drop(exp_id)
+            self._load(item)
+            self.versions[exp_id] = version
+            evictable = [a for a in self.versions if a not in pinned and a != exp_id]
+            for victim in evictable[: max(0, len(self.versions) - self.max_resident)]:
+                self.drop(victim)
+        if for_rollout and self.vllm is not None:  # a new version: new name, canary against the trainer
+            self.vllm.sync(exp_id, version, self.store.local_dir(exp_id, version),
+                           trainer_scorer(self.trainer.model, exp_id))
+
+    def _load(self, item: StepItem) -> None:
+        exp_id, version, spec = item.exp_id, item.version, item.spec.train
+        if self.store.exists(exp_id, version):
+            load_adapter(self.store, self.trainer, exp_id, version, spec)
+            return
+        if version != 0:
+            raise RuntimeError(f"checkpoint {exp_id}@v{version} is missing from the store")
+        self.trainer.add_adapter(exp_id, spec)  # deterministic: a function of the seed
+        try:
+            publish_adapter(self.store, self.trainer, exp_id, 0, self.base_model)
+        except VersionExistsError:  # another worker made v0 first: use theirs
+            self.trainer.remove_adapter(exp_id)
+            load_adapter(self.store, self.trainer, exp_id, 0, spec)
+
+    def publish(self, items: Sequence[StepItem]) -> dict[str, bool]:
+        """Publish version step+1 of each stepped item together (one filesystem sync for all)
+        -> per experiment whether the store now holds exactly what memory holds (False: a lost
+        attempt published that version first; the store's copy wins)."""
+        versions = [(item.exp_id, item.step + 1) for item in items]
+        results = publish_adapters(self.store, self.trainer, versions, self.base_model)
+        return {item.exp_id: isinstance(res, str) for item, res in zip(items, results, strict=True)}
+
+    def committed(self, exp_id: str, version: int, in_memory: bool) -> None:
+        """After a train commit: `version` is the truth. Keep it if memory holds it, else drop."""
+        if in_memory and exp_id in self.versions:
+            self.versions[exp_id] = version
+        else:
+            self.drop(exp_id)
+
+    def drop(self, exp_id: str) -> None:
+        if self.versions.pop(exp_id, None) is not None:
+            self.trainer.remove_adapter(exp_id)
+            if self.vllm is not None:
+                self.vllm.forget(exp_id)
