@@ -27,7 +27,7 @@ class StrictModel(BaseModel):
 class LoRASpec(StrictModel):
     rank: int = Field(8, ge=1, le=256, description="LoRA rank r")
     alpha: float = Field(16.0, gt=0, le=4096, description="scaling = alpha / r")
-    target_modules: tuple[str, ...] = Field(DEFAULT_TARGET_MODULES, min_length=1)
+    target_modules: tuple[str, ...] = Field(DEFAULT_TARGET_MODULES, min_length=1, validate_default=True)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     use_rslora: bool = False
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import redis
 
 from lorafleet.common.experiment import ExperimentRecord, UnknownExperimentError
-from lorafleet.common.ids import is_valid_id
+from lorafleet.common.ids import is_valid_id, new_id
 from lorafleet.common.keys import STREAM_MAXLEN, Keys
 from lorafleet.common.protocol import StepProtocol
 from lorafleet.common.schemas import ExperimentSpec
@@ -47,8 +46,7 @@ class ExperimentRegistry:
                     raise
                 raise SpecError(f"spec #{i + 1} of {len(specs)}: {exc}") from None
         now = int(time.time() * 1000)
-        records = [ExperimentRecord.new(f"{spec.name[:48]}-{uuid.uuid4().hex[:8]}", spec, now)
-                   for spec in parsed]
+        records = [ExperimentRecord.new(new_id(spec.name[:48]), spec, now) for spec in parsed]
         pipe = self.r.pipeline(transaction=True)
         for rec in records:
             pipe.hset(Keys.experiment(rec.id), mapping=rec.to_hash())

@@ -3,6 +3,7 @@ message naming the field), nothing enqueued; a malformed message is dropped by t
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -78,14 +79,32 @@ def test_submit_many_is_all_or_nothing_and_names_the_bad_spec(redis_url, r):
 
 @pytest.mark.slow
 def test_worker_drops_malformed_messages_and_keeps_working(make_fleet, redis_url, fleet_env, r):
-    make_fleet(workers=1)
+    fleet = make_fleet(workers=1)
     sender = make_sender(redis_url)
     garbage = ({"batch_id": "x"}, {"items": "../../etc"}, "not even a dict", {"phase": "train", "items": []})
-    for body in garbage:
-        sender.send_task(TASK_TRAIN, args=[body], queue=ROLLOUT_QUEUE)
+    sent = [sender.send_task(TASK_TRAIN, args=[body], queue=ROLLOUT_QUEUE).id for body in garbage]
+
+    def invalid_tasks() -> dict[str, dict[str, str]] | None:
+        done = {f["task_id"]: f for _, f in r.xrange(Keys.worker_tasks) if f.get("task_id") in sent}
+        return done if len(done) == len(sent) else None
+
+    deadline = time.monotonic() + 120
+    while (done := invalid_tasks()) is None:  # each garbage message was taken and its task ended
+        assert time.monotonic() < deadline, f"garbage not consumed: {r.xrange(Keys.worker_tasks)}"
+        time.sleep(0.05)
+    outcomes = [(done[t]["node"], done[t]["kind"], done[t]["outcome"]) for t in sent]
+    assert outcomes == [("w0", "train", "invalid")] * len(garbage)
+    assert len({done[t]["worker"] for t in sent}) == 1
+    worker = done[sent[0]]["worker"]  # "w0:<pid of the Celery child that holds the runtime>"
+    assert r.llen(ROLLOUT_QUEUE) == 0  # nothing left to redeliver
+    assert fleet.procs["w0"].poll() is None  # the worker process is still running
+
     client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
     exp = client.submit(GOOD)
     (state,) = client.wait([exp], timeout_s=120)
-    assert state.status == "completed"
-    time.sleep(0.5)
-    assert r.exists(Keys.worker("w0"))  # still alive and beating
+    assert state.status == "completed", state.error
+    # the very process that dropped the garbage did the real work: it was never replaced
+    assert [m["worker"] for m in client.metrics(exp)] == [worker] * GOOD["steps"]
+    assert fleet.procs["w0"].poll() is None
+    assert json.loads(r.get(Keys.worker("w0")))["pid"] == int(worker.split(":")[1])
+    assert r.llen(ROLLOUT_QUEUE) == 0

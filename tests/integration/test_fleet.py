@@ -224,8 +224,8 @@ def test_fleet_with_tiny_residency_budget_equals_in_process_reference(make_fleet
     from the store (weights + AdamW state). The fleet must still equal an in-process fused run
     of the same experiments (float64: identical rewards, weights to 1e-9)."""
     from lorafleet.common.schemas import ExperimentSpec
+    from lorafleet.workers.local_runner import LocalRunner
     from lorafleet.workers.multilora.model import MultiLoRAModel
-    from lorafleet.workers.rl import LocalRunner
 
     specs = [spec(f"lru{i}", env, args, steps=4, seed=20 + i)
              for i, (env, args) in enumerate([("char_class", {"cls": "upper"}), ("near_char", {"char": "m"}),
@@ -250,23 +250,53 @@ def test_fleet_with_tiny_residency_budget_equals_in_process_reference(make_fleet
         assert max((got[k] - want[k].detach()).abs().max().item() for k in want) < 1e-9
 
 
-def test_cancel_stops_one_experiment_and_spares_its_cotenant(make_fleet, redis_url, fleet_env) -> None:
+def test_cancel_stops_one_experiment_and_spares_its_cotenant(make_fleet, redis_url, fleet_env, r) -> None:
+    """The cancel lands while a fused train step that carries BOTH experiments is running: that
+    batch must still commit the co-tenant's step after the cancel, and never the cancelled one's."""
     import time
 
-    make_fleet(workers=1)
+    make_fleet(workers=1, env={"LORAFLEET_TEST_TRAIN_DELAY_S": "1.0"})  # a wide window mid-step
     client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
     long_id = client.submit(spec("long", "char_class", {"cls": "digits"}, steps=200, seed=1))
     short_id = client.submit(spec("short", "near_char", {"char": "a"}, steps=6, seed=2))
+
+    def shared_train_batch() -> tuple[int, int, str] | None:
+        """(long's step, short's step, batch id) while one train batch holds claims of both
+        (a fused batch may carry the two at different steps)."""
+        long_step, short_step = client.get(long_id).step, client.get(short_id).step
+        if long_step < 2:
+            return None
+        t_long = r.hgetall(Keys.task(long_id, long_step, "train"))
+        t_short = r.hgetall(Keys.task(short_id, short_step, "train"))
+        if t_long.get("status") == t_short.get("status") == "claimed" and t_long["batch"] == t_short["batch"]:
+            return long_step, short_step, t_long["batch"]
+        return None
+
     deadline = time.monotonic() + 120
-    while client.get(long_id).step < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while (shared := shared_train_batch()) is None:
+        assert time.monotonic() < deadline, "no train batch carried both experiments"
+        time.sleep(0.02)
+    step, short_step, batch = shared
     assert client.cancel(long_id)
     assert not client.cancel(long_id)  # already finished: a no-op
     short, long_ = client.wait([short_id, long_id], timeout_s=300)
     assert short.status == "completed" and long_.status == "cancelled"
-    n = len(client.metrics(long_id))
-    time.sleep(1.0)
-    assert len(client.metrics(long_id)) == n < 200  # no commit after the cancel took effect
+
+    # evidence that the cancel was tested: the shared batch ran to its commit AFTER the cancel
+    events = [f for _, f in r.xrange(Keys.events) if f.get("exp") in (long_id, short_id)]  # in order
+    (cancelled_at,) = [n for n, f in enumerate(events) if f["exp"] == long_id and f["type"] == "cancelled"]
+    after = events[cancelled_at + 1:]
+    assert [f for f in after if f["exp"] == short_id and f["type"] == "train_committed"
+            and f["step"] == str(short_step)], after
+    assert r.hget(Keys.task(short_id, short_step, "train"), "status") == "committed"
+    assert client.metrics(short_id)[short_step]["batch_id"] == batch  # committed by that very batch
+    # ... and committed nothing of the cancelled experiment, in that batch or after it
+    assert not [f for f in after if f["exp"] == long_id], after
+    assert r.hget(Keys.task(long_id, step, "train"), "status") != "committed"
+    m = client.metrics(long_id)
+    assert [x["step"] for x in m] == list(range(step)) and len(m) < 200
+    assert client.get(long_id).version == step
+    assert [x["step"] for x in client.metrics(short_id)] == list(range(6))
 
 
 def test_weighted_fair_share_when_the_batch_budget_binds(make_fleet, redis_url, fleet_env) -> None:

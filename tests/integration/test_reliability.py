@@ -3,6 +3,7 @@ the middle of a train step, the scheduler killed and restarted."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -28,7 +29,40 @@ def wait_until(cond, timeout_s: float = 120, what: str = "condition"):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def test_same_train_message_delivered_twice_concurrently_commits_once(make_fleet, redis_url, fleet_env, r):
+def finished_tasks(r, task_ids) -> dict[str, dict[str, str]]:
+    """The lf:worker_tasks entries (written when a worker's Celery task ENDS) of `task_ids`."""
+    wanted = set(task_ids)
+    return {f["task_id"]: f for _, f in r.xrange(Keys.worker_tasks) if f.get("task_id") in wanted}
+
+
+def wait_finished(r, task_ids, what: str, timeout_s: float = 120) -> dict[str, dict[str, str]]:
+    """Positive evidence that every task of `task_ids` was delivered and ran to its end."""
+    ids = list(task_ids)
+
+    def all_done():
+        done = finished_tasks(r, ids)
+        return done if len(done) == len(ids) else None
+
+    return wait_until(all_done, timeout_s=timeout_s, what=what)
+
+
+def refusals(log_path, task_id: str) -> list[str]:
+    """Reasons of the "not claimed" lines a worker logged (JSON lines) while running `task_id`."""
+    reasons = []
+    for line in log_path.read_text().splitlines():
+        if not line.startswith("{"):
+            continue  # Celery's own plain-text lines
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "not claimed" and event.get("task_id") == task_id:
+            reasons.append(event["reason"])
+    return reasons
+
+
+def test_same_train_message_delivered_twice_concurrently_commits_once(make_fleet, redis_url, fleet_env, r,
+                                                                      tmp_path):
     """No scheduler: the test is the leader and publishes the same train batch to two workers."""
     make_fleet(workers=2, schedulers=0, env={"LORAFLEET_TEST_TRAIN_DELAY_S": "1.5"})
     client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
@@ -36,30 +70,54 @@ def test_same_train_message_delivered_twice_concurrently_commits_once(make_fleet
     exp = client.submit(spec("dup", "char_class", {"cls": "digits"}, steps=3))
     assert proto.acquire_leader("test", 600_000) and proto.activate("test", exp)
 
-    def publish(phase: str, batch_id: str, queue: str, task: str) -> None:
+    def publish(phase: str, batch_id: str, queue: str, task: str) -> str:
         msg = BatchMessage(batch_id=batch_id, phase=phase, node=None, epoch=1,  # type: ignore[arg-type]
-                           items=(BatchItem(exp_id=exp, step=0, version=0),))
-        sender.send_task(task, args=[msg.model_dump(mode="json")], queue=queue)
+                           items=(BatchItem(exp_id=exp, step=0),))
+        return sender.send_task(task, args=[msg.model_dump(mode="json")], queue=queue).id
 
-    assert proto.mark_inflight("test", exp, "b-roll", 0, "rollout", "")
+    def train_commits() -> int:
+        return sum(1 for _, f in r.xrange(Keys.events)
+                   if f.get("exp") == exp and f["type"] == "train_committed")
+
+    assert proto.mark_inflight("test", [(exp, 0)], "b-roll", "rollout", "") == [True]
     publish("rollout", "b-roll", ROLLOUT_QUEUE, TASK_ROLLOUT)
     wait_until(lambda: r.hget(Keys.experiment(exp), "phase") == "train", what="rollout commit")
-    assert proto.mark_inflight("test", exp, "b-train", 0, "train", "w0")
-    publish("train", "b-train", node_queue("w0"), TASK_TRAIN)
-    publish("train", "b-train", node_queue("w1"), TASK_TRAIN)  # the duplicate, to the other worker
-    wait_until(lambda: client.get(exp).version == 1, what="train commit")
-    wait_until(lambda: r.llen(node_queue("w0")) == 0 and r.llen(node_queue("w1")) == 0, what="drain")
-    time.sleep(3)  # both deliveries have been handled by now (the step takes ~1.5 s)
+    assert proto.mark_inflight("test", [(exp, 0)], "b-train", "train", "w0") == [True]
+    first = publish("train", "b-train", node_queue("w0"), TASK_TRAIN)
+    dup = publish("train", "b-train", node_queue("w1"), TASK_TRAIN)  # the duplicate, to the other worker
+    # evidence that BOTH deliveries ran to their end, each on the worker it was sent to
+    done = wait_finished(r, [first, dup], what="both deliveries of the train batch to finish")
+    assert {t: (done[t]["node"], done[t]["kind"], done[t]["outcome"]) for t in done} == {
+        first: ("w0", "train", "ok"), dup: ("w1", "train", "ok")}
+    # ... and that exactly one of them claimed the step: the other was refused its claim
+    logs = tmp_path / "logs"
+
+    def refused_deliveries() -> dict[str, list[str]]:
+        reasons = {t: refusals(logs / f"{node}.log", t) for t, node in ((first, "w0"), (dup, "w1"))}
+        return {t: rs for t, rs in reasons.items() if rs}
+
+    refused = wait_until(refused_deliveries, timeout_s=10, what="the losing delivery's 'not claimed' line")
+    assert len(refused) == 1, refused
+    assert next(iter(refused.values())) in (["claimed"], ["committed"]), refused
     assert r.hget(Keys.task(exp, 0, "train"), "claims") == "1"
     assert [m["step"] for m in client.metrics(exp)] == [0]
-    events = [f for _, f in r.xrange(Keys.events) if f.get("exp") == exp and f["type"] == "train_committed"]
-    assert len(events) == 1
+    assert train_commits() == 1
+    assert client.get(exp).version == 1
     assert AdapterStore(fleet_env["LORAFLEET_STORE_URL"]).versions(exp) == [0, 1]
+    assert r.llen(node_queue("w0")) == 0 and r.llen(node_queue("w1")) == 0
+
     # a late redelivery after the commit is acked and does nothing
-    publish("train", "b-train", node_queue("w1"), TASK_TRAIN)
-    wait_until(lambda: r.llen(node_queue("w1")) == 0, what="drain")
-    time.sleep(1)
+    late = publish("train", "b-train", node_queue("w1"), TASK_TRAIN)
+    done = wait_finished(r, [late], what="the late redelivery to finish")
+    assert (done[late]["node"], done[late]["kind"], done[late]["outcome"]) == ("w1", "train", "ok")
+    late_refused = wait_until(lambda: refusals(logs / "w1.log", late), timeout_s=10,
+                              what="the late delivery's 'not claimed' line")
+    assert late_refused in (["stale"], ["committed"]), late_refused  # the step had moved on
+    assert r.llen(node_queue("w1")) == 0
+    assert r.hget(Keys.task(exp, 0, "train"), "claims") == "1"
     assert [m["step"] for m in client.metrics(exp)] == [0] and client.get(exp).version == 1
+    assert train_commits() == 1
+    assert AdapterStore(fleet_env["LORAFLEET_STORE_URL"]).versions(exp) == [0, 1]
 
 
 def _final_weights(store_url: str, exp: str):

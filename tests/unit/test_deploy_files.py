@@ -3,10 +3,16 @@ parse them and check that they say what the README promises."""
 
 from __future__ import annotations
 
+import posixpath
+import re
+import shlex
 import subprocess
+import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
+from packaging.specifiers import SpecifierSet
 from typer.main import get_command
 
 from lorafleet.scheduler.cli import app
@@ -37,3 +43,115 @@ def test_dockerfile_and_scripts() -> None:
         assert f"COPY {pkg} {pkg}" in docker
     for script in (ROOT / "ops" / "scripts").glob("*.sh"):
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+
+
+# ---- the Dockerfile's Python must exist on its base image -------------------------------------
+# The python3 each base OS release ships (and the only python3.X its package archive has).
+OS_PYTHON = {"ubuntu20.04": "3.8", "ubuntu22.04": "3.10", "ubuntu24.04": "3.12",
+             "bullseye": "3.9", "bookworm": "3.11", "trixie": "3.13"}
+
+
+def base_python(image: str) -> str:
+    """The Python version a base image ships: python:<ver>[-variant] images name it; an Ubuntu or
+    Debian based image (ubuntu:24.04, nvidia/cuda:...-ubuntu24.04, debian:bookworm-slim) gets
+    its OS release's."""
+    name, _, tag = image.partition(":")
+    if name.rsplit("/", 1)[-1] == "python":
+        m = re.match(r"(3\.\d+)", tag)
+        assert m, f"{image}: no Python version in the tag"
+        return m.group(1)
+    m = re.search(r"ubuntu-?(\d\d\.\d\d)", image) or (
+        re.match(r"(\d\d\.\d\d)", tag) if name.endswith("ubuntu") else None)
+    if m:
+        release = f"ubuntu{m.group(1)}"
+    else:
+        release = next((r for r in OS_PYTHON if not r.startswith("ubuntu") and r in image), "")
+    assert release in OS_PYTHON, f"{image}: unknown base OS release; add it to OS_PYTHON"
+    return OS_PYTHON[release]
+
+
+@pytest.mark.parametrize(("image", "version"), [
+    ("nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04", "3.12"),
+    ("nvidia/cuda:12.4.1-cudnn-devel-ubuntu22.04", "3.10"),
+    ("ubuntu:24.04", "3.12"), ("ubuntu:22.04", "3.10"),
+    ("debian:bookworm-slim", "3.11"), ("python:3.11-slim-bookworm", "3.11"), ("python:3.12", "3.12"),
+])
+def test_base_python_table(image: str, version: str) -> None:
+    assert base_python(image) == version
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per instruction: comments dropped, continuation lines joined."""
+    joined = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines()
+                                            if not line.lstrip().startswith("#")))
+    out = []
+    for line in joined.splitlines():
+        if line.strip():
+            op, _, args = line.strip().partition(" ")
+            out.append((op.upper(), args.strip()))
+    return out
+
+
+def test_dockerfile_python_exists_on_its_base_image() -> None:
+    instructions = dockerfile_instructions((ROOT / "ops" / "Dockerfile").read_text())
+    images = [[w for w in args.split() if not w.startswith("--")][0]  # FROM [--platform=..] image [AS x]
+              for op, args in instructions if op == "FROM"]
+    assert images, "no FROM line"
+    image = images[-1]  # the stage that becomes the image
+    version = base_python(image)
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert version in SpecifierSet(requires), f"{image} ships Python {version}; lorafleet needs {requires}"
+    runs = " ".join(args for op, args in instructions if op in ("RUN", "CMD", "ENTRYPOINT"))
+    named = set(re.findall(r"\bpython(3\.\d+)", runs))
+    assert named <= {version}, f"{image} ships Python {version}; the Dockerfile names {sorted(named)}"
+    assert re.search(r"\bpython3(\.\d+)?\b", runs), "the Dockerfile never installs or calls python3"
+    if re.search(r"python3(\.\d+)? -m venv", runs):  # Debian/Ubuntu split ensurepip out of python3
+        assert re.search(rf"apt-get install[^&;]*\bpython3(\.{version.split('.')[1]})?-venv\b", runs), \
+            "python3 -m venv needs the python3-venv package"
+
+
+def copied_to(instructions: list[tuple[str, str]], path: str) -> list[str]:
+    """Where the Dockerfile's COPY lines put the repository file `path` (relative to the last
+    WORKDIR before each COPY); COPY --from copies from another stage and is skipped."""
+    workdir, out = "/", []
+    for op, args in instructions:
+        if op == "WORKDIR":
+            workdir = posixpath.join(workdir, args)
+        if op not in ("COPY", "ADD"):
+            continue
+        if re.search(r"(^|\s)--from", args):
+            continue
+        words = [w for w in shlex.split(args) if not w.startswith("--")]
+        *sources, dest = words
+        dest_dir = dest.endswith("/") or len(sources) > 1 or dest in (".", "./")
+        dest = posixpath.normpath(posixpath.join(workdir, dest))
+        for src in sources:
+            src = posixpath.normpath(src)
+            if src == ".":
+                out.append(posixpath.join(dest, path))
+            elif (ROOT / src).is_dir() and path.startswith(src + "/"):  # a folder's contents
+                out.append(posixpath.join(dest, posixpath.relpath(path, src)))
+            elif src == path:
+                out.append(posixpath.join(dest, posixpath.basename(src)) if dest_dir else dest)
+    return out
+
+
+def test_dockerfile_copies_every_file_the_package_build_needs() -> None:
+    """`pip install .` in the image builds the package from what COPY put under WORKDIR: every
+    package folder's __init__.py (the root __init__.py is the lorafleet package itself), the
+    pyproject.toml and the README it names must land where they are in the repository."""
+    instructions = dockerfile_instructions((ROOT / "ops" / "Dockerfile").read_text())
+    workdir = posixpath.join("/", *[args for op, args in instructions if op == "WORKDIR"])
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    package_dir = project["tool"]["setuptools"]["package-dir"]
+    needed = {"pyproject.toml", project["project"]["readme"]}
+    for package in project["tool"]["setuptools"]["packages"]:
+        top, _, rest = package.partition(".")
+        folder = posixpath.join(package_dir.get(top, top), *(rest.split(".") if rest else []))
+        needed.add(posixpath.normpath(posixpath.join(folder, "__init__.py")))
+    assert {"__init__.py", "common/__init__.py", "scheduler/__init__.py", "workers/__init__.py",
+            "workers/multilora/__init__.py"} <= needed
+    for path in sorted(needed):
+        assert (ROOT / path).is_file(), path
+        where = copied_to(instructions, path)
+        assert posixpath.join(workdir, path) in where, f"the Dockerfile copies {path} to {where or 'nowhere'}"
