@@ -121,11 +121,13 @@ class Scheduler:
             pipe.hgetall(Keys.task(e.id, e.step, e.phase))
         for e, task in zip(inflight, pipe.execute() if inflight else [], strict=True):
             status = task.get("status")
-            if status == "claimed" and task.get("batch") == e.inflight:
-                if int(task.get("lease_until", 0)) < now:  # a live worker renews its leases
-                    suspect.add(task.get("owner", "").split(":")[0])
-                    self._retry(e, f"lease of worker {task.get('owner')} expired")
-            elif status not in ("committed", "failed"):
+            if status == "claimed" and int(task.get("lease_until", 0)) >= now:
+                continue  # a live worker holds it, claimed from this message or an older one
+            if status == "claimed" and task.get("batch") == e.inflight:  # a live worker renews leases
+                suspect.add(task.get("owner", "").split(":")[0])
+                self._retry(e, f"lease of worker {task.get('owner')} expired")
+            elif status not in ("committed", "failed"):  # an expired claim of an older message counts
+                # as no claim: the current message is still waiting for a worker
                 if e.node not in workers:
                     self._retry(e, f"node {e.node!r} has no live worker", count=False)
                 elif now - e.inflight_at > self.config.unclaimed_timeout_s * 1000:

