@@ -47,14 +47,17 @@ def _load_settings() -> None:
             f"LORAFLEET_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())) from None
 
 
+_FLAGS = {"step_backend": "backend"}  # Settings fields whose CLI flag has another name
+
+
 def settings(**flags: Any) -> Settings:
     """The process's settings with the command's flags set (flags left at None change nothing)."""
     assert _settings is not None
     try:
         return _settings.with_overrides(**flags)
     except ValidationError as exc:
-        raise _bad_input("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
-                                   for e in exc.errors())) from None
+        raise _bad_input("; ".join(f"--{_FLAGS.get(str(e['loc'][0]), str(e['loc'][0]).replace('_', '-'))}: "
+                                   f"{e['msg']}" for e in exc.errors())) from None
 
 
 def _client(redis_url: str | None):

@@ -4,6 +4,7 @@ message naming the field), nothing enqueued; a malformed message is dropped by t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -108,3 +109,15 @@ def test_worker_drops_malformed_messages_and_keeps_working(make_fleet, redis_url
     assert fleet.procs["w0"].poll() is None
     assert json.loads(r.get(Keys.worker("w0")))["pid"] == int(worker.split(":")[1])
     assert r.llen(ROLLOUT_QUEUE) == 0
+
+
+def test_bad_settings_and_flags_are_exit_2_naming_what_to_fix(redis_url, r):
+    out = cli("worker", "--backend", "jax", redis_url=redis_url)
+    assert out.returncode == 2 and "--backend" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = cli("worker", "--node", "../x", redis_url=redis_url)
+    assert out.returncode == 2 and "invalid node name" in out.stderr, out.stderr
+    env = {**os.environ, "LORAFLEET_LEASE_MS": "soon"}
+    out = subprocess.run([sys.executable, "-m", "lorafleet.scheduler.cli", "status", "--redis-url",
+                          redis_url], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2 and "LORAFLEET_LEASE_MS" in out.stderr and "Traceback" not in out.stderr
+    assert not r.exists(Keys.workers)  # no worker started
