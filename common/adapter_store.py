@@ -193,20 +193,24 @@ class AdapterStore:
                 self._advance_latest(nv.adapter_id, nv.version)
         return results  # type: ignore[return-value]
 
+    @staticmethod
+    def _payloads(nv: NewVersion) -> dict[str, Callable[[], bytes]]:
+        # Each payload is serialised just before it is written, so a bad input fails inside the
+        # caller's `try` and the partial temp directory is removed.
+        return {
+            ADAPTER_WEIGHTS_FILE: lambda: tensor_bytes(nv.weights, "weights"),
+            TRAINER_TENSORS_FILE: lambda: tensor_bytes(nv.trainer_tensors or {}, "trainer_tensors"),
+            TRAINER_META_FILE: lambda: json_bytes(nv.trainer_meta or {}, "trainer_meta"),
+            ADAPTER_CONFIG_FILE: lambda: json_bytes(nv.adapter_config, "adapter_config", strict=True),
+        }
+
     def _stage(self, nv: NewVersion) -> str:
         """Write the version's files into a new temporary directory (not yet synced)."""
         adapter_root = self._adapter_root(nv.adapter_id)
         self.fs.makedirs(adapter_root, exist_ok=True)
         tmp = posixpath.join(adapter_root, f"{TMP_PREFIX}{uuid.uuid4().hex}")
         self.fs.makedirs(tmp, exist_ok=True)
-        # Each payload is serialised just before it is written, so a bad input fails inside the
-        # caller's `try` and the partial temp directory is removed.
-        payloads: dict[str, Callable[[], bytes]] = {
-            ADAPTER_WEIGHTS_FILE: lambda: tensor_bytes(nv.weights, "weights"),
-            TRAINER_TENSORS_FILE: lambda: tensor_bytes(nv.trainer_tensors or {}, "trainer_tensors"),
-            TRAINER_META_FILE: lambda: json_bytes(nv.trainer_meta or {}, "trainer_meta"),
-            ADAPTER_CONFIG_FILE: lambda: json_bytes(nv.adapter_config, "adapter_config", strict=True),
-        }
+        payloads = self._payloads(nv)
         try:
             for name in VERSION_FILES:
                 path, data = posixpath.join(tmp, name), payloads[name]()
@@ -219,6 +223,52 @@ class AdapterStore:
             self.fs.rm(tmp, recursive=True)
             raise
         return tmp
+
+    def same_content(self, nv: NewVersion) -> bool:
+        """Whether the published `nv.version` holds exactly the bytes `nv` would write (sha256 of
+        every file): a retry of a lost attempt that already published the same step finds its
+        own result there."""
+        directory = self._version_dir(nv.adapter_id, _check_version(nv.version))
+        payloads = self._payloads(nv)
+        return all(hashlib.sha256(payloads[n]()).digest()
+                   == hashlib.sha256(self.fs.cat_file(posixpath.join(directory, n))).digest()
+                   for n in VERSION_FILES)
+
+    def replace_version(self, nv: NewVersion) -> str:
+        """Publish `nv` in place of an existing version with other content. Only for a version
+        that no reader may rely on yet: one that was published by an attempt whose commit never
+        happened (the caller holds the step's claim, so no other commit can)."""
+        with self._adapter_lock(nv.adapter_id):
+            if self.exists(nv.adapter_id, nv.version):
+                self._remove_version(nv.adapter_id, nv.version)
+        [result] = self.publish_many([nv])
+        if isinstance(result, VersionExistsError):
+            raise result
+        return result
+
+    def sweep_temp(self, older_than_s: float, now: float | None = None) -> list[str]:
+        """Remove temporary directories and files (`.tmp-*`) left by writers that died, once
+        they are older than `older_than_s` (a live writer finishes within a lease) -> removed."""
+        import time
+
+        now = time.time() if now is None else now
+        removed = []
+        for adapter_id in self.adapters():
+            try:
+                entries = self.fs.ls(self._adapter_root(adapter_id), detail=True)
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                name = posixpath.basename(e["name"].rstrip("/"))
+                if TMP_PREFIX not in name:
+                    continue
+                mtime = e.get("mtime") or e.get("LastModified") or e.get("created")
+                mtime = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime or now)
+                if now - mtime >= older_than_s:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm(e["name"], recursive=True)
+                    removed.append(e["name"])
+        return removed
 
     def _move_into_place(self, tmp: str, final: str, adapter_id: str, version: int) -> None:
         if self._local:

@@ -4,13 +4,33 @@ dispatches, so results are ignored and nothing but JSON is ever accepted."""
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from lorafleet.common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE
 
 TASK_ROLLOUT = "lf.rollout_batch"
 TASK_TRAIN = "lf.train_batch"
 VISIBILITY_TIMEOUT_S = 6 * 3600  # last-resort redelivery; the reaper re-publishes far sooner
+# kombu's Redis transport with poison isolation: a queue item that is not a valid lorafleet
+# message is dead-lettered before kombu parses it, instead of stopping the worker
+BROKER_TRANSPORT = "lorafleet.common.broker_transport:Transport"
+
+
+def broker_transport_config(broker_url: str) -> dict[str, Any]:
+    """Select lorafleet's transport for redis:// and rediss:// brokers (kombu's own otherwise).
+
+    A transport named explicitly bypasses kombu's URL-scheme alias, and with it kombu's TLS
+    default for `rediss://` without `ssl_*` parameters, so that default is made explicit here:
+    verify the server's certificate, as lorafleet's own Redis clients of the same URL do."""
+    parts = urlsplit(broker_url)
+    if parts.scheme not in ("redis", "rediss"):
+        return {}
+    conf: dict[str, Any] = {"broker_transport": BROKER_TRANSPORT}
+    if parts.scheme == "rediss" and not any(k.startswith("ssl_") for k in parse_qs(parts.query)):
+        conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return conf
 
 
 def celery_config(broker_url: str) -> dict[str, Any]:
@@ -26,6 +46,11 @@ def celery_config(broker_url: str) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": 1,
         "worker_send_task_events": True,
+        # no remote control: workers do not listen on the broadcast (pidbox) exchange, so no
+        # broker client can shut them down, restart their pool, revoke, or change rate and time
+        # limits (`celery control ...`, `app.control.*`). lorafleet never uses it: cancel and
+        # placement go through Redis. Monitoring works from events (-E) and heartbeats.
+        "worker_enable_remote_control": False,
         "task_send_sent_event": True,
         "worker_proc_alive_timeout": 300,  # the hot model loads in worker_process_init
         "worker_hijack_root_logger": False,
@@ -35,6 +60,7 @@ def celery_config(broker_url: str) -> dict[str, Any]:
         "task_default_queue": TRAIN_QUEUE,
         "task_create_missing_queues": True,
         "task_routes": {TASK_ROLLOUT: {"queue": ROLLOUT_QUEUE}, TASK_TRAIN: {"queue": TRAIN_QUEUE}},
+        **broker_transport_config(broker_url),
     }
 
 

@@ -51,9 +51,10 @@ class ExperimentRecord:
     inflight: str = ""  # batch id of the step's published or claimed task ("" when none)
     inflight_at: int = 0
     attempts: int = 0  # failed attempts of the current task (poison cap)
+    not_before: int = 0  # ms, Redis clock: a failed attempt is published again after a backoff
     served: int = 0  # rows served so far (fair share)
     rollout_summary: str = ""  # JSON: reward stats of the committed rollout awaiting training
-    error: str = ""
+    error: str = ""  # why it failed; while running, why its last attempt was given up
     started_at: int = 0
     finished_at: int = 0
 
@@ -114,7 +115,7 @@ class ExperimentRecord:
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(ExperimentRecord) if f.name != "id")
 # What the scheduler reads of every active experiment on every tick (never the spec).
 SCHEDULING_FIELDS: tuple[str, ...] = ("status", "step", "phase", "node", "inflight", "inflight_at",
-                                      "served", "weight", "rows", "created_at")
+                                      "served", "weight", "rows", "created_at", "not_before")
 _CASTS: dict[type | str, Any] = {"int": int, "float": float, "str": str}
 _DECODE: dict[str, Any] = {
     f.name: _CASTS.get(str(f.type), str) for f in fields(ExperimentRecord) if f.name != "id"

@@ -39,6 +39,8 @@ class Keys:
     rebalance = PREFIX + "scheduler:rebalance"  # string with TTL: workers stop chaining rollouts
     workers = PREFIX + "workers"  # set: node names ever seen (liveness is per-node key)
     worker_tasks = PREFIX + "worker_tasks"  # stream: one entry per Celery task a worker ran
+    dead_letters = PREFIX + "dead_letters"  # list: JSON of each poison payload taken off a queue
+    dead_letter_count = PREFIX + "dead_letters:count"  # counter: poison payloads ever seen
 
     experiment_prefix = PREFIX + "exp:"  # + experiment id (Lua scripts that scan lf:active)
 
@@ -53,6 +55,10 @@ class Keys:
     @staticmethod
     def task(exp_id: str, step: int, phase: str) -> str:
         return f"{PREFIX}task:{exp_id}:{step}:{phase}"  # hash: status, token, owner, lease, ...
+
+    @staticmethod
+    def refusals(exp_id: str) -> str:
+        return f"{PREFIX}refusals:{exp_id}"  # hash: reason -> refused claims/commits of the experiment
 
     @staticmethod
     def trajectory(exp_id: str, step: int) -> str:

@@ -26,10 +26,9 @@ from lorafleet.common.protocol_lua import (
     COMMIT_ROLLOUT,
     COMMIT_ROLLOUT_CLAIM_TRAIN,
     COMMIT_TRAIN,
-    FAIL_TASK,
     FINISH,
+    GIVE_UP_ATTEMPT,
     MARK_INFLIGHT,
-    RELEASE,
     RENEW,
     RENEW_LEADER,
 )
@@ -65,6 +64,27 @@ class Refusal:
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """A commit's answer: committed, or the reason it was refused (counted in
+    `lf:refusals:<id>`: "commit:lease_lost", "commit:stale", "commit:experiment_cancelled", ...)."""
+
+    ok: bool
+    reason: str = "ok"
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delay before a given-up attempt is published again: none after the first failed attempt
+    (a worker died: retry at once), then base x 2^(attempts-2), capped."""
+
+    base_ms: int = 500
+    cap_ms: int = 10_000
+
+
+@dataclass(frozen=True)
 class RolloutCommit:
     item: StepItem
     trajectory: dict[str, Any]
@@ -94,12 +114,11 @@ class StepProtocol:
         self.r = r
         self._claim = r.register_script(CLAIM)
         self._renew = r.register_script(RENEW)
-        self._release = r.register_script(RELEASE)
+        self._give_up = r.register_script(GIVE_UP_ATTEMPT)
         self._commit_rollout = r.register_script(COMMIT_ROLLOUT)
         self._commit_rollout_claim = r.register_script(COMMIT_ROLLOUT_CLAIM_TRAIN)
         self._commit_train = r.register_script(COMMIT_TRAIN)
         self._claim_next = r.register_script(CLAIM_NEXT_ROLLOUTS)
-        self._fail = r.register_script(FAIL_TASK)
         self._finish = r.register_script(FINISH)
         self._mark = r.register_script(MARK_INFLIGHT)
         self._activate = r.register_script(ACTIVATE)
@@ -115,7 +134,8 @@ class StepProtocol:
         """Claim (exp_id, step) of each item -> (the claimed items with their specs, the refused)."""
         pipe = self.r.pipeline(transaction=False)
         for exp_id, step in items:
-            self._claim(keys=[Keys.task(exp_id, step, phase), Keys.experiment(exp_id), Keys.fence],
+            self._claim(keys=[Keys.task(exp_id, step, phase), Keys.experiment(exp_id), Keys.fence,
+                              Keys.refusals(exp_id)],
                         args=[owner, lease_ms, step, phase, batch_id], client=pipe)
             pipe.hget(Keys.experiment(exp_id), "spec_json")
         out = pipe.execute()
@@ -131,40 +151,47 @@ class StepProtocol:
     def renew(self, exp_id: str, step: int, phase: str, token: int, lease_ms: int) -> bool:
         return bool(self._renew(keys=[Keys.task(exp_id, step, phase)], args=[token, lease_ms]))
 
-    def release(self, item: StepItem, phase: str) -> bool:
-        """Give a claim up early (the batch failed as a whole): the reaper re-publishes it."""
-        return bool(self._release(keys=[Keys.task(item.exp_id, item.step, phase)], args=[item.token]))
+    def give_up(self, item: StepItem, phase: str, reason: str, count: bool, max_attempts: int,
+                backoff: Backoff) -> int:
+        """Give up this worker's attempt at `item` (see GIVE_UP_ATTEMPT) -> 0 not the holder any
+        more, 1 released for another attempt, 2 the experiment failed (attempts exhausted)."""
+        e = item.exp_id
+        return int(self._give_up(
+            keys=[Keys.task(e, item.step, phase), Keys.experiment(e), Keys.events, Keys.active],
+            args=[item.token, reason[:2000], int(count), max_attempts, e, backoff.base_ms, backoff.cap_ms]))
 
     def _rollout_commit(self, c: RolloutCommit) -> tuple[list[str], list[Any]]:
         e, step = c.item.exp_id, c.item.step
-        return ([Keys.task(e, step, "rollout"), Keys.experiment(e), Keys.trajectory(e, step), Keys.events],
+        return ([Keys.task(e, step, "rollout"), Keys.experiment(e), Keys.trajectory(e, step), Keys.events,
+                 Keys.refusals(e)],
                 [c.item.token, step, json.dumps(c.trajectory), json.dumps(c.summary), TRAJECTORY_TTL_MS, e])
 
-    def commit_rollouts(self, commits: Sequence[RolloutCommit]) -> list[bool]:
-        """-> committed per item."""
+    def commit_rollouts(self, commits: Sequence[RolloutCommit]) -> list[Outcome]:
+        """-> per item: committed, or why not. Safe to retry after a lost reply."""
         pipe = self.r.pipeline(transaction=False)
         for c in commits:
             keys, args = self._rollout_commit(c)
             self._commit_rollout(keys=keys, args=args, client=pipe)
-        return [bool(x) for x in pipe.execute()] if commits else []
+        return [Outcome(bool(int(ok)), str(why)) for ok, why in pipe.execute()] if commits else []
 
     def commit_rollouts_claim_train(self, commits: Sequence[RolloutCommit], owner: str, lease_ms: int,
-                                    batch_id: str, node: str) -> list[StepItem | None]:
+                                    batch_id: str, node: str) -> list[StepItem | Outcome]:
         """commit_rollouts, and each committed item's train task claimed for `owner` as batch
-        `batch_id` -> per item the claimed train step, None where the commit was refused."""
+        `batch_id` -> per item the claimed train step, or the refused commit's `Outcome`."""
         pipe = self.r.pipeline(transaction=False)
         for c in commits:
             keys, args = self._rollout_commit(c)
             keys += [Keys.task(c.item.exp_id, c.item.step, "train"), Keys.fence]
             args += [owner, lease_ms, batch_id, node]
             self._commit_rollout_claim(keys=keys, args=args, client=pipe)
-        tokens = [int(x) for x in pipe.execute()] if commits else []
-        return [replace(c.item, token=t) if t else None for c, t in zip(commits, tokens, strict=True)]
+        out = pipe.execute() if commits else []
+        return [replace(c.item, token=int(t)) if int(t) else Outcome(False, str(why))
+                for c, (t, why) in zip(commits, out, strict=True)]
 
     def commit_trains(self, commits: Sequence[TrainCommit], chain: ChainNext | None = None,
-                      ) -> tuple[list[bool], list[StepItem | None]]:
-        """-> (committed per item, per item its next rollout step when `chain` is given and
-        CLAIM_NEXT_ROLLOUTS claimed it for `chain.owner`, else None)."""
+                      ) -> tuple[list[Outcome], list[StepItem | None]]:
+        """-> (per item committed or why not, per item its next rollout step when `chain` is
+        given and CLAIM_NEXT_ROLLOUTS claimed it for `chain.owner`, else None)."""
         if not commits:
             return [], []
         pipe = self.r.pipeline(transaction=False)
@@ -172,7 +199,7 @@ class StepProtocol:
             e, step = c.item.exp_id, c.item.step
             self._commit_train(
                 keys=[Keys.task(e, step, "train"), Keys.experiment(e), Keys.metrics(e), Keys.events,
-                      Keys.trajectory(e, step), Keys.active],
+                      Keys.trajectory(e, step), Keys.active, Keys.refusals(e)],
                 args=[c.item.token, step, json.dumps(c.metrics), e], client=pipe)
         if chain is not None:  # in the same round trip, right behind the commits
             keys = [Keys.active, Keys.fence, Keys.rebalance]
@@ -184,7 +211,7 @@ class StepProtocol:
                 args += [c.item.exp_id, c.item.step + 1]
             self._claim_next(keys=keys, args=args, client=pipe)
         out = pipe.execute()
-        committed = [bool(x) for x in out[:len(commits)]]
+        committed = [Outcome(bool(int(ok)), str(why)) for ok, why in out[:len(commits)]]
         tokens = [int(t) for t in out[len(commits)]] if chain is not None else []
         tokens = tokens or [0] * len(commits)
         nxt = [replace(c.item, step=c.item.step + 1, token=t) if t else None
@@ -200,12 +227,9 @@ class StepProtocol:
         out = pipe.execute()
         return list(zip(out[0::2], out[1::2], strict=True))
 
-    def fail_task(self, item: StepItem, phase: str, reason: str) -> bool:
-        e = item.exp_id
-        return bool(self._fail(
-            keys=[Keys.task(e, item.step, phase), Keys.experiment(e), Keys.events, Keys.active],
-            args=[item.token, reason[:2000], e],
-        ))
+    def refusals(self, exp_id: str) -> dict[str, int]:
+        """Refused claims and commits of an experiment, by reason."""
+        return {k: int(v) for k, v in self.r.hgetall(Keys.refusals(exp_id)).items()}
 
     # ---- scheduler and clients -------------------------------------------------------------
     def finish(self, exp_id: str, status: str, reason: str) -> bool:
@@ -225,11 +249,13 @@ class StepProtocol:
     def activate(self, leader_id: str, exp_id: str) -> bool:
         return bool(self._activate(keys=[Keys.leader, Keys.experiment(exp_id)], args=[leader_id]))
 
-    def clear_inflight(self, leader_id: str, exp_id: str, batch_id: str, count: bool = True) -> int:
+    def clear_inflight(self, leader_id: str, exp_id: str, batch_id: str, reason: str, count: bool = True,
+                       backoff: Backoff = Backoff()) -> int:
         """1 + failed attempts so far after clearing; 0: not cleared (not the leader any more, or
-        the task moved on meanwhile)."""
+        the task moved on meanwhile). A counted attempt is published again after a backoff."""
         return int(self._clear(keys=[Keys.leader, Keys.experiment(exp_id)],
-                               args=[leader_id, batch_id, int(count)]))
+                               args=[leader_id, batch_id, int(count), reason[:2000], backoff.base_ms,
+                                     backoff.cap_ms]))
 
     def acquire_leader(self, candidate: str, ttl_ms: int) -> int:
         return int(self._acquire(keys=[Keys.leader, Keys.leader_epoch], args=[candidate, ttl_ms]))

@@ -38,14 +38,41 @@ local function claim_task(task, fence, owner, lease_ms, batch)
 end
 """
 
-# KEYS: task, exp, fence   ARGV: owner, lease_ms, step, phase, batch_id -> {token, reason}
-CLAIM = render(_NOW + _CLAIM_TASK + """
+# Every refusal is counted per experiment and reason (`lf:refusals:<id>`): a stale or duplicate
+# message, a zombie's late commit. Used inside scripts below.
+_REFUSE = """
+local function refuse(refusals, kind, reason)
+  redis.call('HINCRBY', refusals, kind .. ':' .. reason, 1)
+  redis.call('PEXPIRE', refusals, $task_ttl_ms)
+  return reason
+end
+"""
+
+# Where a message's (step, phase) stands against the experiment's: 'ok', 'stale' (the
+# experiment moved past it) or 'future' (a message for a step that has not been reached).
+_POSITION = """
+local function position(exp_step, exp_phase, step, phase)
+  exp_step, step = tonumber(exp_step), tonumber(step)
+  if exp_step == step and exp_phase == phase then return 'ok' end
+  if exp_step > step or (exp_step == step and exp_phase == 'train') then return 'stale' end
+  return 'future'
+end
+"""
+
+# KEYS: task, exp, fence, refusals   ARGV: owner, lease_ms, step, phase, batch_id -> {token, reason}
+# Claiming again what this owner already holds for the same batch returns the same token (a
+# retry after a lost reply must not orphan the claim).
+CLAIM = render(_NOW + _CLAIM_TASK + _REFUSE + _POSITION + """
 local e = redis.call('HMGET', KEYS[2], '$status', '$step', '$phase')
-if e[1] ~= 'running' then return {0, 'experiment_' .. tostring(e[1])} end
-if tonumber(e[2]) ~= tonumber(ARGV[3]) or e[3] ~= ARGV[4] then return {0, 'stale'} end
-local s = redis.call('HMGET', KEYS[1], 'status', 'lease_until')
-if s[1] == 'committed' then return {0, 'committed'} end
-if s[1] == 'claimed' and tonumber(s[2]) > now then return {0, 'claimed'} end
+if e[1] ~= 'running' then return {0, refuse(KEYS[4], 'claim', 'experiment_' .. tostring(e[1]))} end
+local pos = position(e[2], e[3], ARGV[3], ARGV[4])
+if pos ~= 'ok' then return {0, refuse(KEYS[4], 'claim', pos)} end
+local s = redis.call('HMGET', KEYS[1], 'status', 'lease_until', 'owner', 'batch', 'token')
+if s[1] == 'committed' then return {0, refuse(KEYS[4], 'claim', 'committed')} end
+if s[1] == 'claimed' and tonumber(s[2]) > now then
+  if s[3] == ARGV[1] and s[4] == ARGV[5] then return {tonumber(s[5]), 'ok'} end
+  return {0, refuse(KEYS[4], 'claim', 'claimed')}
+end
 return {claim_task(KEYS[1], KEYS[3], ARGV[1], ARGV[2], ARGV[5]), 'ok'}
 """)
 
@@ -56,64 +83,85 @@ redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]))
 return 1
 """
 
-RELEASE = """
-local s = redis.call('HMGET', KEYS[1], 'status', 'token')
-if s[1] ~= 'claimed' or s[2] ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'lease_until', 0)
-return 1
+# The fencing check of every commit -> 'ok', 'done' (this token already committed it: a retry
+# after a lost reply), or the refusal reason (counted).
+_FENCE = """
+local function fence(task, exp, refusals, token, step, phase)
+  local s = redis.call('HMGET', task, 'status', 'token')
+  if s[1] == 'committed' and s[2] == token then return 'done' end
+  if s[1] ~= 'claimed' or s[2] ~= token then
+    return refuse(refusals, 'commit', (s[1] == 'committed' and 'committed' or 'lease_lost'))
+  end
+  local e = redis.call('HMGET', exp, '$status', '$step', '$phase')
+  if e[1] ~= 'running' then return refuse(refusals, 'commit', 'experiment_' .. tostring(e[1])) end
+  local pos = position(e[2], e[3], step, phase)
+  if pos ~= 'ok' then return refuse(refusals, 'commit', pos) end
+  return 'ok'
+end
 """
 
-# The checks and writes every rollout commit makes. KEYS: task, exp, trajectory, events
+# The checks and writes every rollout commit makes. KEYS: task, exp, trajectory, events, refusals
 # ARGV: token, step, traj_json, summary_json, ttl_ms, exp_id
-_COMMIT_ROLLOUT = """
-local s = redis.call('HMGET', KEYS[1], 'status', 'token')
-if s[1] ~= 'claimed' or s[2] ~= ARGV[1] then return 0 end
-local e = redis.call('HMGET', KEYS[2], '$status', '$step', '$phase')
-if e[1] ~= 'running' or tonumber(e[2]) ~= tonumber(ARGV[2]) or e[3] ~= 'rollout' then return 0 end
-redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[5])
-redis.call('HSET', KEYS[1], 'status', 'committed')
-redis.call('HSET', KEYS[2], '$phase', 'train', '$attempts', 0, '$rollout_summary', ARGV[4])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'rollout_committed',
-           'exp', ARGV[6], 'step', ARGV[2])
+_COMMIT_ROLLOUT = _REFUSE + _POSITION + _FENCE + """
+local verdict = fence(KEYS[1], KEYS[2], KEYS[5], ARGV[1], ARGV[2], 'rollout')
+local function commit_rollout()
+  redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[5])
+  redis.call('HSET', KEYS[1], 'status', 'committed')
+  redis.call('HSET', KEYS[2], '$phase', 'train', '$attempts', 0, '$error', '', '$rollout_summary', ARGV[4])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'rollout_committed',
+             'exp', ARGV[6], 'step', ARGV[2])
+end
 """
 
+# -> {1, 'ok'} or {0, reason}
 COMMIT_ROLLOUT = render(_NOW + _COMMIT_ROLLOUT + """
+if verdict == 'done' then return {1, 'ok'} end
+if verdict ~= 'ok' then return {0, verdict} end
+commit_rollout()
 redis.call('HSET', KEYS[2], '$inflight', '')
-return 1
+return {1, 'ok'}
 """)
 
 # The same commit, and the step's train task claimed at once by the committing worker (its batch
 # runs there next, without a round trip through the scheduler and the queue). The experiment is
 # never without an in-flight task in between, so the scheduler cannot publish the train step too.
 # KEYS: as COMMIT_ROLLOUT, then train task, fence   ARGV: as COMMIT_ROLLOUT, then owner,
-# lease_ms, batch_id, node -> the train claim's token (0: commit refused)
+# lease_ms, batch_id, node -> {the train claim's token, 'ok'} or {0, reason}
 COMMIT_ROLLOUT_CLAIM_TRAIN = render(_NOW + _CLAIM_TASK + _COMMIT_ROLLOUT + """
-local token = claim_task(KEYS[5], KEYS[6], ARGV[7], ARGV[8], ARGV[9])
+if verdict == 'done' then
+  local t = redis.call('HMGET', KEYS[6], 'status', 'token', 'batch')
+  if t[1] == 'claimed' and t[3] == ARGV[9] then return {tonumber(t[2]), 'ok'} end
+  return {0, 'committed'}
+end
+if verdict ~= 'ok' then return {0, verdict} end
+commit_rollout()
+local token = claim_task(KEYS[6], KEYS[7], ARGV[7], ARGV[8], ARGV[9])
 redis.call('HSET', KEYS[2], '$inflight', ARGV[9], '$inflight_at', now, '$node', ARGV[10])
 redis.call('HINCRBY', KEYS[2], '$served', redis.call('HGET', KEYS[2], '$rows'))
-return token
+return {token, 'ok'}
 """)
 
-# KEYS: task, exp, metrics, events, trajectory, active   ARGV: token, step, metrics_json, exp_id
-COMMIT_TRAIN = render(_NOW + """
-local s = redis.call('HMGET', KEYS[1], 'status', 'token')
-if s[1] ~= 'claimed' or s[2] ~= ARGV[1] then return 0 end
-local e = redis.call('HMGET', KEYS[2], '$status', '$step', '$phase', '$steps_total')
+# KEYS: task, exp, metrics, events, trajectory, active, refusals   ARGV: token, step, metrics_json,
+# exp_id -> {1, 'ok'} or {0, reason}
+COMMIT_TRAIN = render(_NOW + _REFUSE + _POSITION + _FENCE + """
+local verdict = fence(KEYS[1], KEYS[2], KEYS[7], ARGV[1], ARGV[2], 'train')
+if verdict == 'done' then return {1, 'ok'} end
+if verdict ~= 'ok' then return {0, verdict} end
 local step = tonumber(ARGV[2])
-if e[1] ~= 'running' or tonumber(e[2]) ~= step or e[3] ~= 'train' then return 0 end
+local total = redis.call('HGET', KEYS[2], '$steps_total')
 local nxt = step + 1
 redis.call('HSET', KEYS[1], 'status', 'committed')
 redis.call('RPUSH', KEYS[3], ARGV[3])
 redis.call('DEL', KEYS[5])
-redis.call('HSET', KEYS[2], '$step', nxt, '$phase', 'rollout', '$inflight', '', '$attempts', 0)
+redis.call('HSET', KEYS[2], '$step', nxt, '$phase', 'rollout', '$inflight', '', '$attempts', 0, '$error', '')
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'train_committed',
            'exp', ARGV[4], 'step', step, 'version', nxt)
-if nxt >= tonumber(e[4]) then
+if nxt >= tonumber(total) then
   redis.call('HSET', KEYS[2], '$status', 'completed', '$finished_at', now)
   redis.call('SREM', KEYS[6], ARGV[4])
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'completed', 'exp', ARGV[4])
 end
-return 1
+return {1, 'ok'}
 """)
 
 # After a train commit the same worker claims the batch's next rollouts, but only when the
@@ -151,17 +199,37 @@ end
 return out
 """)
 
-# A worker fails one experiment of its batch (non-finite loss, reward env raised); fenced.
-# KEYS: task, exp, events, active   ARGV: token, reason, exp_id
-FAIL_TASK = render(_NOW + """
+# A worker gives up its attempt at a task (fenced): the experiment may be published again, at
+# once after its first failed attempt, then after a doubling backoff. `count` 1: the experiment's
+# own fault (its reward function raised, a NaN, a bad checkpoint, the batch crashed), counted
+# against `max_attempts`, which fails it with `reason` when reached; 0: not its fault (a store or
+# Redis outage outlasted the worker's retries, the worker is shutting down).
+# KEYS: task, exp, events, active
+# ARGV: token, reason, count, max_attempts, exp_id, backoff_base_ms, backoff_cap_ms
+# -> 0 not the holder (or not running), 1 released for another attempt, 2 experiment failed
+GIVE_UP_ATTEMPT = render(_NOW + """
 local s = redis.call('HMGET', KEYS[1], 'status', 'token')
 if s[1] ~= 'claimed' or s[2] ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[2], '$status') ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'failed')
-redis.call('HSET', KEYS[2], '$status', 'failed', '$error', ARGV[2], '$inflight', '', '$finished_at', now)
-redis.call('SREM', KEYS[4], ARGV[3])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'failed', 'exp', ARGV[3],
-           'reason', ARGV[2])
+redis.call('HSET', KEYS[1], 'status', 'released', 'lease_until', 0, 'error', ARGV[2])
+local attempts = redis.call('HINCRBY', KEYS[2], '$attempts', tonumber(ARGV[3]))
+if tonumber(ARGV[3]) > 0 and attempts >= tonumber(ARGV[4]) then
+  local reason = ARGV[2] .. ' (gave up after ' .. attempts .. ' attempts)'
+  redis.call('HSET', KEYS[2], '$status', 'failed', '$error', reason, '$inflight', '',
+             '$finished_at', now)
+  redis.call('SREM', KEYS[4], ARGV[5])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'failed', 'exp', ARGV[5],
+             'reason', reason)
+  return 2
+end
+local wait = 0
+if tonumber(ARGV[3]) > 0 and attempts > 1 then
+  wait = math.min(tonumber(ARGV[7]), tonumber(ARGV[6]) * 2 ^ (attempts - 2))
+end
+redis.call('HSET', KEYS[2], '$inflight', '', '$error', ARGV[2],
+           '$not_before', math.floor(now + wait))
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'attempt_released',
+           'exp', ARGV[5], 'reason', ARGV[2], 'counted', ARGV[3])
 return 1
 """)
 
@@ -207,13 +275,21 @@ redis.call('HSET', KEYS[2], '$status', 'running', '$started_at', now)
 return 1
 """)
 
-# The leader gives up on a published task so that it is published again. KEYS: leader, exp
-# ARGV: leader_id, batch_id, attempts to add (0: the task never ran, e.g. its node vanished)
-CLEAR_INFLIGHT = render("""
+# The leader gives up on a published task so that it is published again (after a backoff when
+# a counted attempt fails again: base x 2^(attempts-2), capped). KEYS: leader, exp
+# ARGV: leader_id, batch_id, attempts to add (0: the task never ran, e.g. its node vanished),
+# reason, backoff_base_ms, backoff_cap_ms -> 1 + failed attempts so far; 0: not cleared
+CLEAR_INFLIGHT = render(_NOW + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[2], '$inflight') ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[2], '$inflight', '')
-return redis.call('HINCRBY', KEYS[2], '$attempts', ARGV[3]) + 1
+local attempts = redis.call('HINCRBY', KEYS[2], '$attempts', ARGV[3])
+local wait = 0
+if tonumber(ARGV[3]) > 0 and attempts > 1 then
+  wait = math.min(tonumber(ARGV[6]), tonumber(ARGV[5]) * 2 ^ (attempts - 2))
+end
+redis.call('HSET', KEYS[2], '$inflight', '', '$error', ARGV[4],
+           '$not_before', math.floor(now + wait))
+return attempts + 1
 """)
 
 # KEYS: leader, epoch   ARGV: candidate id, ttl_ms  -> epoch if this call made it leader, else 0

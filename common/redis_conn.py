@@ -13,13 +13,20 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
 
-def connect(url: str) -> redis.Redis:
-    """A client for `redis://`, `rediss://` (TLS) or `unix://` URLs; AUTH from the URL."""
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+def connect(url: str, socket_timeout_s: float = 10.0, connect_timeout_s: float = 5.0) -> redis.Redis:
+    """A client for `redis://`, `rediss://` (TLS) or `unix://` URLs; AUTH from the URL.
+
+    Explicit timeouts: a hung Redis (paused, partitioned) raises `redis.TimeoutError` instead of
+    blocking a loop forever; callers retry with `lorafleet.common.retry`. Blocking reads
+    (XREAD BLOCK) must block for less than `socket_timeout_s`."""
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30,
+                                socket_timeout=socket_timeout_s, socket_connect_timeout=connect_timeout_s,
+                                socket_keepalive=True)
 
 
 def redis_server_binary() -> str:
@@ -42,24 +49,50 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class EmbeddedRedis:
-    """`with EmbeddedRedis() as url:` a private Redis on 127.0.0.1 for the duration."""
+def redis_config_string(value: str) -> str:
+    """`value` as a double-quoted string of redis.conf syntax (backslash and hex escapes)."""
+    out = []
+    for ch in value:
+        if ch in '\\"':
+            out.append("\\" + ch)
+        elif ch.isascii() and ch.isprintable():
+            out.append(ch)
+        else:
+            out.extend(f"\\x{b:02x}" for b in ch.encode())
+    return '"' + "".join(out) + '"'
 
-    def __init__(self, port: int | None = None, appendonly: bool = False) -> None:
+
+class EmbeddedRedis:
+    """`with EmbeddedRedis() as url:` a private Redis on 127.0.0.1 for the duration.
+
+    With `password`, the server requires AUTH and `url` carries the password. redis-server reads
+    it as configuration on its stdin (`redis-server -`), never from its argv, which any local
+    user can read in `ps` or /proc/<pid>/cmdline."""
+
+    def __init__(self, port: int | None = None, appendonly: bool = False,
+                 password: str | None = None) -> None:
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir = tempfile.mkdtemp(prefix="lorafleet-redis-")
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> str:
-        args = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(self.port),
+        # "-": the rest of the configuration (the password) comes on stdin, which closes at once
+        args = [redis_server_binary(), "-", "--bind", "127.0.0.1", "--port", str(self.port),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no",
                 "--dir", self.dir, "--daemonize", "no", "--loglevel", "warning"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        config = f"requirepass {redis_config_string(self.password)}\n" if self.password else ""
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(config.encode())
+        self.proc.stdin.close()
         deadline = time.monotonic() + timeout_s
         client = connect(self.url)
         while time.monotonic() < deadline:

@@ -1,15 +1,18 @@
 """Pydantic schemas validated at every boundary (client, CLI, HTTP, worker).
 
 Every model forbids unknown fields, so a typo ("learning_rate" for "lr") is an error that names
-the field instead of a silently ignored setting.
+the field instead of a silently ignored setting. Numbers are strict: a boolean is never a number
+(`steps: true` would otherwise train for 1 step), an int field takes no float (`steps: 2.5`), and
+NaN or infinity is refused everywhere (NaN slips through every `le`/`gt` bound and would poison
+the adapter's weights). An int is still a float (`lr: 1` is 1.0), in Python and in JSON.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 from lorafleet.common.ids import validate_id
 
@@ -20,16 +23,20 @@ KNOWN_TARGET_MODULES = frozenset(
 )
 
 
+# Strict numbers without bounds (fields with bounds say `strict=True` in their `Field`).
+StrictFloat = Annotated[float, Strict()]
+
+
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LoRASpec(StrictModel):
-    rank: int = Field(8, ge=1, le=256, description="LoRA rank r")
-    alpha: float = Field(16.0, gt=0, le=4096, description="scaling = alpha / r")
+    rank: int = Field(8, strict=True, ge=1, le=256, description="LoRA rank r")
+    alpha: float = Field(16.0, strict=True, gt=0, le=4096, description="scaling = alpha / r")
     target_modules: tuple[str, ...] = Field(DEFAULT_TARGET_MODULES, min_length=1, validate_default=True)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    use_rslora: bool = False
+    dropout: float = Field(0.0, strict=True, ge=0.0, lt=1.0)
+    use_rslora: bool = Field(False, strict=True)
 
     @field_validator("target_modules")
     @classmethod
@@ -51,14 +58,14 @@ class LoRASpec(StrictModel):
 class OptimizerSpec(StrictModel):
     """Per-adapter AdamW: every adapter has its own lr, schedule, betas, decay and clip norm."""
 
-    lr: float = Field(1e-3, gt=0, le=1.0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0, le=1e-2)
-    weight_decay: float = Field(0.0, ge=0, le=1.0)
-    max_grad_norm: float | None = Field(1.0, gt=0, description="per-adapter clip; null = off")
+    lr: float = Field(1e-3, strict=True, gt=0, le=1.0)
+    betas: tuple[StrictFloat, StrictFloat] = (0.9, 0.999)
+    eps: float = Field(1e-8, strict=True, gt=0, le=1e-2)
+    weight_decay: float = Field(0.0, strict=True, ge=0, le=1.0)
+    max_grad_norm: float | None = Field(1.0, strict=True, gt=0, description="per-adapter clip; null = off")
     schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    total_steps: int | None = Field(None, ge=1, description="horizon of linear/cosine decay")
+    warmup_steps: int = Field(0, strict=True, ge=0)
+    total_steps: int | None = Field(None, strict=True, ge=1, description="horizon of linear/cosine decay")
 
     @field_validator("betas")
     @classmethod
@@ -91,8 +98,8 @@ class LossSpec(StrictModel):
     clipping against the rollout logprobs; `pg`: plain policy gradient; `nll`: supervised."""
 
     kind: Literal["ppo_clip", "pg", "nll"] = "ppo_clip"
-    clip_eps: float = Field(0.2, gt=0, le=1.0)
-    kl_coef: float = Field(0.0, ge=0, le=10.0, description="KL penalty to the base model")
+    clip_eps: float = Field(0.2, strict=True, gt=0, le=1.0)
+    kl_coef: float = Field(0.0, strict=True, ge=0, le=10.0, description="KL penalty to the base model")
 
 
 class AdapterTrainSpec(StrictModel):
@@ -101,7 +108,7 @@ class AdapterTrainSpec(StrictModel):
     lora: LoRASpec = LoRASpec()
     optimizer: OptimizerSpec = OptimizerSpec()
     loss: LossSpec = LossSpec()
-    seed: int = Field(0, ge=0, lt=2**63)
+    seed: int = Field(0, strict=True, ge=0, lt=2**63)
 
 
 class ExperimentSpec(StrictModel):
@@ -110,13 +117,23 @@ class ExperimentSpec(StrictModel):
     name: str = Field(..., min_length=1, max_length=64)
     env: str = Field(..., min_length=1, max_length=64, description="registered reward env")
     env_args: dict[str, str | int | float | bool] = Field(default_factory=dict, max_length=32)
-    steps: int = Field(30, ge=1, le=100_000)
-    prompts_per_step: int = Field(4, ge=1, le=1024)
-    group_size: int = Field(4, ge=1, le=64, description="samples per prompt (GRPO group)")
-    max_new_tokens: int = Field(8, ge=1, le=4096)
-    temperature: float = Field(1.0, gt=0, le=10.0)
-    weight: float = Field(1.0, gt=0, le=100.0, description="fair-share weight")
+    steps: int = Field(30, strict=True, ge=1, le=100_000)
+    prompts_per_step: int = Field(4, strict=True, ge=1, le=1024)
+    group_size: int = Field(4, strict=True, ge=1, le=64, description="samples per prompt (GRPO group)")
+    max_new_tokens: int = Field(8, strict=True, ge=1, le=4096)
+    temperature: float = Field(1.0, strict=True, gt=0, le=10.0)
+    weight: float = Field(1.0, strict=True, gt=0, le=100.0, description="fair-share weight")
     train: AdapterTrainSpec = AdapterTrainSpec()
+
+    @field_validator("env_args", mode="before")
+    @classmethod
+    def _finite_env_args(cls, v: Any) -> Any:
+        # Before the union is tried: one clear message instead of one error per union member.
+        if isinstance(v, dict):
+            for key, value in v.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"env_args.{key} must be a finite number, got {value}")
+        return v
 
     @field_validator("name")
     @classmethod

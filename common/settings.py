@@ -52,6 +52,17 @@ class Settings(BaseSettings):
     max_spec_bytes: int = Field(default=65536, gt=0)
     # None: under cache_dir, so DeepSpeed's JIT builds survive across runs without config.
     torch_extensions_dir: Path | None = None
+    # Redis faults: every client has explicit timeouts (a hung Redis raises instead of blocking
+    # forever); loops retry every Redis error class with capped exponential backoff.
+    redis_socket_timeout_s: float = Field(default=10.0, gt=0)
+    redis_connect_timeout_s: float = Field(default=5.0, gt=0)
+    retry_backoff_max_s: float = Field(default=10.0, gt=0)  # cap of every retry backoff
+
+    # ---- admission limits per experiment (a spec over one is refused at submit, naming it) ----
+    max_rows_per_step: int = Field(default=1024, ge=1)  # prompts_per_step x group_size
+    max_tokens_per_step: int = Field(default=1_048_576, ge=1)  # rows x max_new_tokens
+    max_steps: int = Field(default=100_000, ge=1)
+    max_lora_rank: int = Field(default=256, ge=1)
 
     # ---- worker ----------------------------------------------------------------------------
     node: str = "node0"  # its queue is lf.node.<node>
@@ -66,6 +77,13 @@ class Settings(BaseSettings):
     # Celery task (0: the scheduler publishes every rollout)
     chain_rollouts_s: float = Field(default=30.0, ge=0)
     test_train_delay_s: float = Field(default=0.0, ge=0)  # fault injection: widens the step window
+    # infrastructure faults (store or Redis errors) pause and retry a batch, for at most this long
+    # in all, without counting against any experiment's attempts
+    infra_retry_s: float = Field(default=300.0, ge=0)
+    store_sweep_s: float = Field(default=300.0, gt=0)  # how often orphaned temp dirs are removed
+    # a temp dir this old is a dead writer's (a live one finishes a publish well within it)
+    orphan_tmp_age_s: float = Field(default=600.0, gt=0)
+    shutdown_grace_s: float = Field(default=30.0, gt=0)  # SIGTERM: finish or release the batch within
 
     # ---- vLLM rollout engine (None: derived from the worker's residency budget) -------------
     vllm_max_loras: int = Field(default=8, ge=1)

@@ -1,47 +1,197 @@
 """Spec input at the boundary: YAML/JSON text, a dict or a model -> a validated `ExperimentSpec`.
 
 Every client path (CLI `validate`/`submit`/`run`, `FleetClient.submit`) goes through
-`parse_spec`; every error is a `SpecError` whose message names the field and what is allowed
-(CLI exit code 2, HTTP 400).
+`parse_spec`; every error is a one-line `SpecError` whose message names the field and what is
+allowed (CLI exit code 2, HTTP 400).
+
+Spec text comes from users, so it is read with `SpecLoader`, a SafeLoader that refuses what a
+spec never needs and an attacker would use: aliases/anchors (a 500-byte "billion laughs" expands
+to gigabytes), duplicate keys (last-wins silently drops a setting), non-string keys (a date or an
+int as a key) and deep nesting (the composer and pydantic recurse). These are checked while the
+document is composed, before anything is constructed or expanded. The fleet's admission limits
+(`AdmissionLimits`, from `Settings`) then bound the work one experiment may ask of a worker.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from yaml.events import AliasEvent
+from yaml.nodes import MappingNode, Node
 
 from lorafleet.common.envs import get_env
 from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.common.settings import ENV_PREFIX, Settings
+
+# A spec is 5 levels deep (spec > train > optimizer > betas > value); 32 leaves room for env
+# arguments without letting a hostile document recurse the composer or pydantic.
+MAX_DEPTH = 32
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_SHOWN = 60  # longest repr of a user value in a message
 
 
 class SpecError(ValueError):
     """A spec or request a user must fix (CLI exit code 2, HTTP 400)."""
 
 
-def parse_spec(data: ExperimentSpec | dict[str, Any] | str | bytes, max_bytes: int) -> ExperimentSpec:
-    """A spec from a model, a dict, or YAML/JSON text; every error is a `SpecError`."""
+def _default(field: str) -> int:
+    return int(Settings.model_fields[field].default)
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """What one experiment may ask of the fleet; defaults are `Settings`' defaults."""
+
+    max_spec_bytes: int = _default("max_spec_bytes")
+    max_rows_per_step: int = _default("max_rows_per_step")
+    max_tokens_per_step: int = _default("max_tokens_per_step")
+    max_steps: int = _default("max_steps")
+    max_lora_rank: int = _default("max_lora_rank")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AdmissionLimits:
+        return cls(max_spec_bytes=settings.max_spec_bytes, max_rows_per_step=settings.max_rows_per_step,
+                   max_tokens_per_step=settings.max_tokens_per_step, max_steps=settings.max_steps,
+                   max_lora_rank=settings.max_lora_rank)
+
+    def violations(self, spec: ExperimentSpec) -> list[str]:
+        """One message per limit `spec` exceeds, naming the limit and its setting."""
+        rows = spec.prompts_per_step * spec.group_size
+        tokens = rows * spec.max_new_tokens
+        checks = [
+            (rows, "max_rows_per_step",
+             f"rows per step {rows} (prompts_per_step {spec.prompts_per_step} "
+             f"× group_size {spec.group_size})"),
+            (tokens, "max_tokens_per_step",
+             f"tokens per step {tokens} (rows {rows} × max_new_tokens {spec.max_new_tokens})"),
+            (spec.steps, "max_steps", f"steps {spec.steps}"),
+            (spec.train.lora.rank, "max_lora_rank", f"train.lora.rank {spec.train.lora.rank}"),
+        ]
+        return [f"{what} exceeds the fleet limit {name}={getattr(self, name)} ({ENV_PREFIX}{name.upper()})"
+                for value, name, what in checks if value > getattr(self, name)]
+
+
+class RefusedYAML(yaml.YAMLError):
+    """Valid YAML that a spec may not use; the message says what and where."""
+
+    def __init__(self, message: str, node_or_event: Any) -> None:
+        mark = node_or_event.start_mark
+        super().__init__(f"{message} (line {mark.line + 1}, column {mark.column + 1})")
+
+
+class SpecLoader(yaml.SafeLoader):
+    """SafeLoader without aliases/anchors, merge keys, duplicate or non-string keys, or nesting
+    deeper than `MAX_DEPTH`."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node:
+        event = self.peek_event()
+        # Refused before the composer resolves them: an alias is never expanded at all.
+        if isinstance(event, AliasEvent) or event.anchor is not None:
+            raise RefusedYAML("YAML aliases/anchors are not allowed", event)
+        if self._depth >= MAX_DEPTH:
+            raise RefusedYAML(f"spec is nested deeper than {MAX_DEPTH} levels", event)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[str, Any]:
+        if not isinstance(node, MappingNode):
+            raise RefusedYAML(f"expected a mapping, found {node.id}", node)
+        mapping: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                raise RefusedYAML("YAML merge keys (<<) are not allowed", key_node)
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                raise RefusedYAML(f"mapping keys must be strings, got {type(key).__name__} "
+                                  f"{_shown(key)}", key_node)
+            if key in mapping:
+                raise RefusedYAML(f"duplicate key {key!r}", key_node)
+            mapping[key] = self.construct_object(value_node, deep=deep)
+        return mapping
+
+
+def load_spec_text(raw: bytes) -> Any:
+    """The document in `raw` (UTF-8 YAML or JSON), read with `SpecLoader`; errors are `SpecError`s."""
+    try:
+        text = raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is harmless; nothing else is read
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"spec must be UTF-8 text: byte {raw[exc.start]:#04x} at offset {exc.start} "
+                        "is not valid UTF-8") from None
+    try:
+        return yaml.load(text, Loader=SpecLoader)  # noqa: S506 - SpecLoader is a SafeLoader
+    except RefusedYAML as exc:
+        raise SpecError(str(exc)) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec is not valid YAML/JSON: {' '.join(str(exc).split())}") from None
+
+
+def check_tree(data: Any, max_bytes: int) -> None:
+    """Dict input gets the loader's checks too: string keys, nesting depth, and a node budget
+    (every node is at least a byte of JSON, so a structure of shared sub-lists that would dump
+    to gigabytes is refused before `json.dumps` walks it). The budget is 4x the byte limit
+    because a byte of YAML can make more than one node (`{a, b}`: four nodes and two nulls)."""
+    budget = 4 * max_bytes
+    stack: list[tuple[Any, int, str]] = [(data, 1, "")]
+    while stack:
+        node, depth, path = stack.pop()
+        budget -= 1 + (len(node) if isinstance(node, str | bytes) else 0)
+        if budget < 0:
+            raise SpecError(f"spec is larger than the limit of {max_bytes} bytes "
+                            f"({ENV_PREFIX}MAX_SPEC_BYTES)")
+        if depth > MAX_DEPTH:
+            raise SpecError(f"spec is nested deeper than {MAX_DEPTH} levels (at {path or 'the top'})")
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    raise SpecError(f"mapping keys must be strings, got {type(key).__name__} "
+                                    f"{_shown(key)} in {path or 'the spec'}")
+                stack.append((value, depth + 1, f"{path}.{key}" if path else key))
+        elif isinstance(node, list | tuple):
+            stack.extend((v, depth + 1, f"{path}[{i}]") for i, v in enumerate(node))
+
+
+SpecInput = ExperimentSpec | dict[str, Any] | str | bytes
+
+
+def parse_spec(data: SpecInput, limits: AdmissionLimits) -> ExperimentSpec:
+    """A spec from a model, a dict, or YAML/JSON text, within the fleet's `limits`; every error
+    is a `SpecError`."""
     if isinstance(data, ExperimentSpec):
         spec = data
     else:
-        if isinstance(data, (str, bytes)):
-            raw = data.encode() if isinstance(data, str) else data
-            if len(raw) > max_bytes:
-                raise SpecError(f"spec is {len(raw)} bytes; the limit is {max_bytes} bytes")
+        from_text = isinstance(data, str | bytes)
+        if isinstance(data, str | bytes):
             try:
-                data = yaml.safe_load(raw)
-            except yaml.YAMLError as exc:
-                raise SpecError(f"spec is not valid YAML/JSON: {exc}") from None
+                raw = data.encode() if isinstance(data, str) else data
+            except UnicodeEncodeError:
+                raise SpecError("spec must be valid Unicode text (it has an unpaired surrogate)") from None
+            if len(raw) > limits.max_spec_bytes:
+                raise SpecError(f"spec is {len(raw)} bytes; the limit is {limits.max_spec_bytes} bytes "
+                                f"({ENV_PREFIX}MAX_SPEC_BYTES)")
+            data = load_spec_text(raw)
         if not isinstance(data, dict):
             raise SpecError("spec must be a mapping of fields (YAML or JSON object)")
-        if len(json.dumps(data, default=str)) > max_bytes:
-            raise SpecError(f"spec is larger than {max_bytes} bytes")
+        check_tree(data, limits.max_spec_bytes)
+        # Text was measured as sent (without aliases it cannot grow); a dict is measured as JSON.
+        if not from_text and len(json.dumps(data, default=str)) > limits.max_spec_bytes:
+            raise SpecError(f"spec is larger than the limit of {limits.max_spec_bytes} bytes "
+                           f"({ENV_PREFIX}MAX_SPEC_BYTES)")
         try:
             spec = ExperimentSpec.model_validate(data)
         except ValidationError as exc:
             raise SpecError(_explain(exc)) from None
+    over = limits.violations(spec)
+    if over:
+        raise SpecError("; ".join(over))
     try:
         get_env(spec.env, spec.env_args)
     except ValueError as exc:
@@ -49,9 +199,20 @@ def parse_spec(data: ExperimentSpec | dict[str, Any] | str | bytes, max_bytes: i
     return spec
 
 
+def _shown(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= _SHOWN else shown[: _SHOWN - 3] + "..."
+
+
 def _explain(exc: ValidationError) -> str:
-    lines = []
+    """One line naming each bad field, what was given and what is allowed."""
+    parts = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(spec)"
-        lines.append(f"{field}: {err['msg']}")
-    return "invalid spec:\n  " + "\n  ".join(lines)
+        msg = "must be a finite number" if err["type"] == "finite_number" else err["msg"]
+        given = err.get("input")
+        # a custom validator's message already shows the value
+        if isinstance(given, bool | int | float | str) and err["type"] not in ("missing", "value_error"):
+            msg += f", got {_shown(given)}"
+        parts.append(f"{field}: {msg}")
+    return "invalid spec: " + "; ".join(parts)

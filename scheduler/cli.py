@@ -1,7 +1,8 @@
 """`lorafleet` command line. Torch-free: torch-heavy commands run as their own processes.
 
-Exit codes: 0 ok, 1 an experiment failed or a wait timed out, 2 bad input (the message says
-what to fix).
+Exit codes: 0 ok, 1 an experiment failed, a wait timed out, or Redis or the adapter store could
+not be reached, 2 bad input (the message says what to fix). Every error is one line on stderr,
+never a traceback: bad input is answered by each command, unreachable services once, by `_App`.
 """
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
+from urllib.parse import urlsplit
 
+import redis
 import typer
 from pydantic import ValidationError
 from rich.console import Console
@@ -24,16 +28,72 @@ from rich.table import Table
 from lorafleet.common.experiment import ExperimentRecord, UnknownExperimentError
 from lorafleet.common.keys import node_queue
 from lorafleet.common.settings import Settings, redacted
-from lorafleet.common.spec_input import SpecError, parse_spec
+from lorafleet.common.spec_input import AdmissionLimits, SpecError, parse_spec
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+class _App(typer.Typer):
+    """The `lorafleet` app. Both entry points call it (the `lorafleet` script names `app`, and
+    `python -m lorafleet.scheduler.cli` runs `main()`), so a command that cannot reach Redis or
+    the adapter store is answered here, once for every command, with one line and exit code 1."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:  # anything else is re-raised as it was
+            if not _unreachable(exc):
+                raise
+            _fail(exc)
+
+
+# No locals in tracebacks: a frame's locals may hold a Redis URL with its password.
+app = _App(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)
 _settings: Settings | None = None  # built once per process by the callback below
+_in_use: Settings | None = None  # the settings with the last flags given: where we connected
+_store_used = False  # the command reads the adapter store: an OSError is the store's
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
 
 
 def _bad_input(msg: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {msg}")
+    # typer.echo, not rich: rich wraps at 80 columns and reads "[...]" in a message as markup.
+    typer.echo("error: " + _one_line(msg), err=True)
     return typer.Exit(code=2)
+
+
+def _store_error(exc: BaseException) -> bool:
+    from lorafleet.common.adapter_store import AdapterStoreError  # fsspec: only when failing
+
+    return isinstance(exc, AdapterStoreError)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, redis.RedisError | OSError) or _store_error(exc)
+
+
+def _fail(exc: BaseException) -> NoReturn:
+    """One line naming the service (password redacted) and the error; exit code 1."""
+    s = _in_use or _settings
+    url = None
+    if isinstance(exc, redis.RedisError):
+        url = s.redis_url if s else None
+        where = f"cannot reach Redis at {redacted(url)}" if url else "Redis error"
+    elif s and (_store_used or _store_error(exc)):
+        url = s.resolved_store_url
+        where = f"adapter store {redacted(url)}"
+    else:
+        where = "I/O error"
+    detail = _one_line(f"{type(exc).__name__}: {exc}")
+    try:
+        password = urlsplit(url).password if url else None
+    except ValueError:
+        password = None
+    if password:  # a server's message could echo the URL back
+        detail = detail.replace(password, "***")
+    typer.echo(f"error: {where}: {detail}", err=True)
+    raise SystemExit(1)
 
 
 @app.callback()
@@ -52,12 +112,20 @@ _FLAGS = {"step_backend": "backend"}  # Settings fields whose CLI flag has anoth
 
 def settings(**flags: Any) -> Settings:
     """The process's settings with the command's flags set (flags left at None change nothing)."""
+    global _in_use
     assert _settings is not None
     try:
-        return _settings.with_overrides(**flags)
+        s = _settings.with_overrides(**flags)
     except ValidationError as exc:
         raise _bad_input("; ".join(f"--{_FLAGS.get(str(e['loc'][0]), str(e['loc'][0]).replace('_', '-'))}: "
                                    f"{e['msg']}" for e in exc.errors())) from None
+    if _in_use is None or any(v is not None for v in flags.values()):
+        _in_use = s  # what `_fail` names: the URL a flag gave wins over the environment's
+    return s
+
+
+def _limits() -> AdmissionLimits:
+    return AdmissionLimits.from_settings(settings())
 
 
 def _client(redis_url: str | None):
@@ -69,13 +137,19 @@ def _client(redis_url: str | None):
         raise _bad_input(str(exc)) from None
 
 
-def _read_spec(path: Path) -> str:
+def _read_spec(path: Path) -> bytes:
+    """The file's bytes (`parse_spec` decodes them, refusing what is not UTF-8)."""
     if not path.is_file():
         raise _bad_input(f"spec file {path} does not exist")
     limit = settings().max_spec_bytes
-    if path.stat().st_size > limit:
-        raise _bad_input(f"{path}: spec is {path.stat().st_size} bytes; the limit is {limit}")
-    return path.read_text()
+    try:
+        with path.open("rb") as f:
+            raw = f.read(limit + 1)  # never more: the size on disk may change under us
+    except OSError as exc:
+        raise _bad_input(f"cannot read spec file {path}: {exc.strerror or exc}") from None
+    if len(raw) > limit:
+        raise _bad_input(f"{path}: spec is larger than the limit of {limit} bytes (LORAFLEET_MAX_SPEC_BYTES)")
+    return raw
 
 
 RedisOpt = Annotated[str | None, typer.Option(
@@ -87,7 +161,7 @@ def validate(specs: list[Path]) -> None:
     """Check spec files without submitting anything."""
     for path in specs:
         try:
-            parse_spec(_read_spec(path), settings().max_spec_bytes)
+            parse_spec(_read_spec(path), _limits())
         except SpecError as exc:
             raise _bad_input(f"{path}: {exc}") from None
         typer.echo(f"{path}: ok")
@@ -100,7 +174,7 @@ def submit(specs: list[Path], redis_url: RedisOpt = None) -> None:
     texts = [_read_spec(p) for p in specs]
     for path, text in zip(specs, texts, strict=True):
         try:
-            parse_spec(text, settings().max_spec_bytes)
+            parse_spec(text, _limits())
         except SpecError as exc:
             raise _bad_input(f"{path}: {exc}") from None
     for exp_id in _client(redis_url).submit_many(texts):
@@ -184,8 +258,24 @@ def plot(exp_ids: list[str], out: Annotated[Path, typer.Option("-o", "--out")] =
 def download(exp_id: str, version: str = "latest", dest: Path = Path("."),
              redis_url: RedisOpt = None) -> None:
     """Copy a published PEFT checkpoint of an experiment to DEST."""
+    from lorafleet.common.adapter_store import AdapterNotFoundError
+    from lorafleet.common.ids import validate_id
+
+    try:
+        validate_id(exp_id, "experiment id")
+    except ValueError as exc:
+        raise _bad_input(str(exc)) from None
+    # digits only (no sign, no "1e3"), and few enough that int() cannot be slow or refuse
+    if version != "latest" and not re.fullmatch(r"[0-9]{1,18}", version):
+        raise _bad_input(f"--version must be 'latest' or a non-negative integer, got {version[:40]!r}")
     v = version if version == "latest" else int(version)
-    typer.echo(_client(redis_url).download_adapter(exp_id, v, dest))  # type: ignore[arg-type]
+    global _store_used
+    _store_used = True
+    try:
+        out = _client(redis_url).download_adapter(exp_id, v, dest)  # type: ignore[arg-type]
+    except (AdapterNotFoundError, ValueError) as exc:
+        raise _bad_input(str(exc)) from None
+    typer.echo(out)
 
 
 @app.command()
@@ -229,18 +319,24 @@ def scheduler(redis_url: RedisOpt = None) -> None:
 
 @app.command()
 def flower(port: int = 5555, redis_url: RedisOpt = None,
-           basic_auth: Annotated[str | None, typer.Option(envvar="LORAFLEET_FLOWER_BASIC_AUTH",
-                                                          help="user:password")] = None) -> None:
-    """Start Flower on the fleet's broker, behind basic auth (LORAFLEET_FLOWER_BASIC_AUTH)."""
+           address: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 in a container)")]
+           = "127.0.0.1",
+           basic_auth: Annotated[str | None, typer.Option(
+               envvar="LORAFLEET_FLOWER_BASIC_AUTH",
+               help="user:password (prefer the variable: a flag is on this command's line)")] = None) -> None:
+    """Start Flower on the fleet's broker, read-only, behind basic auth
+    (LORAFLEET_FLOWER_BASIC_AUTH). Broker URL and credentials reach Flower in its environment,
+    never on its command line."""
+    from lorafleet.scheduler.flower import flower_command
+
     redis_url = settings(redis_url=redis_url).redis_url
     if not redis_url:
         raise _bad_input("set LORAFLEET_REDIS_URL (or --redis-url)")
     if not basic_auth or ":" not in basic_auth:
         raise _bad_input("set LORAFLEET_FLOWER_BASIC_AUTH=user:password (Flower is never left open)")
-    console.print(f"flower on :{port} for {redacted(redis_url)}")
-    args = [sys.executable, "-m", "celery", "--broker", redis_url, "flower", f"--port={port}",
-            "--address=127.0.0.1", f"--basic-auth={basic_auth}"]
-    os.execvpe(args[0], args, dict(os.environ))
+    console.print(f"flower on {address}:{port} for {redacted(redis_url)}")
+    args, env = flower_command(sys.executable, port, address, redis_url, basic_auth, dict(os.environ))
+    os.execvpe(args[0], args, env)
 
 
 @app.command()
@@ -251,11 +347,12 @@ def run(specs: list[Path], workers: int = 1, redis_url: RedisOpt = None,
     experiments to the end with progress, print a summary, plot rewards, shut everything down."""
     from lorafleet.scheduler.embedded_run import run_embedded
 
-    texts = [_read_spec(p) for p in specs]
-    try:
-        parsed = [parse_spec(t, settings().max_spec_bytes) for t in texts]
-    except SpecError as exc:
-        raise _bad_input(str(exc)) from None
+    parsed = []
+    for path in specs:
+        try:
+            parsed.append(parse_spec(_read_spec(path), _limits()))
+        except SpecError as exc:
+            raise _bad_input(f"{path}: {exc}") from None
     ok = run_embedded(parsed, workers, settings(redis_url=redis_url), plot_out, log_dir, timeout)
     raise typer.Exit(code=0 if ok else 1)
 
@@ -265,4 +362,4 @@ def main() -> None:  # pragma: no cover
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -3,7 +3,9 @@ any process that can reach Redis: a notebook, a CI job, another service."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -16,6 +18,7 @@ from lorafleet.common.keys import Keys
 from lorafleet.common.redis_conn import connect
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.settings import Settings
+from lorafleet.common.spec_input import AdmissionLimits
 from lorafleet.scheduler.registry import ExperimentRegistry
 
 
@@ -26,7 +29,7 @@ class FleetClient:
                  settings: Settings | None = None) -> None:
         self.settings = (settings or Settings()).with_overrides(redis_url=redis_url, store_url=store_url)
         self.r = connect(self.settings.require_redis_url())
-        self.registry = ExperimentRegistry(self.r, self.settings.max_spec_bytes)
+        self.registry = ExperimentRegistry(self.r, AdmissionLimits.from_settings(self.settings))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FleetClient:
@@ -80,10 +83,29 @@ class FleetClient:
 
     def download_adapter(self, exp_id: str, version: Version = "latest",
                          dest: str | Path = ".") -> Path:
-        """Copy a published PEFT checkpoint to `dest/<exp_id>-v<version>`; returns that dir."""
+        """Copy a published PEFT checkpoint to `dest/<exp_id>-v<version>`; returns that dir.
+
+        Raises `ValueError` for a bad id or version, `AdapterNotFoundError` for an unknown one.
+        Nothing is ever written outside `dest`."""
         validate_id(exp_id, "experiment id")
+        if version != "latest" and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
+            raise ValueError(f"version must be 'latest' or an int >= 0, got {version!r}")
         store = AdapterStore.from_settings(self.settings)
         src = store.local_dir(exp_id, version)
-        out = Path(dest) / f"{exp_id}-{src.name}"
-        shutil.copytree(src, out, dirs_exist_ok=True)
+        root = Path(dest).resolve()
+        out = root / f"{exp_id}-{src.name}"
+        # resolve() follows a symlink already sitting at `out`: copying through it would write
+        # wherever it points, so the target must still be a child of `dest`.
+        if out.resolve().parent != root or (out.exists() and not out.is_dir()):
+            raise ValueError(f"refusing to write {out}: it is not a directory inside {root}")
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".lorafleet-download-", dir=root))
+        try:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            out.mkdir(exist_ok=True)
+            for f in tmp.iterdir():
+                # rename replaces a symlink planted at out/<file> instead of writing through it
+                os.replace(f, out / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return out

@@ -15,13 +15,15 @@ import uuid
 from typing import Any, Protocol
 
 import redis
+from kombu.exceptions import OperationalError
 
 from lorafleet.common.celery_config import TASK_ROLLOUT, TASK_TRAIN
 from lorafleet.common.experiment import ACTIVE, SCHEDULING_FIELDS, ExperimentRecord
 from lorafleet.common.keys import Keys, node_queue
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import BatchItem, BatchMessage
-from lorafleet.common.protocol import StepProtocol
+from lorafleet.common.protocol import Backoff, StepProtocol
+from lorafleet.common.retry import Outage
 from lorafleet.common.settings import Settings
 
 log = get_logger("lorafleet.scheduler")
@@ -44,6 +46,8 @@ class Scheduler:
         self.is_leader = False
         self._last_event = "$"
         self._rebalancing = False  # this scheduler set the rebalance flag
+        self.backoff = Backoff(cap_ms=int(settings.retry_backoff_max_s * 1000))
+        self.redis_outage = Outage("redis", log, cap_s=settings.retry_backoff_max_s)
 
     # ---- leadership ------------------------------------------------------------------------
     def _hold_lease(self) -> bool:
@@ -60,6 +64,10 @@ class Scheduler:
         return self.is_leader
 
     def run(self, stop: threading.Event | None = None) -> None:
+        """Lead (or stand by) until `stop`. Redis faults of any length (a hang raises
+        `redis.TimeoutError` after the socket timeout, a restart `ConnectionError`, a failover
+        `ReadOnlyError`) never end the loop: it steps down, backs off, and carries on once Redis
+        answers; leadership is then won again through the lease like after any restart."""
         stop = stop or threading.Event()
         log.info("scheduler started", scheduler=self.id)
         while not stop.is_set():
@@ -69,10 +77,10 @@ class Scheduler:
                     self._wait_for_events(self.config.tick_s)
                 else:
                     stop.wait(self.config.leader_ttl_ms / 3000)
-            except redis.ConnectionError as exc:
-                log.warning("redis unavailable, retrying", error=str(exc))
+                self.redis_outage.ok()
+            except (redis.RedisError, OperationalError) as exc:  # OperationalError: Celery's publish
                 self.is_leader = False
-                stop.wait(1.0)
+                stop.wait(self.redis_outage.failed(exc))
 
     def _wait_for_events(self, timeout_s: float) -> None:
         got = self.r.xread({Keys.events: self._last_event}, count=1000, block=int(timeout_s * 1000))
@@ -89,7 +97,7 @@ class Scheduler:
         for node in self._reap(running, workers, now):  # nodes whose leases lapsed: dead or stuck
             workers.pop(node, None)
         if workers:
-            self._publish(running, workers)
+            self._publish(running, workers, now)
 
     def _snapshot(self) -> tuple[dict[str, dict], list[ExperimentRecord], int]:
         """(live workers' heartbeats, active experiments, Redis clock in ms) in two round trips:
@@ -125,36 +133,41 @@ class Scheduler:
                 continue  # a live worker holds it, claimed from this message or an older one
             if status == "claimed" and task.get("batch") == e.inflight:  # a live worker renews leases
                 suspect.add(task.get("owner", "").split(":")[0])
-                self._retry(e, f"lease of worker {task.get('owner')} expired")
+                self._retry(e, f"step {e.step} {e.phase}: lease of worker {task.get('owner')} expired "
+                               "(worker died, hung, or lost Redis)")
             elif status not in ("committed", "failed"):  # an expired claim of an older message counts
                 # as no claim: the current message is still waiting for a worker
                 if e.node not in workers:
                     self._retry(e, f"node {e.node!r} has no live worker", count=False)
                 elif now - e.inflight_at > self.config.unclaimed_timeout_s * 1000:
-                    self._retry(e, "not claimed in time")
+                    self._retry(e, f"step {e.step} {e.phase}: not claimed within "
+                                   f"{self.config.unclaimed_timeout_s:g} s")
         return suspect
 
     def _retry(self, e: ExperimentRecord, reason: str, count: bool = True) -> None:
-        attempts = self.protocol.clear_inflight(self.id, e.id, e.inflight, count) - 1
+        attempts = self.protocol.clear_inflight(self.id, e.id, e.inflight, reason, count, self.backoff) - 1
         if attempts < 0:
             return
         log.warning("re-publishing task", experiment_id=e.id, step=e.step, phase=e.phase,
                     reason=reason, attempts=attempts)
         if attempts >= self.config.max_attempts:
-            self.protocol.finish(e.id, "failed",
-                                 f"step {e.step} {e.phase}: {reason}; gave up after {attempts} attempts")
+            self.protocol.finish(e.id, "failed", f"{reason} (gave up after {attempts} attempts)")
         else:
             e.inflight = ""
+            if attempts > 1:
+                e.not_before = 1 << 62  # backing off: not this tick
 
     # ---- batch forming -------------------------------------------------------------------------
-    def _publish(self, running: list[ExperimentRecord], workers: dict[str, dict]) -> None:
+    def _publish(self, running: list[ExperimentRecord], workers: dict[str, dict], now: int) -> None:
         """Place unplaced experiments on the least-loaded live node, then give every idle node
         one batch: its largest ready group (train before rollout on ties), fair order inside.
 
         One batch per node at a time keeps queues empty, decides fairness late, and lets the
         experiments of a node fall into step with each other, so batches stay mixed."""
         busy = {e.node for e in running if e.inflight}
-        ready = sorted((e for e in running if not e.inflight), key=lambda e: (e.fair_key, e.created_at))
+        # an experiment backing off after a failed attempt waits, its co-tenants go on
+        ready = sorted((e for e in running if not e.inflight and e.not_before <= now),
+                       key=lambda e: (e.fair_key, e.created_at))
         load = {n: 0 for n in workers}  # placed running experiments per live node
         for e in running:
             if e.node in load:
@@ -210,8 +223,14 @@ class Scheduler:
         msg = BatchMessage(batch_id=batch_id, phase=phase, node=node, epoch=self.epoch,  # type: ignore[arg-type]
                            items=tuple(BatchItem(exp_id=e.id, step=e.step) for e in marked))
         queue = node_queue(node)
-        self.sender.send_task(TASK_TRAIN if phase == "train" else TASK_ROLLOUT,
-                              args=[msg.model_dump(mode="json")], queue=queue)
+        try:
+            self.sender.send_task(TASK_TRAIN if phase == "train" else TASK_ROLLOUT,
+                                  args=[msg.model_dump(mode="json")], queue=queue)
+        except Exception:
+            # never published: free the marks uncounted (if Redis answers), else the reaper does
+            for e in marked:
+                self.protocol.clear_inflight(self.id, e.id, batch_id, "publish failed", count=False)
+            raise
         log.debug("published", phase=phase, batch=batch_id, queue=queue, n=len(marked),
                   experiments=[e.id for e in marked])
 
@@ -221,5 +240,6 @@ def run_scheduler(settings: Settings) -> None:
     from lorafleet.common.redis_conn import connect
 
     url = settings.require_redis_url()
-    Scheduler(connect(url), make_sender(url), settings).run()
+    r = connect(url, settings.redis_socket_timeout_s, settings.redis_connect_timeout_s)
+    Scheduler(r, make_sender(url), settings).run()
 

@@ -2,7 +2,8 @@
 
 Submitting writes each experiment as a `queued` `ExperimentRecord`; the leader scheduler
 activates it. Everything a client sends is validated before anything is written (size, schema,
-environment name and arguments): errors are `SpecError`s naming the field and what is allowed.
+environment name and arguments, the fleet's admission limits): errors are `SpecError`s naming the
+field and what is allowed.
 """
 
 from __future__ import annotations
@@ -18,16 +19,13 @@ from lorafleet.common.experiment import ExperimentRecord, UnknownExperimentError
 from lorafleet.common.ids import is_valid_id, new_id
 from lorafleet.common.keys import STREAM_MAXLEN, Keys
 from lorafleet.common.protocol import StepProtocol
-from lorafleet.common.schemas import ExperimentSpec
-from lorafleet.common.spec_input import SpecError, parse_spec
-
-SpecInput = ExperimentSpec | dict[str, Any] | str | bytes
+from lorafleet.common.spec_input import AdmissionLimits, SpecError, SpecInput, parse_spec
 
 
 class ExperimentRegistry:
-    def __init__(self, r: redis.Redis, max_spec_bytes: int = 65536) -> None:
+    def __init__(self, r: redis.Redis, limits: AdmissionLimits | None = None) -> None:
         self.r = r
-        self.max_spec_bytes = max_spec_bytes
+        self.limits = limits or AdmissionLimits()  # the fleet's: AdmissionLimits.from_settings
         self.protocol = StepProtocol(r)
 
     def submit(self, data: SpecInput) -> str:
@@ -40,7 +38,7 @@ class ExperimentRegistry:
         parsed = []
         for i, data in enumerate(specs):
             try:
-                parsed.append(parse_spec(data, self.max_spec_bytes))
+                parsed.append(parse_spec(data, self.limits))
             except SpecError as exc:
                 if len(specs) == 1:
                     raise

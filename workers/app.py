@@ -8,14 +8,18 @@ stays torch-free at import time so the prefork parent forks before torch starts 
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
+import signal
 import time
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init, worker_process_shutdown
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutting_down
 from pydantic import ValidationError
 
 from lorafleet.common.celery_config import TASK_ROLLOUT, TASK_TRAIN, celery_config
+from lorafleet.common.dead_letters import DeadLetters
 from lorafleet.common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE, node_queue
 from lorafleet.common.logging import bound_context, configure_logging, get_logger
 from lorafleet.common.messages import BatchMessage
@@ -26,6 +30,9 @@ app = Celery("lorafleet")  # configured by start_worker: there is no default bro
 
 _settings: Settings | None = None  # set in the parent by start_worker, inherited by the child
 _runtime = None  # WorkerRuntime, created in the worker child process
+# Set by the Celery parent when it starts shutting down (SIGTERM, SIGINT); created before the
+# pool forks, so the child's heartbeat sees it and stops chaining work at once.
+_shutting_down = multiprocessing.get_context("fork").Event()
 
 
 def start_worker(settings: Settings, loglevel: str = "INFO") -> None:
@@ -54,8 +61,15 @@ def _load_runtime(**_: object) -> None:
 
     if _settings.device.startswith("cuda"):
         os.environ.setdefault("LOCAL_RANK", "0")
-    _runtime = WorkerRuntime(_settings, connect(_settings.require_redis_url()))
-    log.info("worker ready", node=_settings.node, device=_settings.device, model=_settings.base_model)
+    s = _settings
+    r = connect(s.require_redis_url(), s.redis_socket_timeout_s, s.redis_connect_timeout_s)
+    _runtime = WorkerRuntime(s, r, stop_signal=_shutting_down)
+    log.info("worker ready", node=s.node, device=s.device, model=s.base_model)
+
+
+@worker_shutting_down.connect
+def _on_shutdown(**_: object) -> None:
+    _shutting_down.set()
 
 
 @worker_process_shutdown.connect
@@ -64,16 +78,43 @@ def _close_runtime(**_: object) -> None:
         _runtime.close()
 
 
-def _message(body: object) -> BatchMessage | None:
+def _message(body: object, queue: str = "") -> BatchMessage | None:
+    """The batch of a task's body, or None: a malformed message is dropped (acked), never crashes.
+
+    The broker transport (lorafleet.common.broker_transport) dead-letters invalid messages before
+    they reach a task; this is the second line, and records what it drops in the same place."""
     try:
         return BatchMessage.model_validate(body)
-    except ValidationError as exc:  # a malformed message is dropped (acked), never crashes
-        log.error("invalid batch message dropped", error=str(exc)[:500])
+    except ValidationError as exc:
+        log.error("invalid batch message dropped", queue=queue, error=str(exc)[:500])
+        if _runtime is not None:
+            try:
+                DeadLetters(_runtime.r).add(queue, json.dumps(body, default=repr), "invalid_batch",
+                                            f"reached the task: {exc}")
+            except Exception as err:  # recording must not fail the drop
+                log.error("invalid batch message not recorded", queue=queue, error=repr(err))
         return None
 
 
+def _finish_step_on_sigterm() -> None:
+    """A prefork child exits at once on SIGTERM (billiard installs that handler right after
+    `worker_process_init`, so it is replaced here, in the first task). A process-group SIGTERM
+    (docker stop, systemd, Ctrl-C of `lorafleet run`) must instead let the current step finish or
+    be released (`WorkerRuntime.stop_requested`), chaining nothing; the parent then ends the
+    child. Idle children keep billiard's handler until their first task: nothing to finish."""
+    if signal.getsignal(signal.SIGTERM) is not _on_sigterm:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(*_: object) -> None:
+    _shutting_down.set()
+
+
 def _handle(task_id: str, kind: str, body: object) -> None:
-    msg = _message(body)
+    _finish_step_on_sigterm()
+    request = getattr(app.current_task, "request", None)  # the queue, for the dead-letter record
+    queue = str((getattr(request, "delivery_info", None) or {}).get("routing_key") or "")
+    msg = _message(body, queue)
     if _runtime is None:
         return
     started, outcome = time.time(), "error"

@@ -31,12 +31,14 @@ def publish_adapters(
 ) -> list[str | VersionExistsError]:
     """Publish (adapter, version) of each item together (one filesystem sync for all) -> per
     item its directory, or the `VersionExistsError` of a version that was already there."""
-    items = []
-    for name, version in versions:
-        tensors, meta = fused.trainer_state(name)
-        items.append(NewVersion(name, version, fused.model.peft_state_dict(name),
-                                fused.model.peft_config(name, base_model), tensors, meta))
-    return store.publish_many(items)
+    return store.publish_many([new_version(fused, name, version, base_model) for name, version in versions])
+
+
+def new_version(fused: FusedTrainStep, name: str, version: int, base_model: str | None = None) -> NewVersion:
+    """What publishing `name` as `version` writes: PEFT weights and config, trainer state."""
+    tensors, meta = fused.trainer_state(name)
+    return NewVersion(name, version, fused.model.peft_state_dict(name),
+                      fused.model.peft_config(name, base_model), tensors, meta)
 
 
 def load_adapter(

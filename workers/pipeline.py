@@ -9,8 +9,10 @@ A fleet worker runs the two halves as two claimed tasks with commits in between
 Both use this code, so the in-process reference of the fleet tests is the fleet's own step.
 
 Failures belong to one experiment: a reward env that raises, an adapter that cannot be loaded, a
-non-finite loss or gradient fails that experiment (reported in `failed`) and its co-tenants carry
-on with exactly the update they would have had alone.
+non-finite loss or gradient fails that experiment's attempt (reported in `failed`) and its
+co-tenants carry on with exactly the update they would have had alone. Infrastructure faults
+(the store or Redis: `lorafleet.common.retry.INFRA_ERRORS`) are nobody's: they propagate, and
+the worker retries the whole batch.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from lorafleet.common.envs import RewardEnv, get_env
 from lorafleet.common.logging import bound_context, get_logger
 from lorafleet.common.protocol import StepItem
+from lorafleet.common.retry import is_infra_fault
 from lorafleet.workers.batch import TrainRow, collate
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.rl import RewardError, Trajectory, make_requests, score, train_rows
@@ -102,6 +105,8 @@ class RLStepPipeline:
                     env = self.env(item)
                     self.adapters.ensure(item, pinned, for_rollout=True)
                 except Exception as exc:  # noqa: BLE001 - fail this experiment alone
+                    if is_infra_fault(exc):  # the store or Redis, not the experiment: retry the batch
+                        raise
                     log.exception("rollout setup failed")
                     out.failed[item.exp_id] = f"rollout setup: {exc!r}"
                     continue
@@ -142,6 +147,8 @@ class RLStepPipeline:
             try:
                 self.adapters.ensure(item, pinned)
             except Exception as exc:  # noqa: BLE001
+                if is_infra_fault(exc):
+                    raise
                 log.exception("loading adapter failed", experiment_id=item.exp_id)
                 out.failed[item.exp_id] = f"loading adapter: {exc!r}"
                 continue

@@ -15,10 +15,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from lorafleet.common.adapter_store import AdapterStore, VersionExistsError
+from lorafleet.common.logging import get_logger
 from lorafleet.common.protocol import StepItem
-from lorafleet.workers.checkpoints import load_adapter, publish_adapter, publish_adapters
+from lorafleet.workers.checkpoints import load_adapter, new_version, publish_adapter, publish_adapters
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.vllm_engine import trainer_scorer
+
+log = get_logger("lorafleet.worker")
 
 
 class ResidentAdapters:
@@ -70,11 +73,26 @@ class ResidentAdapters:
 
     def publish(self, items: Sequence[StepItem]) -> dict[str, bool]:
         """Publish version step+1 of each stepped item together (one filesystem sync for all)
-        -> per experiment whether the store now holds exactly what memory holds (False: a lost
-        attempt published that version first; the store's copy wins)."""
+        -> per experiment whether the store now holds exactly what memory holds.
+
+        A version that is already there was written by an attempt whose commit never happened
+        (this worker holds the step's claim). Same bytes (sha256): it is this attempt's result,
+        kept and committed. Other bytes (a non-deterministic kernel, a step run from other
+        inputs): replaced by this attempt's, which is the one being committed."""
         versions = [(item.exp_id, item.step + 1) for item in items]
         results = publish_adapters(self.store, self.trainer, versions, self.base_model)
-        return {item.exp_id: isinstance(res, str) for item, res in zip(items, results, strict=True)}
+        for (exp_id, version), res in zip(versions, results, strict=True):
+            if not isinstance(res, VersionExistsError):
+                continue
+            nv = new_version(self.trainer, exp_id, version, self.base_model)
+            if self.store.same_content(nv):
+                log.info("version already published by an earlier attempt with identical content",
+                         experiment_id=exp_id, version=version)
+            else:
+                log.warning("an uncommitted version in the store differs from this attempt's; replacing it",
+                            experiment_id=exp_id, version=version)
+                self.store.replace_version(nv)
+        return {item.exp_id: True for item in items}
 
     def committed(self, exp_id: str, version: int, in_memory: bool) -> None:
         """After a train commit: `version` is the truth. Keep it if memory holds it, else drop."""

@@ -6,10 +6,20 @@ protocol (a duplicate delivery claims nothing and exits), keeping the claims' le
 a heartbeat thread, committing results, and chaining (a rollout batch's train step, and then the
 next rollout, claimed in the commits and run here at once). The RL step itself is
 `RLStepPipeline`, the same code the in-process runner uses.
+
+Faults, by whose they are:
+- the experiment's (its reward raised, a NaN, a bad checkpoint): that attempt is given up and
+  counted against the experiment's `max_attempts`; its co-tenants carry on;
+- the infrastructure's (a store or Redis error): the batch pauses and is retried here with capped
+  backoff, claims kept alive, for up to `infra_retry_s`; then released uncounted;
+- a crash of the whole batch (a bug, out of memory): every attempt is given up and counted;
+- shutdown (SIGTERM): the current step finishes (or is released after `shutdown_grace_s`),
+  nothing new is chained, so another worker takes over at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -27,7 +37,16 @@ from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.keys import STREAM_MAXLEN, Keys
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import BatchMessage
-from lorafleet.common.protocol import ChainNext, RolloutCommit, StepItem, StepProtocol, TrainCommit
+from lorafleet.common.protocol import (
+    Backoff,
+    ChainNext,
+    Outcome,
+    RolloutCommit,
+    StepItem,
+    StepProtocol,
+    TrainCommit,
+)
+from lorafleet.common.retry import Outage, is_infra_fault, retry_redis
 from lorafleet.common.settings import Settings
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.multilora.model import MultiLoRAModel
@@ -53,9 +72,17 @@ class ClaimedBatch:
 
 
 class WorkerRuntime:
-    def __init__(self, settings: Settings, r: redis.Redis) -> None:
+    def __init__(self, settings: Settings, r: redis.Redis, stop_signal: Any = None) -> None:
         self.settings = settings
         self.r = r
+        # set when this worker must stop (SIGTERM); `stop_signal` (anything with is_set(), e.g. a
+        # multiprocessing.Event the Celery parent sets on shutdown) is polled by the heartbeat
+        self.stopping = threading.Event()
+        self._stop_signal = stop_signal
+        self._stopping_since = 0.0
+        self.redis_outage = Outage("redis", log, cap_s=settings.retry_backoff_max_s)
+        self.store_outage = Outage("store", log, cap_s=settings.retry_backoff_max_s)
+        self.backoff = Backoff(cap_ms=int(settings.retry_backoff_max_s * 1000))
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(settings.resolved_torch_extensions_dir))
@@ -67,8 +94,9 @@ class WorkerRuntime:
         self.vllm = self._make_vllm_engine()
         engine = self.vllm or TorchRolloutEngine(self.model, self.tokenizer.eos_token_id,
                                                  self.tokenizer.pad_token_id)
-        self.adapters = ResidentAdapters(AdapterStore.from_settings(settings), trainer, settings.base_model,
-                                         settings.max_resident, self.vllm)
+        self.store = AdapterStore.from_settings(settings)
+        self.adapters = ResidentAdapters(self.store, trainer, settings.base_model, settings.max_resident,
+                                         self.vllm)
         self.pipeline = RLStepPipeline(trainer, self.tokenizer, engine, self.adapters,
                                        train_delay_s=settings.test_train_delay_s)
         self.claims: dict[tuple[str, int, str], int] = {}  # (exp, step, phase) -> fencing token
@@ -76,6 +104,8 @@ class WorkerRuntime:
         self._stop = threading.Event()
         self.name = f"{settings.node}:{os.getpid()}"
         self.busy = False
+        self._swept_at = 0.0
+        self._sweep_store()
         threading.Thread(target=self._heartbeat, name="lorafleet-heartbeat", daemon=True).start()
 
     def _make_vllm_engine(self) -> Any:  # VLLMRolloutEngine | None
@@ -90,6 +120,7 @@ class WorkerRuntime:
     def _heartbeat(self) -> None:
         s = self.settings
         ttl_ms = int(s.heartbeat_s * 5000)
+        outage = Outage("redis (heartbeat)", log, cap_s=s.heartbeat_s)
         while not self._stop.is_set():
             try:
                 beat = {"node": s.node, "pid": os.getpid(), "device": s.device,
@@ -100,15 +131,61 @@ class WorkerRuntime:
                     claims = dict(self.claims)
                 for (exp_id, step, phase), token in claims.items():
                     self.protocol.renew(exp_id, step, phase, token, s.lease_ms)
+                outage.ok()
             except redis.RedisError as exc:
-                log.warning("heartbeat failed", error=str(exc))
+                outage.failed(exc)
+            if time.monotonic() - self._swept_at > s.store_sweep_s:
+                self._sweep_store()
+            self._watch_shutdown()
             self._stop.wait(s.heartbeat_s)
+
+    def _sweep_store(self) -> None:
+        """Remove temp dirs of publishes that died (older than `orphan_tmp_age_s`)."""
+        self._swept_at = time.monotonic()
+        try:
+            removed = self.store.sweep_temp(older_than_s=self.settings.orphan_tmp_age_s)
+        except OSError as exc:
+            log.warning("store sweep failed", error=repr(exc))
+            return
+        if removed:
+            log.info("removed orphaned temp dirs", n=len(removed), paths=removed[:10])
+
+    def stop_requested(self) -> bool:
+        if not self.stopping.is_set() and self._stop_signal is not None and self._stop_signal.is_set():
+            self.request_stop()
+        return self.stopping.is_set()
+
+    def request_stop(self) -> None:
+        if not self.stopping.is_set():
+            self._stopping_since = time.monotonic()
+            self.stopping.set()
+            log.info("stopping: finishing the current step, chaining nothing", busy=self.busy)
+
+    def _watch_shutdown(self) -> None:
+        """While stopping: a step that outlasts `shutdown_grace_s` is released (uncounted) and the
+        process exits, so another worker takes over without waiting for the lease."""
+        if not (self.stop_requested() and self.busy):
+            return
+        if time.monotonic() - self._stopping_since < self.settings.shutdown_grace_s:
+            return
+        with self._lock:
+            claims = dict(self.claims)
+        log.warning("shutdown grace exceeded: releasing the current step", claims=len(claims))
+        for (exp_id, step, phase), token in claims.items():
+            try:
+                item = StepItem(exp_id, step, token, None)  # type: ignore[arg-type]
+                self.protocol.give_up(item, phase, "worker shut down before finishing the step", False,
+                                      self.settings.max_attempts, self.backoff)
+            except redis.RedisError as exc:
+                log.warning("could not release a claim; its lease will expire", error=str(exc))
+        os._exit(0)
 
     def close(self) -> None:
         if self.vllm is not None:
             self.vllm.close()
         self._stop.set()
-        self.r.delete(Keys.worker(self.settings.node))
+        with contextlib.suppress(redis.RedisError):
+            self.r.delete(Keys.worker(self.settings.node))
 
     def record_task(self, task_id: str, kind: str, started: float, ended: float, outcome: str) -> None:
         """One entry per Celery task in lf:worker_tasks: what monitoring and the benchmarks read
@@ -121,27 +198,38 @@ class WorkerRuntime:
             log.warning("could not record task", error=str(exc))
 
     # ---- claims ------------------------------------------------------------------------------
+    def _redis(self, fn: Any) -> Any:
+        """`fn()` retried through a Redis outage of up to `infra_retry_s` (fn is idempotent)."""
+        return retry_redis(fn, self.redis_outage, give_up_s=self.settings.infra_retry_s)
+
     def _claim(self, msg: BatchMessage) -> ClaimedBatch:
-        claimed, refused = self.protocol.claim_batch([(i.exp_id, i.step) for i in msg.items], msg.phase,
-                                                     self.name, self.settings.lease_ms, msg.batch_id)
+        items = [(i.exp_id, i.step) for i in msg.items]
+        claimed, refused = self._redis(lambda: self.protocol.claim_batch(
+            items, msg.phase, self.name, self.settings.lease_ms, msg.batch_id))
         for r in refused:
-            log.info("not claimed", experiment_id=r.exp_id, step=r.step, reason=r.reason)
+            log.info("not claimed", experiment_id=r.exp_id, step=r.step, phase=msg.phase, reason=r.reason,
+                     batch=msg.batch_id)
         return ClaimedBatch(msg.phase, msg.batch_id, msg.node, claimed)
 
     @contextmanager
     def _holding(self, batch: ClaimedBatch) -> Iterator[None]:
-        """The heartbeat renews the batch's claims while it runs; on an unexpected error every
-        claim is given back (the reaper re-publishes them at once, within the poison cap)."""
+        """The heartbeat renews the batch's claims while it runs. If the batch fails as a whole,
+        every attempt is given up: uncounted for an infrastructure fault (retries exhausted),
+        counted for anything else (the scheduler publishes them again after a backoff)."""
         keys = {(i.exp_id, i.step, batch.phase): i.token for i in batch.items}
         with self._lock:
             self.claims.update(keys)
         self.busy = True
         try:
             yield
-        except Exception:
+        except Exception as exc:
+            infra = is_infra_fault(exc)
+            cause = f"infrastructure fault: {exc!r}" if infra else f"batch failed on {self.name}: {exc!r}"
+            reason = f"step {{step}} {batch.phase}: {cause}"
             for item in batch.items:
-                self.protocol.release(item, batch.phase)
-                self.adapters.drop(item.exp_id)
+                with contextlib.suppress(redis.RedisError):  # else its lease expires
+                    self._give_up(item, batch.phase, reason.format(step=item.step), count=not infra,
+                                  retry=False)
             raise
         finally:
             with self._lock:
@@ -149,10 +237,21 @@ class WorkerRuntime:
                     self.claims.pop(key, None)
             self.busy = False
 
-    def _fail(self, item: StepItem, phase: str, reason: str) -> None:
-        log.warning("experiment failed", experiment_id=item.exp_id, step=item.step, reason=reason)
-        self.protocol.fail_task(item, phase, reason)
+    def _give_up(self, item: StepItem, phase: str, reason: str, count: bool = True,
+                 retry: bool = True) -> None:
+        """Give up this attempt at `item`; counted ones are the experiment's own faults."""
         self.adapters.drop(item.exp_id)
+
+        def call() -> int:
+            return self.protocol.give_up(item, phase, reason, count, self.settings.max_attempts, self.backoff)
+
+        out = self._redis(call) if retry else call()
+        log.warning("experiment failed" if out == 2 else "attempt given up", experiment_id=item.exp_id,
+                    step=item.step, phase=phase, reason=reason, counted=count)
+
+    def _refused(self, phase: str, item: StepItem, outcome: Outcome) -> None:
+        log.warning(f"{phase} commit refused", experiment_id=item.exp_id, step=item.step,
+                    reason=outcome.reason)
 
     # ---- tasks -------------------------------------------------------------------------------
     def run(self, msg: BatchMessage) -> None:
@@ -161,13 +260,40 @@ class WorkerRuntime:
         for at most `chain_rollouts_s`, the batch's next rollout. Each is its own claimed batch."""
         started = time.monotonic()
         batch: ClaimedBatch | None = self._claim(msg)
+        first = True
         while batch is not None and batch.items:
+            if self.stop_requested() and not first:
+                for item in batch.items:  # chained before the stop: another worker takes it now
+                    self._give_up(item, batch.phase, "worker shutting down", count=False)
+                return
+            first = False
             with self._holding(batch):
+                batch = self._step_with_retries(batch, started)
+
+    def _step_with_retries(self, batch: ClaimedBatch, started: float) -> ClaimedBatch | None:
+        """Run one step of `batch`; an infrastructure fault pauses it and runs it again (with
+        capped backoff, for up to `infra_retry_s`), the claims kept alive meanwhile. A half-done
+        attempt leaves nothing behind: adapters are reloaded from the committed version, commits
+        are idempotent, and a version already published is checked byte for byte."""
+        deadline = time.monotonic() + self.settings.infra_retry_s
+        while True:
+            try:
                 if batch.phase == "rollout":
-                    batch = self._rollout(batch)
+                    out = self._rollout(batch)
                 else:
                     chain = time.monotonic() - started < self.settings.chain_rollouts_s
-                    batch = self._train(batch, chain)
+                    out = self._train(batch, chain and not self.stop_requested())
+                self.store_outage.ok()
+                return out
+            except Exception as exc:
+                if not is_infra_fault(exc) or time.monotonic() >= deadline or self.stop_requested():
+                    raise
+                for item in batch.items:
+                    self.adapters.drop(item.exp_id)  # memory may hold a step that was not committed
+                delay = self.store_outage.failed(exc)
+                log.warning("infrastructure fault, retrying batch", phase=batch.phase, batch=batch.batch_id,
+                            error=repr(exc)[:300], retry_in_s=round(delay, 2))
+                time.sleep(delay)
 
     def _by_id(self, items: Sequence[StepItem]) -> dict[str, StepItem]:
         return {i.exp_id: i for i in items}
@@ -176,32 +302,34 @@ class WorkerRuntime:
         out = self.pipeline.rollout(batch.items)
         items = self._by_id(batch.items)
         for exp_id, reason in out.failed.items():
-            self._fail(items[exp_id], "rollout", reason)
+            self._give_up(items[exp_id], "rollout", f"step {items[exp_id].step} rollout: {reason}")
         commits = [RolloutCommit(item, out.trajectories[e].to_json(),
                                  {**out.summaries[e], "rollout_worker": self.name,
                                   "rollout_batch_id": batch.batch_id})
                    for e, item in items.items() if e in out.trajectories]
         s = self.settings
-        if not (s.chain_train and batch.node == s.node):
-            for c, ok in zip(commits, self.protocol.commit_rollouts(commits), strict=True):
+        if not (s.chain_train and batch.node == s.node) or self.stop_requested():
+            outcomes = self._redis(lambda: self.protocol.commit_rollouts(commits))
+            for c, ok in zip(commits, outcomes, strict=True):
                 if not ok:
-                    log.warning("rollout commit refused", experiment_id=c.item.exp_id, step=c.item.step)
+                    self._refused("rollout", c.item, ok)
             return None
         # commit and claim the train step in the same scripts: it runs here next, without a trip
         # through the scheduler and the queue
         train_id = f"{batch.batch_id}-t"
-        claimed = self.protocol.commit_rollouts_claim_train(commits, self.name, s.lease_ms, train_id, s.node)
+        claimed = self._redis(lambda: self.protocol.commit_rollouts_claim_train(
+            commits, self.name, s.lease_ms, train_id, s.node))
         train_items, inputs = [], {}
         for c, item in zip(commits, claimed, strict=True):
-            if item is None:
-                log.warning("rollout commit refused", experiment_id=c.item.exp_id, step=c.item.step)
+            if isinstance(item, Outcome):
+                self._refused("rollout", c.item, item)
                 continue
             train_items.append(item)
             inputs[item.exp_id] = (out.trajectories[item.exp_id], c.summary)
         return ClaimedBatch("train", train_id, batch.node, train_items, inputs) if train_items else None
 
     def _committed_rollouts(self, items: Sequence[StepItem]) -> dict[str, tuple[Trajectory, dict[str, Any]]]:
-        raw = self.protocol.train_inputs(items)
+        raw = self._redis(lambda: self.protocol.train_inputs(items))
         return {item.exp_id: (Trajectory.from_json(json.loads(traj)), json.loads(summary or "{}"))
                 for item, (traj, summary) in zip(items, raw, strict=True) if traj is not None}
 
@@ -212,18 +340,18 @@ class WorkerRuntime:
         out = self.pipeline.train(batch.items, {e: traj for e, (traj, _) in inputs.items()})
         items = self._by_id(batch.items)
         for exp_id, reason in out.failed.items():
-            self._fail(items[exp_id], "train", reason)
+            self._give_up(items[exp_id], "train", f"step {items[exp_id].step} train: {reason}")
         commits = [TrainCommit(item, {**inputs[e][1], **out.metrics[e], "worker": self.name,
                                       "batch_id": batch.batch_id, "time": time.time()})
                    for e, item in items.items() if e in out.metrics]
         s = self.settings
         nxt = None
-        if chain and batch.node == s.node and s.chain_rollouts_s > 0:
+        if chain and batch.node == s.node and s.chain_rollouts_s > 0 and not self.stop_requested():
             nxt = ChainNext(self.name, s.lease_ms, f"chain-{uuid.uuid4().hex[:12]}", s.node)
-        committed, next_items = self.protocol.commit_trains(commits, nxt)
+        committed, next_items = self._redis(lambda: self.protocol.commit_trains(commits, nxt))
         for c, ok in zip(commits, committed, strict=True):
             if not ok:
-                log.warning("train commit refused", experiment_id=c.item.exp_id, step=c.item.step)
+                self._refused("train", c.item, ok)
             self.adapters.committed(c.item.exp_id, c.item.step + 1, ok and out.in_memory[c.item.exp_id])
         claimed = [item for item in next_items if item is not None]
         if nxt is None or not claimed:

@@ -106,7 +106,8 @@ def test_cotenants_do_not_change_an_experiments_results(make_fleet, redis_url: s
     assert max((w_shared[k] - w_alone[k]).abs().max().item() for k in w_alone) < 1e-9
 
 
-def test_flower_lists_workers_and_queues_with_basic_auth(make_fleet, redis_url: str, tmp_path: Path) -> None:
+def test_flower_lists_workers_and_queues_with_basic_auth(make_fleet, redis_url: str, tmp_path: Path,
+                                                         fleet_env: dict) -> None:
     import base64
     import time
     import urllib.error
@@ -127,18 +128,38 @@ def test_flower_lists_workers_and_queues_with_basic_auth(make_fleet, redis_url: 
         with urllib.request.urlopen(req, timeout=5) as resp:
             return json.loads(resp.read())
 
+    # workers run without remote control: Flower lists them from their events and heartbeats
+    # (the Workers page, /workers?json=1), and cannot inspect them
     deadline = time.monotonic() + 60
-    workers: dict = {}
-    while time.monotonic() < deadline and not any(k.startswith("w0@") for k in workers):
+    workers: list = []
+    while time.monotonic() < deadline and not any(w["hostname"].startswith("w0@") for w in workers):
         assert flower.poll() is None, (tmp_path / "logs" / "flower.log").read_text()[-2000:]
         with contextlib.suppress(urllib.error.URLError, ConnectionError):
-            workers = get("/api/workers?refresh=1")
+            workers = get("/workers?json=1")["data"]
         time.sleep(0.5)
-    assert any(k.startswith("w0@") for k in workers), workers
+    (w0,) = [w for w in workers if w["hostname"].startswith("w0@")]
+    assert w0["status"] is True and w0["pid"] == fleet.procs["w0"].pid, w0
+    assert get("/api/workers?refresh=1") == {}  # inspection gets no answer
+    with pytest.raises(urllib.error.HTTPError) as info:  # nor does a worker's detail page
+        get(f"/worker/{w0['hostname']}")
+    assert info.value.code == 404
+    # lorafleet's queues come from the Flower app (lorafleet.scheduler.flower), not from workers
     queues = get("/api/queues/length")
     assert {"lf.rollout", "lf.train", "lf.node.w0"} <= {q["name"] for q in queues["active_queues"]}
+    # tasks come from task events (a train step usually runs chained inside its rollout task)
+    client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
+    exp_id = client.submit(spec("fl", "char_class", {"cls": "digits"}, steps=1))
+    (state,) = client.wait([exp_id], timeout_s=120)
+    assert state.status == "completed", state.error
+    deadline, tasks = time.monotonic() + 30, {}
+    while time.monotonic() < deadline and "lf.rollout_batch" not in {t["name"] for t in tasks.values()}:
+        tasks = get("/api/tasks")
+        time.sleep(0.5)
+    names = {t["name"] for t in tasks.values()}
+    assert "lf.rollout_batch" in names and names <= {"lf.rollout_batch", "lf.train_batch"}, tasks
+    assert {t["state"] for t in tasks.values()} == {"SUCCESS"}, tasks
     with pytest.raises(urllib.error.HTTPError) as info:
-        get("/api/workers", with_auth=False)
+        get("/workers?json=1", with_auth=False)
     assert info.value.code == 401
 
 

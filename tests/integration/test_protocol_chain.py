@@ -37,7 +37,7 @@ def test_next_rollout_is_claimed_only_while_nothing_else_waits(redis_url, r):
     # b is running with nothing in flight: it waits, so the scheduler must decide
     item = _to_train(proto, a, 0)
     committed, nxt = proto.commit_trains([TrainCommit(item, {"step": 0})], chain)
-    assert committed == [True] and nxt == [None]
+    assert [c.ok for c in committed] == [True] and nxt == [None]
     assert r.hget(Keys.experiment(a), "inflight") == "" and not r.exists(Keys.task(a, 1, "rollout"))
 
     # b busy elsewhere: nothing waits, so the committing worker claims a's next rollout
@@ -45,7 +45,7 @@ def test_next_rollout_is_claimed_only_while_nothing_else_waits(redis_url, r):
     item = _to_train(proto, a, 1)
     served = int(r.hget(Keys.experiment(a), "served"))
     committed, [nxt] = proto.commit_trains([TrainCommit(item, {"step": 1})], chain)
-    assert committed == [True] and nxt is not None and nxt.token > item.token
+    assert [c.ok for c in committed] == [True] and nxt is not None and nxt.token > item.token
     assert (nxt.exp_id, nxt.step, nxt.spec) == (a, 2, item.spec)
     task = r.hgetall(Keys.task(a, 2, "rollout"))
     assert (task["status"], task["owner"], task["batch"], task["token"]) == ("claimed", "w0:1", "chain-1",
@@ -65,5 +65,5 @@ def test_a_finished_experiment_is_not_chained(redis_url, r):
     item = _to_train(proto, a, 0)
     committed, nxt = proto.commit_trains([TrainCommit(item, {"step": 0})],
                                          ChainNext("w0:1", 10_000, "chain-2", "w0"))
-    assert committed == [True] and nxt == [None]
+    assert [c.ok for c in committed] == [True] and nxt == [None]
     assert client.get(a).status == "completed" and not r.exists(Keys.task(a, 1, "rollout"))

@@ -348,3 +348,48 @@ def test_peft_loads_a_published_version(store: AdapterStore) -> None:
     with torch.no_grad():
         assert torch.equal(loaded(x), trained(x))
         assert not torch.equal(loaded(x), fresh_base()(x))  # the adapter is really applied
+
+
+def _nv(version: int, seed: int) -> NewVersion:
+    return NewVersion("exp-a", version, _weights(seed), CONFIG, _trainer_tensors(), {"step": version})
+
+
+def test_same_content_compares_every_file_byte_for_byte(store: AdapterStore) -> None:
+    """A retried attempt that finds its version already published commits only if the store
+    holds exactly what it would have written."""
+    [path] = store.publish_many([_nv(1, seed=0)])
+    assert isinstance(path, str)
+    assert store.same_content(_nv(1, seed=0))
+    assert not store.same_content(_nv(1, seed=1))  # other weights
+    other_meta = NewVersion("exp-a", 1, _weights(0), CONFIG, _trainer_tensors(), {"step": 99})
+    assert not store.same_content(other_meta)
+
+
+def test_replace_version_swaps_an_uncommitted_version_whole(store: AdapterStore) -> None:
+    store.publish_many([_nv(1, seed=0)])
+    store.replace_version(_nv(1, seed=1))
+    _assert_bitwise_equal(store.load("exp-a", 1).weights, _weights(1))
+    assert store.versions("exp-a") == [1]
+    assert not [p for p in (Path(store.root) / "exp-a").iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def test_sweep_removes_only_orphaned_temp_dirs_older_than_the_bound(store: AdapterStore) -> None:
+    import os
+    import time
+
+    store.publish_many([_nv(0, seed=0)])
+    root = Path(store.root) / "exp-a"
+    old_dir, new_dir = root / f"{TMP_PREFIX}dead", root / f"{TMP_PREFIX}live"
+    old_file = root / f"{LATEST_FILE}{TMP_PREFIX}dead"
+    for d in (old_dir, new_dir):
+        d.mkdir()
+        (d / ADAPTER_WEIGHTS_FILE).write_bytes(b"x" * 1000)
+    old_file.write_text("3\n")
+    hour_ago = time.time() - 3600
+    for p in (old_dir, old_file):
+        os.utime(p, (hour_ago, hour_ago))
+    removed = store.sweep_temp(older_than_s=60)
+    assert sorted(Path(p).name for p in removed) == sorted([old_dir.name, old_file.name])
+    assert not old_dir.exists() and not old_file.exists() and new_dir.exists()
+    assert store.versions("exp-a") == [0] and store.latest_version("exp-a") == 0
+    assert store.sweep_temp(older_than_s=60) == []

@@ -7,6 +7,7 @@ import posixpath
 import re
 import shlex
 import subprocess
+import time
 import tomllib
 from pathlib import Path
 
@@ -24,8 +25,7 @@ def test_compose_services() -> None:
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     services = compose["services"]
     assert {"redis", "scheduler", "worker", "flower"} <= services.keys()
-    assert "--appendonly" in services["redis"]["command"]
-    assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == "yes"
+    assert "--appendonly yes" in " ".join(services["redis"]["command"])
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["count"] == 1 and "gpu" in devices[0]["capabilities"]
     assert "LORAFLEET_FLOWER_BASIC_AUTH" in services["flower"]["environment"]
@@ -35,6 +35,108 @@ def test_compose_services() -> None:
         cmd = " ".join(services[name]["command"])
         sub = cmd.split("lorafleet ", 1)[1].split()[0]
         assert sub in commands, f"{name}: lorafleet {sub} is not a CLI command"
+
+
+def _compose_text(value: object) -> str:
+    """A command or healthcheck as compose runs it: `$$` is compose's escape for `$`."""
+    words = value if isinstance(value, list) else [value]
+    return " ".join(str(w) for w in words).replace("$$", "$")
+
+
+def test_no_secret_on_any_command_line() -> None:
+    """`ps` shows every process's command line to every local user, containers' included:
+    passwords reach processes in their environment or as configuration on stdin."""
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    texts = {f"compose {name}": _compose_text(svc.get("command", [])) + " " +
+             _compose_text(svc.get("healthcheck", {}).get("test", [])) for name, svc in services.items()}
+    texts |= {str(f.relative_to(ROOT)): f.read_text() for f in (ROOT / "ops" / "scripts").glob("*.sh")}
+    for where, text in texts.items():
+        assert "--requirepass" not in text, where
+        assert not re.search(r"redis-cli\b[^|;&\n]*\s-[au]\b", text), where
+        for flag in ("--basic-auth", "--broker", "--redis-url"):
+            assert flag not in text, (where, flag)
+        # the only uses of a secret variable: redis.conf on stdin, and redis-cli's variable
+        rest = re.sub(r'requirepass "\$\{?REDIS_PASSWORD\}?"', "", text)
+        rest = re.sub(r'REDISCLI_AUTH="\$\{?REDIS_PASSWORD\}?"', "", rest)
+        rest = re.sub(r': "\$\{REDIS_PASSWORD:\?[^}]*\}"', "", rest)  # the check that it is set
+        rest = re.sub(r"case \$REDIS_PASSWORD in", "", rest)
+        assert not re.search(r"\$\{?\w*(PASSWORD|BASIC_AUTH|SECRET)", rest), (where, rest)
+    flower = services["flower"]
+    assert flower["ports"] == ["127.0.0.1:5555:5555"]  # published on the host's loopback only
+    assert "--address 0.0.0.0" in _compose_text(flower["command"])  # reachable through the port
+
+
+def _wait_for_auth(proc: subprocess.Popen, port: int, password: str) -> None:
+    import redis
+
+    deadline = time.monotonic() + 10
+    while True:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else proc.returncode
+        try:
+            assert redis.Redis(port=port, password=password).ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=port).ping()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_compose_redis_and_start_redis_take_the_password_on_stdin(tmp_path: Path) -> None:
+    """The redis service's command and ops/scripts/start_redis.sh, run here with the local
+    redis-server: the server requires the password, and no command line holds it."""
+    from lorafleet.common.redis_conn import free_port, redis_server_binary
+
+    binary = redis_server_binary()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("redis-server", "redis-cli"):
+        if (Path(binary).parent / tool).exists():
+            (bindir / tool).symlink_to(Path(binary).parent / tool)
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "REDIS_PASSWORD": "pw-" + "0123456789abcdef" * 2}
+    password = env["REDIS_PASSWORD"]
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    command = services["redis"]["command"]
+    assert command[:2] == ["sh", "-c"]
+    port = free_port()
+    script = _compose_text(command[2])
+    assert "docker-entrypoint.sh redis-server -" in script
+    script = script.replace("docker-entrypoint.sh redis-server -",  # the image's entrypoint, then:
+                            f"redis-server - --port {port} --bind 127.0.0.1")
+    (tmp_path / "compose").mkdir()
+    proc = subprocess.Popen(["sh", "-c", script], env=env, cwd=tmp_path / "compose",
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for_auth(proc, port, password)
+        assert password not in Path(f"/proc/{proc.pid}/cmdline").read_text()
+        if (bindir / "redis-cli").exists():
+            health = _compose_text(services["redis"]["healthcheck"]["test"][1:])
+            health = health.replace("redis-cli", f"redis-cli -p {port}")
+            assert subprocess.run(["sh", "-c", health], env=env, timeout=10).returncode == 0
+    finally:
+        _stop(proc)
+
+    port = free_port()
+    proc = subprocess.Popen(["bash", str(ROOT / "ops" / "scripts" / "start_redis.sh")],
+                            env={**env, "PORT": str(port), "REDIS_DIR": str(tmp_path)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for_auth(proc, port, password)
+        assert password not in Path(f"/proc/{proc.pid}/cmdline").read_text()
+    finally:
+        _stop(proc)
+    bad = subprocess.run(["bash", str(ROOT / "ops" / "scripts" / "start_redis.sh")],
+                         env={**env, "REDIS_PASSWORD": 'a"b'}, capture_output=True, text=True, timeout=10)
+    assert bad.returncode == 2 and "quotes" in bad.stderr
 
 
 def test_dockerfile_and_scripts() -> None:

@@ -26,9 +26,10 @@ def test_new_record_encodes_and_decodes_as_redis_returns_it() -> None:
 
 
 def test_partial_reads_keep_defaults_and_derive_fair_share() -> None:
-    values = ["running", "4", "train", "w1", "b9", "55", "30", "2.0", "15", "7"]
+    values = ["running", "4", "train", "w1", "b9", "55", "30", "2.0", "15", "7", "1234"]
     rec = ExperimentRecord.from_values("e-1", SCHEDULING_FIELDS, values)
     assert (rec.status, rec.step, rec.phase, rec.node, rec.inflight) == ("running", 4, "train", "w1", "b9")
+    assert rec.not_before == 1234
     assert rec.version == 4 and rec.fair_key == 15.0 and rec.error == ""
     assert set(SCHEDULING_FIELDS) <= set(FIELD_NAMES) and "spec_json" not in SCHEDULING_FIELDS
 

@@ -102,7 +102,7 @@ class FakeWorker:
         else:
             ok, _ = self.protocol.commit_trains(
                 [TrainCommit(i, {"step": i.step, "loss": 0.0}) for i in items])
-        assert ok == [True] * len(items)
+        assert [o.ok for o in ok] == [True] * len(items), ok
 
     def run(self, sent: Sent) -> None:
         """Claim and commit the whole batch."""
@@ -343,7 +343,8 @@ def test_expired_lease_is_republished_and_counted_until_the_poison_cap(r):
     assert h.tick() == []
     rec = h.rec(a)
     assert (rec.status, rec.inflight) == ("failed", "")
-    assert rec.error == "step 0 rollout: lease of worker n0:4242 expired; gave up after 2 attempts"
+    assert rec.error == ("step 0 rollout: lease of worker n0:4242 expired (worker died, hung, or lost Redis) "
+                         "(gave up after 2 attempts)")
     assert not r.sismember(Keys.active, a)
     assert h.tick() == []
 

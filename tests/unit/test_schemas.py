@@ -35,10 +35,28 @@ def test_defaults_are_valid_and_dropout_defaults_to_zero() -> None:
         (AdapterTrainSpec, {"loss": {"kind": "dpo"}}, "'ppo_clip', 'pg' or 'nll'"),
         (ExperimentSpec, {"name": "../etc", "env": "x"}, "experiment name"),
         (ExperimentSpec, {"name": "ok", "env": "x", "group_size": 0}, "group_size"),
+        # strict numbers: a bool is no number, NaN/inf are refused before any bound is checked
+        (ExperimentSpec, {"name": "ok", "env": "x", "steps": True}, "valid integer"),
+        (ExperimentSpec, {"name": "ok", "env": "x", "weight": False}, "valid number"),
+        (LoRASpec, {"rank": True}, "valid integer"),
+        (OptimizerSpec, {"lr": float("nan")}, "finite number"),
+        (OptimizerSpec, {"max_grad_norm": float("inf")}, "finite number"),
+        (OptimizerSpec, {"betas": [True, 0.9]}, "valid number"),
+        (ExperimentSpec, {"name": "ok", "env": "x", "env_args": {"k": float("nan")}}, "finite number"),
     ],
 )
 def test_invalid_specs_name_the_field(model, data: dict, needle: str) -> None:
     assert needle in _error(model, **data)
+
+
+def test_ints_are_floats_in_python_and_json() -> None:
+    opt = OptimizerSpec(lr=1, betas=(0, 0), max_grad_norm=2)
+    assert (opt.lr, opt.betas, opt.max_grad_norm) == (1.0, (0.0, 0.0), 2.0)
+    spec = ExperimentSpec(name="ok", env="x", env_args={"a": 1, "b": True, "c": "s", "d": 0.5},
+                          train=AdapterTrainSpec(optimizer=opt))
+    assert ExperimentSpec.model_validate_json(spec.model_dump_json()) == spec
+    from_json = ExperimentSpec.model_validate_json('{"name": "ok", "env": "x", "temperature": 2}')
+    assert from_json.temperature == 2.0
 
 
 def test_lr_schedules() -> None:
