@@ -202,9 +202,31 @@ def status(exp_id: Annotated[str | None, typer.Argument()] = None, redis_url: Re
     except UnknownExperimentError as exc:
         raise _bad_input(str(exc)) from None
     if as_json:
-        typer.echo(json.dumps([s.summary() for s in states], indent=2))
+        typer.echo(json.dumps([{**s.summary(), "refusals": client.refusals(s.id)} for s in states], indent=2))
     else:
         Console().print(_table(states, {s.id: client.metrics(s.id) for s in states}))
+        if exp_id is None:
+            typer.echo(client.fleet().line())
+
+
+@app.command()
+def fleet(redis_url: RedisOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False,
+          dead_letters: Annotated[int, typer.Option(help="recent dead letters to show")] = 5) -> None:
+    """Workers, queues, the backlog waiting for a batch, and dead-lettered poison messages."""
+    if dead_letters < 0:
+        raise _bad_input("--dead-letters must be >= 0")
+    status = _client(redis_url).fleet(dead_letters)
+    if as_json:
+        typer.echo(json.dumps(status.to_json(), indent=2))
+        return
+    typer.echo(status.line())
+    for name, beat in status.workers.items():
+        typer.echo(f"  worker {name}: pid {beat.get('pid')}, {'busy' if beat.get('busy') else 'idle'}, "
+                   f"{beat.get('resident')} adapters resident, device {beat.get('device')}")
+    for q, n in status.queues.items():
+        typer.echo(f"  queue {q}: {n}")
+    for d in status.recent_dead_letters:
+        typer.echo(f"  dead letter {d.get('queue')} {d.get('reason')}: {d.get('detail', '')[:80]}")
 
 
 @app.command()

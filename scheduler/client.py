@@ -19,6 +19,7 @@ from lorafleet.common.redis_conn import connect
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.settings import Settings
 from lorafleet.common.spec_input import AdmissionLimits
+from lorafleet.scheduler.fleet_status import FleetStatus, read_fleet_status
 from lorafleet.scheduler.registry import ExperimentRegistry
 
 
@@ -56,6 +57,16 @@ class FleetClient:
     def metrics(self, exp_id: str) -> list[dict[str, Any]]:
         """One dict per committed step: reward stats, loss, grad norm, timings, worker."""
         return self.registry.metrics(exp_id)
+
+    def refusals(self, exp_id: str) -> dict[str, int]:
+        """Refused claims and commits of the experiment by reason ("claim:stale",
+        "commit:lease_lost", ...): duplicate deliveries, zombies fenced out, stale messages."""
+        return {k: int(v) for k, v in self.r.hgetall(Keys.refusals(exp_id)).items()}
+
+    def fleet(self, recent_dead_letters: int = 5) -> FleetStatus:
+        """Live workers, queue lengths, the backlog of experiments waiting for a batch, and the
+        poison payloads dead-lettered off the queues."""
+        return read_fleet_status(self.r, recent_dead_letters)
 
     def wait(self, exp_ids: Iterable[str], timeout_s: float | None = None,
              poll_s: float = 0.2) -> list[ExperimentRecord]:

@@ -4,6 +4,8 @@ with its queue and a reason), the worker never dies, and no step is lost or repe
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -118,3 +120,12 @@ def test_poison_on_every_queue_is_dead_lettered_and_costs_nothing(make_fleet, re
     assert len(huge) == len(QUEUES) and all(x["truncated"] and len(x["payload"]) <= 4096 for x in huge)
     wait_until(lambda: all(r.llen(q) == 0 for q in QUEUES), 30, "empty queues")
     assert r.zcard("unacked_index") == 0 and r.llen(SCRATCH) == 0
+    # the operator sees them where people look: `lorafleet status` and `lorafleet fleet --json`
+    cli = [sys.executable, "-m", "lorafleet.scheduler.cli"]
+    out = subprocess.run([*cli, "status", "--redis-url", redis_url], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and f"dead letters: {len(pushed)}" in out.stdout, out.stdout + out.stderr
+    out = subprocess.run([*cli, "fleet", "--json", "--redis-url", redis_url], capture_output=True, text=True,
+                         timeout=60)
+    status = json.loads(out.stdout)
+    assert status["dead_letters"] == len(pushed) and len(status["recent_dead_letters"]) == 5

@@ -124,3 +124,27 @@ def test_a_commit_resets_attempts_and_the_last_error(r):
     [sent] = h.tick()
     FakeWorker(r, "n0").run(sent)
     assert (h.rec(a).attempts, h.rec(a).error, h.rec(a).phase) == (0, "", "train")
+
+
+def test_fleet_status_counts_the_backlog_that_celery_queues_do_not_show(r):
+    from lorafleet.common.dead_letters import DeadLetters
+    from lorafleet.scheduler.fleet_status import read_fleet_status
+
+    h = Harness(r, max_batch_rows=16)  # one experiment per batch: the others wait
+    beat(r, "n0")
+    a, b, c = h.submit(1, 1, 1)
+    st = read_fleet_status(r)
+    assert (st.queued, st.running, st.waiting) == (3, 0, 0)
+    [sent] = h.tick()  # one batch out; two ready experiments wait for the node
+    st = read_fleet_status(r)
+    assert (st.queued, st.running, st.waiting, st.backing_off) == (0, 3, 2, 0)
+    assert set(st.workers) == {"n0"} and st.queues["lf.node.n0"] == 0  # the recorder sent nothing
+    [item] = FakeWorker(r, "n0").claim(sent)
+    r.hset(Keys.experiment(item.exp_id), "attempts", 1)  # it failed once before
+    StepProtocol(r).give_up(item, "rollout", "NaN again", True, 3, Backoff(base_ms=60_000))  # backs off 60 s
+    st = read_fleet_status(r)
+    assert (st.waiting, st.backing_off) == (2, 1)
+    DeadLetters(r).add("lf.rollout", b"\xff", "not_utf8")
+    st = read_fleet_status(r)
+    assert st.dead_letters == 1 and st.recent_dead_letters[0]["reason"] == "not_utf8"
+    assert "dead letters: 1" in st.line() and "1 backing off" in st.line()
