@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from test_fleet import spec
@@ -177,3 +178,20 @@ def test_scheduler_killed_and_restarted_mid_run(make_fleet, redis_url, fleet_env
     for i in ids:
         assert [x["step"] for x in client.metrics(i)] == list(range(8))
     assert int(r.get(Keys.leader_epoch)) >= 2
+
+
+def test_worker_start_removes_orphaned_temp_dirs_of_dead_publishes(make_fleet, fleet_env, r, tmp_path):
+    """A publish killed mid-write leaves `.tmp-*` behind; the next worker start removes those
+    older than ORPHAN_TMP_AGE_S and leaves younger ones (a live writer's) alone."""
+    import os
+
+    store = Path(fleet_env["LORAFLEET_STORE_URL"].removeprefix("file://"))
+    dead, live = store / "exp-a" / ".tmp-dead", store / "exp-a" / ".tmp-live"
+    for d in (dead, live):
+        d.mkdir(parents=True)
+        (d / "adapter_model.safetensors").write_bytes(b"\0" * 4096)
+    old = time.time() - 3600
+    os.utime(dead, (old, old))
+    make_fleet(workers=1, schedulers=0, env={"LORAFLEET_ORPHAN_TMP_AGE_S": "600"})
+    wait_until(lambda: not dead.exists(), timeout_s=30, what="the orphaned temp dir removed")
+    assert live.exists()

@@ -124,3 +124,36 @@ def test_resume_in_fresh_process_equals_uninterrupted_run(
         assert [r[name].loss for r in first_reports if name in r] == pytest.approx(
             [r[name].loss for r in straight_reports[:k] if name in r], abs=0)
     assert fused_weights(straight.model, "a").keys() == store.load("a").weights.keys()
+
+
+def test_a_version_already_in_the_store_is_kept_if_identical_and_replaced_if_not(model_cache: Path,
+                                                                                  tmp_path: Path) -> None:
+    """A retry that finds step+1 already published (a lost attempt wrote it, never committed)
+    commits the store's copy only if it holds exactly this attempt's bytes; otherwise this
+    attempt's version replaces it."""
+    from lorafleet.common.protocol import StepItem
+    from lorafleet.common.schemas import ExperimentSpec
+    from lorafleet.workers.residency import ResidentAdapters
+
+    fused, _, _ = build_fused(model_cache)
+    store = AdapterStore("file://" + str(tmp_path / "store"), cache_dir=tmp_path / "cache")
+    host = ResidentAdapters(store, fused, "builtin:tiny-llama", max_resident=8)
+    spec = ExperimentSpec(name="a", env="char_class", env_args={"cls": "digits"}, train=SPECS["a"])
+    item = StepItem("a", 0, 1, spec)
+    run_fused(fused, steps=range(1))
+    mine = fused_weights(fused.model, "a")
+
+    assert host.publish([item]) == {"a": True}  # first attempt: written
+    first = (tmp_path / "store" / "a" / "v1" / "adapter_model.safetensors").stat().st_ino
+    assert host.publish([item]) == {"a": True}  # a retry with the same result: kept as is
+    assert (tmp_path / "store" / "a" / "v1" / "adapter_model.safetensors").stat().st_ino == first
+
+    with torch.no_grad():  # a retry whose result differs (a non-deterministic kernel)
+        for _, p in fused.model.parameters_of("a"):
+            p.add_(1e-3)
+    assert host.publish([item]) == {"a": True}
+    stored = store.load("a", 1).weights
+    now = fused_weights(fused.model, "a")
+    assert all(torch.equal(stored[k], now[k]) for k in now)
+    assert not any(torch.equal(now[k], mine[k]) for k in now)  # this attempt's bytes, not the old ones
+    assert store.versions("a") == [1]
