@@ -26,6 +26,7 @@ from lorafleet.common.protocol_lua import (
     COMMIT_ROLLOUT,
     COMMIT_ROLLOUT_CLAIM_TRAIN,
     COMMIT_TRAIN,
+    EXTEND,
     FINISH,
     GIVE_UP_ATTEMPT,
     MARK_INFLIGHT,
@@ -120,6 +121,7 @@ class StepProtocol:
         self._commit_train = r.register_script(COMMIT_TRAIN)
         self._claim_next = r.register_script(CLAIM_NEXT_ROLLOUTS)
         self._finish = r.register_script(FINISH)
+        self._extend = r.register_script(EXTEND)
         self._mark = r.register_script(MARK_INFLIGHT)
         self._activate = r.register_script(ACTIVATE)
         self._clear = r.register_script(CLEAR_INFLIGHT)
@@ -235,6 +237,11 @@ class StepProtocol:
     def finish(self, exp_id: str, status: str, reason: str) -> bool:
         return bool(self._finish(keys=[Keys.experiment(exp_id), Keys.events, Keys.active],
                                  args=[status, reason[:2000], exp_id]))
+
+    def extend(self, exp_id: str, steps: int, spec_json: str) -> int:
+        """Add `steps` to a queued, running or completed experiment -> its new steps_total, or 0."""
+        return int(self._extend(keys=[Keys.experiment(exp_id), Keys.events, Keys.active],
+                                args=[steps, spec_json, exp_id]))
 
     def mark_inflight(self, leader_id: str, items: Sequence[tuple[str, int]], batch_id: str,
                       phase: str, node: str) -> list[bool]:

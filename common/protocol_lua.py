@@ -245,6 +245,24 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', $stream_maxlen, '*', 'type', ARGV[1],
 return 1
 """)
 
+# A client adds steps to an experiment (continual learning): a completed one runs again from its
+# last committed version, keeping its history. KEYS: exp, events, active
+# ARGV: steps to add, the new spec JSON, exp_id -> the new steps_total, or 0 if not extendable
+EXTEND = render(_NOW + """
+local st = redis.call('HGET', KEYS[1], '$status')
+if st ~= 'queued' and st ~= 'running' and st ~= 'completed' then return 0 end
+local total = redis.call('HINCRBY', KEYS[1], '$steps_total', ARGV[1])
+redis.call('HSET', KEYS[1], '$spec_json', ARGV[2])
+if st == 'completed' then
+  redis.call('HSET', KEYS[1], '$status', 'running', '$inflight', '', '$attempts', 0, '$error', '',
+             '$finished_at', 0, '$not_before', 0)
+  redis.call('SADD', KEYS[3], ARGV[3])
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'extended', 'exp', ARGV[3],
+           'steps_total', total)
+return total
+""")
+
 # The leader marks the experiments of one batch as published (and counts the rows it serves
 # them, for fair share), each only if it is still running at that step and phase with nothing in
 # flight. KEYS: leader, exp... ARGV: leader_id, batch_id, phase, node, then step per exp

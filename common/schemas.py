@@ -111,11 +111,54 @@ class AdapterTrainSpec(StrictModel):
     seed: int = Field(0, strict=True, ge=0, lt=2**63)
 
 
+ScalarArgs = dict[str, str | int | float | bool]
+
+
+def _finite_args(field: str, v: Any) -> Any:
+    # Before the union is tried: one clear message instead of one error per union member.
+    if isinstance(v, dict):
+        for key, value in v.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field}.{key} must be a finite number, got {value}")
+    return v
+
+
+class DatasetSpec(StrictModel):
+    """Prompts from a JSONL or Parquet file, or a directory of them: a local path (a relative one
+    is resolved at submit: against the spec file's directory in the CLI, the current directory in
+    Python) or any fsspec URL. Each row has a text `prompt` or chat `messages` ([{role,
+    content}]), an optional `answer` and any other fields; the *_field names map the file's own
+    names onto these."""
+
+    path: str = Field(..., min_length=1, max_length=4096)
+    prompt_field: str = Field("prompt", min_length=1, max_length=128)
+    messages_field: str = Field("messages", min_length=1, max_length=128)
+    answer_field: str = Field("answer", min_length=1, max_length=128)
+
+
+class RewardSpec(StrictModel):
+    """A verifiable reward of a dataset's rows: a registered reward function (entry points
+    "lorafleet.rewards"; built-ins in `common/rewards.py`) with its args, optionally mixed with a
+    format reward: reward = (1 - format_weight) * fn + format_weight * [format_regex matches]."""
+
+    fn: str = Field(..., min_length=1, max_length=64)
+    args: ScalarArgs = Field(default_factory=dict, max_length=32)
+    format_weight: float = Field(0.0, strict=True, ge=0.0, le=1.0)
+    format_regex: str | None = Field(None, min_length=1, max_length=512,
+                                     description="default: the completion ends with '#### <number>'")
+
+    @field_validator("args", mode="before")
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        return _finite_args("reward.args", v)
+
+
 class ExperimentSpec(StrictModel):
-    """One experiment = one adapter trained with RL on one reward environment."""
+    """One experiment = one adapter trained with RL on one task: a built-in reward environment
+    (`env`), or prompts from a `dataset` scored by a verifiable `reward`."""
 
     name: str = Field(..., min_length=1, max_length=64)
-    env: str = Field(..., min_length=1, max_length=64, description="registered reward env")
+    env: str | None = Field(None, min_length=1, max_length=64, description="registered reward env")
     env_args: dict[str, str | int | float | bool] = Field(default_factory=dict, max_length=32)
     steps: int = Field(30, strict=True, ge=1, le=100_000)
     prompts_per_step: int = Field(4, strict=True, ge=1, le=1024)
@@ -124,16 +167,41 @@ class ExperimentSpec(StrictModel):
     temperature: float = Field(1.0, strict=True, gt=0, le=10.0)
     weight: float = Field(1.0, strict=True, gt=0, le=100.0, description="fair-share weight")
     train: AdapterTrainSpec = AdapterTrainSpec()
+    dataset: DatasetSpec | None = None
+    reward: RewardSpec | None = None
+    prompt_format: Literal["raw", "chat"] = Field(
+        "raw", description="raw: bos + the prompt's tokens; chat: the tokenizer's chat template")
+    system_prompt: str | None = Field(None, min_length=1, max_length=16_384,
+                                      description="chat only: the first message, unless a row has its own")
 
     @field_validator("env_args", mode="before")
     @classmethod
     def _finite_env_args(cls, v: Any) -> Any:
-        # Before the union is tried: one clear message instead of one error per union member.
-        if isinstance(v, dict):
-            for key, value in v.items():
-                if isinstance(value, float) and not math.isfinite(value):
-                    raise ValueError(f"env_args.{key} must be a finite number, got {value}")
-        return v
+        return _finite_args("env_args", v)
+
+    @model_validator(mode="after")
+    def _one_task(self) -> ExperimentSpec:
+        if (self.env is None) == (self.dataset is None):
+            raise ValueError("give exactly one of env (a registered reward env) or dataset "
+                             "(prompts from a file, scored by a reward)")
+        if self.dataset is not None and self.reward is None:
+            raise ValueError("a dataset needs a reward, e.g. reward: {fn: numeric_match}")
+        if self.env is not None and self.reward is not None:
+            raise ValueError("reward goes with a dataset; an env scores its own prompts")
+        if self.env is None and self.env_args:
+            raise ValueError("env_args go with an env; a reward takes reward.args")
+        if self.system_prompt is not None and self.prompt_format != "chat":
+            raise ValueError("system_prompt needs prompt_format: chat")
+        return self
+
+    @property
+    def task_name(self) -> str:
+        """What the experiment trains on, for tables and logs: the env, or reward@dataset."""
+        if self.env is not None:
+            return self.env
+        assert self.dataset is not None and self.reward is not None
+        base = self.dataset.path.rstrip("/").rsplit("/", 1)[-1] or self.dataset.path
+        return f"{self.reward.fn}@{base}"[:128]
 
     @field_validator("name")
     @classmethod

@@ -253,6 +253,17 @@ def cancel(exp_id: str, redis_url: RedisOpt = None) -> None:
 
 
 @app.command()
+def extend(exp_id: str, steps: Annotated[int, typer.Option(help="steps to add")],
+           redis_url: RedisOpt = None) -> None:
+    """Continue an experiment for more steps from its last version, keeping its history."""
+    try:
+        rec = _client(redis_url).extend(exp_id, steps)
+    except (UnknownExperimentError, SpecError) as exc:
+        raise _bad_input(str(exc)) from None
+    typer.echo(f"{rec.id}: {rec.status}, step {rec.step}/{rec.steps_total}")
+
+
+@app.command()
 def metrics(exp_id: str, redis_url: RedisOpt = None) -> None:
     """Per-step metrics as JSON lines."""
     try:

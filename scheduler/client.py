@@ -54,6 +54,11 @@ class FleetClient:
     def cancel(self, exp_id: str) -> bool:
         return self.registry.cancel(exp_id)
 
+    def extend(self, exp_id: str, steps: int) -> ExperimentRecord:
+        """Continue an experiment for `steps` more steps (a completed one runs again from its
+        last version); raises `SpecError` for a failed/cancelled one or a bad count."""
+        return self.registry.extend(exp_id, steps)
+
     def metrics(self, exp_id: str) -> list[dict[str, Any]]:
         """One dict per committed step: reward stats, loss, grad norm, timings, worker."""
         return self.registry.metrics(exp_id)

@@ -76,6 +76,23 @@ class ExperimentRegistry:
         self.get(exp_id)  # raises for unknown ids
         return self.protocol.finish(exp_id, "cancelled", "cancelled by user")
 
+    def extend(self, exp_id: str, steps: int) -> ExperimentRecord:
+        """Continue an experiment for `steps` more steps from its last committed version (a
+        completed one runs again), keeping its history: metrics, versions and step numbers go
+        on where they stopped, so k steps then m more equal k+m steps in one go."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise SpecError(f"steps: must be a positive integer, got {steps!r}")
+        rec = self.get(exp_id)
+        if rec.status not in ("queued", "running", "completed"):
+            raise SpecError(f"experiment {exp_id} is {rec.status}: only queued, running or completed "
+                            "experiments can be extended")
+        data = json.loads(rec.spec_json)
+        data["steps"] = rec.steps_total + steps
+        spec = parse_spec(data, self.limits)  # the fleet's limits apply to the new length too
+        if not self.protocol.extend(exp_id, steps, spec.model_dump_json()):
+            raise SpecError(f"experiment {exp_id} finished meanwhile ({self.get(exp_id).status})")
+        return self.get(exp_id)
+
     def metrics(self, exp_id: str) -> list[dict[str, Any]]:
         self.get(exp_id)
         return [json.loads(m) for m in self.r.lrange(Keys.metrics(exp_id), 0, -1)]
