@@ -89,3 +89,45 @@ def collate(
         advantages=torch.tensor([r.advantage for r in rows], dtype=dtype),
         old_logprobs=old[:, 1:] if all(has_old) else None,
     )
+
+
+def micro_batches(batch: FusedBatch, max_tokens: int | None) -> list[FusedBatch]:
+    """Split a fused batch into micro-batches of at most `max_tokens` tokens each, counted as
+    rows x padded width of the micro-batch (a single longer row is a micro-batch of its own).
+
+    Rows are packed longest first, so rows of similar length share a micro-batch and each
+    micro-batch is trimmed to its own longest row (right padding: trimming changes nothing for
+    real tokens). Within a micro-batch rows keep their batch order, which is adapter-major, so
+    every micro-batch gets its own layout; one adapter's rows may span several micro-batches.
+    Rows without an adapter train nothing and are dropped. `max_tokens=None`: one micro-batch.
+    """
+    row_adapter = [None] * batch.layout.num_rows  # (B,) adapter of each row
+    for seg in batch.layout.segments:
+        row_adapter[seg.start:seg.end] = [seg.adapter] * seg.size
+    lengths_t = batch.attention_mask.sum(dim=1)  # (B,) real tokens per row
+    positions = torch.arange(batch.attention_mask.shape[1], device=lengths_t.device)  # (T,)
+    if not torch.equal(positions[None, :] < lengths_t[:, None], batch.attention_mask.bool()):
+        raise ValueError("micro-batching needs right-padded rows (as `collate` makes them)")
+    lengths = lengths_t.tolist()
+    rows = [i for i in range(len(lengths)) if row_adapter[i] is not None]
+    groups: list[list[int]] = []
+    for i in sorted(rows, key=lambda i: -lengths[i]):  # stable: ties keep batch order
+        width = lengths[groups[-1][0]] if groups else 0  # the group's first row is its longest
+        if groups and (max_tokens is None or (len(groups[-1]) + 1) * width <= max_tokens):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    out = []
+    for group in groups:
+        group.sort()  # back to batch order: adapter-major, each adapter one contiguous block
+        idx = torch.tensor(group, device=batch.input_ids.device)
+        w = max(lengths[i] for i in group)  # trim padding to this micro-batch's longest row
+        out.append(FusedBatch(
+            layout=BatchLayout.from_row_adapters([row_adapter[i] for i in group]),
+            input_ids=batch.input_ids[idx, :w],  # (b, w)
+            attention_mask=batch.attention_mask[idx, :w],  # (b, w)
+            loss_mask=batch.loss_mask[idx, :w - 1],  # (b, w-1)
+            advantages=batch.advantages[idx],  # (b,)
+            old_logprobs=None if batch.old_logprobs is None else batch.old_logprobs[idx, :w - 1],
+        ))
+    return out

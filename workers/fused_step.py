@@ -1,8 +1,15 @@
-"""`FusedTrainStep`: one forward/backward for many adapters, each updated exactly as if alone.
+"""`FusedTrainStep`: one fused step for many adapters, each updated exactly as if alone.
 
 Per step:  loss = sum_a  sum(token_loss[rows_a] * mask) / count(mask[rows_a])
 then, per adapter: skip if its loss or gradient is non-finite, clip to its own max norm, set its
 own learning rate, and step its own AdamW state. An adapter with no rows is not stepped.
+
+Memory is bounded by `tokens_per_microbatch`, not by the batch: the batch is split into
+micro-batches (`micro_batches`), each one forward + backward, gradients accumulated. Every
+adapter's partial loss is divided by its FULL-batch token count, so the sum over micro-batches
+is exactly the single-pass loss and the accumulated gradient exactly its gradient. Logprobs
+come from the decoder's hidden states through the lm_head `logprob_chunk_tokens` positions at a
+time: the (B, T, V) logits never exist.
 """
 
 from __future__ import annotations
@@ -13,12 +20,14 @@ from dataclasses import dataclass
 import torch
 
 from lorafleet.common.schemas import AdapterTrainSpec
-from lorafleet.workers.batch import FusedBatch
-from lorafleet.workers.losses import masked_mean, token_logprobs, token_loss
+from lorafleet.workers.batch import FusedBatch, micro_batches
+from lorafleet.workers.losses import chunked_token_logprobs, token_loss
 from lorafleet.workers.multilora.model import MultiLoRAModel
-from lorafleet.workers.step_backends import BackendName, make_backend
+from lorafleet.workers.step_backends import BackendName, decoder_hidden_states, make_backend
 
 OPT_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
+# config fields of HF models whose logits are not lm_head(decoder(x)) (Gemma 2, Cohere, Granite)
+UNSUPPORTED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 @dataclass(frozen=True)
@@ -32,9 +41,27 @@ class AdapterStepResult:
 
 
 class FusedTrainStep:
-    def __init__(self, model: MultiLoRAModel, backend: BackendName = "torch") -> None:
+    def __init__(
+        self,
+        model: MultiLoRAModel,
+        backend: BackendName = "torch",
+        tokens_per_microbatch: int | None = 16384,  # None: the whole batch in one micro-batch
+        logprob_chunk_tokens: int = 1024,
+        activation_checkpointing: bool | None = None,  # None: on for cuda, else as the model is
+    ) -> None:
         self.model = model
-        self.backend = make_backend(backend, model.model)
+        self.tokens_per_microbatch = tokens_per_microbatch
+        self.logprob_chunk_tokens = logprob_chunk_tokens
+        hf = model.model
+        if any(getattr(hf.config, k, None) not in (None, 1.0) for k in UNSUPPORTED_LOGITS):
+            raise ValueError(f"logits must be lm_head(decoder(x)); the model sets {UNSUPPORTED_LOGITS}")
+        if activation_checkpointing is None and next(hf.parameters()).device.type == "cuda":
+            activation_checkpointing = True
+        if activation_checkpointing:  # re-runs each layer's forward in backward (slot still open)
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif activation_checkpointing is False and hf.is_gradient_checkpointing:
+            hf.gradient_checkpointing_disable()
+        self.backend = make_backend(backend, hf)
         self.specs: dict[str, AdapterTrainSpec] = {}
         self.steps: dict[str, int] = {}
 
@@ -108,17 +135,30 @@ class FusedTrainStep:
             raise KeyError(f"adapters not loaded on this worker: {unknown}")
         self.optimizer.zero_grad(set_to_none=True)
         self.model.model.train()  # enables activation checkpointing, if configured, and dropout
-        with self.model.slot.use(batch.layout):  # open through backward (checkpointing re-runs)
-            losses, counts = self._adapter_losses(batch)
-            finite = [a for a in present if torch.isfinite(losses[a]).item()]
-            if finite:
-                self.backend.backward(torch.stack([losses[a] for a in finite]).sum())
+        # each adapter's denominator: its trained tokens over the WHOLE batch
+        counts = {a: int(batch.loss_mask[batch.layout.rows_of(a)].sum().item()) for a in present}
+        totals = {a: 0.0 for a in present}  # reported loss: sum of the micro-batch parts
+        skipped: set[str] = set()  # a non-finite part anywhere skips the adapter's whole step
+        for mb in micro_batches(batch, self.tokens_per_microbatch):
+            with self.model.slot.use(mb.layout):  # open through backward (checkpointing re-runs)
+                parts = self._micro_losses(mb, counts)
+                values = torch.stack([p.detach() for p in parts.values()]).tolist()  # one sync
+                for name, value in zip(parts, values, strict=True):
+                    totals[name] += value
+                    if not math.isfinite(value):
+                        skipped.add(name)
+                # a skipped adapter's part never enters backward; the grads of its earlier
+                # micro-batches reached only its own parameters and are dropped below
+                kept = [p for name, p in parts.items() if name not in skipped]
+                if kept:
+                    self.backend.backward(torch.stack(kept).sum())
         results = {}
         for name in self.specs:
             if name not in present:
                 self._drop_grads(name)
                 continue
-            results[name] = self._clip_and_schedule(name, losses[name], counts[name], name in finite)
+            finite_loss = name not in skipped and math.isfinite(totals[name])
+            results[name] = self._clip_and_schedule(name, totals[name], counts[name], finite_loss)
         self.backend.step()
         for name, r in results.items():
             if r.stepped:
@@ -126,37 +166,38 @@ class FusedTrainStep:
                 results[name] = AdapterStepResult(**{**r.__dict__, "step": self.steps[name]})
         return results
 
-    def _adapter_losses(self, batch: FusedBatch) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        logits = self.backend.forward(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask
-        ).logits  # (B, T, V)
-        logprobs = token_logprobs(logits, batch.input_ids)  # (B, T-1)
+    def _micro_losses(self, mb: FusedBatch, counts: dict[str, int]) -> dict[str, torch.Tensor]:
+        """adapter -> sum of its per-token losses in this micro-batch / its full-batch count."""
+        hf = self.model.model
+        head = hf.get_output_embeddings()
         ref = None
-        if any(self.specs[a].loss.kl_coef > 0 for a in batch.layout.adapters):
+        if any(self.specs[a].loss.kl_coef > 0 for a in mb.layout.adapters):
             with torch.no_grad(), self.model.slot.use(None):  # the base model is the adapter-off forward
-                ref_logits = self.model.model(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask
-                ).logits
-            ref = token_logprobs(ref_logits, batch.input_ids)
-        losses, counts = {}, {}
-        for name in batch.layout.adapters:
-            rows = batch.layout.rows_of(name)
-            old = None if batch.old_logprobs is None else batch.old_logprobs[rows]
+                ref_hidden = decoder_hidden_states(hf, mb.input_ids, mb.attention_mask)
+                ref = chunked_token_logprobs(ref_hidden, head, mb.input_ids,
+                                             self.logprob_chunk_tokens)  # (b, t-1)
+                del ref_hidden
+        hidden = self.backend.hidden_states(mb.input_ids, mb.attention_mask)  # (b, t, H)
+        logprobs = chunked_token_logprobs(hidden, head, mb.input_ids,
+                                          self.logprob_chunk_tokens)  # (b, t-1)
+        parts = {}
+        for name in mb.layout.adapters:
+            rows = mb.layout.rows_of(name)
+            old = None if mb.old_logprobs is None else mb.old_logprobs[rows]
             per_token = token_loss(
-                self.specs[name].loss, logprobs[rows], batch.advantages[rows], old,
+                self.specs[name].loss, logprobs[rows], mb.advantages[rows], old,
                 None if ref is None else ref[rows],
-            )
-            losses[name] = masked_mean(per_token, batch.loss_mask[rows])
-            counts[name] = int(batch.loss_mask[rows].sum().item())
-        return losses, counts
+            )  # (n, t-1)
+            parts[name] = (per_token * mb.loss_mask[rows]).sum() / max(counts[name], 1)
+        return parts
 
     def _clip_and_schedule(
-        self, name: str, loss: torch.Tensor, count: int, loss_finite: bool
+        self, name: str, loss: float, count: int, loss_finite: bool
     ) -> AdapterStepResult:
         spec = self.specs[name].optimizer
         if not loss_finite:
             self._drop_grads(name)
-            return AdapterStepResult(loss.item(), math.nan, count, False, "nonfinite_loss",
+            return AdapterStepResult(loss, math.nan, count, False, "nonfinite_loss",
                                      self.steps[name])
         params = [p for _, p in self.model.parameters_of(name)]
         if spec.max_grad_norm is not None:
@@ -165,10 +206,10 @@ class FusedTrainStep:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
         if not math.isfinite(norm):
             self._drop_grads(name)
-            return AdapterStepResult(loss.item(), norm, count, False, "nonfinite_grad",
+            return AdapterStepResult(loss, norm, count, False, "nonfinite_grad",
                                      self.steps[name])
         self._group(name)["lr"] = spec.lr_at(self.steps[name])
-        return AdapterStepResult(loss.item(), norm, count, True, None, self.steps[name])
+        return AdapterStepResult(loss, norm, count, True, None, self.steps[name])
 
     def _drop_grads(self, name: str) -> None:
         # A parameter whose .grad is None is not stepped by AdamW: no decay, no moment update.

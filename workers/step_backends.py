@@ -3,6 +3,10 @@
 Both hold one torch AdamW with one param group per adapter. Per-adapter clipping and skipping
 happen in `FusedTrainStep` between `backward` and `step`, so DeepSpeed runs with
 `gradient_clipping: 0` (its global clip would couple adapters).
+
+A step is several micro-batches: `hidden_states` and `backward` once per micro-batch (gradients
+accumulate, unscaled: each adapter's loss is already divided by its full-batch token count),
+then one `step`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ class StepBackend(Protocol):
     optimizer: torch.optim.Optimizer
 
     def forward(self, **inputs: torch.Tensor) -> Any: ...
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> None: ...
 
@@ -29,6 +34,15 @@ def _first_group_params(model: nn.Module) -> list[nn.Parameter]:
     # torch optimizers refuse an empty parameter list; the placeholder group holds a frozen
     # scalar that never has a gradient, so it is never stepped.
     return [nn.Parameter(torch.zeros((), device=next(model.parameters()).device), requires_grad=False)]
+
+
+def decoder_hidden_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, T) -> (B, T, H): the decoder's final normed hidden states of a Llama/Qwen2-style HF
+    causal LM, whose logits are `model.get_output_embeddings()(hidden)`. No KV cache."""
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
 
 
 def new_optimizer(model: nn.Module) -> torch.optim.AdamW:
@@ -43,6 +57,9 @@ class TorchBackend:
 
     def forward(self, **inputs: torch.Tensor) -> Any:
         return self.model(**inputs)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return decoder_hidden_states(self.model, input_ids, attention_mask)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -74,6 +91,9 @@ class DeepSpeedBackend:
         config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
+            # the caller owns the accumulation boundary: every `backward` only accumulates
+            # (no 1/GAS scaling, no reduction), each `step` is one boundary and one update
+            "managed_gradient_accumulation": False,
             "gradient_clipping": 0.0,
             "zero_optimization": {"stage": zero_stage},
             "steps_per_print": 1 << 30,
@@ -92,6 +112,12 @@ class DeepSpeedBackend:
 
     def forward(self, **inputs: torch.Tensor) -> Any:
         return self.engine(**inputs)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # the decoder itself, not `engine(...)`, which would compute full-vocabulary logits; at
+        # ZeRO stage 0 the engine's forward adds nothing (no parameter gathering, no hooks that
+        # `engine.backward` needs), and ZeRO-3 gathers through hooks on the submodules
+        return decoder_hidden_states(self.model, input_ids, attention_mask)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
