@@ -410,6 +410,29 @@ class AdapterStore:
             trainer_meta=json.loads(read(TRAINER_META_FILE)),
         )
 
+    def adapter_config(self, adapter_id: str, version: Version = "latest") -> dict[str, Any]:
+        """The PEFT adapter_config.json of a published version (no tensors read)."""
+        _, directory = self._require(adapter_id, version)
+        return json.loads(self.fs.cat_file(posixpath.join(directory, ADAPTER_CONFIG_FILE)))
+
+    def usage(self, adapter_id: str) -> int:
+        """Bytes the adapter's versions (and anything else under its directory) take."""
+        try:
+            return int(self.fs.du(self._adapter_root(adapter_id), total=True))
+        except FileNotFoundError:
+            return 0
+
+    def delete(self, adapter_id: str, versions: list[int]) -> list[int]:
+        """Delete exactly `versions` (never the one the latest pointer names) -> deleted."""
+        done = []
+        with self._adapter_lock(adapter_id):
+            latest = self._read_pointer(adapter_id)
+            for v in versions:
+                if v != latest and self.exists(adapter_id, v):
+                    self._remove_version(adapter_id, v)
+                    done.append(v)
+        return done
+
     def local_dir(self, adapter_id: str, version: Version = "latest") -> Path:
         """A local directory with the version's files, for PEFT `from_pretrained` and vLLM.
 

@@ -80,7 +80,7 @@ class ExperimentRecord:
     # ---- encoding ----------------------------------------------------------------------------
     @classmethod
     def new(cls, exp_id: str, spec: ExperimentSpec, now_ms: int) -> ExperimentRecord:
-        return cls(id=exp_id, spec_json=spec.model_dump_json(), name=spec.name, env=spec.env,
+        return cls(id=exp_id, spec_json=spec.model_dump_json(), name=spec.name, env=spec.task_name,
                    steps_total=spec.steps, weight=spec.weight,
                    rows=spec.prompts_per_step * spec.group_size, created_at=now_ms)
 

@@ -25,6 +25,11 @@ KNOWN_TARGET_MODULES = frozenset(
 
 # Strict numbers without bounds (fields with bounds say `strict=True` in their `Field`).
 StrictFloat = Annotated[float, Strict()]
+# Decoding: stop strings and extra stop token ids of an experiment (workers/rollout.py).
+MAX_NEW_TOKENS = 131_072  # the model's context is the real bound, checked at run time
+MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS, MAX_STOP_TOKEN_IDS = 8, 64, 16
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+TokenId = Annotated[int, Field(strict=True, ge=0, lt=2**31)]
 
 
 class StrictModel(BaseModel):
@@ -102,6 +107,13 @@ class LossSpec(StrictModel):
     kl_coef: float = Field(0.0, strict=True, ge=0, le=10.0, description="KL penalty to the base model")
 
 
+class RetentionSpec(StrictModel):
+    """Which published versions stay (`common/retention.py`); a field left out takes the fleet's."""
+
+    keep_last: int | None = Field(None, strict=True, ge=1, description="newest committed versions kept")
+    keep_every: int | None = Field(None, strict=True, ge=0, description="also keep every N-th (0: none)")
+
+
 class AdapterTrainSpec(StrictModel):
     """Everything the fused train step needs to know about one adapter."""
 
@@ -109,6 +121,13 @@ class AdapterTrainSpec(StrictModel):
     optimizer: OptimizerSpec = OptimizerSpec()
     loss: LossSpec = LossSpec()
     seed: int = Field(0, strict=True, ge=0, lt=2**63)
+    # continual learning: start from a PEFT adapter directory/URL or EXPERIMENT_ID@vK of this
+    # store (a fork) instead of the seed's fresh adapter (`common/adapter_import.py`)
+    init_from: str | None = Field(None, min_length=1, max_length=1024)
+    init_optimizer: bool = Field(True, strict=True, description="a fork also takes the AdamW state")
+    # added to the step number wherever it seeds sampling: a fork of vK gets K, so with the same
+    # seed it draws what its source drew at the same steps
+    step_offset: int = Field(0, strict=True, ge=0, lt=2**40)
 
 
 ScalarArgs = dict[str, str | int | float | bool]
@@ -163,10 +182,19 @@ class ExperimentSpec(StrictModel):
     steps: int = Field(30, strict=True, ge=1, le=100_000)
     prompts_per_step: int = Field(4, strict=True, ge=1, le=1024)
     group_size: int = Field(4, strict=True, ge=1, le=64, description="samples per prompt (GRPO group)")
-    max_new_tokens: int = Field(8, strict=True, ge=1, le=4096)
+    max_new_tokens: int = Field(8, strict=True, ge=1, le=MAX_NEW_TOKENS,
+                                description="clamped at run time so that prompt + completion fit the context")
     temperature: float = Field(1.0, strict=True, gt=0, le=10.0)
+    top_p: float = Field(1.0, strict=True, gt=0, le=1.0, description="nucleus sampling; 1 = off")
+    top_k: int = Field(0, strict=True, ge=0, lt=2**31, description="sample from the k most likely; 0 = off")
+    stop: tuple[StopString, ...] = Field(
+        (), max_length=MAX_STOP_STRINGS,
+        description="stop strings: the completion ends with the token that completes one")
+    stop_token_ids: tuple[TokenId, ...] = Field(
+        (), max_length=MAX_STOP_TOKEN_IDS, description="token ids that end a completion, besides eos")
     weight: float = Field(1.0, strict=True, gt=0, le=100.0, description="fair-share weight")
     train: AdapterTrainSpec = AdapterTrainSpec()
+    retention: RetentionSpec | None = None  # None: the fleet's LORAFLEET_KEEP_LAST / _KEEP_EVERY
     dataset: DatasetSpec | None = None
     reward: RewardSpec | None = None
     prompt_format: Literal["raw", "chat"] = Field(

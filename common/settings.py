@@ -79,10 +79,14 @@ class Settings(BaseSettings):
     test_train_delay_s: float = Field(default=0.0, ge=0)  # fault injection: widens the step window
     # fused train step memory: a mixed batch is split into micro-batches of at most this many
     # tokens (rows x padded length), gradients accumulated; logprobs are computed in chunks of
-    # at most this many sequence positions, so the full (B, T, V) logits never exist at once
+    # at most this many token positions (across rows), so only chunk x V logits exist at once
     train_tokens_per_microbatch: int = Field(default=16384, ge=1)
     logprob_chunk_tokens: int = Field(default=1024, ge=1)
     activation_checkpointing: bool | None = None  # None: on for cuda devices, off on cpu
+    # checkpoint retention (fleet defaults; a spec's `retention` overrides): keep the newest
+    # `keep_last` committed versions (None: keep every version), v0 and every `keep_every`-th
+    keep_last: int | None = Field(default=None, ge=1)
+    keep_every: int = Field(default=0, ge=0)
     # infrastructure faults (store or Redis errors) pause and retry a batch, for at most this long
     # in all, without counting against any experiment's attempts
     infra_retry_s: float = Field(default=300.0, ge=0)

@@ -15,6 +15,7 @@ document is composed, before anything is constructed or expanded. The fleet's ad
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,9 @@ from pydantic import ValidationError
 from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node
 
+from lorafleet.common.datasets import DatasetError, check_dataset, resolve_path
 from lorafleet.common.envs import get_env
+from lorafleet.common.rewards import make_reward
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.settings import ENV_PREFIX, Settings
 
@@ -162,9 +165,12 @@ def check_tree(data: Any, max_bytes: int) -> None:
 SpecInput = ExperimentSpec | dict[str, Any] | str | bytes
 
 
-def parse_spec(data: SpecInput, limits: AdmissionLimits) -> ExperimentSpec:
+def parse_spec(data: SpecInput, limits: AdmissionLimits,
+               base_dir: str | os.PathLike[str] | None = None) -> ExperimentSpec:
     """A spec from a model, a dict, or YAML/JSON text, within the fleet's `limits`; every error
-    is a `SpecError`."""
+    is a `SpecError`. A relative local `dataset.path` is made absolute against `base_dir` (the
+    CLI passes the spec file's directory; default: the current directory), and the dataset is
+    checked (`check_task`)."""
     if isinstance(data, ExperimentSpec):
         spec = data
     else:
@@ -192,11 +198,33 @@ def parse_spec(data: SpecInput, limits: AdmissionLimits) -> ExperimentSpec:
     over = limits.violations(spec)
     if over:
         raise SpecError("; ".join(over))
-    try:
-        get_env(spec.env, spec.env_args)
-    except ValueError as exc:
-        raise SpecError(f"env: {exc}") from None
+    if spec.dataset is not None:
+        path = resolve_path(spec.dataset.path, base_dir)
+        if path != spec.dataset.path:
+            spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"path": path})})
+    check_task(spec)
     return spec
+
+
+def check_task(spec: ExperimentSpec) -> None:
+    """What a worker will need, checked without torch: the env and its args; or the reward fn
+    and its args, and the dataset (readable, its first rows with the mapped fields: the prompt,
+    and the answer when the reward reads one). Errors are `SpecError`s naming the file and row."""
+    if spec.env is not None:
+        try:
+            get_env(spec.env, spec.env_args)
+        except ValueError as exc:
+            raise SpecError(f"env: {exc}") from None
+        return
+    assert spec.dataset is not None and spec.reward is not None  # the schema's rule
+    try:
+        reward = make_reward(spec.reward)
+    except ValueError as exc:
+        raise SpecError(f"reward: {exc}") from None
+    try:
+        check_dataset(spec.dataset, spec.prompt_format == "chat", reward.needs_answer)
+    except DatasetError as exc:
+        raise SpecError(f"dataset: {' '.join(str(exc).split())}") from None
 
 
 def _shown(value: Any) -> str:

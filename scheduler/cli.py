@@ -161,7 +161,7 @@ def validate(specs: list[Path]) -> None:
     """Check spec files without submitting anything."""
     for path in specs:
         try:
-            parse_spec(_read_spec(path), _limits())
+            parse_spec(_read_spec(path), _limits(), base_dir=path.parent)
         except SpecError as exc:
             raise _bad_input(f"{path}: {exc}") from None
         typer.echo(f"{path}: ok")
@@ -172,24 +172,38 @@ def submit(specs: list[Path], redis_url: RedisOpt = None) -> None:
     """Validate and enqueue experiments; prints one id per spec. Nothing is enqueued unless
     every spec is valid."""
     texts = [_read_spec(p) for p in specs]
+    parsed = []
     for path, text in zip(specs, texts, strict=True):
-        try:
-            parse_spec(text, _limits())
+        try:  # a relative dataset path is relative to its spec file
+            parsed.append(parse_spec(text, _limits(), base_dir=path.parent))
         except SpecError as exc:
             raise _bad_input(f"{path}: {exc}") from None
-    for exp_id in _client(redis_url).submit_many(texts):
+    for exp_id in _client(redis_url).submit_many(parsed):
         typer.echo(exp_id)
 
 
-def _table(states: list[ExperimentRecord], metrics: dict[str, list[dict]] | None = None) -> Table:
+def _table(states: list[ExperimentRecord], metrics: dict[str, list[dict]] | None = None,
+           usage: dict[str, int] | None = None) -> Table:
     t = Table(title="lorafleet experiments")
-    for col in ("id", "env", "status", "step", "phase", "node", "reward (first→last)", "error"):
+    cols = ("id", "env", "status", "step", "phase", "node", "reward (first→last)", "error")
+    for col in cols + (("store",) if usage is not None else ()):
         t.add_column(col)
     for s in states:
         m = (metrics or {}).get(s.id) or []
         reward = f"{m[0]['reward_mean']:.3f} → {m[-1]['reward_mean']:.3f}" if m else ""
-        t.add_row(s.id, s.env, s.status, f"{s.step}/{s.steps_total}", s.phase, s.node, reward, s.error[:60])
+        row = [s.id, s.env, s.status, f"{s.step}/{s.steps_total}", s.phase, s.node, reward, s.error[:60]]
+        if usage is not None:
+            row.append(f"{usage.get(s.id, 0) / 2**20:.1f} MiB")
+        t.add_row(*row)
     return t
+
+
+def _usage(client: Any, states: list[ExperimentRecord]) -> dict[str, int] | None:
+    """Store bytes per experiment, or None (no column) when the store cannot be read."""
+    try:
+        return {s.id: client.store_usage(s.id) for s in states}
+    except OSError:
+        return None
 
 
 @app.command()
@@ -202,9 +216,10 @@ def status(exp_id: Annotated[str | None, typer.Argument()] = None, redis_url: Re
     except UnknownExperimentError as exc:
         raise _bad_input(str(exc)) from None
     if as_json:
-        typer.echo(json.dumps([{**s.summary(), "refusals": client.refusals(s.id)} for s in states], indent=2))
+        typer.echo(json.dumps([{**s.summary(), "refusals": client.refusals(s.id),
+                                "store_bytes": client.store_usage(s.id)} for s in states], indent=2))
     else:
-        Console().print(_table(states, {s.id: client.metrics(s.id) for s in states}))
+        Console().print(_table(states, {s.id: client.metrics(s.id) for s in states}, _usage(client, states)))
         if exp_id is None:
             typer.echo(client.fleet().line())
 
@@ -253,11 +268,25 @@ def cancel(exp_id: str, redis_url: RedisOpt = None) -> None:
 
 
 @app.command()
+def gc(redis_url: RedisOpt = None, dry_run: Annotated[bool, typer.Option("--dry-run")] = False) -> None:
+    """Delete checkpoint versions that retention (keep_last, keep_every) no longer keeps."""
+    deleted = _client(redis_url).gc(dry_run)
+    for exp_id, versions in deleted.items():
+        typer.echo(f"{exp_id}: {'would delete' if dry_run else 'deleted'} {len(versions)} versions "
+                   f"(v{versions[0]}..v{versions[-1]})")
+    if not deleted:
+        typer.echo("nothing to delete")
+
+
+@app.command()
 def extend(exp_id: str, steps: Annotated[int, typer.Option(help="steps to add")],
+           dataset: Annotated[str | None, typer.Option(help="a new prompt dataset (path or URL)")] = None,
            redis_url: RedisOpt = None) -> None:
     """Continue an experiment for more steps from its last version, keeping its history."""
+    if dataset is not None and "://" not in dataset:
+        dataset = str(Path(dataset).resolve())
     try:
-        rec = _client(redis_url).extend(exp_id, steps)
+        rec = _client(redis_url).extend(exp_id, steps, dataset)
     except (UnknownExperimentError, SpecError) as exc:
         raise _bad_input(str(exc)) from None
     typer.echo(f"{rec.id}: {rec.status}, step {rec.step}/{rec.steps_total}")
@@ -383,7 +412,7 @@ def run(specs: list[Path], workers: int = 1, redis_url: RedisOpt = None,
     parsed = []
     for path in specs:
         try:
-            parsed.append(parse_spec(_read_spec(path), _limits()))
+            parsed.append(parse_spec(_read_spec(path), _limits(), base_dir=path.parent))
         except SpecError as exc:
             raise _bad_input(f"{path}: {exc}") from None
     ok = run_embedded(parsed, workers, settings(redis_url=redis_url), plot_out, log_dir, timeout)

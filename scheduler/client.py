@@ -16,6 +16,7 @@ from lorafleet.common.experiment import TERMINAL, ExperimentRecord
 from lorafleet.common.ids import validate_id
 from lorafleet.common.keys import Keys
 from lorafleet.common.redis_conn import connect
+from lorafleet.common.retention import doomed_versions, retention_of
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.settings import Settings
 from lorafleet.common.spec_input import AdmissionLimits
@@ -30,7 +31,8 @@ class FleetClient:
                  settings: Settings | None = None) -> None:
         self.settings = (settings or Settings()).with_overrides(redis_url=redis_url, store_url=store_url)
         self.r = connect(self.settings.require_redis_url())
-        self.registry = ExperimentRegistry(self.r, AdmissionLimits.from_settings(self.settings))
+        self.registry = ExperimentRegistry(self.r, AdmissionLimits.from_settings(self.settings),
+                                           AdapterStore.from_settings(self.settings))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FleetClient:
@@ -54,10 +56,11 @@ class FleetClient:
     def cancel(self, exp_id: str) -> bool:
         return self.registry.cancel(exp_id)
 
-    def extend(self, exp_id: str, steps: int) -> ExperimentRecord:
+    def extend(self, exp_id: str, steps: int, dataset: str | None = None) -> ExperimentRecord:
         """Continue an experiment for `steps` more steps (a completed one runs again from its
-        last version); raises `SpecError` for a failed/cancelled one or a bad count."""
-        return self.registry.extend(exp_id, steps)
+        last version), optionally on a new `dataset` path or URL; raises `SpecError` for a
+        failed/cancelled one, a bad count or an unreadable dataset."""
+        return self.registry.extend(exp_id, steps, dataset)
 
     def metrics(self, exp_id: str) -> list[dict[str, Any]]:
         """One dict per committed step: reward stats, loss, grad norm, timings, worker."""
@@ -72,6 +75,22 @@ class FleetClient:
         """Live workers, queue lengths, the backlog of experiments waiting for a batch, and the
         poison payloads dead-lettered off the queues."""
         return read_fleet_status(self.r, recent_dead_letters)
+
+    def gc(self, dry_run: bool = False) -> dict[str, list[int]]:
+        """Apply checkpoint retention to every experiment's published versions (what a worker
+        deletes after each commit, plus whatever a crash left) -> deleted versions per id."""
+        store = AdapterStore.from_settings(self.settings)
+        out: dict[str, list[int]] = {}
+        for rec in self.list():
+            keep_last, keep_every = retention_of(rec.spec, self.settings)
+            doomed = doomed_versions(store.versions(rec.id), rec.step, keep_last, keep_every)
+            if doomed:
+                out[rec.id] = doomed if dry_run else store.delete(rec.id, doomed)
+        return out
+
+    def store_usage(self, exp_id: str) -> int:
+        """Bytes the experiment's checkpoints take in the store."""
+        return AdapterStore.from_settings(self.settings).usage(exp_id)
 
     def wait(self, exp_ids: Iterable[str], timeout_s: float | None = None,
              poll_s: float = 0.2) -> list[ExperimentRecord]:

@@ -30,7 +30,7 @@ def run_embedded(specs: list[ExperimentSpec], workers: int, settings: Settings, 
         t_run = time.monotonic()
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as bar:
-            tasks = {i: bar.add_task(f"{s.name} [{s.env}]", total=s.steps, info="") for i, s in
+            tasks = {i: bar.add_task(f"{s.name} [{s.task_name}]", total=s.steps, info="") for i, s in
                      zip(ids, specs, strict=True)}
             while True:
                 states = [client.get(i) for i in ids]

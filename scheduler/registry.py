@@ -11,20 +11,27 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
+from lorafleet.common.adapter_import import resolve_init_from
 from lorafleet.common.experiment import ExperimentRecord, UnknownExperimentError
 from lorafleet.common.ids import is_valid_id, new_id
 from lorafleet.common.keys import STREAM_MAXLEN, Keys
 from lorafleet.common.protocol import StepProtocol
+from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.spec_input import AdmissionLimits, SpecError, SpecInput, parse_spec
+
+if TYPE_CHECKING:
+    from lorafleet.common.adapter_store import AdapterStore
 
 
 class ExperimentRegistry:
-    def __init__(self, r: redis.Redis, limits: AdmissionLimits | None = None) -> None:
+    def __init__(self, r: redis.Redis, limits: AdmissionLimits | None = None,
+                 store: AdapterStore | None = None) -> None:
         self.r = r
+        self.store = store  # where `train.init_from: ID@vK` forks are looked up
         self.limits = limits or AdmissionLimits()  # the fleet's: AdmissionLimits.from_settings
         self.protocol = StepProtocol(r)
 
@@ -38,7 +45,7 @@ class ExperimentRegistry:
         parsed = []
         for i, data in enumerate(specs):
             try:
-                parsed.append(parse_spec(data, self.limits))
+                parsed.append(self._admit(parse_spec(data, self.limits)))
             except SpecError as exc:
                 if len(specs) == 1:
                     raise
@@ -54,6 +61,17 @@ class ExperimentRegistry:
                       approximate=True)
         pipe.execute()
         return [rec.id for rec in records]
+
+    def _admit(self, spec: ExperimentSpec) -> ExperimentSpec:
+        """The spec with `train.init_from` resolved against what it names."""
+        try:
+            spec = resolve_init_from(spec, self.store)
+        except ValueError as exc:
+            raise SpecError(f"train.init_from: {exc}") from None
+        if spec.train.lora.rank > self.limits.max_lora_rank:
+            raise SpecError(f"train.init_from: the adapter's rank {spec.train.lora.rank} exceeds the fleet "
+                            f"limit max_lora_rank={self.limits.max_lora_rank} (LORAFLEET_MAX_LORA_RANK)")
+        return spec
 
     def get(self, exp_id: str) -> ExperimentRecord:
         if not is_valid_id(exp_id):
@@ -76,10 +94,11 @@ class ExperimentRegistry:
         self.get(exp_id)  # raises for unknown ids
         return self.protocol.finish(exp_id, "cancelled", "cancelled by user")
 
-    def extend(self, exp_id: str, steps: int) -> ExperimentRecord:
+    def extend(self, exp_id: str, steps: int, dataset: str | None = None) -> ExperimentRecord:
         """Continue an experiment for `steps` more steps from its last committed version (a
         completed one runs again), keeping its history: metrics, versions and step numbers go
-        on where they stopped, so k steps then m more equal k+m steps in one go."""
+        on where they stopped, so k steps then m more equal k+m steps in one go. `dataset`: a
+        new prompt dataset (same field mapping) for the steps to come, checked like at submit."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise SpecError(f"steps: must be a positive integer, got {steps!r}")
         rec = self.get(exp_id)
@@ -88,6 +107,11 @@ class ExperimentRegistry:
                             "experiments can be extended")
         data = json.loads(rec.spec_json)
         data["steps"] = rec.steps_total + steps
+        if dataset is not None:
+            if not data.get("dataset"):
+                raise SpecError(f"--dataset: experiment {exp_id} draws its prompts from env "
+                                f"{data.get('env')!r}, not a dataset")
+            data["dataset"] = {**data["dataset"], "path": dataset}
         spec = parse_spec(data, self.limits)  # the fleet's limits apply to the new length too
         if not self.protocol.extend(exp_id, steps, spec.model_dump_json()):
             raise SpecError(f"experiment {exp_id} finished meanwhile ({self.get(exp_id).status})")

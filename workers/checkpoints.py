@@ -6,6 +6,7 @@ unchanged) plus the trainer state that makes resuming exact: AdamW moments and s
 
 from __future__ import annotations
 
+from lorafleet.common.adapter_import import parse_init_from, read_peft_config, read_peft_weights_bytes
 from lorafleet.common.adapter_store import (
     AdapterCheckpoint,
     AdapterStore,
@@ -55,3 +56,28 @@ def load_adapter(
     fused.load_adapter(name, spec, dict(ckpt.weights), dict(ckpt.adapter_config),
                        dict(ckpt.trainer_tensors), dict(ckpt.trainer_meta))
     return ckpt
+
+
+def init_adapter(store: AdapterStore | None, fused: FusedTrainStep, name: str,
+                 spec: AdapterTrainSpec) -> None:
+    """Version 0 of adapter `name`: fresh from its seed, or what `spec.init_from` names (a PEFT
+    directory: weights only; a fork `ID@vK`: its weights, and its AdamW state and step count
+    unless `init_optimizer` is off)."""
+    if spec.init_from is None:
+        fused.add_adapter(name, spec)
+        return
+    src = parse_init_from(spec.init_from)
+    if src.url is not None:
+        from safetensors.torch import load as st_load
+
+        fused.load_adapter(name, spec, st_load(read_peft_weights_bytes(src.url)), read_peft_config(src.url),
+                           None, {"step": 0})
+        return
+    if store is None:
+        raise ValueError(f"init_from {spec.init_from}: forks need the adapter store")
+    assert src.exp_id is not None and src.version is not None
+    ckpt = store.load(src.exp_id, src.version)
+    keep = spec.init_optimizer
+    fused.load_adapter(name, spec, dict(ckpt.weights), dict(ckpt.adapter_config),
+                       dict(ckpt.trainer_tensors) if keep else None,
+                       dict(ckpt.trainer_meta) if keep else {"step": 0})

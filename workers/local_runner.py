@@ -9,9 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lorafleet.common.envs import RewardEnv, get_env
+from lorafleet.common.adapter_store import AdapterStore
+from lorafleet.common.envs import RewardEnv
 from lorafleet.common.protocol import StepItem
 from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.common.tasks import make_task
+from lorafleet.workers.checkpoints import init_adapter
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.multilora.model import MultiLoRAModel
 from lorafleet.workers.pipeline import RLStepPipeline
@@ -23,13 +26,14 @@ class InProcessAdapters:
     """The `AdapterHost` of one process: each adapter is created from its seed once and stays;
     nothing is published (the trainer's memory is the only copy)."""
 
-    def __init__(self, trainer: FusedTrainStep) -> None:
+    def __init__(self, trainer: FusedTrainStep, store: AdapterStore | None = None) -> None:
         self.trainer = trainer
+        self.store = store  # only read: the source of `init_from: ID@vK` forks
         self.held: set[str] = set()
 
     def ensure(self, item: StepItem, pinned: frozenset[str], for_rollout: bool = False) -> None:
         if item.exp_id not in self.held:
-            self.trainer.add_adapter(item.exp_id, item.spec.train)
+            init_adapter(self.store, self.trainer, item.exp_id, item.spec.train)
             self.held.add(item.exp_id)
 
     def publish(self, items: Sequence[StepItem]) -> dict[str, bool]:
@@ -51,11 +55,12 @@ class LocalRunner:
     """
 
     def __init__(self, model: MultiLoRAModel, tokenizer: Any, backend: BackendName = "torch",
-                 engine: RolloutEngine | None = None) -> None:
+                 engine: RolloutEngine | None = None, store: AdapterStore | None = None) -> None:
         self.model = model
         self.trainer = FusedTrainStep(model, backend)
-        self.adapters = InProcessAdapters(self.trainer)
-        engine = engine or TorchRolloutEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        self.adapters = InProcessAdapters(self.trainer, store)
+        engine = engine or TorchRolloutEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                              tokenizer=tokenizer)
         self.pipeline = RLStepPipeline(self.trainer, tokenizer, engine, self.adapters)
         self.experiments: dict[str, _Experiment] = {}
 
@@ -65,7 +70,7 @@ class LocalRunner:
         if exp_id in self.experiments:
             raise ValueError(f"experiment {exp_id!r} already added")
         if env is None:
-            get_env(spec.env, spec.env_args)  # an unknown env is an error now, not at step 0
+            make_task(spec)  # an unknown env or reward, an unreadable dataset: an error now, not at step 0
         else:
             self.pipeline.envs[exp_id] = env
         self.experiments[exp_id] = _Experiment(spec)

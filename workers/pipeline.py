@@ -1,6 +1,6 @@
 """`RLStepPipeline`: the one implementation of an RL step for a mixed batch of experiments.
 
-    rollout(items): plan (adapters, envs, requests) -> ONE batched generate -> score (rewards,
+    rollout(items): plan (adapters, tasks, requests) -> ONE batched generate -> score (rewards,
                     GRPO advantages)                                  -> trajectories
     train(items, trajectories): train rows -> ONE fused step -> publish each new version
 
@@ -8,8 +8,9 @@ A fleet worker runs the two halves as two claimed tasks with commits in between
 (`workers/runtime.py`); the in-process runner runs them back to back (`workers/local_runner.py`).
 Both use this code, so the in-process reference of the fleet tests is the fleet's own step.
 
-Failures belong to one experiment: a reward env that raises, an adapter that cannot be loaded, a
-non-finite loss or gradient fails that experiment's attempt (reported in `failed`) and its
+Failures belong to one experiment: a reward env or function that raises, a dataset that cannot be
+read or a bad row, a chat prompt on a model without a chat template, an adapter that cannot be
+loaded, a non-finite loss or gradient fails that experiment's attempt (reported in `failed`) and its
 co-tenants carry on with exactly the update they would have had alone. Infrastructure faults
 (the store or Redis: `lorafleet.common.retry.INFRA_ERRORS`) are nobody's: they propagate, and
 the worker retries the whole batch.
@@ -24,14 +25,15 @@ from typing import Any, Protocol
 
 import torch
 
-from lorafleet.common.envs import RewardEnv, get_env
+from lorafleet.common.envs import RewardEnv
 from lorafleet.common.logging import bound_context, get_logger
 from lorafleet.common.protocol import StepItem
 from lorafleet.common.retry import is_infra_fault
+from lorafleet.common.tasks import Task, TaskPrompt, make_task
 from lorafleet.workers.batch import TrainRow, collate
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.rl import RewardError, Trajectory, make_requests, score, train_rows
-from lorafleet.workers.rollout import RolloutEngine, RolloutRequest
+from lorafleet.workers.rollout import RolloutEngine, RolloutRequest, check_context
 
 log = get_logger("lorafleet.pipeline")
 
@@ -73,8 +75,8 @@ class TrainOutput:
 @dataclass
 class _Plan:
     item: StepItem
-    env: RewardEnv
-    prompts: list[str]
+    task: Task
+    prompts: list[TaskPrompt]
     requests: list[RolloutRequest]
 
 
@@ -90,8 +92,10 @@ class RLStepPipeline:
         param = next(trainer.model.model.parameters())
         self.device, self.loss_dtype = param.device, loss_dtype(param.dtype)
 
-    def env(self, item: StepItem) -> RewardEnv:
-        return self.envs.get(item.exp_id) or get_env(item.spec.env, item.spec.env_args)
+    def task(self, item: StepItem) -> Task:
+        """The experiment's task: its env (or the override in `envs`), or its dataset (read once
+        per process: `common/datasets.py` caches it) with its reward function."""
+        return make_task(item.spec, self.envs.get(item.exp_id))
 
     # ---- rollout ---------------------------------------------------------------------------
     def rollout(self, items: Sequence[StepItem]) -> RolloutOutput:
@@ -102,23 +106,26 @@ class RLStepPipeline:
         for item in items:
             with bound_context(experiment_id=item.exp_id, step=item.step):
                 try:
-                    env = self.env(item)
+                    task = self.task(item)
                     self.adapters.ensure(item, pinned, for_rollout=True)
+                    # a bad dataset row or a missing chat template fails here, this experiment alone
+                    prompts, requests = make_requests(item.spec, task, item.step, item.exp_id, self.tokenizer)
+                    for r in requests:  # a prompt that fills the model's context fails this experiment
+                        check_context(r, getattr(self.engine, "max_model_len", None))
                 except Exception as exc:  # noqa: BLE001 - fail this experiment alone
                     if is_infra_fault(exc):  # the store or Redis, not the experiment: retry the batch
                         raise
                     log.exception("rollout setup failed")
                     out.failed[item.exp_id] = f"rollout setup: {exc!r}"
                     continue
-            prompts, requests = make_requests(item.spec, env, item.step, item.exp_id, self.tokenizer)
-            plans.append(_Plan(item, env, prompts, requests))
+            plans.append(_Plan(item, task, prompts, requests))
         samples = self.engine.generate([r for p in plans for r in p.requests])  # ONE batched generate
         out.seconds = time.perf_counter() - t0
         pos = 0
         for p in plans:
             mine, pos = samples[pos:pos + len(p.requests)], pos + len(p.requests)
             try:
-                traj = score(p.item.spec, p.env, p.prompts, mine, self.tokenizer, p.item.step)
+                traj = score(p.item.spec, p.task, p.prompts, mine, self.tokenizer, p.item.step)
             except RewardError as exc:
                 out.failed[p.item.exp_id] = str(exc)
                 continue
@@ -127,7 +134,8 @@ class RLStepPipeline:
                 "reward_mean": traj.reward_mean, "reward_std": traj.reward_std,
                 "reward_min": traj.reward_min, "reward_max": traj.reward_max,
                 "rollout_s": out.seconds, "rollout_batch": len(plans),
-                "rollout_tokens": sum(len(s.completion_ids) for s in traj.samples)}
+                "rollout_tokens": sum(len(s.completion_ids) for s in traj.samples),
+                "truncated_frac": sum(s.truncated for s in traj.samples) / len(traj.samples)}
         return out
 
     # ---- train -----------------------------------------------------------------------------

@@ -17,7 +17,13 @@ from typing import Any
 from lorafleet.common.adapter_store import AdapterStore, VersionExistsError
 from lorafleet.common.logging import get_logger
 from lorafleet.common.protocol import StepItem
-from lorafleet.workers.checkpoints import load_adapter, new_version, publish_adapter, publish_adapters
+from lorafleet.workers.checkpoints import (
+    init_adapter,
+    load_adapter,
+    new_version,
+    publish_adapter,
+    publish_adapters,
+)
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.vllm_engine import trainer_scorer
 
@@ -64,7 +70,7 @@ class ResidentAdapters:
             return
         if version != 0:
             raise RuntimeError(f"checkpoint {exp_id}@v{version} is missing from the store")
-        self.trainer.add_adapter(exp_id, spec)  # deterministic: a function of the seed
+        init_adapter(self.store, self.trainer, exp_id, spec)  # deterministic: seed or init_from
         try:
             publish_adapter(self.store, self.trainer, exp_id, 0, self.base_model)
         except VersionExistsError:  # another worker made v0 first: use theirs

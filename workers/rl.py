@@ -1,34 +1,31 @@
 """The RL step logic shared by the fleet workers and by in-process runs.
 
-One RL step of an experiment: prompts from its env -> rollout requests -> samples -> rewards ->
-GRPO group-relative advantages -> train rows -> one fused optimizer step. Every random choice is a
-function of (experiment seed, step, index) alone, so a retried or re-placed step makes the same
-prompts and draws the same samples whatever worker runs it and whoever shares its batch.
+One RL step of an experiment: prompts from its task (an env, or dataset rows: `common/tasks.py`)
+-> rollout requests -> samples -> rewards -> GRPO group-relative advantages -> train rows -> one
+fused optimizer step. Every random choice is a function of (experiment seed, step, index) alone,
+so a retried or re-placed step makes the same prompts and draws the same samples whatever worker
+runs it and whoever shares its batch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lorafleet.common.envs import RewardEnv
 from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.common.tasks import Task, TaskPrompt, as_task
+from lorafleet.common.tasks import step_rng as step_rng  # re-exported: the prompts' seeds live there
 from lorafleet.workers.batch import TrainRow
 from lorafleet.workers.rollout import RolloutRequest, Sample
 
 
 class RewardError(RuntimeError):
-    """The reward env raised: fail this experiment alone, not its co-tenants."""
-
-
-def step_rng(seed: int, step: int, salt: str = "") -> random.Random:
-    # a str seed goes through sha512 in `random`: stable across processes (unlike hash())
-    return random.Random(f"lorafleet:{seed}:{step}:{salt}")
+    """The reward env or function raised: fail this experiment alone, not its co-tenants."""
 
 
 def request_seed(seed: int, step: int, index: int) -> int:
@@ -36,17 +33,42 @@ def request_seed(seed: int, step: int, index: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1  # 63 bits: any torch.Generator accepts it
 
 
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    """`messages` rendered with the tokenizer's chat template, ending with the generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompt_format: chat needs a chat template, and the base model's tokenizer has "
+                         "none; use prompt_format: raw, or a model with a chat template")
+    out = tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True,
+                                        tokenize=True)
+    if isinstance(out, Mapping):  # a BatchEncoding (transformers 5 returns a dict by default)
+        out = out["input_ids"]
+    return [int(t) for t in out]
+
+
+def prompt_ids(prompt: str, tokenizer: Any) -> list[int]:
+    """chat (the prompt carries messages): the chat template; raw: bos (if any) + the text's tokens."""
+    messages = getattr(prompt, "messages", None)
+    if messages is not None:
+        return chat_prompt_ids(tokenizer, messages)
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return [*bos, *tokenizer(str(prompt), add_special_tokens=False).input_ids]
+
+
 def make_requests(
-    spec: ExperimentSpec, env: RewardEnv, step: int, adapter: str, tokenizer: Any
-) -> tuple[list[str], list[RolloutRequest]]:
-    """One request of `group_size` samples per prompt (a GRPO group)."""
-    prompts = env.prompts(step_rng(spec.train.seed, step), spec.prompts_per_step)
+    spec: ExperimentSpec, task: Task | RewardEnv, step: int, adapter: str, tokenizer: Any
+) -> tuple[list[TaskPrompt], list[RolloutRequest]]:
+    """One request of `group_size` samples per prompt (a GRPO group); the prompts are the task's
+    for `step` (an env given as `task` is taken as its `EnvTask`). Sampling is seeded by
+    step + `train.step_offset`: a fork of vK draws what its source drew at the same steps."""
+    step = step + spec.train.step_offset
+    prompts = as_task(spec, task).draw(step)
     requests = []
     for i, prompt in enumerate(prompts):
-        ids = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False).input_ids]
+        ids = prompt_ids(prompt, tokenizer)
         requests.append(RolloutRequest(
             adapter=adapter, prompt_ids=tuple(ids), num_samples=spec.group_size,
-            max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
+            max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
+            top_k=spec.top_k, stop=tuple(spec.stop), stop_token_ids=tuple(spec.stop_token_ids),
             seed=request_seed(spec.train.seed, step, i),
         ))
     return prompts, requests
@@ -76,6 +98,7 @@ class ScoredSample:
     logprobs: list[float]
     reward: float
     advantage: float
+    truncated: bool = False  # cut by max_new_tokens / the context (absent in older trajectories)
 
 
 @dataclass
@@ -90,6 +113,7 @@ class Trajectory:
     reward_std: float = 0.0
     reward_min: float = 0.0
     reward_max: float = 0.0
+    row_indices: list[int] | None = None  # the dataset rows of the prompts (never the rows)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -102,13 +126,16 @@ class Trajectory:
 
 def score(
     spec: ExperimentSpec,
-    env: RewardEnv,
+    task: Task | RewardEnv,
     prompts: Sequence[str],
     samples_per_request: Sequence[Sequence[Sample]],
     tokenizer: Any,
     step: int,
 ) -> Trajectory:
-    """Rewards (completion decoded without its eos) and GRPO advantages per prompt group."""
+    """Rewards (completion decoded without its eos) and GRPO advantages per prompt group. A
+    reward that raises or leaves [0, 1] is a `RewardError` naming the task, the step and, for a
+    dataset, the row."""
+    task = as_task(spec, task)
     if len(prompts) != len(samples_per_request):
         raise ValueError(f"{len(prompts)} prompts but {len(samples_per_request)} sample groups")
     flat: list[Sample] = []
@@ -118,23 +145,30 @@ def score(
             raise ValueError(f"expected {spec.group_size} samples per prompt, got {len(group)}")
         for s in group:
             ids = list(s.completion_ids)
-            if ids and ids[-1] == tokenizer.eos_token_id:
-                ids = ids[:-1]
+            if ids and ids[-1] in (tokenizer.eos_token_id, s.stop_reason):
+                ids = ids[:-1]  # the stop token (eos, one of stop_token_ids) is not text
             text = tokenizer.decode(ids, skip_special_tokens=True)
+            if isinstance(s.stop_reason, str) and s.stop_reason in text:  # vLLM's text: cut before it
+                text = text[:text.index(s.stop_reason)]
+            where = getattr(prompt, "where", "")
+            at = f" at {where}" if where else ""
             try:
-                r = float(env.reward(prompt, text))
+                r = float(task.reward(prompt, text))
             except Exception as e:
-                raise RewardError(f"env {spec.env!r} raised on step {step}: {e!r}") from e
+                raise RewardError(f"{task.label} raised on step {step}{at}: {e!r}") from e
             if not (math.isfinite(r) and 0.0 <= r <= 1.0):
-                raise RewardError(f"env {spec.env!r} returned reward {r!r} outside [0, 1]")
+                raise RewardError(f"{task.label} returned reward {r!r} outside [0, 1]{at}")
             flat.append(s)
             rewards.append(r)
     advantages = group_advantages(rewards, spec.group_size)
-    samples = [ScoredSample(list(s.prompt_ids), list(s.completion_ids), list(s.logprobs), r, a)
+    samples = [ScoredSample(list(s.prompt_ids), list(s.completion_ids), list(s.logprobs), r, a,
+                            truncated=s.truncated)
                for s, r, a in zip(flat, rewards, advantages, strict=True)]
+    indices = [getattr(p, "row_index", None) for p in prompts]
     return Trajectory(step=step, group_size=spec.group_size, samples=samples,
                       reward_mean=sum(rewards) / len(rewards), reward_std=statistics.pstdev(rewards),
-                      reward_min=min(rewards), reward_max=max(rewards))
+                      reward_min=min(rewards), reward_max=max(rewards),
+                      row_indices=None if None in indices else [int(i) for i in indices])  # type: ignore[arg-type]
 
 
 def train_rows(traj: Trajectory, adapter: str) -> list[TrainRow]:

@@ -46,6 +46,7 @@ from lorafleet.common.protocol import (
     StepProtocol,
     TrainCommit,
 )
+from lorafleet.common.retention import doomed_versions, retention_of
 from lorafleet.common.retry import Outage, is_infra_fault, retry_redis
 from lorafleet.common.settings import Settings
 from lorafleet.workers.fused_step import FusedTrainStep
@@ -90,10 +91,13 @@ class WorkerRuntime:
         model, self.tokenizer, _ = load_base_model(settings.base_model, getattr(torch, settings.dtype),
                                                    settings.device, settings.cache_dir)
         self.model = MultiLoRAModel(model)
-        trainer = FusedTrainStep(self.model, settings.step_backend)
+        trainer = FusedTrainStep(self.model, settings.step_backend,
+                                 tokens_per_microbatch=settings.train_tokens_per_microbatch,
+                                 logprob_chunk_tokens=settings.logprob_chunk_tokens,
+                                 activation_checkpointing=settings.activation_checkpointing)
         self.vllm = self._make_vllm_engine()
         engine = self.vllm or TorchRolloutEngine(self.model, self.tokenizer.eos_token_id,
-                                                 self.tokenizer.pad_token_id)
+                                                 self.tokenizer.pad_token_id, tokenizer=self.tokenizer)
         self.store = AdapterStore.from_settings(settings)
         self.adapters = ResidentAdapters(self.store, trainer, settings.base_model, settings.max_resident,
                                          self.vllm)
@@ -328,6 +332,19 @@ class WorkerRuntime:
             inputs[item.exp_id] = (out.trajectories[item.exp_id], c.summary)
         return ClaimedBatch("train", train_id, batch.node, train_items, inputs) if train_items else None
 
+    def _retire_old_version(self, item: StepItem) -> None:
+        """Retention after a commit of version step+1: delete the version that just left the
+        `keep_last` window (unless a milestone); `lorafleet gc` sweeps whatever a crash skipped.
+        Never fails the step: retention is housekeeping."""
+        keep_last, keep_every = retention_of(item.spec, self.settings)
+        if keep_last is None:
+            return
+        doomed = doomed_versions([item.step + 1 - keep_last], item.step + 1, keep_last, keep_every)
+        try:
+            self.store.delete(item.exp_id, doomed)
+        except OSError as exc:
+            log.warning("retention failed", experiment_id=item.exp_id, error=repr(exc))
+
     def _committed_rollouts(self, items: Sequence[StepItem]) -> dict[str, tuple[Trajectory, dict[str, Any]]]:
         raw = self._redis(lambda: self.protocol.train_inputs(items))
         return {item.exp_id: (Trajectory.from_json(json.loads(traj)), json.loads(summary or "{}"))
@@ -352,6 +369,8 @@ class WorkerRuntime:
         for c, ok in zip(commits, committed, strict=True):
             if not ok:
                 self._refused("train", c.item, ok)
+            else:
+                self._retire_old_version(c.item)
             self.adapters.committed(c.item.exp_id, c.item.step + 1, ok and out.in_memory[c.item.exp_id])
         claimed = [item for item in next_items if item is not None]
         if nxt is None or not claimed:

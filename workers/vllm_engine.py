@@ -23,6 +23,13 @@ processor, i.e. the temperature-1 logprobs the trainer computes. Each request's 
 `SamplingParams.seed` (vLLM gives sample i of a request `seed + i`), so a request's samples do
 not depend on its batch (up to batch-dependent kernel rounding on GPUs). Sampled tokens differ
 from the torch engine's (another RNG scheme); greedy tokens are the same.
+
+Decoding options map onto `SamplingParams` (top_p, top_k, stop, stop_token_ids = the eos id and
+the request's, include_stop_str_in_output=False, detokenize only when there are stop strings)
+with the torch engine's semantics (`workers/rollout.py`): the token ids end with the token that
+completed a stop string, max_tokens is clamped to the context, `Sample.truncated` is vLLM's
+finish_reason "length", and `Sample.stop_reason` is the stop string or stop token id (the eos,
+for which vLLM says None, too).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import torch
 
 from lorafleet.common.logging import get_logger
 from lorafleet.common.settings import Settings
-from lorafleet.workers.rollout import RolloutRequest, Sample
+from lorafleet.workers.rollout import RolloutRequest, Sample, check_context, new_token_budget
 
 log = get_logger("lorafleet.vllm")
 
@@ -200,6 +207,8 @@ class VLLMRolloutEngine:
         self._inflight: Counter[int] = Counter()  # lora id -> requests using it now
         self._next_id = 1
         self.last_canary: dict[str, Any] | None = None
+        model_config = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)
+        self.max_model_len: int | None = getattr(model_config, "max_model_len", None)
 
     # ---- adapters ------------------------------------------------------------------------------
     def route(self, adapter: str) -> Route | None:
@@ -316,11 +325,7 @@ class VLLMRolloutEngine:
         self._collect()
 
     def _run(self, requests: Sequence[RolloutRequest], leases: Sequence[Any]) -> list[list[Sample]]:
-        # vLLM refuses n > 1 when greedy: one greedy sample, repeated (they are all the same)
-        params = [self._sampling_params(
-            n=r.num_samples if r.temperature > 0 else 1, temperature=r.temperature,
-            max_tokens=r.max_new_tokens, seed=r.seed if r.temperature > 0 else None, logprobs=0,
-            detokenize=False, stop_token_ids=[self.config.eos_id]) for r in requests]
+        params = [self._params(r) for r in requests]
         prompts = [{"prompt_token_ids": list(r.prompt_ids)} for r in requests]
         groups = [list(range(len(requests)))]
         if self._split_base_rows and None in leases and any(lr is not None for lr in leases):
@@ -338,9 +343,25 @@ class VLLMRolloutEngine:
             samples = []
             for c in sorted(out.outputs, key=lambda c: c.index):
                 tokens, logps = _tokens_and_logprobs(c)
-                samples.append(Sample(r.prompt_ids, tokens, logps))
+                reason = c.stop_reason
+                if c.finish_reason == "stop" and reason is None and tokens:  # vLLM's None: the eos
+                    reason = tokens[-1]
+                samples.append(Sample(r.prompt_ids, tokens, logps, truncated=c.finish_reason == "length",
+                                      stop_reason=reason if c.finish_reason == "stop" else None))
             results.append(samples if r.temperature > 0 else samples * r.num_samples)
         return results
+
+    def _params(self, r: RolloutRequest) -> Any:
+        check_context(r, self.max_model_len)
+        greedy = r.temperature == 0
+        # vLLM refuses n > 1 when greedy: one greedy sample, repeated (they are all the same)
+        return self._sampling_params(
+            n=1 if greedy else r.num_samples, temperature=r.temperature,
+            top_p=1.0 if greedy else r.top_p, top_k=0 if greedy else r.top_k,
+            max_tokens=new_token_budget(r, self.max_model_len), seed=None if greedy else r.seed,
+            logprobs=0, stop=list(r.stop) or None, include_stop_str_in_output=False,
+            detokenize=bool(r.stop),  # stop strings need the text; otherwise skip the work
+            stop_token_ids=sorted({self.config.eos_id, *r.stop_token_ids}))
 
     def close(self) -> None:
         with self._engine_lock:

@@ -338,3 +338,21 @@ def test_weighted_fair_share_when_the_batch_budget_binds(make_fleet, redis_url, 
     assert max(x["train_batch"] for x in client.metrics(heavy)) == 1  # the budget really bound
     (state,) = client.wait([light], timeout_s=300)
     assert state.status == "completed"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
+def test_a_fleet_step_on_each_architecture(make_fleet, redis_url, fleet_env, arch) -> None:
+    """Llama is the default model of every other fleet test; the others run here end to end:
+    worker start, rollout, fused train step, publish, commit, a PEFT checkpoint per version."""
+    from lorafleet.workers.tiny_model import load_base_model as load
+
+    make_fleet(workers=1, env={"LORAFLEET_BASE_MODEL": f"builtin:tiny-{arch}"})
+    client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
+    exp = client.submit(spec(f"arch-{arch}", "char_class", {"cls": "digits"}, steps=2))
+    state = client.wait([exp], timeout_s=180)[0]
+    assert state.status == "completed", state.error
+    store = AdapterStore(fleet_env["LORAFLEET_STORE_URL"])
+    assert store.versions(exp) == [0, 1, 2]
+    base, _, _ = load(f"builtin:tiny-{arch}", torch.float64, cache_dir=Path(fleet_env["LORAFLEET_CACHE_DIR"]))
+    assert type(base).__name__.lower().startswith(arch)
+    PeftModel.from_pretrained(base, str(store.local_dir(exp, 2)))

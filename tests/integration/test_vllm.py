@@ -34,8 +34,9 @@ from lorafleet.common.settings import Settings  # noqa: E402
 from lorafleet.workers.batch import collate  # noqa: E402
 from lorafleet.workers.checkpoints import publish_adapter  # noqa: E402
 from lorafleet.workers.fused_step import FusedTrainStep  # noqa: E402
+from lorafleet.workers.multilora.layout import BatchLayout  # noqa: E402
 from lorafleet.workers.multilora.model import MultiLoRAModel  # noqa: E402
-from lorafleet.workers.rollout import RolloutRequest, TorchRolloutEngine  # noqa: E402
+from lorafleet.workers.rollout import ContextLengthError, RolloutRequest, TorchRolloutEngine  # noqa: E402
 from lorafleet.workers.tiny_model import load_base_model, resolve_model_dir  # noqa: E402
 from lorafleet.workers.vllm_engine import (  # noqa: E402
     CanaryMismatchError,
@@ -75,7 +76,7 @@ class Fixture:
                     if "lora_B" in key:
                         p.copy_(0.3 * torch.randn(p.shape, generator=g))
             publish_adapter(self.store, self.fused, name, 1, str(self.model_dir))
-        self.torch_engine = TorchRolloutEngine(self.fused.model, EOS, PAD)
+        self.torch_engine = TorchRolloutEngine(self.fused.model, EOS, PAD, tokenizer=self.tok)
         self.config = VLLMEngineConfig(str(self.model_dir), eos_id=EOS, dtype="float32", max_loras=2,
                                        max_lora_rank=8, max_cpu_loras=2, kv_cache_bytes=128 << 20)
         self.engine = VLLMRolloutEngine(self.config)
@@ -161,6 +162,77 @@ def test_completion_stops_after_eos(fx: Fixture) -> None:
         fx.engine.config = fx.config
     assert stopped.completion_ids == first[:cut] and len(stopped.logprobs) == cut
     assert stopped.logprobs == pytest.approx(fx.torch_engine.generate([req])[0][0].logprobs[:cut], abs=1e-4)
+
+
+def assert_same_ends(got, want) -> None:
+    assert [(s.truncated, s.stop_reason) for s in got] == [(s.truncated, s.stop_reason) for s in want]
+
+
+def test_decoding_options_equal_torch_engine(fx: Fixture) -> None:
+    """Greedy with stop strings (one inside the text, one never there), stop token ids, a short
+    budget, and top-k / top-p set (greedy ignores them), for adapters and a base row: vLLM's tokens,
+    logprobs, truncated flags and stop reasons are the torch engine's."""
+    base = [RolloutRequest("b", fx.ids("hello world:"), 1, 16, 0.0, 0),
+            RolloutRequest("c", fx.ids("q:"), 1, 16, 0.0, 0),
+            RolloutRequest(None, fx.ids("xy:"), 1, 16, 0.0, 0)]
+    free = fx.torch_engine.generate(base)
+    requests = []
+    for r, (s,) in zip(base, free, strict=True):
+        text = fx.tok.decode(s.completion_ids, skip_special_tokens=True)
+        c = s.completion_ids
+        requests += [
+            replace(r, stop=("never there", text[5:7]), top_k=5, top_p=0.5),  # cut inside the text
+            replace(r, stop=(text[0],)),  # the first token completes it
+            replace(r, stop_token_ids=(next(t for t in c if c.index(t) >= 4), 127)),
+            replace(r, max_new_tokens=5, stop=("never there",)),  # truncated
+        ]
+    got = fx.engine.generate(requests)
+    want = fx.torch_engine.generate(requests)
+    for g, w in zip(got, want, strict=True):
+        assert_same(g, w)
+        assert_same_ends(g, w)
+    ends = [s.stop_reason if s.stop_reason is None else type(s.stop_reason) for (s,) in got]
+    assert ends == [str, str, int, None] * 3
+    assert all(len(s.completion_ids) < 16 for (s,) in got)
+
+
+def test_top_k_1_is_greedy_and_filters_hold_when_sampling(fx: Fixture) -> None:
+    """vLLM gets and honours top_k / top_p: top_k=1 at temperature 1 is greedy in both engines,
+    and every token vLLM samples with top_k=3 is among the trainer's 3 most likely."""
+    greedy = RolloutRequest("b", fx.ids("filters:"), 1, 10, 0.0, 0)
+    (want,), = fx.torch_engine.generate([greedy])
+    one = replace(greedy, num_samples=3, temperature=1.0, seed=7, top_k=1)
+    for engine in (fx.engine, fx.torch_engine):
+        for s in engine.generate([one])[0]:
+            assert s.completion_ids == want.completion_ids
+            assert s.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    tiny_nucleus = replace(one, top_k=0, top_p=1e-6)
+    assert [s.completion_ids for s in fx.engine.generate([tiny_nucleus])[0]] == [want.completion_ids] * 3
+    top3 = replace(one, num_samples=8, top_k=3)
+    ranks = set()
+    for s in fx.engine.generate([top3])[0]:
+        seq = torch.tensor([[*s.prompt_ids, *s.completion_ids]])
+        with torch.no_grad():
+            logits = fx.fused.model.logits(seq, torch.ones_like(seq),
+                                           BatchLayout.from_row_adapters(["b"]))[0, len(s.prompt_ids) - 1:-1]
+        for t, row in zip(s.completion_ids, logits, strict=True):
+            rank = int((row > row[t] + 1e-4).sum())  # float32 engines: a 1e-4 margin at ties
+            assert rank < 3, (t, row.topk(4))
+            ranks.add(rank)
+    assert ranks == {0, 1, 2}, "sampling with top_k=3 should use all three"
+
+
+def test_context_is_clamped_the_same_in_both_engines(fx: Fixture) -> None:
+    assert fx.engine.max_model_len == fx.torch_engine.max_model_len == 512
+    long = fx.ids("abcdefghij" * 51)[:505]
+    req = RolloutRequest("c", long, 1, 12, 0.0, 0)
+    (got,), = fx.engine.generate([req])
+    (want,), = fx.torch_engine.generate([req])
+    assert len(got.completion_ids) == 7 and got.truncated  # 505 + 7 = 512
+    assert_same([got], [want])
+    assert_same_ends([got], [want])
+    with pytest.raises(ContextLengthError):
+        fx.engine.generate([RolloutRequest("c", fx.ids("x" * 511), 1, 4, 0.0, 0)])
 
 
 def test_seeded_sampling_is_reproducible_and_scores_at_temperature_one(fx: Fixture) -> None:

@@ -113,7 +113,10 @@ def test_completion_stops_after_eos(models) -> None:
     assert stopped[0].completion_ids == first[:cut]
     assert len(stopped[0].logprobs) == cut
     going_alone = engine.generate([other])[0][0]
-    assert going[0] == going_alone
+    assert going[0].completion_ids == going_alone.completion_ids
+    assert going[0].logprobs == pytest.approx(going_alone.logprobs, abs=1e-12)
+    assert (stopped[0].truncated, stopped[0].stop_reason) == (False, stop)
+    assert going[0].truncated and going[0].stop_reason is None and len(going[0].completion_ids) == 12
     ref = peft_model(model, base, "c")
     out = ref.generate(input_ids=torch.tensor([req.prompt_ids]), do_sample=False, max_new_tokens=12,
                        eos_token_id=stop, pad_token_id=PAD)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from lorafleet.common.adapter_import import lora_spec_from_peft_config
 from lorafleet.common.schemas import KNOWN_TARGET_MODULES, LoRASpec
 from lorafleet.workers.multilora.layer import Backend, MultiLoRALinear
 from lorafleet.workers.multilora.layout import BatchLayout, LayoutSlot
@@ -136,21 +137,6 @@ class MultiLoRAModel:
             raise KeyError(f"adapters not loaded: {unknown}")
         with self.slot.use(layout):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
-def lora_spec_from_peft_config(config: Mapping) -> LoRASpec:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"not a LoRA checkpoint: peft_type={config.get('peft_type')!r}")
-    targets = config["target_modules"]
-    if isinstance(targets, str):
-        raise ValueError("regex target_modules are not supported; list the module names")
-    return LoRASpec(
-        rank=int(config["r"]),
-        alpha=float(config["lora_alpha"]),
-        target_modules=tuple(targets),
-        dropout=float(config.get("lora_dropout", 0.0)),
-        use_rslora=bool(config.get("use_rslora", False)),
-    )
 
 
 def _strip_adapter_name(key: str) -> str:

@@ -1,0 +1,33 @@
+"""Checkpoint retention: which published versions of an experiment may be deleted.
+
+Every train step publishes a version; nothing has to keep them all. A version is kept if it is
+one of the `keep_last` newest committed versions, a multiple of `keep_every` (milestones), v0
+(the starting point), or newer than the committed version (an attempt in flight may be writing
+or about to commit it). Recovery needs only the committed version, and a sampler only ever
+loads the committed version of its step, so neither is ever deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+def doomed_versions(published: Iterable[int], committed: int, keep_last: int | None,
+                    keep_every: int | None) -> list[int]:
+    """The versions of `published` that retention deletes, ascending (none if keep_last is None)."""
+    if keep_last is None:
+        return []
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    newest_kept = committed - keep_last  # versions above this (up to committed) are kept
+    return sorted(v for v in published
+                  if 0 < v <= newest_kept and not (keep_every and v % keep_every == 0))
+
+
+def retention_of(spec: Any, settings: Any) -> tuple[int | None, int]:
+    """(keep_last, keep_every) of an experiment: its spec's `retention` over the fleet's."""
+    own = getattr(spec, "retention", None)
+    keep_last = own.keep_last if own is not None and own.keep_last is not None else settings.keep_last
+    keep_every = own.keep_every if own is not None and own.keep_every is not None else settings.keep_every
+    return keep_last, keep_every
