@@ -153,11 +153,13 @@ def test_lorafleet_run_passes_the_redis_password_to_no_command_line(secret_redis
                             "--plot", str(tmp_path / "rewards.png"), "--timeout", "120"],
                            env=env, stdout=out_path.open("wb"), stderr=subprocess.STDOUT, cwd=tmp_path)
     seen: dict[int, set[str]] = {}  # every command line each process had (Celery retitles its own)
+    own = None  # `lorafleet run`'s own argv: a child between fork and exec still shows it
     try:
         while run.poll() is None:
+            own = own or cmdline(run.pid)
             for pid in descendants(run.pid)[1:]:
                 line = cmdline(pid)
-                if line:
+                if line and line != own:
                     seen.setdefault(pid, set()).add(line)
             time.sleep(0.1)
     finally:
