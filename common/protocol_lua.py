@@ -199,6 +199,18 @@ end
 return out
 """)
 
+# When a given-up task may be published again: at once after its first counted failure (a worker
+# died: retry now), then after base x 2^(attempts-2) ms, capped; an uncounted one at once.
+_NOT_BEFORE = """
+local function not_before(counted, attempts, base_ms, cap_ms)
+  local wait = 0
+  if counted and attempts > 1 then
+    wait = math.min(tonumber(cap_ms), tonumber(base_ms) * 2 ^ (attempts - 2))
+  end
+  return math.floor(now + wait)
+end
+"""
+
 # A worker gives up its attempt at a task (fenced): the experiment may be published again, at
 # once after its first failed attempt, then after a doubling backoff. `count` 1: the experiment's
 # own fault (its reward function raised, a NaN, a bad checkpoint, the batch crashed), counted
@@ -207,7 +219,7 @@ return out
 # KEYS: task, exp, events, active
 # ARGV: token, reason, count, max_attempts, exp_id, backoff_base_ms, backoff_cap_ms
 # -> 0 not the holder (or not running), 1 released for another attempt, 2 experiment failed
-GIVE_UP_ATTEMPT = render(_NOW + """
+GIVE_UP_ATTEMPT = render(_NOW + _NOT_BEFORE + """
 local s = redis.call('HMGET', KEYS[1], 'status', 'token')
 if s[1] ~= 'claimed' or s[2] ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[2], '$status') ~= 'running' then return 0 end
@@ -222,12 +234,8 @@ if tonumber(ARGV[3]) > 0 and attempts >= tonumber(ARGV[4]) then
              'reason', reason)
   return 2
 end
-local wait = 0
-if tonumber(ARGV[3]) > 0 and attempts > 1 then
-  wait = math.min(tonumber(ARGV[7]), tonumber(ARGV[6]) * 2 ^ (attempts - 2))
-end
 redis.call('HSET', KEYS[2], '$inflight', '', '$error', ARGV[2],
-           '$not_before', math.floor(now + wait))
+           '$not_before', not_before(tonumber(ARGV[3]) > 0, attempts, ARGV[6], ARGV[7]))
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'attempt_released',
            'exp', ARGV[5], 'reason', ARGV[2], 'counted', ARGV[3])
 return 1
@@ -297,16 +305,12 @@ return 1
 # a counted attempt fails again: base x 2^(attempts-2), capped). KEYS: leader, exp
 # ARGV: leader_id, batch_id, attempts to add (0: the task never ran, e.g. its node vanished),
 # reason, backoff_base_ms, backoff_cap_ms -> 1 + failed attempts so far; 0: not cleared
-CLEAR_INFLIGHT = render(_NOW + """
+CLEAR_INFLIGHT = render(_NOW + _NOT_BEFORE + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[2], '$inflight') ~= ARGV[2] then return 0 end
 local attempts = redis.call('HINCRBY', KEYS[2], '$attempts', ARGV[3])
-local wait = 0
-if tonumber(ARGV[3]) > 0 and attempts > 1 then
-  wait = math.min(tonumber(ARGV[6]), tonumber(ARGV[5]) * 2 ^ (attempts - 2))
-end
 redis.call('HSET', KEYS[2], '$inflight', '', '$error', ARGV[4],
-           '$not_before', math.floor(now + wait))
+           '$not_before', not_before(tonumber(ARGV[3]) > 0, attempts, ARGV[5], ARGV[6]))
 return attempts + 1
 """)
 

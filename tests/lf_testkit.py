@@ -4,6 +4,7 @@ built from plain PEFT + torch AdamW (no lorafleet training code besides the loss
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,3 +165,14 @@ def run_fused(fused: FusedTrainStep, order=None, poison=None, steps=range(STEPS)
     return reports
 
 
+
+
+def wait_until(cond, timeout_s: float = 120, what: str = "condition"):
+    """`cond()`'s first truthy value, polled every 50 ms; TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import redis
 import torch
+from lf_testkit import wait_until as wait_until  # re-exported for the chaos tests
 from peft import LoraConfig, PeftModel
 from peft.utils import load_peft_weights
 
@@ -128,12 +129,3 @@ def assert_exact(client: FleetClient, store_url: str, ids: list[str], spec_dicts
         # float64, same seeds: only the fused batches' shapes differ -> rounding-level agreement
         assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-9, exp_id
 
-
-def wait_until(cond, timeout_s: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out waiting for {what}")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
+from lf_testkit import wait_until
 
 from lorafleet.common.celery_config import TASK_ROLLOUT, make_sender
 from lorafleet.common.dead_letters import DeadLetters
@@ -57,15 +57,6 @@ def poison(r, sender) -> list[tuple[bytes | str, str]]:
         ("\x01garbage" * (1 << 17), "not_json"),  # 1 MiB
     ]
 
-
-def wait_until(cond, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def train_commits(r) -> dict[str, int]:

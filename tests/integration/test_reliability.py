@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from lf_testkit import wait_until
 from test_fleet import spec
 
 from lorafleet.common.adapter_store import AdapterStore
@@ -19,15 +20,6 @@ from lorafleet.scheduler.client import FleetClient
 
 pytestmark = pytest.mark.slow
 
-
-def wait_until(cond, timeout_s: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def finished_tasks(r, task_ids) -> dict[str, dict[str, str]]:
