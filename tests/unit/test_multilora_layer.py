@@ -136,3 +136,22 @@ def test_grouped_mm_backend_matches_segment_loop() -> None:
     assert torch.allclose(y_seg, y_grp, rtol=1e-5, atol=1e-5)
     for g1, g2 in zip(_grads(seg, x, y_seg, w), _grads(grp, x, y_grp, w), strict=True):
         assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-5)
+
+
+def test_capability_probe_first_called_inside_a_checkpointed_forward_keeps_backward_working() -> None:
+    """On a GPU the first fused step (checkpointed layers) used to run the grouped-GEMM probe in the
+    original forward but not in the recomputation (cached): torch.utils.checkpoint then refused the
+    backward (58 tensors saved vs 55). The probe's own saved tensors are now hidden from it."""
+    from torch.utils.checkpoint import checkpoint
+
+    from lorafleet.workers.multilora.layer import grouped_mm_supported
+
+    grouped_mm_supported.cache_clear()
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+
+    def forward(v: torch.Tensor) -> torch.Tensor:
+        grouped_mm_supported("cpu", torch.float64)  # runs only the first time (cache)
+        return (v * v.sin()).sum()
+
+    checkpoint(forward, x, use_reentrant=False).backward()
+    torch.testing.assert_close(x.grad, x.sin() + x * x.cos(), rtol=0, atol=1e-12)
