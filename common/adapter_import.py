@@ -98,6 +98,11 @@ def resolve_init_from(spec: ExperimentSpec, store: AdapterStore | None) -> Exper
             known = store.versions(src.exp_id) if store is not None else []
             raise ValueError(f"{t.init_from} is not in the store "
                              f"(published versions of {src.exp_id}: {known})")
+        snapshots = store.versions(src.exp_id, snapshots_only=True)
+        if t.init_optimizer and src.version not in snapshots:
+            raise ValueError(f"{t.init_from} has no optimizer state (versions of {src.exp_id} with it: "
+                             f"{snapshots}); fork one of those, or set train.init_optimizer: false "
+                             "to start from the weights alone")
         config = store.adapter_config(src.exp_id, src.version)
         if "step_offset" not in t.model_fields_set:
             offset = src.version

@@ -24,6 +24,7 @@ import os
 import posixpath
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -46,7 +47,11 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 TRAINER_TENSORS_FILE = "trainer_state.safetensors"
 TRAINER_META_FILE = "trainer_state.json"
+# A snapshot version holds all four; any other version the three a sampler and a replay need:
+# the AdamW moments are written only every few steps (settings.snapshot_every_steps / _s) and
+# recovery replays the committed trajectories since the last snapshot (workers/replay.py).
 VERSION_FILES = (ADAPTER_WEIGHTS_FILE, TRAINER_TENSORS_FILE, TRAINER_META_FILE, ADAPTER_CONFIG_FILE)
+REQUIRED_FILES = (ADAPTER_WEIGHTS_FILE, TRAINER_META_FILE, ADAPTER_CONFIG_FILE)
 LATEST_FILE = "latest"
 LOCK_FILE = ".lock"
 TMP_PREFIX = ".tmp-"
@@ -79,6 +84,7 @@ class AdapterCheckpoint:
     adapter_config: dict[str, Any]
     trainer_tensors: dict[str, torch.Tensor] = field(repr=False)
     trainer_meta: dict[str, Any]
+    snapshot: bool = True  # holds the AdamW state (trainer_tensors), not only weights
 
 
 
@@ -104,7 +110,7 @@ def _check_version(version: object) -> int:
 
 
 def _complete_local(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in VERSION_FILES)
+    return all((directory / name).is_file() for name in REQUIRED_FILES)
 
 
 class AdapterStore:
@@ -112,6 +118,7 @@ class AdapterStore:
     or any fsspec URL such as `s3://bucket/prefix`)."""
 
     def __init__(self, url: str, *, cache_dir: Path | None = None) -> None:
+        self.test_snapshot_delay_s = 0.0  # fault injection (tests): see publish_many
         self.url = url
         self._shown = redacted(url)  # object-store URLs may carry credentials
         fs, root = fsspec.core.url_to_fs(url)
@@ -170,9 +177,13 @@ class AdapterStore:
                     results[i] = _exists_error(nv.adapter_id, nv.version)
                     continue
                 staged.append((i, self._stage(nv), final))
+            snapshot = any(versions[i].trainer_tensors is not None and versions[i].version  # not v0
+                           for i, _, _ in staged)
+            if self.test_snapshot_delay_s and snapshot:
+                time.sleep(self.test_snapshot_delay_s)  # fault injection: a kill lands mid-snapshot
             if self._local and staged:
-                sync_paths([posixpath.join(tmp, n) for _, tmp, _ in staged for n in VERSION_FILES],
-                            [tmp for _, tmp, _ in staged])
+                files = [posixpath.join(tmp, n) for i, tmp, _ in staged for n in self._payloads(versions[i])]
+                sync_paths(files, [tmp for _, tmp, _ in staged])
             for i, tmp, final in staged:
                 nv = versions[i]
                 try:
@@ -197,12 +208,14 @@ class AdapterStore:
     def _payloads(nv: NewVersion) -> dict[str, Callable[[], bytes]]:
         # Each payload is serialised just before it is written, so a bad input fails inside the
         # caller's `try` and the partial temp directory is removed.
-        return {
-            ADAPTER_WEIGHTS_FILE: lambda: tensor_bytes(nv.weights, "weights"),
-            TRAINER_TENSORS_FILE: lambda: tensor_bytes(nv.trainer_tensors or {}, "trainer_tensors"),
-            TRAINER_META_FILE: lambda: json_bytes(nv.trainer_meta or {}, "trainer_meta"),
-            ADAPTER_CONFIG_FILE: lambda: json_bytes(nv.adapter_config, "adapter_config", strict=True),
-        }
+        # Ordered: the config last (object stores copy file by file; it marks a complete copy).
+        payloads: dict[str, Callable[[], bytes]] = {}
+        if nv.trainer_tensors is not None:  # a snapshot
+            payloads[TRAINER_TENSORS_FILE] = lambda: tensor_bytes(nv.trainer_tensors or {}, "trainer_tensors")
+        payloads[ADAPTER_WEIGHTS_FILE] = lambda: tensor_bytes(nv.weights, "weights")
+        payloads[TRAINER_META_FILE] = lambda: json_bytes(nv.trainer_meta or {}, "trainer_meta")
+        payloads[ADAPTER_CONFIG_FILE] = lambda: json_bytes(nv.adapter_config, "adapter_config", strict=True)
+        return payloads
 
     def _stage(self, nv: NewVersion) -> str:
         """Write the version's files into a new temporary directory (not yet synced)."""
@@ -210,10 +223,9 @@ class AdapterStore:
         self.fs.makedirs(adapter_root, exist_ok=True)
         tmp = posixpath.join(adapter_root, f"{TMP_PREFIX}{uuid.uuid4().hex}")
         self.fs.makedirs(tmp, exist_ok=True)
-        payloads = self._payloads(nv)
         try:
-            for name in VERSION_FILES:
-                path, data = posixpath.join(tmp, name), payloads[name]()
+            for name, payload in self._payloads(nv).items():
+                path, data = posixpath.join(tmp, name), payload()
                 if self._local:
                     with open(path, "wb") as fh:  # synced with the whole batch, before the rename
                         fh.write(data)
@@ -230,9 +242,11 @@ class AdapterStore:
         own result there."""
         directory = self._version_dir(nv.adapter_id, _check_version(nv.version))
         payloads = self._payloads(nv)
+        if self._files(directory) & set(VERSION_FILES) != set(payloads):  # snapshot or not
+            return False
         return all(hashlib.sha256(payloads[n]()).digest()
                    == hashlib.sha256(self.fs.cat_file(posixpath.join(directory, n))).digest()
-                   for n in VERSION_FILES)
+                   for n in payloads)
 
     def replace_version(self, nv: NewVersion) -> str:
         """Publish `nv` in place of an existing version with other content. Only for a version
@@ -284,8 +298,10 @@ class AdapterStore:
                 raise _exists_error(adapter_id, version)
             self.fs.rm(final, recursive=True)  # leftover of a publish that died mid-copy
         # No rename on object stores: copy file by file, the config last, then delete the temp.
+        present = self._files(tmp)
         for name in VERSION_FILES:
-            self.fs.copy(posixpath.join(tmp, name), posixpath.join(final, name))
+            if name in present:
+                self.fs.copy(posixpath.join(tmp, name), posixpath.join(final, name))
 
     @contextlib.contextmanager
     def _adapter_lock(self, adapter_id: str) -> Iterator[None]:
@@ -327,12 +343,15 @@ class AdapterStore:
             return None
         return int(text) if _DIGITS_RE.fullmatch(text) else None
 
-    def _is_complete(self, version_dir: str) -> bool:
+    def _files(self, directory: str) -> set[str]:
         try:
-            listing = self.fs.ls(version_dir, detail=False)
+            listing = self.fs.ls(directory, detail=False)
         except FileNotFoundError:
-            return False
-        return {posixpath.basename(p.rstrip("/")) for p in listing}.issuperset(VERSION_FILES)
+            return set()
+        return {posixpath.basename(p.rstrip("/")) for p in listing}
+
+    def _is_complete(self, version_dir: str) -> bool:
+        return self._files(version_dir).issuperset(REQUIRED_FILES)
 
     def adapters(self) -> list[str]:
         """IDs of the adapters that have at least a directory in the store."""
@@ -345,8 +364,10 @@ class AdapterStore:
         )
         return sorted(name for name in names if is_valid_id(name))
 
-    def versions(self, adapter_id: str) -> list[int]:
-        """Published versions, ascending. Temp directories and incomplete copies are skipped."""
+    def versions(self, adapter_id: str, snapshots_only: bool = False) -> list[int]:
+        """Published versions, ascending (only those with the AdamW state if `snapshots_only`).
+        Temp directories and incomplete copies are skipped."""
+        need = set(REQUIRED_FILES) | ({TRAINER_TENSORS_FILE} if snapshots_only else set())
         adapter_root = self._adapter_root(adapter_id)
         try:
             files = self.fs.find(adapter_root, maxdepth=2)
@@ -358,7 +379,7 @@ class AdapterStore:
             parts = path.removeprefix(prefix).split("/")
             if len(parts) == 2 and _VERSION_RE.fullmatch(parts[0]):
                 present.setdefault(int(parts[0][1:]), set()).add(parts[1])
-        return sorted(v for v, names in present.items() if names.issuperset(VERSION_FILES))
+        return sorted(v for v, names in present.items() if names.issuperset(need))
 
     def exists(self, adapter_id: str, version: int) -> bool:
         return self._is_complete(self._version_dir(adapter_id, _check_version(version)))
@@ -401,13 +422,15 @@ class AdapterStore:
         def read(name: str) -> bytes:
             return self.fs.cat_file(posixpath.join(directory, name))
 
+        snapshot = TRAINER_TENSORS_FILE in self._files(directory)
         return AdapterCheckpoint(
             adapter_id=adapter_id,
             version=resolved,
             weights=st_load(read(ADAPTER_WEIGHTS_FILE)),
             adapter_config=json.loads(read(ADAPTER_CONFIG_FILE)),
-            trainer_tensors=st_load(read(TRAINER_TENSORS_FILE)),
+            trainer_tensors=st_load(read(TRAINER_TENSORS_FILE)) if snapshot else {},
             trainer_meta=json.loads(read(TRAINER_META_FILE)),
+            snapshot=snapshot,
         )
 
     def adapter_config(self, adapter_id: str, version: Version = "latest") -> dict[str, Any]:
@@ -449,7 +472,7 @@ class AdapterStore:
         tmp = target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
-            for name in VERSION_FILES:
+            for name in sorted(self._files(directory) & set(VERSION_FILES)):
                 fsync_write(str(tmp / name), self.fs.cat_file(posixpath.join(directory, name)))
             try:
                 os.rename(tmp, target)

@@ -53,6 +53,9 @@ class ExperimentRecord:
     attempts: int = 0  # failed attempts of the current task (poison cap)
     not_before: int = 0  # ms, Redis clock: a failed attempt is published again after a backoff
     served: int = 0  # rows served so far (fair share)
+    # the committed trajectories of steps log_from..step-1 are kept: the replay log that rebuilds
+    # the AdamW state from the snapshot at version log_from (workers/replay.py)
+    log_from: int = 0
     rollout_summary: str = ""  # JSON: reward stats of the committed rollout awaiting training
     error: str = ""  # why it failed; while running, why its last attempt was given up
     started_at: int = 0

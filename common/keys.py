@@ -62,7 +62,13 @@ class Keys:
 
     @staticmethod
     def trajectory(exp_id: str, step: int) -> str:
-        return f"{PREFIX}traj:{exp_id}:{step}"  # string: JSON trajectory of a committed rollout
+        # string: JSON trajectory of a committed rollout; after its train commit the replay log
+        # (no TTL) until the next snapshot version is committed
+        return f"{PREFIX}traj:{exp_id}:{step}"
+
+    @staticmethod
+    def trajectory_prefix(exp_id: str) -> str:
+        return f"{PREFIX}traj:{exp_id}:"  # + step (COMMIT_TRAIN drops the replay log by prefix)
 
     @staticmethod
     def worker(node: str) -> str:

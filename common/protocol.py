@@ -96,6 +96,7 @@ class RolloutCommit:
 class TrainCommit:
     item: StepItem
     metrics: dict[str, Any]
+    snapshot: bool = True  # the published version holds the AdamW state: the replay log can go
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,8 @@ class StepProtocol:
             self._commit_train(
                 keys=[Keys.task(e, step, "train"), Keys.experiment(e), Keys.metrics(e), Keys.events,
                       Keys.trajectory(e, step), Keys.active, Keys.refusals(e)],
-                args=[c.item.token, step, json.dumps(c.metrics), e], client=pipe)
+                args=[c.item.token, step, json.dumps(c.metrics), e, int(c.snapshot),
+                      Keys.trajectory_prefix(e)], client=pipe)
         if chain is not None:  # in the same round trip, right behind the commits
             keys = [Keys.active, Keys.fence, Keys.rebalance]
             args: list[Any] = [Keys.experiment_prefix, chain.owner, chain.lease_ms, chain.batch_id,
@@ -228,6 +230,13 @@ class StepProtocol:
             pipe.hget(Keys.experiment(item.exp_id), "rollout_summary")
         out = pipe.execute()
         return list(zip(out[0::2], out[1::2], strict=True))
+
+    def replay_log(self, exp_id: str, steps: Sequence[int]) -> list[str | None]:
+        """The committed trajectory JSON of each of `steps` (None where it is gone)."""
+        pipe = self.r.pipeline(transaction=False)
+        for step in steps:
+            pipe.get(Keys.trajectory(exp_id, step))
+        return pipe.execute() if steps else []
 
     def refusals(self, exp_id: str) -> dict[str, int]:
         """Refused claims and commits of an experiment, by reason."""

@@ -141,8 +141,11 @@ redis.call('HINCRBY', KEYS[2], '$served', redis.call('HGET', KEYS[2], '$rows'))
 return {token, 'ok'}
 """)
 
+# A committed step's trajectory stays (without a TTL) as the replay log until a snapshot version
+# (ARGV snapshot = 1: the version holds the AdamW state) is committed; then the log of steps
+# log_from..step is dropped and log_from = step + 1.
 # KEYS: task, exp, metrics, events, trajectory, active, refusals   ARGV: token, step, metrics_json,
-# exp_id -> {1, 'ok'} or {0, reason}
+# exp_id, snapshot, trajectory key prefix -> {1, 'ok'} or {0, reason}
 COMMIT_TRAIN = render(_NOW + _REFUSE + _POSITION + _FENCE + """
 local verdict = fence(KEYS[1], KEYS[2], KEYS[7], ARGV[1], ARGV[2], 'train')
 if verdict == 'done' then return {1, 'ok'} end
@@ -152,7 +155,12 @@ local total = redis.call('HGET', KEYS[2], '$steps_total')
 local nxt = step + 1
 redis.call('HSET', KEYS[1], 'status', 'committed')
 redis.call('RPUSH', KEYS[3], ARGV[3])
-redis.call('DEL', KEYS[5])
+if ARGV[5] == '1' then
+  for k = tonumber(redis.call('HGET', KEYS[2], '$log_from') or 0), step do redis.call('DEL', ARGV[6] .. k) end
+  redis.call('HSET', KEYS[2], '$log_from', nxt)
+else
+  redis.call('PERSIST', KEYS[5])
+end
 redis.call('HSET', KEYS[2], '$step', nxt, '$phase', 'rollout', '$inflight', '', '$attempts', 0, '$error', '')
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'train_committed',
            'exp', ARGV[4], 'step', step, 'version', nxt)

@@ -2,9 +2,9 @@
 
 Every train step publishes a version; nothing has to keep them all. A version is kept if it is
 one of the `keep_last` newest committed versions, a multiple of `keep_every` (milestones), v0
-(the starting point), or newer than the committed version (an attempt in flight may be writing
-or about to commit it). Recovery needs only the committed version, and a sampler only ever
-loads the committed version of its step, so neither is ever deleted.
+(the starting point), newer than the committed version (an attempt in flight may be writing
+or about to commit it), or the newest snapshot at or below the committed version (recovery
+replays from it). A sampler only ever loads the committed version of its step, which is kept.
 """
 
 from __future__ import annotations
@@ -14,15 +14,17 @@ from typing import Any
 
 
 def doomed_versions(published: Iterable[int], committed: int, keep_last: int | None,
-                    keep_every: int | None) -> list[int]:
-    """The versions of `published` that retention deletes, ascending (none if keep_last is None)."""
+                    keep_every: int | None, snapshots: Iterable[int] = ()) -> list[int]:
+    """The versions of `published` that retention deletes, ascending (none if keep_last is None);
+    `snapshots`: the versions that hold the AdamW state (the newest <= committed is kept)."""
     if keep_last is None:
         return []
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     newest_kept = committed - keep_last  # versions above this (up to committed) are kept
+    recovery = max((s for s in snapshots if s <= committed), default=None)
     return sorted(v for v in published
-                  if 0 < v <= newest_kept and not (keep_every and v % keep_every == 0))
+                  if 0 < v <= newest_kept and not (keep_every and v % keep_every == 0) and v != recovery)
 
 
 def retention_of(spec: Any, settings: Any) -> tuple[int | None, int]:

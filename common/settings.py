@@ -77,12 +77,23 @@ class Settings(BaseSettings):
     # Celery task (0: the scheduler publishes every rollout)
     chain_rollouts_s: float = Field(default=30.0, ge=0)
     test_train_delay_s: float = Field(default=0.0, ge=0)  # fault injection: widens the step window
+    test_snapshot_delay_s: float = Field(default=0.0, ge=0)  # fault injection: a snapshot's files
+    # stay staged (written, not yet renamed into place) this long
     # fused train step memory: a mixed batch is split into micro-batches of at most this many
     # tokens (rows x padded length), gradients accumulated; logprobs are computed in chunks of
     # at most this many token positions (across rows), so only chunk x V logits exist at once
     train_tokens_per_microbatch: int = Field(default=16384, ge=1)
     logprob_chunk_tokens: int = Field(default=1024, ge=1)
     activation_checkpointing: bool | None = None  # None: on for cuda devices, off on cpu
+    # multi-LoRA layers: grouped GEMMs (one kernel for all adapters) where the capability probe
+    # passes on a GPU, else a loop over the adapters' row blocks (auto); or force one
+    lora_backend: Literal["auto", "segment", "grouped"] = "auto"
+    # checkpoints: every version has the adapter weights (what sampling needs); the AdamW state
+    # is written every `snapshot_every_steps` versions or when `snapshot_every_s` have passed
+    # since the adapter's last snapshot, and always at the last step. Recovery = last snapshot +
+    # replay of the committed trajectories since (kept in Redis until the next snapshot)
+    snapshot_every_steps: int = Field(default=10, ge=1)
+    snapshot_every_s: float = Field(default=600.0, gt=0)
     # checkpoint retention (fleet defaults; a spec's `retention` overrides): keep the newest
     # `keep_last` committed versions (None: keep every version), v0 and every `keep_every`-th
     keep_last: int | None = Field(default=None, ge=1)

@@ -83,7 +83,8 @@ class FleetClient:
         out: dict[str, list[int]] = {}
         for rec in self.list():
             keep_last, keep_every = retention_of(rec.spec, self.settings)
-            doomed = doomed_versions(store.versions(rec.id), rec.step, keep_last, keep_every)
+            doomed = doomed_versions(store.versions(rec.id), rec.step, keep_last, keep_every,
+                                     store.versions(rec.id, snapshots_only=True))
             if doomed:
                 out[rec.id] = doomed if dry_run else store.delete(rec.id, doomed)
         return out

@@ -1,7 +1,8 @@
 """Publishing adapters from a `FusedTrainStep` to the `AdapterStore`, and loading them back.
 
 A published version is a plain PEFT checkpoint (vLLM and `PeftModel.from_pretrained` load it
-unchanged) plus the trainer state that makes resuming exact: AdamW moments and step counts.
+unchanged) plus trainer metadata (step count, spec); a snapshot version also holds the AdamW
+moments, which with the replay log (workers/replay.py) make resuming any version exact.
 """
 
 from __future__ import annotations
@@ -28,18 +29,27 @@ def publish_adapter(
 
 
 def publish_adapters(
-    store: AdapterStore, fused: FusedTrainStep, versions: list[tuple[str, int]], base_model: str | None = None
+    store: AdapterStore, fused: FusedTrainStep, versions: list[tuple[str, int]],
+    base_model: str | None = None, snapshots: set[str] | None = None,
 ) -> list[str | VersionExistsError]:
     """Publish (adapter, version) of each item together (one filesystem sync for all) -> per
-    item its directory, or the `VersionExistsError` of a version that was already there."""
-    return store.publish_many([new_version(fused, name, version, base_model) for name, version in versions])
+    item its directory, or the `VersionExistsError` of a version that was already there. Only
+    the adapters in `snapshots` (all when None) get their AdamW state written."""
+    return store.publish_many([new_version(fused, name, version, base_model,
+                                           snapshot=snapshots is None or name in snapshots)
+                               for name, version in versions])
 
 
-def new_version(fused: FusedTrainStep, name: str, version: int, base_model: str | None = None) -> NewVersion:
-    """What publishing `name` as `version` writes: PEFT weights and config, trainer state."""
-    tensors, meta = fused.trainer_state(name)
+def new_version(fused: FusedTrainStep, name: str, version: int, base_model: str | None = None,
+                snapshot: bool = True) -> NewVersion:
+    """What publishing `name` as `version` writes: PEFT weights and config, trainer metadata, and
+    for a snapshot the AdamW state."""
+    if snapshot:
+        tensors, meta = fused.trainer_state(name)
+    else:
+        tensors, meta = None, fused.trainer_meta(name)
     return NewVersion(name, version, fused.model.peft_state_dict(name),
-                      fused.model.peft_config(name, base_model), tensors, meta)
+                      fused.model.peft_config(name, base_model), tensors, {**meta, "snapshot": snapshot})
 
 
 def load_adapter(
@@ -78,6 +88,10 @@ def init_adapter(store: AdapterStore | None, fused: FusedTrainStep, name: str,
     assert src.exp_id is not None and src.version is not None
     ckpt = store.load(src.exp_id, src.version)
     keep = spec.init_optimizer
+    if keep and not ckpt.snapshot:
+        snaps = store.versions(src.exp_id, snapshots_only=True)
+        raise ValueError(f"init_from {spec.init_from}: v{src.version} has no optimizer state (snapshots of "
+                         f"{src.exp_id!r}: {snaps}); fork from a snapshot or set train.init_optimizer: false")
     fused.load_adapter(name, spec, dict(ckpt.weights), dict(ckpt.adapter_config),
                        dict(ckpt.trainer_tensors) if keep else None,
                        dict(ckpt.trainer_meta) if keep else {"step": 0})

@@ -124,8 +124,10 @@ class FusedTrainStep:
         for key, p in self.model.parameters_of(name):
             for k, v in self.optimizer.state.get(p, {}).items():
                 tensors[f"{key}.{k}"] = v.detach().to("cpu", copy=True)
-        meta = {"step": self.steps[name], "spec": self.specs[name].model_dump(mode="json")}
-        return tensors, meta
+        return tensors, self.trainer_meta(name)
+
+    def trainer_meta(self, name: str) -> dict:
+        return {"step": self.steps[name], "spec": self.specs[name].model_dump(mode="json")}
 
     # ---- the step -------------------------------------------------------------------------
     def step(self, batch: FusedBatch) -> dict[str, AdapterStepResult]:

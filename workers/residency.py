@@ -10,8 +10,10 @@ from the committed truth.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.common.adapter_store import AdapterStore, VersionExistsError
@@ -25,22 +27,36 @@ from lorafleet.workers.checkpoints import (
     publish_adapters,
 )
 from lorafleet.workers.fused_step import FusedTrainStep
+from lorafleet.workers.replay import ReplayLog, load_with_replay
 from lorafleet.workers.vllm_engine import trainer_scorer
 
 log = get_logger("lorafleet.worker")
+
+
+@dataclass(frozen=True)
+class SnapshotPolicy:
+    """When a published version also holds the AdamW state (see workers/replay.py)."""
+
+    every_steps: int = 1
+    every_s: float = float("inf")
+    replay_log: ReplayLog | None = None  # None: every version is a snapshot (nothing to replay)
+    pad_id: int = 0
 
 
 class ResidentAdapters:
     """The worker's `AdapterHost` (see `workers/pipeline.py`)."""
 
     def __init__(self, store: AdapterStore, trainer: FusedTrainStep, base_model: str, max_resident: int,
-                 vllm: Any = None) -> None:
+                 vllm: Any = None, snapshots: SnapshotPolicy | None = None) -> None:
         self.store = store
         self.trainer = trainer
         self.base_model = base_model
         self.max_resident = max_resident
         self.vllm = vllm  # VLLMRolloutEngine | None: told about every version it must sample
         self.versions: OrderedDict[str, int] = OrderedDict()  # exp id -> committed version held
+        self.policy = snapshots or SnapshotPolicy()
+        self.last_snapshot: dict[str, tuple[int, float]] = {}  # exp id -> (version, monotonic time)
+        self.snapshotted: set[str] = set()  # of the last publish: who got their AdamW state written
 
     def __len__(self) -> int:
         return len(self.versions)
@@ -66,7 +82,13 @@ class ResidentAdapters:
     def _load(self, item: StepItem) -> None:
         exp_id, version, spec = item.exp_id, item.version, item.spec.train
         if self.store.exists(exp_id, version):
-            load_adapter(self.store, self.trainer, exp_id, version, spec)
+            if self.policy.replay_log is None:
+                load_adapter(self.store, self.trainer, exp_id, version, spec)
+                snap = version
+            else:  # the newest snapshot, then the committed steps since replayed
+                snap = load_with_replay(self.store, self.trainer, exp_id, version, spec,
+                                        self.policy.replay_log, self.policy.pad_id)
+            self.last_snapshot[exp_id] = (snap, time.monotonic())
             return
         if version != 0:
             raise RuntimeError(f"checkpoint {exp_id}@v{version} is missing from the store")
@@ -76,6 +98,7 @@ class ResidentAdapters:
         except VersionExistsError:  # another worker made v0 first: use theirs
             self.trainer.remove_adapter(exp_id)
             load_adapter(self.store, self.trainer, exp_id, 0, spec)
+        self.last_snapshot[exp_id] = (0, time.monotonic())  # v0 always holds the (initial) state
 
     def publish(self, items: Sequence[StepItem]) -> dict[str, bool]:
         """Publish version step+1 of each stepped item together (one filesystem sync for all)
@@ -86,11 +109,14 @@ class ResidentAdapters:
         kept and committed. Other bytes (a non-deterministic kernel, a step run from other
         inputs): replaced by this attempt's, which is the one being committed."""
         versions = [(item.exp_id, item.step + 1) for item in items]
-        results = publish_adapters(self.store, self.trainer, versions, self.base_model)
+        self.snapshotted = {item.exp_id for item in items if self._snapshot_due(item)}
+        results = publish_adapters(self.store, self.trainer, versions, self.base_model, self.snapshotted)
         for (exp_id, version), res in zip(versions, results, strict=True):
+            if exp_id in self.snapshotted:  # published now, or found there / replaced below
+                self.last_snapshot[exp_id] = (version, time.monotonic())
             if not isinstance(res, VersionExistsError):
                 continue
-            nv = new_version(self.trainer, exp_id, version, self.base_model)
+            nv = new_version(self.trainer, exp_id, version, self.base_model, exp_id in self.snapshotted)
             if self.store.same_content(nv):
                 log.info("version already published by an earlier attempt with identical content",
                          experiment_id=exp_id, version=version)
@@ -100,6 +126,14 @@ class ResidentAdapters:
                 self.store.replace_version(nv)
         return {item.exp_id: True for item in items}
 
+    def _snapshot_due(self, item: StepItem) -> bool:
+        """Version step+1 holds the AdamW state: every `every_steps` versions, after `every_s`
+        seconds, and at the experiment's last step (an extension or a fork resumes from it)."""
+        version, p = item.step + 1, self.policy
+        last_v, last_t = self.last_snapshot.get(item.exp_id, (0, time.monotonic()))
+        return (p.replay_log is None or version >= item.spec.steps or version - last_v >= p.every_steps
+                or version % p.every_steps == 0 or time.monotonic() - last_t >= p.every_s)
+
     def committed(self, exp_id: str, version: int, in_memory: bool) -> None:
         """After a train commit: `version` is the truth. Keep it if memory holds it, else drop."""
         if in_memory and exp_id in self.versions:
@@ -108,6 +142,7 @@ class ResidentAdapters:
             self.drop(exp_id)
 
     def drop(self, exp_id: str) -> None:
+        self.last_snapshot.pop(exp_id, None)
         if self.versions.pop(exp_id, None) is not None:
             self.trainer.remove_adapter(exp_id)
             if self.vllm is not None:

@@ -52,7 +52,7 @@ from lorafleet.common.settings import Settings
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.multilora.model import MultiLoRAModel
 from lorafleet.workers.pipeline import RLStepPipeline
-from lorafleet.workers.residency import ResidentAdapters
+from lorafleet.workers.residency import ResidentAdapters, SnapshotPolicy
 from lorafleet.workers.rl import Trajectory
 from lorafleet.workers.rollout import TorchRolloutEngine
 from lorafleet.workers.tiny_model import load_base_model
@@ -90,7 +90,7 @@ class WorkerRuntime:
         self.protocol = StepProtocol(r)
         model, self.tokenizer, _ = load_base_model(settings.base_model, getattr(torch, settings.dtype),
                                                    settings.device, settings.cache_dir)
-        self.model = MultiLoRAModel(model)
+        self.model = MultiLoRAModel(model, backend=settings.lora_backend)
         trainer = FusedTrainStep(self.model, settings.step_backend,
                                  tokens_per_microbatch=settings.train_tokens_per_microbatch,
                                  logprob_chunk_tokens=settings.logprob_chunk_tokens,
@@ -99,8 +99,11 @@ class WorkerRuntime:
         engine = self.vllm or TorchRolloutEngine(self.model, self.tokenizer.eos_token_id,
                                                  self.tokenizer.pad_token_id, tokenizer=self.tokenizer)
         self.store = AdapterStore.from_settings(settings)
+        self.store.test_snapshot_delay_s = settings.test_snapshot_delay_s
+        snapshots = SnapshotPolicy(settings.snapshot_every_steps, settings.snapshot_every_s,
+                                   self._replay_log, self.tokenizer.pad_token_id)
         self.adapters = ResidentAdapters(self.store, trainer, settings.base_model, settings.max_resident,
-                                         self.vllm)
+                                         self.vllm, snapshots)
         self.pipeline = RLStepPipeline(trainer, self.tokenizer, engine, self.adapters,
                                        train_delay_s=settings.test_train_delay_s)
         self.claims: dict[tuple[str, int, str], int] = {}  # (exp, step, phase) -> fencing token
@@ -299,6 +302,9 @@ class WorkerRuntime:
                             error=repr(exc)[:300], retry_in_s=round(delay, 2))
                 time.sleep(delay)
 
+    def _replay_log(self, exp_id: str, steps: Sequence[int]) -> list[str | None]:
+        return self._redis(lambda: self.protocol.replay_log(exp_id, steps))
+
     def _by_id(self, items: Sequence[StepItem]) -> dict[str, StepItem]:
         return {i.exp_id: i for i in items}
 
@@ -339,7 +345,11 @@ class WorkerRuntime:
         keep_last, keep_every = retention_of(item.spec, self.settings)
         if keep_last is None:
             return
-        doomed = doomed_versions([item.step + 1 - keep_last], item.step + 1, keep_last, keep_every)
+        snapshot = self.adapters.last_snapshot.get(item.exp_id)
+        if snapshot is None:  # not known here: leave it to `lorafleet gc`, which reads the store
+            return
+        doomed = doomed_versions([item.step + 1 - keep_last], item.step + 1, keep_last, keep_every,
+                                 [snapshot[0]])
         try:
             self.store.delete(item.exp_id, doomed)
         except OSError as exc:
@@ -358,8 +368,10 @@ class WorkerRuntime:
         items = self._by_id(batch.items)
         for exp_id, reason in out.failed.items():
             self._give_up(items[exp_id], "train", f"step {items[exp_id].step} train: {reason}")
+        snap = self.adapters.snapshotted
         commits = [TrainCommit(item, {**inputs[e][1], **out.metrics[e], "worker": self.name,
-                                      "batch_id": batch.batch_id, "time": time.time()})
+                                      "batch_id": batch.batch_id, "time": time.time(), "snapshot": e in snap},
+                               snapshot=e in snap)
                    for e, item in items.items() if e in out.metrics]
         s = self.settings
         nxt = None

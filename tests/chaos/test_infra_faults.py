@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from chaoskit import ChaosRedis, assert_exact, specs, wait_until
 
+from lorafleet.common.adapter_store import TMP_PREFIX, TRAINER_TENSORS_FILE, AdapterStore
 from lorafleet.common.keys import Keys
 from lorafleet.common.protocol import StepProtocol
 from lorafleet.common.redis_conn import connect
@@ -174,3 +175,55 @@ def test_store_gone_for_65s_fails_nothing(chaos_fleet, chaos_redis, fleet_env, m
     assert all(client.get(i).attempts == 0 for i in ids)
     assert_exact(client, fleet_env["LORAFLEET_STORE_URL"], ids, sp, model_cache, r)
     shutil.rmtree(away, ignore_errors=True)
+
+
+def _staged_snapshot(store: Path) -> bool:
+    """A snapshot being published: a temp dir that already holds the AdamW state file."""
+    return any(store.glob(f"*/{TMP_PREFIX}*/{TRAINER_TENSORS_FILE}"))
+
+
+def test_kill_9_during_snapshots_recovers_from_snapshot_and_replay(chaos_fleet, chaos_redis, fleet_env,
+                                                                      model_cache, tmp_path):
+    """Snapshots (AdamW state) every 4 versions, each (but v0's) staged for 1 s before it is
+    renamed into place; both workers are killed -9 while one is staged (3 times) and at random
+    moments after progress (3 times). Every restart rebuilds the committed versions from the
+    newest snapshot + the replay log. The result is exact, and the replay log is gone once every
+    experiment completed (its last version is a snapshot)."""
+    env = {"LORAFLEET_MAX_ATTEMPTS": "50", "LORAFLEET_SNAPSHOT_EVERY_STEPS": "4",
+           "LORAFLEET_TEST_SNAPSHOT_DELAY_S": "1.0", "LORAFLEET_MAX_RESIDENT": "1"}
+    fleet = chaos_fleet(workers=2, env=env)
+    client, sp, ids = _submit(chaos_redis, fleet_env, 3, steps=14)
+    store = Path(fleet_env["LORAFLEET_STORE_URL"].removeprefix("file://"))
+    rng = random.Random(11)
+    mid_snapshot = random_kills = 0
+    while (mid_snapshot < 3 or random_kills < 3) and not all(client.get(i).done for i in ids):
+        if mid_snapshot < 3:
+            wait_until(lambda: _staged_snapshot(store) or all(client.get(i).done for i in ids),
+                       timeout_s=120, what="a snapshot being staged")
+            if all(client.get(i).done for i in ids):
+                break
+            mid_snapshot += 1
+        else:  # once every experiment made progress since the last restart, at a random moment
+            floor = min(client.get(i).step for i in ids)
+            wait_until(lambda f=floor: min(client.get(i).step for i in ids) > f
+                       or all(client.get(i).done for i in ids), timeout_s=120, what="progress")
+            time.sleep(rng.uniform(0.0, 0.5))
+            random_kills += 1
+        for w in ("w0", "w1"):
+            fleet.kill(w)
+        for w in ("w0", "w1"):
+            fleet.start_worker(w)
+        fleet.wait_for_workers(2, timeout_s=120)
+    client.wait(ids, timeout_s=600)
+    assert (mid_snapshot, random_kills) == (3, 3), "the run ended before the kills: make it longer"
+    r = connect(chaos_redis.url)
+    assert_exact(client, fleet_env["LORAFLEET_STORE_URL"], ids, sp, model_cache, r)
+    adapters = AdapterStore(fleet_env["LORAFLEET_STORE_URL"])
+    for exp_id in ids:
+        snaps = adapters.versions(exp_id, snapshots_only=True)
+        assert {0, 4, 8, 12, 14} <= set(snaps), snaps  # time-based snapshots may add some
+        assert len(snaps) < 15  # most versions hold weights only
+    assert list(r.scan_iter(match="lf:traj:*")) == []  # the replay log went with the last snapshot
+    rebuilt = [e for w in ("w0", "w1") for e in log_events(tmp_path / "logs" / f"{w}.log",
+                                                             "adapter rebuilt from snapshot and replay log")]
+    assert rebuilt and max(e["replayed"] for e in rebuilt) >= 1, len(rebuilt)

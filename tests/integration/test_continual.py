@@ -14,6 +14,7 @@ from test_fleet import spec
 from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.keys import Keys
 from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.common.spec_input import SpecError
 from lorafleet.scheduler.client import FleetClient
 from lorafleet.workers.local_runner import LocalRunner
 from lorafleet.workers.multilora.model import MultiLoRAModel
@@ -107,7 +108,8 @@ def test_init_from_is_resolved_and_checked_at_submit(redis_url, r, tmp_path, mod
     store = Store(store_url)
     w = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64)}
     store.publish("src-1", 3, weights=w, adapter_config={"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                                          "target_modules": ["q_proj"]})
+                                                          "target_modules": ["q_proj"]},
+                  trainer_tensors={})  # a snapshot (its AdamW state: none yet)
     fork = client.submit({**base, "train": {**base["train"], "init_from": "src-1@v3"}})
     assert (client.get(fork).spec.train.step_offset, client.get(fork).spec.train.lora.target_modules) == (
         3, ("q_proj",))
@@ -175,11 +177,14 @@ def test_retention_under_kill_9_keeps_what_recovery_needs_and_gc_sweeps_the_rest
 @pytest.mark.slow
 def test_a_fork_at_vk_trained_m_steps_equals_the_source_steps_k_to_k_plus_m(make_fleet, redis_url,
                                                                              fleet_env):
-    make_fleet(workers=1)
+    make_fleet(workers=1, env={"LORAFLEET_SNAPSHOT_EVERY_STEPS": "2"})  # v0, v2, v4 hold AdamW state
     client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
     sp = spec("src", "target_string", {"target": "abc"}, steps=4, seed=21)
     src = client.submit(sp)
     assert client.wait([src], timeout_s=120)[0].status == "completed"
+    # v1 has weights only: a fork that wants the optimizer state is refused at submit, saying why
+    with pytest.raises(SpecError, match=r"no optimizer state .*\[0, 2, 4\].*init_optimizer: false"):
+        client.submit({**sp, "name": "fork1", "train": {**sp["train"], "init_from": f"{src}@v1"}})
     fork = client.submit({**sp, "name": "fork", "steps": 2,
                           "train": {**sp["train"], "init_from": f"{src}@v2"}})
     assert client.get(fork).spec.train.step_offset == 2

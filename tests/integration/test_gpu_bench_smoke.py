@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_gpu_bench_smoke_runs_every_section(tmp_path: Path) -> None:
     out = tmp_path / "gpu_bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "ops/bench/gpu_bench.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, check=False)
+    cmd = [sys.executable, str(ROOT / "ops/bench/gpu_bench.py"), "--smoke", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert "errors" not in res

@@ -31,13 +31,16 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
     """Capability check: does `torch._grouped_mm` run forward and backward here?"""
     if not hasattr(torch, "_grouped_mm"):
         return False
+    # identity hooks: inside a checkpointed forward (the first call can come from one) the probe's
+    # saved tensors must not be recorded, or the recomputation (cache hit, no probe) mismatches
     try:
-        x = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.randn(2, 16, 8, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([4, 8], device=device_type, dtype=torch.int32)
-        out = torch._grouped_mm(x, w, offs=offs)
-        out.register_hook(torch.Tensor.contiguous)
-        out.sum().backward()  # an expanded (stride-0) cotangent, as .sum() produces
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), torch.enable_grad():
+            x = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
+            w = torch.randn(2, 16, 8, device=device_type, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([4, 8], device=device_type, dtype=torch.int32)
+            out = torch._grouped_mm(x, w, offs=offs)
+            out.register_hook(torch.Tensor.contiguous)
+            out.sum().backward()  # an expanded (stride-0) cotangent, as .sum() produces
         return True
     except (RuntimeError, NotImplementedError, TypeError):
         return False
@@ -61,6 +64,8 @@ class MultiLoRALinear(nn.Module):
         self.base = base
         self.slot = slot
         self.backend: Backend = backend
+        if backend != "segment":  # probe now, not in the first (possibly checkpointed) forward
+            grouped_mm_supported(base.weight.device.type, base.weight.dtype)
         self.lora_A = nn.ParameterDict()  # adapter -> (r, in)
         self.lora_B = nn.ParameterDict()  # adapter -> (out, r)
         self.scaling: dict[str, float] = {}
@@ -85,9 +90,11 @@ class MultiLoRALinear(nn.Module):
     ) -> None:
         """PEFT's default init: A ~ kaiming_uniform(a=sqrt(5)), B = 0 (the adapter starts as a no-op)."""
         w = self.base.weight
-        a = torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device)
+        # drawn on the CPU (the seed's generator is a CPU one), so an adapter's initial weights are
+        # the same on every device
+        a = torch.empty(rank, self.in_features, dtype=w.dtype)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        self.lora_A[name] = nn.Parameter(a)
+        self.lora_A[name] = nn.Parameter(a.to(w.device))
         b = torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device)
         self.lora_B[name] = nn.Parameter(b)
         self.scaling[name] = alpha / math.sqrt(rank) if use_rslora else alpha / rank
