@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     # replay of the committed trajectories since (kept in Redis until the next snapshot)
     snapshot_every_steps: int = Field(default=10, ge=1)
     snapshot_every_s: float = Field(default=600.0, gt=0)
+    # while a chained train step's versions are written, generate the next step of the same
+    # experiments (torch engine; vLLM loads published versions): the write costs no idle time
+    overlap_publish: bool = True
     # checkpoint retention (fleet defaults; a spec's `retention` overrides): keep the newest
     # `keep_last` committed versions (None: keep every version), v0 and every `keep_every`-th
     keep_last: int | None = Field(default=None, ge=1)

@@ -139,9 +139,11 @@ class RLStepPipeline:
         return out
 
     # ---- train -----------------------------------------------------------------------------
-    def train(self, items: Sequence[StepItem], trajectories: Mapping[str, Trajectory | None]) -> TrainOutput:
+    def train(self, items: Sequence[StepItem], trajectories: Mapping[str, Trajectory | None],
+              publish: bool = True) -> TrainOutput:
         """One fused optimizer step over `items` (each with its committed rollout), then
-        version step+1 of every stepped adapter published."""
+        version step+1 of every stepped adapter published (unless `publish` is off: the caller
+        publishes, `out.in_memory` is left empty)."""
         t0 = time.perf_counter()
         out = TrainOutput()
         pinned = frozenset(i.exp_id for i in items)
@@ -182,5 +184,11 @@ class RLStepPipeline:
                 "reward_mean": trajectories[item.exp_id].reward_mean,
                 "loss": res.loss, "grad_norm": res.grad_norm, "train_tokens": res.num_tokens,
                 "train_s": out.seconds, "train_batch": len(ready)}
+        if not publish:
+            return out
+        t_publish = time.perf_counter()
         out.in_memory = self.adapters.publish(stepped) if stepped else {}
+        publish_s = time.perf_counter() - t_publish
+        for item in stepped:  # the batch's publish time, on each of its items (as train_s)
+            out.metrics[item.exp_id]["publish_s"] = publish_s
         return out

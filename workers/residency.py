@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lorafleet.common.adapter_store import AdapterStore, VersionExistsError
+from lorafleet.common.adapter_store import AdapterStore, NewVersion, VersionExistsError
 from lorafleet.common.logging import get_logger
 from lorafleet.common.protocol import StepItem
 from lorafleet.workers.checkpoints import (
@@ -24,7 +24,6 @@ from lorafleet.workers.checkpoints import (
     load_adapter,
     new_version,
     publish_adapter,
-    publish_adapters,
 )
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.replay import ReplayLog, load_with_replay
@@ -108,15 +107,24 @@ class ResidentAdapters:
         (this worker holds the step's claim). Same bytes (sha256): it is this attempt's result,
         kept and committed. Other bytes (a non-deterministic kernel, a step run from other
         inputs): replaced by this attempt's, which is the one being committed."""
-        versions = [(item.exp_id, item.step + 1) for item in items]
+        return self.write(self.prepare(items))
+
+    def prepare(self, items: Sequence[StepItem]) -> list[NewVersion]:
+        """Version step+1 of each item as it is in memory now (copies: training and generation
+        may go on while `write` runs on another thread)."""
         self.snapshotted = {item.exp_id for item in items if self._snapshot_due(item)}
-        results = publish_adapters(self.store, self.trainer, versions, self.base_model, self.snapshotted)
-        for (exp_id, version), res in zip(versions, results, strict=True):
-            if exp_id in self.snapshotted:  # published now, or found there / replaced below
+        return [new_version(self.trainer, item.exp_id, item.step + 1, self.base_model,
+                            item.exp_id in self.snapshotted) for item in items]
+
+    def write(self, versions: list[NewVersion]) -> dict[str, bool]:
+        """Publish `prepare`'s versions (one filesystem sync for all); see `publish`."""
+        results = self.store.publish_many(versions)
+        for nv, res in zip(versions, results, strict=True):
+            exp_id, version = nv.adapter_id, nv.version
+            if nv.trainer_tensors is not None:  # published now, or found there / replaced below
                 self.last_snapshot[exp_id] = (version, time.monotonic())
             if not isinstance(res, VersionExistsError):
                 continue
-            nv = new_version(self.trainer, exp_id, version, self.base_model, exp_id in self.snapshotted)
             if self.store.same_content(nv):
                 log.info("version already published by an earlier attempt with identical content",
                          experiment_id=exp_id, version=version)
@@ -124,7 +132,13 @@ class ResidentAdapters:
                 log.warning("an uncommitted version in the store differs from this attempt's; replacing it",
                             experiment_id=exp_id, version=version)
                 self.store.replace_version(nv)
-        return {item.exp_id: True for item in items}
+        return {nv.adapter_id: True for nv in versions}
+
+    def advance(self, exp_id: str, version: int) -> None:
+        """Hold the in-memory `version` (trained, not committed yet) as this adapter's version,
+        so the next step can be generated ahead of the commit; `committed` keeps or drops it."""
+        if exp_id in self.versions:
+            self.versions[exp_id] = version
 
     def _snapshot_due(self, item: StepItem) -> bool:
         """Version step+1 holds the AdamW state: every `every_steps` versions, after `every_s`

@@ -51,7 +51,8 @@ from lorafleet.common.retry import Outage, is_infra_fault, retry_redis
 from lorafleet.common.settings import Settings
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.multilora.model import MultiLoRAModel
-from lorafleet.workers.pipeline import RLStepPipeline
+from lorafleet.workers.pipeline import RLStepPipeline, RolloutOutput
+from lorafleet.workers.publish_ahead import PublishAhead
 from lorafleet.workers.residency import ResidentAdapters, SnapshotPolicy
 from lorafleet.workers.rl import Trajectory
 from lorafleet.workers.rollout import TorchRolloutEngine
@@ -70,6 +71,7 @@ class ClaimedBatch:
     items: list[StepItem]
     # exp id -> (trajectory, rollout summary) when the rollout ran here just before
     inputs: dict[str, tuple[Trajectory, dict[str, Any]]] | None = None
+    ahead: RolloutOutput | None = None  # this rollout, generated while its versions were published
 
 
 class WorkerRuntime:
@@ -106,6 +108,7 @@ class WorkerRuntime:
                                          self.vllm, snapshots)
         self.pipeline = RLStepPipeline(trainer, self.tokenizer, engine, self.adapters,
                                        train_delay_s=settings.test_train_delay_s)
+        self.overlap = PublishAhead(self.adapters, self.pipeline)
         self.claims: dict[tuple[str, int, str], int] = {}  # (exp, step, phase) -> fencing token
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -188,6 +191,7 @@ class WorkerRuntime:
         os._exit(0)
 
     def close(self) -> None:
+        self.overlap.close()
         if self.vllm is not None:
             self.vllm.close()
         self._stop.set()
@@ -309,8 +313,14 @@ class WorkerRuntime:
         return {i.exp_id: i for i in items}
 
     def _rollout(self, batch: ClaimedBatch) -> ClaimedBatch | None:
-        out = self.pipeline.rollout(batch.items)
         items = self._by_id(batch.items)
+        out = batch.ahead
+        if out is None or not items.keys() <= out.trajectories.keys() | out.failed.keys():
+            out = self.pipeline.rollout(batch.items)
+        else:  # generated ahead for every claimed item; items not claimed are dropped
+            out = RolloutOutput({e: t for e, t in out.trajectories.items() if e in items},
+                                {e: m for e, m in out.summaries.items() if e in items},
+                                {e: f for e, f in out.failed.items() if e in items}, out.seconds)
         for exp_id, reason in out.failed.items():
             self._give_up(items[exp_id], "rollout", f"step {items[exp_id].step} rollout: {reason}")
         commits = [RolloutCommit(item, out.trajectories[e].to_json(),
@@ -364,18 +374,25 @@ class WorkerRuntime:
         """Train, publish, commit. -> the next rollout batch if `chain` and the commits claimed
         it for this worker."""
         inputs = batch.inputs if batch.inputs is not None else self._committed_rollouts(batch.items)
-        out = self.pipeline.train(batch.items, {e: traj for e, (traj, _) in inputs.items()})
+        s = self.settings
+        chain = chain and batch.node == s.node and s.chain_rollouts_s > 0 and not self.stop_requested()
+        ahead_ok = chain and s.overlap_publish and self.vllm is None  # vLLM samples published dirs
+        out = self.pipeline.train(batch.items, {e: traj for e, (traj, _) in inputs.items()},
+                                  publish=not ahead_ok)
         items = self._by_id(batch.items)
         for exp_id, reason in out.failed.items():
             self._give_up(items[exp_id], "train", f"step {items[exp_id].step} train: {reason}")
+        ahead = None
+        if ahead_ok and out.metrics:
+            out.in_memory, ahead = self.overlap.publish_while_generating(
+                [items[e] for e in out.metrics], out.metrics)
         snap = self.adapters.snapshotted
         commits = [TrainCommit(item, {**inputs[e][1], **out.metrics[e], "worker": self.name,
                                       "batch_id": batch.batch_id, "time": time.time(), "snapshot": e in snap},
                                snapshot=e in snap)
                    for e, item in items.items() if e in out.metrics]
-        s = self.settings
         nxt = None
-        if chain and batch.node == s.node and s.chain_rollouts_s > 0 and not self.stop_requested():
+        if chain:
             nxt = ChainNext(self.name, s.lease_ms, f"chain-{uuid.uuid4().hex[:12]}", s.node)
         committed, next_items = self._redis(lambda: self.protocol.commit_trains(commits, nxt))
         for c, ok in zip(commits, committed, strict=True):
@@ -387,4 +404,4 @@ class WorkerRuntime:
         claimed = [item for item in next_items if item is not None]
         if nxt is None or not claimed:
             return None
-        return ClaimedBatch("rollout", nxt.batch_id, batch.node, claimed)
+        return ClaimedBatch("rollout", nxt.batch_id, batch.node, claimed, ahead=ahead)
