@@ -201,6 +201,10 @@ def test_train_step_runs_right_after_its_rollout_unless_disabled(make_fleet, red
         # nothing else waits, so after step 0 the worker also claims the next rollouts itself
         rollouts_chained = [m["rollout_batch_id"].startswith("chain-") for m in metrics]
         assert rollouts_chained == [False, chain, chain]
+        # a chained train step's versions are written on the publisher thread (while its next
+        # step is generated, where there is one); unchained, inline
+        assert ["publish_wait_s" in m for m in metrics] == [chain] * 3
+        assert all(m["publish_s"] > 0 for m in metrics)
         for step in range(3):  # claimed exactly once either way: the scheduler never published it too
             assert r.hget(Keys.task(exp_id, step, "train"), "claims") == "1"
         # fair-share accounting counts the chained train step like a published one
