@@ -78,10 +78,15 @@ class FleetClient:
 
     def gc(self, dry_run: bool = False) -> dict[str, list[int]]:
         """Apply checkpoint retention to every experiment's published versions (what a worker
-        deletes after each commit, plus whatever a crash left) -> deleted versions per id."""
+        deletes after each commit, plus whatever a crash left) -> deleted versions per id. The
+        replay log (committed trajectories since the last snapshot) of a failed or cancelled
+        experiment goes too: it can never be resumed (a completed one has none left)."""
         store = AdapterStore.from_settings(self.settings)
         out: dict[str, list[int]] = {}
         for rec in self.list():
+            if rec.status in ("failed", "cancelled") and not dry_run:
+                for key in self.r.scan_iter(match=Keys.trajectory_prefix(rec.id) + "*", count=1000):
+                    self.r.delete(key)
             keep_last, keep_every = retention_of(rec.spec, self.settings)
             doomed = doomed_versions(store.versions(rec.id), rec.step, keep_last, keep_every,
                                      store.versions(rec.id, snapshots_only=True))

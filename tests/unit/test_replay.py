@@ -143,3 +143,21 @@ def test_forking_a_version_without_optimizer_state_says_which_versions_have_it(r
         init_adapter(store, host.trainer, "f", fork.train)
     weights_only = fork.train.model_copy(update={"init_optimizer": False})
     init_adapter(store, host.trainer, "f", weights_only)  # the weights alone: fine
+
+
+def test_gc_drops_the_replay_log_of_failed_and_cancelled_experiments_only(r, redis_url, tmp_path) -> None:
+    """A running experiment's replay log is what recovery needs; a cancelled one's can never be
+    used (it cannot be resumed), so `lorafleet gc` deletes it."""
+    from lorafleet.common.keys import Keys
+    from lorafleet.scheduler.client import FleetClient
+
+    client = FleetClient(redis_url, f"file://{tmp_path}/store")
+    running, cancelled = client.submit(_spec(0).model_dump()), client.submit(_spec(1).model_dump())
+    for exp_id in (running, cancelled):
+        for step in range(3):
+            r.set(Keys.trajectory(exp_id, step), "{}")
+    assert client.cancel(cancelled)
+    client.gc()
+    kept = sorted(r.keys(Keys.trajectory_prefix(running) + "*"))
+    assert kept == [Keys.trajectory(running, s) for s in range(3)]
+    assert r.keys(Keys.trajectory_prefix(cancelled) + "*") == []
