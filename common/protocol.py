@@ -204,9 +204,8 @@ class StepProtocol:
                       Keys.trajectory(e, step), Keys.active, Keys.refusals(e)],
                 args=[c.item.token, step, json.dumps(c.metrics), e], client=pipe)
         if chain is not None:  # in the same round trip, right behind the commits
-            keys = [Keys.active, Keys.fence, Keys.rebalance]
-            args: list[Any] = [Keys.experiment_prefix, chain.owner, chain.lease_ms, chain.batch_id,
-                               chain.node]
+            keys = [Keys.idx_waiting, Keys.fence, Keys.rebalance]
+            args: list[Any] = [chain.owner, chain.lease_ms, chain.batch_id, chain.node]
             for c in commits:
                 e = c.item.exp_id
                 keys += [Keys.experiment(e), Keys.task(e, c.item.step + 1, "rollout")]
@@ -249,12 +248,20 @@ class StepProtocol:
         (one round trip) -> marked per item."""
         if not items:
             return []
-        args: list[object] = [leader_id, batch_id, phase, node, *(step for _, step in items)]
+        args: list[object] = [leader_id, batch_id, phase, node, *(step for _, step in items),
+                              *(e for e, _ in items)]
         return [bool(x) for x in self._mark(keys=[Keys.leader, *(Keys.experiment(e) for e, _ in items)],
                                             args=args)]
 
     def activate(self, leader_id: str, exp_id: str) -> bool:
-        return bool(self._activate(keys=[Keys.leader, Keys.experiment(exp_id)], args=[leader_id]))
+        return bool(self._activate(keys=[Keys.leader, Keys.experiment(exp_id)], args=[leader_id, exp_id]))
+
+    def activate_many(self, leader_id: str, exp_ids: Sequence[str]) -> list[bool]:
+        """`activate` each, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for exp_id in exp_ids:
+            self._activate(keys=[Keys.leader, Keys.experiment(exp_id)], args=[leader_id, exp_id], client=pipe)
+        return [bool(x) for x in pipe.execute()] if exp_ids else []
 
     def clear_inflight(self, leader_id: str, exp_id: str, batch_id: str, reason: str, count: bool = True,
                        backoff: Backoff = Backoff()) -> int:
@@ -262,7 +269,7 @@ class StepProtocol:
         the task moved on meanwhile). A counted attempt is published again after a backoff."""
         return int(self._clear(keys=[Keys.leader, Keys.experiment(exp_id)],
                                args=[leader_id, batch_id, int(count), reason[:2000], backoff.base_ms,
-                                     backoff.cap_ms]))
+                                     backoff.cap_ms, exp_id]))
 
     def acquire_leader(self, candidate: str, ttl_ms: int) -> int:
         return int(self._acquire(keys=[Keys.leader, Keys.leader_epoch], args=[candidate, ttl_ms]))

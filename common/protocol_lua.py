@@ -13,10 +13,13 @@ from __future__ import annotations
 from string import Template
 
 from lorafleet.common.experiment import FIELD_NAMES
-from lorafleet.common.keys import STREAM_MAXLEN, TASK_TTL_MS
+from lorafleet.common.keys import STREAM_MAXLEN, TASK_TTL_MS, Keys
 
 _NAMES: dict[str, object] = {name: name for name in FIELD_NAMES}
-_NAMES.update(task_ttl_ms=TASK_TTL_MS, stream_maxlen=STREAM_MAXLEN)
+_NAMES.update(task_ttl_ms=TASK_TTL_MS, stream_maxlen=STREAM_MAXLEN, exp_prefix=Keys.experiment_prefix,
+              idx_queued=Keys.idx_queued, idx_waiting=Keys.idx_waiting, idx_inflight=Keys.idx_inflight,
+              idx_backoff=Keys.idx_backoff, idx_nodes=Keys.idx_nodes, idx_ready=Keys.idx_ready_prefix,
+              idx_node=Keys.idx_node_prefix)
 
 
 def render(script: str) -> str:
@@ -35,6 +38,51 @@ local function claim_task(task, fence, owner, lease_ms, batch)
   redis.call('HINCRBY', task, 'claims', 1)
   redis.call('PEXPIRE', task, $task_ttl_ms)
   return token
+end
+"""
+
+# The indexes of `common/ready_index.py`, as a pure function of an experiment's hash. Every script
+# that changes status, node, phase, inflight or not_before calls `unindex` before its writes (the
+# entries of the hash as it was) and `index` after them, in the same atomic step, so the indexes
+# always equal a full scan. A ready member is "<created_at, 15 digits>:<id>": with the score
+# (rows served / weight) the zset's order is the scheduler's fair order (fair key, then age, then
+# id). Keys are built from prefixes (`$idx_ready`...), as for the experiment hashes.
+_INDEX = """
+local function str(v) if v then return v end return '' end
+local function ready_member(created_at, id)
+  return string.format('%015d', tonumber(created_at) or 0) .. ':' .. id
+end
+local function unindex(exp, id)
+  local e = redis.call('HMGET', exp, '$node', '$phase', '$created_at')
+  local node = str(e[1])
+  redis.call('SREM', '$idx_queued', id)
+  redis.call('SREM', '$idx_waiting', id)
+  redis.call('SREM', '$idx_inflight', id)
+  redis.call('ZREM', '$idx_backoff', id)
+  redis.call('ZREM', '$idx_ready' .. str(e[2]) .. ':' .. node, ready_member(e[3], id))
+  if node ~= '' then redis.call('SREM', '$idx_node' .. node, id) end
+end
+local function index(exp, id)
+  local e = redis.call('HMGET', exp, '$status', '$node', '$phase', '$inflight', '$not_before', '$served',
+                       '$weight', '$created_at')
+  if e[1] == 'queued' then
+    redis.call('SADD', '$idx_queued', id)
+    redis.call('SADD', '$idx_waiting', id)
+  end
+  if e[1] ~= 'running' then return end
+  local node = str(e[2])
+  if node ~= '' then
+    redis.call('SADD', '$idx_node' .. node, id)
+    redis.call('SADD', '$idx_nodes', node)
+  end
+  if str(e[4]) ~= '' then redis.call('SADD', '$idx_inflight', id) return end
+  redis.call('SADD', '$idx_waiting', id)
+  if (tonumber(e[5]) or 0) > now then
+    redis.call('ZADD', '$idx_backoff', tonumber(e[5]), id)
+  else
+    local fair_key = (tonumber(e[6]) or 0) / (tonumber(e[7]) or 1)
+    redis.call('ZADD', '$idx_ready' .. str(e[3]) .. ':' .. node, fair_key, ready_member(e[8], id))
+  end
 end
 """
 
@@ -105,6 +153,7 @@ end
 _COMMIT_ROLLOUT = _REFUSE + _POSITION + _FENCE + """
 local verdict = fence(KEYS[1], KEYS[2], KEYS[5], ARGV[1], ARGV[2], 'rollout')
 local function commit_rollout()
+  unindex(KEYS[2], ARGV[6])
   redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[5])
   redis.call('HSET', KEYS[1], 'status', 'committed')
   redis.call('HSET', KEYS[2], '$phase', 'train', '$attempts', 0, '$error', '', '$rollout_summary', ARGV[4])
@@ -114,11 +163,12 @@ end
 """
 
 # -> {1, 'ok'} or {0, reason}
-COMMIT_ROLLOUT = render(_NOW + _COMMIT_ROLLOUT + """
+COMMIT_ROLLOUT = render(_NOW + _INDEX + _COMMIT_ROLLOUT + """
 if verdict == 'done' then return {1, 'ok'} end
 if verdict ~= 'ok' then return {0, verdict} end
 commit_rollout()
 redis.call('HSET', KEYS[2], '$inflight', '')
+index(KEYS[2], ARGV[6])
 return {1, 'ok'}
 """)
 
@@ -127,7 +177,7 @@ return {1, 'ok'}
 # never without an in-flight task in between, so the scheduler cannot publish the train step too.
 # KEYS: as COMMIT_ROLLOUT, then train task, fence   ARGV: as COMMIT_ROLLOUT, then owner,
 # lease_ms, batch_id, node -> {the train claim's token, 'ok'} or {0, reason}
-COMMIT_ROLLOUT_CLAIM_TRAIN = render(_NOW + _CLAIM_TASK + _COMMIT_ROLLOUT + """
+COMMIT_ROLLOUT_CLAIM_TRAIN = render(_NOW + _INDEX + _CLAIM_TASK + _COMMIT_ROLLOUT + """
 if verdict == 'done' then
   local t = redis.call('HMGET', KEYS[6], 'status', 'token', 'batch')
   if t[1] == 'claimed' and t[3] == ARGV[9] then return {tonumber(t[2]), 'ok'} end
@@ -138,18 +188,20 @@ commit_rollout()
 local token = claim_task(KEYS[6], KEYS[7], ARGV[7], ARGV[8], ARGV[9])
 redis.call('HSET', KEYS[2], '$inflight', ARGV[9], '$inflight_at', now, '$node', ARGV[10])
 redis.call('HINCRBY', KEYS[2], '$served', redis.call('HGET', KEYS[2], '$rows'))
+index(KEYS[2], ARGV[6])
 return {token, 'ok'}
 """)
 
 # KEYS: task, exp, metrics, events, trajectory, active, refusals   ARGV: token, step, metrics_json,
 # exp_id -> {1, 'ok'} or {0, reason}
-COMMIT_TRAIN = render(_NOW + _REFUSE + _POSITION + _FENCE + """
+COMMIT_TRAIN = render(_NOW + _INDEX + _REFUSE + _POSITION + _FENCE + """
 local verdict = fence(KEYS[1], KEYS[2], KEYS[7], ARGV[1], ARGV[2], 'train')
 if verdict == 'done' then return {1, 'ok'} end
 if verdict ~= 'ok' then return {0, verdict} end
 local step = tonumber(ARGV[2])
 local total = redis.call('HGET', KEYS[2], '$steps_total')
 local nxt = step + 1
+unindex(KEYS[2], ARGV[4])
 redis.call('HSET', KEYS[1], 'status', 'committed')
 redis.call('RPUSH', KEYS[3], ARGV[3])
 redis.call('DEL', KEYS[5])
@@ -161,38 +213,41 @@ if nxt >= tonumber(total) then
   redis.call('SREM', KEYS[6], ARGV[4])
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'completed', 'exp', ARGV[4])
 end
+index(KEYS[2], ARGV[4])
 return {1, 'ok'}
 """)
 
 # After a train commit the same worker claims the batch's next rollouts, but only when the
 # scheduler would publish exactly that batch to it anyway: no other experiment is waiting
-# (queued, or running with nothing in flight; O(active experiments)) and the scheduler has not
-# asked to rebalance nodes. Items that finished or moved on are skipped.
-# KEYS: active, fence, rebalance flag, then exp, rollout task per item
-# ARGV: experiment key prefix, owner, lease_ms, batch_id, node, then exp_id, step per item
+# (queued, or running with nothing in flight: the `waiting` index less the batch's own items, so
+# O(batch), not O(experiments)) and the scheduler has not asked to rebalance nodes. Items that
+# finished or moved on are skipped.
+# KEYS: waiting index, fence, rebalance flag, then exp, rollout task per item
+# ARGV: owner, lease_ms, batch_id, node, then exp_id, step per item
 # -> a fencing token per item (0: not claimed); {} when something else is waiting
-CLAIM_NEXT_ROLLOUTS = render(_NOW + _CLAIM_TASK + """
+CLAIM_NEXT_ROLLOUTS = render(_NOW + _INDEX + _CLAIM_TASK + """
 if redis.call('EXISTS', KEYS[3]) == 1 then return {} end
 local n = (#KEYS - 3) / 2
-local mine = {}
-for i = 0, n - 1 do mine[ARGV[6 + 2 * i]] = true end
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if not mine[id] then
-    local e = redis.call('HMGET', ARGV[1] .. id, '$status', '$inflight')
-    if e[1] == 'queued' or (e[1] == 'running' and e[2] == '') then return {} end
-  end
+local others, mine = redis.call('SCARD', KEYS[1]), {}
+for i = 0, n - 1 do
+  local id = ARGV[5 + 2 * i]
+  if not mine[id] and redis.call('SISMEMBER', KEYS[1], id) == 1 then others = others - 1 end
+  mine[id] = true
 end
+if others > 0 then return {} end
 local out = {}
 for i = 0, n - 1 do
-  local exp, task, step = KEYS[4 + 2 * i], KEYS[5 + 2 * i], ARGV[7 + 2 * i]
+  local exp, task, id, step = KEYS[4 + 2 * i], KEYS[5 + 2 * i], ARGV[5 + 2 * i], ARGV[6 + 2 * i]
   local e = redis.call('HMGET', exp, '$status', '$step', '$phase', '$inflight', '$rows')
   local s = redis.call('HMGET', task, 'status', 'lease_until')
   local token = 0
   if e[1] == 'running' and tonumber(e[2]) == tonumber(step) and e[3] == 'rollout' and e[4] == ''
      and s[1] ~= 'committed' and not (s[1] == 'claimed' and tonumber(s[2]) > now) then
-    token = claim_task(task, KEYS[2], ARGV[2], ARGV[3], ARGV[4])
-    redis.call('HSET', exp, '$inflight', ARGV[4], '$inflight_at', now, '$node', ARGV[5])
+    token = claim_task(task, KEYS[2], ARGV[1], ARGV[2], ARGV[3])
+    unindex(exp, id)
+    redis.call('HSET', exp, '$inflight', ARGV[3], '$inflight_at', now, '$node', ARGV[4])
     redis.call('HINCRBY', exp, '$served', e[5])
+    index(exp, id)
   end
   out[#out + 1] = token
 end
@@ -219,10 +274,11 @@ end
 # KEYS: task, exp, events, active
 # ARGV: token, reason, count, max_attempts, exp_id, backoff_base_ms, backoff_cap_ms
 # -> 0 not the holder (or not running), 1 released for another attempt, 2 experiment failed
-GIVE_UP_ATTEMPT = render(_NOW + _NOT_BEFORE + """
+GIVE_UP_ATTEMPT = render(_NOW + _INDEX + _NOT_BEFORE + """
 local s = redis.call('HMGET', KEYS[1], 'status', 'token')
 if s[1] ~= 'claimed' or s[2] ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[2], '$status') ~= 'running' then return 0 end
+unindex(KEYS[2], ARGV[5])
 redis.call('HSET', KEYS[1], 'status', 'released', 'lease_until', 0, 'error', ARGV[2])
 local attempts = redis.call('HINCRBY', KEYS[2], '$attempts', tonumber(ARGV[3]))
 if tonumber(ARGV[3]) > 0 and attempts >= tonumber(ARGV[4]) then
@@ -236,6 +292,7 @@ if tonumber(ARGV[3]) > 0 and attempts >= tonumber(ARGV[4]) then
 end
 redis.call('HSET', KEYS[2], '$inflight', '', '$error', ARGV[2],
            '$not_before', not_before(tonumber(ARGV[3]) > 0, attempts, ARGV[6], ARGV[7]))
+index(KEYS[2], ARGV[5])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'attempt_released',
            'exp', ARGV[5], 'reason', ARGV[2], 'counted', ARGV[3])
 return 1
@@ -243,9 +300,10 @@ return 1
 
 # Scheduler or client ends an experiment (poison cap, cancel). KEYS: exp, events, active
 # ARGV: status, reason, exp_id
-FINISH = render(_NOW + """
+FINISH = render(_NOW + _INDEX + """
 local st = redis.call('HGET', KEYS[1], '$status')
 if st ~= 'queued' and st ~= 'running' then return 0 end
+unindex(KEYS[1], ARGV[3])
 redis.call('HSET', KEYS[1], '$status', ARGV[1], '$error', ARGV[2], '$inflight', '', '$finished_at', now)
 redis.call('SREM', KEYS[3], ARGV[3])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', $stream_maxlen, '*', 'type', ARGV[1], 'exp', ARGV[3],
@@ -256,9 +314,10 @@ return 1
 # A client adds steps to an experiment (continual learning): a completed one runs again from its
 # last committed version, keeping its history. KEYS: exp, events, active
 # ARGV: steps to add, the new spec JSON, exp_id -> the new steps_total, or 0 if not extendable
-EXTEND = render(_NOW + """
+EXTEND = render(_NOW + _INDEX + """
 local st = redis.call('HGET', KEYS[1], '$status')
 if st ~= 'queued' and st ~= 'running' and st ~= 'completed' then return 0 end
+unindex(KEYS[1], ARGV[3])
 local total = redis.call('HINCRBY', KEYS[1], '$steps_total', ARGV[1])
 redis.call('HSET', KEYS[1], '$spec_json', ARGV[2])
 if st == 'completed' then
@@ -266,6 +325,7 @@ if st == 'completed' then
              '$finished_at', 0, '$not_before', 0)
   redis.call('SADD', KEYS[3], ARGV[3])
 end
+index(KEYS[1], ARGV[3])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'extended', 'exp', ARGV[3],
            'steps_total', total)
 return total
@@ -273,18 +333,21 @@ return total
 
 # The leader marks the experiments of one batch as published (and counts the rows it serves
 # them, for fair share), each only if it is still running at that step and phase with nothing in
-# flight. KEYS: leader, exp... ARGV: leader_id, batch_id, phase, node, then step per exp
-# -> 1/0 per exp (all 0 if the caller is not the leader)
-MARK_INFLIGHT = render(_NOW + """
+# flight. KEYS: leader, exp... ARGV: leader_id, batch_id, phase, node, then step per exp, then
+# exp_id per exp -> 1/0 per exp (all 0 if the caller is not the leader)
+MARK_INFLIGHT = render(_NOW + _INDEX + """
 local out = {}
 local leader = redis.call('GET', KEYS[1]) == ARGV[1]
+local n = #KEYS - 1
 for i = 2, #KEYS do
-  local step = ARGV[3 + i]
+  local step, id = ARGV[3 + i], ARGV[3 + n + i]
   local e = redis.call('HMGET', KEYS[i], '$status', '$step', '$phase', '$inflight', '$rows')
   if leader and e[1] == 'running' and tonumber(e[2]) == tonumber(step) and e[3] == ARGV[3]
      and e[4] == '' then
+    unindex(KEYS[i], id)
     redis.call('HSET', KEYS[i], '$inflight', ARGV[2], '$inflight_at', now, '$node', ARGV[4])
     redis.call('HINCRBY', KEYS[i], '$served', e[5])
+    index(KEYS[i], id)
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -293,24 +356,32 @@ end
 return out
 """)
 
-# KEYS: leader, exp   ARGV: leader_id
-ACTIVATE = render(_NOW + """
+# KEYS: leader, exp   ARGV: leader_id, exp_id. An experiment that is not queued (any more) has
+# its index entries rewritten from its hash: a stale `queued` entry heals itself here.
+ACTIVATE = render(_NOW + _INDEX + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if redis.call('HGET', KEYS[2], '$status') ~= 'queued' then return 0 end
-redis.call('HSET', KEYS[2], '$status', 'running', '$started_at', now)
-return 1
+unindex(KEYS[2], ARGV[2])
+local ok = 0
+if redis.call('HGET', KEYS[2], '$status') == 'queued' then
+  redis.call('HSET', KEYS[2], '$status', 'running', '$started_at', now)
+  ok = 1
+end
+index(KEYS[2], ARGV[2])
+return ok
 """)
 
 # The leader gives up on a published task so that it is published again (after a backoff when
 # a counted attempt fails again: base x 2^(attempts-2), capped). KEYS: leader, exp
 # ARGV: leader_id, batch_id, attempts to add (0: the task never ran, e.g. its node vanished),
-# reason, backoff_base_ms, backoff_cap_ms -> 1 + failed attempts so far; 0: not cleared
-CLEAR_INFLIGHT = render(_NOW + _NOT_BEFORE + """
+# reason, backoff_base_ms, backoff_cap_ms, exp_id -> 1 + failed attempts so far; 0: not cleared
+CLEAR_INFLIGHT = render(_NOW + _INDEX + _NOT_BEFORE + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[2], '$inflight') ~= ARGV[2] then return 0 end
+unindex(KEYS[2], ARGV[7])
 local attempts = redis.call('HINCRBY', KEYS[2], '$attempts', ARGV[3])
 redis.call('HSET', KEYS[2], '$inflight', '', '$error', ARGV[4],
            '$not_before', not_before(tonumber(ARGV[3]) > 0, attempts, ARGV[5], ARGV[6]))
+index(KEYS[2], ARGV[7])
 return attempts + 1
 """)
 

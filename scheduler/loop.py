@@ -7,10 +7,12 @@ All state lives in Redis, so a restarted (or standby) scheduler simply carries o
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import socket
 import threading
+import time
 import uuid
 from typing import Any, Protocol
 
@@ -18,11 +20,12 @@ import redis
 from kombu.exceptions import OperationalError
 
 from lorafleet.common.celery_config import TASK_ROLLOUT, TASK_TRAIN
-from lorafleet.common.experiment import ACTIVE, SCHEDULING_FIELDS, ExperimentRecord
+from lorafleet.common.experiment import SCHEDULING_FIELDS, ExperimentRecord
 from lorafleet.common.keys import Keys, node_queue
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import BatchItem, BatchMessage
 from lorafleet.common.protocol import Backoff, StepProtocol
+from lorafleet.common.ready_index import PHASES, ReadyIndex, member_id, ready_member
 from lorafleet.common.retry import Outage
 from lorafleet.common.settings import Settings
 
@@ -36,11 +39,19 @@ class TaskSender(Protocol):
 
 
 class Scheduler:
+    # the rolling index check (ready_index.RECHECK): this many experiments' entries rewritten
+    # from their hashes at most once per INDEX_CHECK_S, a constant cost per second at any N
+    INDEX_CHECK_S = 1.0
+    INDEX_CHECK_COUNT = 64
+
     def __init__(self, r: redis.Redis, sender: TaskSender, settings: Settings) -> None:
         self.r = r
         self.sender = sender  # a Celery app used only for send_task (tests inject a recorder)
         self.config = settings
         self.protocol = StepProtocol(r)
+        self.index = ReadyIndex(r)
+        self._index_checked = False  # rebuilt once per leadership (first tick as leader)
+        self._recheck_cursor, self._recheck_at = "0", 0.0
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.epoch = 0
         self.is_leader = False
@@ -60,6 +71,7 @@ class Scheduler:
             epoch = self.protocol.acquire_leader(self.id, ttl)
             if epoch:
                 self.is_leader, self.epoch = True, epoch
+                self._index_checked = False
                 log.info("became leader", scheduler=self.id, epoch=epoch)
         return self.is_leader
 
@@ -88,25 +100,41 @@ class Scheduler:
             self._last_event = got[0][1][-1][0]
 
     # ---- one tick ----------------------------------------------------------------------------
+    # A tick reads the indexes of common/ready_index.py, never every experiment: the live
+    # workers, the in-flight experiments (the reaper's), per live node its load and ready counts,
+    # and only the head of a ready zset that an idle node can be sent. Its cost is O(batch +
+    # nodes), whatever the number of experiments waiting; experiments to place (new ones, those
+    # of a dead node) or to move (rebalancing) are read once, when they are placed or moved.
     def tick(self) -> None:
-        workers, exps, now = self._snapshot()
-        for e in exps:
-            if e.status == "queued" and self.protocol.activate(self.id, e.id):
-                e.status = "running"
-        running = [e for e in exps if e.status == "running"]
-        for node in self._reap(running, workers, now):  # nodes whose leases lapsed: dead or stuck
+        if not self._index_checked:  # leadership is new: indexes are rebuilt, not trusted
+            log.info("rebuilt experiment indexes", experiments=self.index.rebuild(), scheduler=self.id)
+            self._index_checked = True
+        if time.monotonic() >= self._recheck_at:
+            self._recheck_cursor = self.index.recheck(self._recheck_cursor, self.INDEX_CHECK_COUNT)
+            self._recheck_at = time.monotonic() + self.INDEX_CHECK_S
+        workers, inflight, now = self._snapshot()
+        suspect = self._reap(inflight, workers, now)  # nodes whose leases lapsed: dead or stuck
+        for node in suspect:
             workers.pop(node, None)
         if workers:
-            self._publish(running, workers, now)
+            # reaped, ready again, and on a node avoided this tick: placed elsewhere
+            moved_off = [e for e in inflight
+                         if not e.inflight and e.node in suspect and e.not_before < 1 << 62]
+            self._publish(inflight, workers, moved_off)
 
     def _snapshot(self) -> tuple[dict[str, dict], list[ExperimentRecord], int]:
-        """(live workers' heartbeats, active experiments, Redis clock in ms) in two round trips:
-        every tick sits between a commit and the next batch, so it is kept short."""
+        """(live workers' heartbeats, in-flight experiments, Redis clock in ms) in two round trips
+        (three when experiments were submitted): every tick sits between a commit and the next
+        batch, so it is kept short. Queued experiments are activated, due backoffs made ready."""
         pipe = self.r.pipeline(transaction=False)
         pipe.smembers(Keys.workers)
-        pipe.smembers(Keys.active)
+        pipe.smembers(Keys.idx_queued)
+        self.index.promote_due(client=pipe)
+        pipe.smembers(Keys.idx_inflight)
         pipe.time()
-        nodes, ids, (sec, usec) = pipe.execute()
+        nodes, queued, _, ids, (sec, usec) = pipe.execute()
+        if queued:  # ready at once, in this tick (they wait unplaced until _publish places them)
+            self.protocol.activate_many(self.id, sorted(queued))
         nodes, ids = sorted(nodes), sorted(ids)
         pipe = self.r.pipeline(transaction=False)
         for node in nodes:
@@ -115,15 +143,19 @@ class Scheduler:
             pipe.hmget(Keys.experiment(exp_id), SCHEDULING_FIELDS)
         out = pipe.execute() if nodes or ids else []
         workers = {n: json.loads(b) for n, b in zip(nodes, out[:len(nodes)], strict=True) if b}
-        exps = [ExperimentRecord.from_values(exp_id, SCHEDULING_FIELDS, values)
-                for exp_id, values in zip(ids, out[len(nodes):], strict=True)]
-        return workers, [e for e in exps if e.status in ACTIVE], int(sec) * 1000 + int(usec) // 1000
+        inflight = []
+        for exp_id, values in zip(ids, out[len(nodes):], strict=True):
+            e = ExperimentRecord.from_values(exp_id, SCHEDULING_FIELDS, values)
+            if e.status == "running" and e.inflight:
+                inflight.append(e)
+            else:  # a stale entry: harmless, and rewritten from the hash
+                self.index.repair(exp_id, Keys.idx_inflight, exp_id)
+        return workers, inflight, int(sec) * 1000 + int(usec) // 1000
 
     # ---- reaper --------------------------------------------------------------------------------
-    def _reap(self, running: list[ExperimentRecord], workers: dict[str, dict], now: int) -> set[str]:
+    def _reap(self, inflight: list[ExperimentRecord], workers: dict[str, dict], now: int) -> set[str]:
         """Re-publish tasks whose worker went away. Returns the nodes to avoid this tick."""
         suspect: set[str] = set()
-        inflight = [e for e in running if e.inflight]
         pipe = self.r.pipeline(transaction=False)
         for e in inflight:
             pipe.hgetall(Keys.task(e.id, e.step, e.phase))
@@ -158,44 +190,91 @@ class Scheduler:
                 e.not_before = 1 << 62  # backing off: not this tick
 
     # ---- batch forming -------------------------------------------------------------------------
-    def _publish(self, running: list[ExperimentRecord], workers: dict[str, dict], now: int) -> None:
-        """Place unplaced experiments on the least-loaded live node, then give every idle node
-        one batch: its largest ready group (train before rollout on ties), fair order inside.
+    def _publish(self, inflight: list[ExperimentRecord], workers: dict[str, dict],
+                 moved_off: list[ExperimentRecord]) -> None:
+        """Place unplaced experiments on the least-loaded live node, rebalance, then give every
+        idle node one batch: its largest ready group (train before rollout on ties), fair order
+        inside.
 
         One batch per node at a time keeps queues empty, decides fairness late, and lets the
-        experiments of a node fall into step with each other, so batches stay mixed."""
-        busy = {e.node for e in running if e.inflight}
-        # an experiment backing off after a failed attempt waits, its co-tenants go on
-        ready = sorted((e for e in running if not e.inflight and e.not_before <= now),
-                       key=lambda e: (e.fair_key, e.created_at))
-        load = {n: 0 for n in workers}  # placed running experiments per live node
-        for e in running:
-            if e.node in load:
-                load[e.node] += 1
-        for e in ready:
-            if e.node not in workers:  # new, or its worker is gone
-                e.node = min(load, key=lambda n: (load[n], n))
-                load[e.node] += 1
-        self._rebalance(ready, load)
-        groups: dict[str, dict[str, list[ExperimentRecord]]] = {}
-        for e in ready:
-            groups.setdefault(e.node, {}).setdefault(e.phase, []).append(e)
-        for node, by_phase in sorted(groups.items()):
-            if node in busy:
+        experiments of a node fall into step with each other, so batches stay mixed. A placement
+        or move is written at once (MOVE), so an experiment is placed once, not on every tick."""
+        busy = {e.node for e in inflight if e.inflight}
+        live = sorted(workers)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.smembers(Keys.idx_nodes)
+        for node in live:
+            pipe.scard(Keys.node_experiments(node))
+            for phase in PHASES:
+                pipe.zcard(Keys.ready(phase, node))
+        known, *counts = pipe.execute()
+        load = {n: int(counts[3 * i]) for i, n in enumerate(live)}  # placed running experiments
+        ready = {n: {p: int(counts[3 * i + 1 + j]) for j, p in enumerate(PHASES)} for i, n in enumerate(live)}
+        avoided = {e.node for e in moved_off}  # live, but avoided this tick: only the reaped move
+        dead = sorted(set(known) - set(live) - avoided)
+        self._place(["", *dead], moved_off, load, ready)
+        self._rebalance(load, ready)
+        for node in live:
+            phases = [p for p in PHASES if ready[node][p] > 0]
+            if node in busy or not phases:
                 continue
-            phase, items = max(by_phase.items(), key=lambda kv: (len(kv[1]), kv[0] == "train"))
-            self._send(phase, self._fill(items), node)
+            phase = max(phases, key=lambda p: (ready[node][p], p == "train"))
+            items = self._take(node, phase)
+            if items:
+                self._send(phase, items, node)
 
-    def _rebalance(self, ready: list[ExperimentRecord], load: dict[str, int]) -> None:
+    def _place(self, sources: list[str], extra: list[ExperimentRecord], load: dict[str, int],
+               ready: dict[str, dict[str, int]]) -> None:
+        """Ready experiments of `sources` (unplaced, dead nodes) and `extra`, in fair order, each to
+        the least-loaded live node (lower name on ties)."""
+        pipe = self.r.pipeline(transaction=False)
+        for node in sources:
+            for phase in PHASES:
+                pipe.zrange(Keys.ready(phase, node), 0, -1, withscores=True)
+        got = iter(pipe.execute())
+        found: dict[str, tuple[float, str, str, str]] = {}  # id -> (score, member, node, phase)
+        for node in sources:
+            for phase in PHASES:
+                for member, score in next(got):
+                    found[member_id(member)] = (float(score), member, node, phase)
+        for e in extra:
+            found.setdefault(e.id, (e.fair_key, ready_member(e.created_at, e.id), e.node, e.phase))
+        heap = [(n_load, node) for node, n_load in load.items()]
+        heapq.heapify(heap)
+        moves = []
+        for exp_id, (_, _, src, phase) in sorted(found.items(), key=lambda kv: kv[1][:2]):
+            n_load, dst = heapq.heappop(heap)
+            heapq.heappush(heap, (n_load + 1, dst))
+            load[dst] += 1
+            moves.append((exp_id, src, dst, phase))
+        self._move(moves, ready)
+
+    def _rebalance(self, load: dict[str, int], ready: dict[str, dict[str, int]]) -> None:
         """Move ready experiments off a node that holds 2+ more than another live node (a worker
         joined, or one node's experiments finished first) to the least-loaded one, lowest fair
         priority first; the receiving worker loads the committed version from the store. While
         an imbalance remains, a flag stops workers from chaining their next rollouts, so their
-        experiments come back to the scheduler at the next commit and can be moved."""
-        for e in reversed(ready):
-            light = min(load, key=lambda n: (load[n], n))
-            if load[e.node] - load[light] >= 2:
-                load[e.node], load[light], e.node = load[e.node] - 1, load[light] + 1, light
+        experiments come back to the scheduler at the next commit and can be moved.
+
+        A node d above the lightest gives at most d - 1 experiments, the last of its fair order:
+        only those are read."""
+        low = min(load.values(), default=0)
+        heavy = [(n, load[n] - low) for n in sorted(load) if load[n] - low >= 2]
+        if heavy:
+            pipe = self.r.pipeline(transaction=False)
+            for node, d in heavy:
+                for phase in PHASES:
+                    pipe.zrevrange(Keys.ready(phase, node), 0, d - 1, withscores=True)
+            got = iter(pipe.execute())
+            found = [(float(score), member, node, phase) for node, _ in heavy for phase in PHASES
+                     for member, score in next(got)]
+            moves = []
+            for _, member, src, phase in sorted(found, reverse=True):
+                light = min(load, key=lambda n: (load[n], n))
+                if load[src] - load[light] >= 2:
+                    load[src], load[light] = load[src] - 1, load[light] + 1
+                    moves.append((member_id(member), src, light, phase))
+            self._move(moves, ready)
         if load and max(load.values()) - min(load.values()) >= 2:
             self.r.set(Keys.rebalance, self.id, px=int(self.config.tick_s * 4000))
             self._rebalancing = True
@@ -203,16 +282,41 @@ class Scheduler:
             self.r.delete(Keys.rebalance)
             self._rebalancing = False
 
-    def _fill(self, items: list[ExperimentRecord]) -> list[ExperimentRecord]:
-        """Take items in fair order until the row budget is used (always at least one)."""
-        out, rows = [], 0
-        for e in items:
-            if out and rows + e.rows > self.config.max_batch_rows:
-                break
-            out.append(e)
-            rows += e.rows
-        return out
+    def _move(self, moves: list[tuple[str, str, str, str]], ready: dict[str, dict[str, int]]) -> None:
+        """Write (exp_id, from, to, phase) moves and count them in the live nodes' ready groups."""
+        done = self.index.move(self.id, [m[:3] for m in moves]) if moves else []
+        for (_, src, dst, phase), ok in zip(moves, done, strict=True):
+            if ok:
+                ready[dst][phase] += 1
+                if src in ready:
+                    ready[src][phase] -= 1
 
+    def _take(self, node: str, phase: str) -> list[ExperimentRecord]:
+        """The head of the node's ready zset in fair order, each checked against its hash, until
+        the row budget is used (always at least one): O(batch), whatever waits behind it."""
+        key, budget = Keys.ready(phase, node), self.config.max_batch_rows
+        out: list[ExperimentRecord] = []
+        rows, start, size = 0, 0, 32
+        while True:
+            members = self.r.zrange(key, start, start + size - 1)
+            pipe = self.r.pipeline(transaction=False)
+            for member in members:
+                pipe.hmget(Keys.experiment(member_id(member)), SCHEDULING_FIELDS)
+            stale = 0
+            for member, values in zip(members, pipe.execute() if members else [], strict=True):
+                e = ExperimentRecord.from_values(member_id(member), SCHEDULING_FIELDS, values)
+                if not (e.status == "running" and not e.inflight and e.node == node and e.phase == phase):
+                    self.index.repair(e.id, key, member)  # stale: skipped, and rewritten from the hash
+                    stale += 1
+                    continue
+                if out and rows + e.rows > budget:
+                    return out
+                out.append(e)
+                rows += e.rows
+            if len(members) < size:
+                return out
+            start += size - stale
+            size = max(32, (budget - rows) // max(1, min(e.rows for e in out)) + 1) if out else 2 * size
     def _send(self, phase: str, items: list[ExperimentRecord], node: str) -> None:
         """Rollouts and train steps of an adapter go to the node that holds it hot."""
         batch_id = uuid.uuid4().hex[:16]
