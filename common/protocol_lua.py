@@ -13,13 +13,11 @@ from __future__ import annotations
 from string import Template
 
 from lorafleet.common.experiment import FIELD_NAMES
-from lorafleet.common.keys import STREAM_MAXLEN, TASK_TTL_MS, Keys
+from lorafleet.common.index_lua import INDEX_LUA, INDEX_NAMES
+from lorafleet.common.keys import STREAM_MAXLEN, TASK_TTL_MS
 
 _NAMES: dict[str, object] = {name: name for name in FIELD_NAMES}
-_NAMES.update(task_ttl_ms=TASK_TTL_MS, stream_maxlen=STREAM_MAXLEN, exp_prefix=Keys.experiment_prefix,
-              idx_queued=Keys.idx_queued, idx_waiting=Keys.idx_waiting, idx_inflight=Keys.idx_inflight,
-              idx_backoff=Keys.idx_backoff, idx_nodes=Keys.idx_nodes, idx_ready=Keys.idx_ready_prefix,
-              idx_node=Keys.idx_node_prefix)
+_NAMES.update(task_ttl_ms=TASK_TTL_MS, stream_maxlen=STREAM_MAXLEN, **INDEX_NAMES)
 
 
 def render(script: str) -> str:
@@ -41,50 +39,7 @@ local function claim_task(task, fence, owner, lease_ms, batch)
 end
 """
 
-# The indexes of `common/ready_index.py`, as a pure function of an experiment's hash. Every script
-# that changes status, node, phase, inflight or not_before calls `unindex` before its writes (the
-# entries of the hash as it was) and `index` after them, in the same atomic step, so the indexes
-# always equal a full scan. A ready member is "<created_at, 15 digits>:<id>": with the score
-# (rows served / weight) the zset's order is the scheduler's fair order (fair key, then age, then
-# id). Keys are built from prefixes (`$idx_ready`...), as for the experiment hashes.
-_INDEX = """
-local function str(v) if v then return v end return '' end
-local function ready_member(created_at, id)
-  return string.format('%015d', tonumber(created_at) or 0) .. ':' .. id
-end
-local function unindex(exp, id)
-  local e = redis.call('HMGET', exp, '$node', '$phase', '$created_at')
-  local node = str(e[1])
-  redis.call('SREM', '$idx_queued', id)
-  redis.call('SREM', '$idx_waiting', id)
-  redis.call('SREM', '$idx_inflight', id)
-  redis.call('ZREM', '$idx_backoff', id)
-  redis.call('ZREM', '$idx_ready' .. str(e[2]) .. ':' .. node, ready_member(e[3], id))
-  if node ~= '' then redis.call('SREM', '$idx_node' .. node, id) end
-end
-local function index(exp, id)
-  local e = redis.call('HMGET', exp, '$status', '$node', '$phase', '$inflight', '$not_before', '$served',
-                       '$weight', '$created_at')
-  if e[1] == 'queued' then
-    redis.call('SADD', '$idx_queued', id)
-    redis.call('SADD', '$idx_waiting', id)
-  end
-  if e[1] ~= 'running' then return end
-  local node = str(e[2])
-  if node ~= '' then
-    redis.call('SADD', '$idx_node' .. node, id)
-    redis.call('SADD', '$idx_nodes', node)
-  end
-  if str(e[4]) ~= '' then redis.call('SADD', '$idx_inflight', id) return end
-  redis.call('SADD', '$idx_waiting', id)
-  if (tonumber(e[5]) or 0) > now then
-    redis.call('ZADD', '$idx_backoff', tonumber(e[5]), id)
-  else
-    local fair_key = (tonumber(e[6]) or 0) / (tonumber(e[7]) or 1)
-    redis.call('ZADD', '$idx_ready' .. str(e[3]) .. ':' .. node, fair_key, ready_member(e[8], id))
-  end
-end
-"""
+_INDEX = INDEX_LUA  # the indexes' entries and `reindex` (common/index_lua.py)
 
 # Every refusal is counted per experiment and reason (`lf:refusals:<id>`): a stale or duplicate
 # message, a zombie's late commit. Used inside scripts below.
@@ -152,8 +107,9 @@ end
 # ARGV: token, step, traj_json, summary_json, ttl_ms, exp_id
 _COMMIT_ROLLOUT = _REFUSE + _POSITION + _FENCE + """
 local verdict = fence(KEYS[1], KEYS[2], KEYS[5], ARGV[1], ARGV[2], 'rollout')
+local was = {}
 local function commit_rollout()
-  unindex(KEYS[2], ARGV[6])
+  was = entries(KEYS[2], ARGV[6], true)
   redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[5])
   redis.call('HSET', KEYS[1], 'status', 'committed')
   redis.call('HSET', KEYS[2], '$phase', 'train', '$attempts', 0, '$error', '', '$rollout_summary', ARGV[4])
@@ -168,7 +124,7 @@ if verdict == 'done' then return {1, 'ok'} end
 if verdict ~= 'ok' then return {0, verdict} end
 commit_rollout()
 redis.call('HSET', KEYS[2], '$inflight', '')
-index(KEYS[2], ARGV[6])
+reindex(KEYS[2], ARGV[6], was)
 return {1, 'ok'}
 """)
 
@@ -188,7 +144,7 @@ commit_rollout()
 local token = claim_task(KEYS[6], KEYS[7], ARGV[7], ARGV[8], ARGV[9])
 redis.call('HSET', KEYS[2], '$inflight', ARGV[9], '$inflight_at', now, '$node', ARGV[10])
 redis.call('HINCRBY', KEYS[2], '$served', redis.call('HGET', KEYS[2], '$rows'))
-index(KEYS[2], ARGV[6])
+reindex(KEYS[2], ARGV[6], was)
 return {token, 'ok'}
 """)
 
@@ -201,7 +157,7 @@ if verdict ~= 'ok' then return {0, verdict} end
 local step = tonumber(ARGV[2])
 local total = redis.call('HGET', KEYS[2], '$steps_total')
 local nxt = step + 1
-unindex(KEYS[2], ARGV[4])
+local was = entries(KEYS[2], ARGV[4], true)
 redis.call('HSET', KEYS[1], 'status', 'committed')
 redis.call('RPUSH', KEYS[3], ARGV[3])
 redis.call('DEL', KEYS[5])
@@ -213,7 +169,7 @@ if nxt >= tonumber(total) then
   redis.call('SREM', KEYS[6], ARGV[4])
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'completed', 'exp', ARGV[4])
 end
-index(KEYS[2], ARGV[4])
+reindex(KEYS[2], ARGV[4], was)
 return {1, 'ok'}
 """)
 
@@ -244,10 +200,10 @@ for i = 0, n - 1 do
   if e[1] == 'running' and tonumber(e[2]) == tonumber(step) and e[3] == 'rollout' and e[4] == ''
      and s[1] ~= 'committed' and not (s[1] == 'claimed' and tonumber(s[2]) > now) then
     token = claim_task(task, KEYS[2], ARGV[1], ARGV[2], ARGV[3])
-    unindex(exp, id)
+    local was = entries(exp, id, true)
     redis.call('HSET', exp, '$inflight', ARGV[3], '$inflight_at', now, '$node', ARGV[4])
     redis.call('HINCRBY', exp, '$served', e[5])
-    index(exp, id)
+    reindex(exp, id, was)
   end
   out[#out + 1] = token
 end
@@ -278,7 +234,7 @@ GIVE_UP_ATTEMPT = render(_NOW + _INDEX + _NOT_BEFORE + """
 local s = redis.call('HMGET', KEYS[1], 'status', 'token')
 if s[1] ~= 'claimed' or s[2] ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[2], '$status') ~= 'running' then return 0 end
-unindex(KEYS[2], ARGV[5])
+local was = entries(KEYS[2], ARGV[5], true)
 redis.call('HSET', KEYS[1], 'status', 'released', 'lease_until', 0, 'error', ARGV[2])
 local attempts = redis.call('HINCRBY', KEYS[2], '$attempts', tonumber(ARGV[3]))
 if tonumber(ARGV[3]) > 0 and attempts >= tonumber(ARGV[4]) then
@@ -286,13 +242,14 @@ if tonumber(ARGV[3]) > 0 and attempts >= tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[2], '$status', 'failed', '$error', reason, '$inflight', '',
              '$finished_at', now)
   redis.call('SREM', KEYS[4], ARGV[5])
+  reindex(KEYS[2], ARGV[5], was)
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'failed', 'exp', ARGV[5],
              'reason', reason)
   return 2
 end
 redis.call('HSET', KEYS[2], '$inflight', '', '$error', ARGV[2],
            '$not_before', not_before(tonumber(ARGV[3]) > 0, attempts, ARGV[6], ARGV[7]))
-index(KEYS[2], ARGV[5])
+reindex(KEYS[2], ARGV[5], was)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'attempt_released',
            'exp', ARGV[5], 'reason', ARGV[2], 'counted', ARGV[3])
 return 1
@@ -303,9 +260,10 @@ return 1
 FINISH = render(_NOW + _INDEX + """
 local st = redis.call('HGET', KEYS[1], '$status')
 if st ~= 'queued' and st ~= 'running' then return 0 end
-unindex(KEYS[1], ARGV[3])
+local was = entries(KEYS[1], ARGV[3], true)
 redis.call('HSET', KEYS[1], '$status', ARGV[1], '$error', ARGV[2], '$inflight', '', '$finished_at', now)
 redis.call('SREM', KEYS[3], ARGV[3])
+reindex(KEYS[1], ARGV[3], was)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', $stream_maxlen, '*', 'type', ARGV[1], 'exp', ARGV[3],
            'reason', ARGV[2])
 return 1
@@ -317,7 +275,7 @@ return 1
 EXTEND = render(_NOW + _INDEX + """
 local st = redis.call('HGET', KEYS[1], '$status')
 if st ~= 'queued' and st ~= 'running' and st ~= 'completed' then return 0 end
-unindex(KEYS[1], ARGV[3])
+local was = entries(KEYS[1], ARGV[3], true)
 local total = redis.call('HINCRBY', KEYS[1], '$steps_total', ARGV[1])
 redis.call('HSET', KEYS[1], '$spec_json', ARGV[2])
 if st == 'completed' then
@@ -325,7 +283,7 @@ if st == 'completed' then
              '$finished_at', 0, '$not_before', 0)
   redis.call('SADD', KEYS[3], ARGV[3])
 end
-index(KEYS[1], ARGV[3])
+reindex(KEYS[1], ARGV[3], was)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'extended', 'exp', ARGV[3],
            'steps_total', total)
 return total
@@ -344,10 +302,10 @@ for i = 2, #KEYS do
   local e = redis.call('HMGET', KEYS[i], '$status', '$step', '$phase', '$inflight', '$rows')
   if leader and e[1] == 'running' and tonumber(e[2]) == tonumber(step) and e[3] == ARGV[3]
      and e[4] == '' then
-    unindex(KEYS[i], id)
+    local was = entries(KEYS[i], id, true)
     redis.call('HSET', KEYS[i], '$inflight', ARGV[2], '$inflight_at', now, '$node', ARGV[4])
     redis.call('HINCRBY', KEYS[i], '$served', e[5])
-    index(KEYS[i], id)
+    reindex(KEYS[i], id, was)
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -360,13 +318,13 @@ return out
 # its index entries rewritten from its hash: a stale `queued` entry heals itself here.
 ACTIVATE = render(_NOW + _INDEX + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-unindex(KEYS[2], ARGV[2])
+local was = entries(KEYS[2], ARGV[2], true)
 local ok = 0
 if redis.call('HGET', KEYS[2], '$status') == 'queued' then
   redis.call('HSET', KEYS[2], '$status', 'running', '$started_at', now)
   ok = 1
 end
-index(KEYS[2], ARGV[2])
+reindex(KEYS[2], ARGV[2], was)
 return ok
 """)
 
@@ -377,11 +335,11 @@ return ok
 CLEAR_INFLIGHT = render(_NOW + _INDEX + _NOT_BEFORE + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[2], '$inflight') ~= ARGV[2] then return 0 end
-unindex(KEYS[2], ARGV[7])
+local was = entries(KEYS[2], ARGV[7], true)
 local attempts = redis.call('HINCRBY', KEYS[2], '$attempts', ARGV[3])
 redis.call('HSET', KEYS[2], '$inflight', '', '$error', ARGV[4],
            '$not_before', not_before(tonumber(ARGV[3]) > 0, attempts, ARGV[5], ARGV[6]))
-index(KEYS[2], ARGV[7])
+reindex(KEYS[2], ARGV[7], was)
 return attempts + 1
 """)
 

@@ -17,7 +17,7 @@ stands:
 
 Every entry is a pure function of the experiment's hash (and of the Redis clock for backoff vs
 ready), written by the same Lua script (or the submit transaction) that changes the fields it
-derives from (`_INDEX` in `protocol_lua.py`: `unindex` before the writes, `index` after), so
+derives from (`common/index_lua.py`: `entries` before the writes, `reindex` after), so
 a scheduler or Redis restart (AOF replays whole scripts) leaves them consistent. They are still
 not trusted blindly: the leader rebuilds them all from `lf:active` when it takes over
 (`REBUILD`, O(N) once per leadership), due backoff entries are moved by `PROMOTE_DUE`, and every
@@ -59,9 +59,9 @@ for i = 2, #KEYS do
   local id, from, to = ARGV[3 * i - 4], ARGV[3 * i - 3], ARGV[3 * i - 2]
   local e = redis.call('HMGET', KEYS[i], '$status', '$inflight', '$node')
   if leader and e[1] == 'running' and str(e[2]) == '' and str(e[3]) == from then
-    unindex(KEYS[i], id)
+    local was = entries(KEYS[i], id, true)
     redis.call('HSET', KEYS[i], '$node', to)
-    index(KEYS[i], id)
+    reindex(KEYS[i], id, was)
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -75,8 +75,8 @@ return out
 PROMOTE_DUE = render(_NOW + _INDEX + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 for _, id in ipairs(due) do
-  unindex('$exp_prefix' .. id, id)
-  index('$exp_prefix' .. id, id)
+  redis.call('ZREM', KEYS[1], id)
+  reindex('$exp_prefix' .. id, id, entries('$exp_prefix' .. id, id, true))
 end
 return #due
 """)
@@ -86,8 +86,8 @@ return #due
 REPAIR = render(_NOW + _INDEX + """
 if redis.call('TYPE', KEYS[2]).ok == 'zset' then redis.call('ZREM', KEYS[2], ARGV[2])
 else redis.call('SREM', KEYS[2], ARGV[2]) end
-unindex(KEYS[1], ARGV[1])
-index(KEYS[1], ARGV[1])
+purge(KEYS[1], ARGV[1])
+reindex(KEYS[1], ARGV[1], {})
 return 1
 """)
 
@@ -103,7 +103,7 @@ for _, node in ipairs(nodes) do
 end
 redis.call('DEL', '$idx_queued', '$idx_waiting', '$idx_inflight', '$idx_backoff', '$idx_nodes')
 local ids = redis.call('SMEMBERS', KEYS[1])
-for _, id in ipairs(ids) do index('$exp_prefix' .. id, id) end
+for _, id in ipairs(ids) do reindex('$exp_prefix' .. id, id, {}) end
 return #ids
 """)
 
@@ -114,8 +114,8 @@ return #ids
 RECHECK = render(_NOW + _INDEX + """
 local res = redis.call('SSCAN', KEYS[1], ARGV[1], 'COUNT', tonumber(ARGV[2]))
 for _, id in ipairs(res[2]) do
-  unindex('$exp_prefix' .. id, id)
-  index('$exp_prefix' .. id, id)
+  purge('$exp_prefix' .. id, id)
+  reindex('$exp_prefix' .. id, id, {})
 end
 return res[1]
 """)

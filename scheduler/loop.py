@@ -148,7 +148,7 @@ class Scheduler:
             e = ExperimentRecord.from_values(exp_id, SCHEDULING_FIELDS, values)
             if e.status == "running" and e.inflight:
                 inflight.append(e)
-            else:  # a stale entry: harmless, and rewritten from the hash
+            elif e.status != "running":  # stale (a running one was most likely just committed)
                 self.index.repair(exp_id, Keys.idx_inflight, exp_id)
         return workers, inflight, int(sec) * 1000 + int(usec) // 1000
 
