@@ -10,7 +10,7 @@ Lease times come from the Redis server clock (TIME), so worker clocks never matt
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,6 +32,7 @@ from lorafleet.common.protocol_lua import (
     MARK_INFLIGHT,
     RENEW,
     RENEW_LEADER,
+    RENEW_MANY,
 )
 from lorafleet.common.schemas import ExperimentSpec
 
@@ -115,6 +116,7 @@ class StepProtocol:
         self.r = r
         self._claim = r.register_script(CLAIM)
         self._renew = r.register_script(RENEW)
+        self._renew_many = r.register_script(RENEW_MANY)
         self._give_up = r.register_script(GIVE_UP_ATTEMPT)
         self._commit_rollout = r.register_script(COMMIT_ROLLOUT)
         self._commit_rollout_claim = r.register_script(COMMIT_ROLLOUT_CLAIM_TRAIN)
@@ -152,6 +154,13 @@ class StepProtocol:
 
     def renew(self, exp_id: str, step: int, phase: str, token: int, lease_ms: int) -> bool:
         return bool(self._renew(keys=[Keys.task(exp_id, step, phase)], args=[token, lease_ms]))
+
+    def renew_many(self, claims: Mapping[tuple[str, int, str], int], lease_ms: int) -> list[bool]:
+        """Renew every (exp_id, step, phase) -> token claim in one script -> still held, per claim."""
+        if not claims:
+            return []
+        keys = [Keys.task(e, step, phase) for e, step, phase in claims]
+        return [bool(x) for x in self._renew_many(keys=keys, args=[lease_ms, *claims.values()])]
 
     def give_up(self, item: StepItem, phase: str, reason: str, count: bool, max_attempts: int,
                 backoff: Backoff) -> int:

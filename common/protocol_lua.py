@@ -86,6 +86,22 @@ redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]))
 return 1
 """
 
+# Every claim a worker holds, renewed in one script. KEYS: task per claim   ARGV: lease_ms, then
+# token per claim -> 1/0 per claim (0: not held any more)
+RENEW_MANY = _NOW + """
+local out = {}
+for i = 1, #KEYS do
+  local s = redis.call('HMGET', KEYS[i], 'status', 'token')
+  if s[1] == 'claimed' and s[2] == ARGV[i + 1] then
+    redis.call('HSET', KEYS[i], 'lease_until', now + tonumber(ARGV[1]))
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
 # The fencing check of every commit -> 'ok', 'done' (this token already committed it: a retry
 # after a lost reply), or the refusal reason (counted).
 _FENCE = """

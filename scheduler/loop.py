@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
@@ -38,11 +39,20 @@ class TaskSender(Protocol):
     def send_task(self, name: str, args: list[Any], queue: str) -> Any: ...
 
 
+@dataclass
+class _Watched:
+    """An in-flight experiment as last read, and when the reaper must look at its task again
+    (Redis clock, ms; 0: next tick)."""
+
+    e: ExperimentRecord
+    check_at: int
+
+
 class Scheduler:
     # the rolling index check (ready_index.RECHECK): this many experiments' entries rewritten
     # from their hashes at most once per INDEX_CHECK_S, a constant cost per second at any N
     INDEX_CHECK_S = 1.0
-    INDEX_CHECK_COUNT = 64
+    INDEX_CHECK_COUNT = 16
 
     def __init__(self, r: redis.Redis, sender: TaskSender, settings: Settings) -> None:
         self.r = r
@@ -52,6 +62,7 @@ class Scheduler:
         self.index = ReadyIndex(r)
         self._index_checked = False  # rebuilt once per leadership (first tick as leader)
         self._recheck_cursor, self._recheck_at = "0", 0.0
+        self._watch: dict[str, _Watched] = {}  # in-flight experiments the reaper watches
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.epoch = 0
         self.is_leader = False
@@ -109,23 +120,26 @@ class Scheduler:
         if not self._index_checked:  # leadership is new: indexes are rebuilt, not trusted
             log.info("rebuilt experiment indexes", experiments=self.index.rebuild(), scheduler=self.id)
             self._index_checked = True
+            self._watch.clear()
         if time.monotonic() >= self._recheck_at:
             self._recheck_cursor = self.index.recheck(self._recheck_cursor, self.INDEX_CHECK_COUNT)
             self._recheck_at = time.monotonic() + self.INDEX_CHECK_S
-        workers, inflight, now = self._snapshot()
-        suspect = self._reap(inflight, workers, now)  # nodes whose leases lapsed: dead or stuck
+        workers, now = self._snapshot()
+        due = [w.e for w in self._watch.values() if w.check_at <= now or w.e.node not in workers]
+        suspect = self._reap(due, workers, now)  # nodes whose leases lapsed: dead or stuck
         for node in suspect:
             workers.pop(node, None)
         if workers:
             # reaped, ready again, and on a node avoided this tick: placed elsewhere
-            moved_off = [e for e in inflight
-                         if not e.inflight and e.node in suspect and e.not_before < 1 << 62]
-            self._publish(inflight, workers, moved_off)
+            moved_off = [e for e in due if not e.inflight and e.node in suspect and e.not_before < 1 << 62]
+            self._publish([w.e for w in self._watch.values()], workers, moved_off)
 
-    def _snapshot(self) -> tuple[dict[str, dict], list[ExperimentRecord], int]:
-        """(live workers' heartbeats, in-flight experiments, Redis clock in ms) in two round trips
-        (three when experiments were submitted): every tick sits between a commit and the next
-        batch, so it is kept short. Queued experiments are activated, due backoffs made ready."""
+    def _snapshot(self) -> tuple[dict[str, dict], int]:
+        """(live workers' heartbeats, Redis clock in ms) in two round trips (three when
+        experiments were submitted): every tick sits between a commit and the next batch, so it
+        is kept short. Queued experiments are activated, due backoffs made ready, and the
+        in-flight experiments the reaper watches brought up to date: a new one, or one whose
+        check is due, is read again; one no longer in flight is dropped."""
         pipe = self.r.pipeline(transaction=False)
         pipe.smembers(Keys.workers)
         pipe.smembers(Keys.idx_queued)
@@ -133,51 +147,68 @@ class Scheduler:
         pipe.smembers(Keys.idx_inflight)
         pipe.time()
         nodes, queued, _, ids, (sec, usec) = pipe.execute()
+        now = int(sec) * 1000 + int(usec) // 1000
         if queued:  # ready at once, in this tick (they wait unplaced until _publish places them)
             self.protocol.activate_many(self.id, sorted(queued))
-        nodes, ids = sorted(nodes), sorted(ids)
+        for gone in set(self._watch) - ids:
+            del self._watch[gone]
+        fresh = sorted(i for i in ids if i not in self._watch or self._watch[i].check_at <= now)
+        nodes = sorted(nodes)
         pipe = self.r.pipeline(transaction=False)
         for node in nodes:
             pipe.get(Keys.worker(node))
-        for exp_id in ids:
+        for exp_id in fresh:
             pipe.hmget(Keys.experiment(exp_id), SCHEDULING_FIELDS)
-        out = pipe.execute() if nodes or ids else []
+        out = pipe.execute() if nodes or fresh else []
         workers = {n: json.loads(b) for n, b in zip(nodes, out[:len(nodes)], strict=True) if b}
-        inflight = []
-        for exp_id, values in zip(ids, out[len(nodes):], strict=True):
+        for exp_id, values in zip(fresh, out[len(nodes):], strict=True):
             e = ExperimentRecord.from_values(exp_id, SCHEDULING_FIELDS, values)
             if e.status == "running" and e.inflight:
-                inflight.append(e)
-            elif e.status != "running":  # stale (a running one was most likely just committed)
-                self.index.repair(exp_id, Keys.idx_inflight, exp_id)
-        return workers, inflight, int(sec) * 1000 + int(usec) // 1000
+                self._watch[exp_id] = _Watched(e, check_at=0)  # its task is read this tick
+            else:
+                self._watch.pop(exp_id, None)
+                if e.status != "running":  # stale (a running one was most likely just committed)
+                    self.index.repair(exp_id, Keys.idx_inflight, exp_id)
+        return workers, now
 
     # ---- reaper --------------------------------------------------------------------------------
-    def _reap(self, inflight: list[ExperimentRecord], workers: dict[str, dict], now: int) -> set[str]:
-        """Re-publish tasks whose worker went away. Returns the nodes to avoid this tick."""
+    def _reap(self, due: list[ExperimentRecord], workers: dict[str, dict], now: int) -> set[str]:
+        """Re-publish tasks whose worker went away. Returns the nodes to avoid this tick.
+
+        Only the tasks whose check is due are read (new in flight, a lease or the unclaimed
+        timeout ran out, the node is gone): about two reads per task and lease, where reading
+        every in-flight task on every tick cost O(batch) per tick."""
         suspect: set[str] = set()
         pipe = self.r.pipeline(transaction=False)
-        for e in inflight:
+        for e in due:
             pipe.hgetall(Keys.task(e.id, e.step, e.phase))
-        for e, task in zip(inflight, pipe.execute() if inflight else [], strict=True):
-            status = task.get("status")
-            if status == "claimed" and int(task.get("lease_until", 0)) >= now:
-                continue  # a live worker holds it, claimed from this message or an older one
-            if status == "claimed" and task.get("batch") == e.inflight:  # a live worker renews leases
+        for e, task in zip(due, pipe.execute() if due else [], strict=True):
+            status, watched = task.get("status"), self._watch[e.id]
+            lease_until = int(task.get("lease_until", 0))
+            if status == "claimed" and lease_until >= now:
+                # a live worker holds it, claimed from this message or an older one: the heartbeat
+                # renews the lease, so look again once it would have run out
+                watched.check_at = lease_until + 1
+            elif status == "claimed" and task.get("batch") == e.inflight:  # a live worker renews leases
                 suspect.add(task.get("owner", "").split(":")[0])
                 self._retry(e, f"step {e.step} {e.phase}: lease of worker {task.get('owner')} expired "
                                "(worker died, hung, or lost Redis)")
             elif status not in ("committed", "failed"):  # an expired claim of an older message counts
                 # as no claim: the current message is still waiting for a worker
+                timeout_ms = int(self.config.unclaimed_timeout_s * 1000)
                 if e.node not in workers:
                     self._retry(e, f"node {e.node!r} has no live worker", count=False)
-                elif now - e.inflight_at > self.config.unclaimed_timeout_s * 1000:
+                elif now - e.inflight_at > timeout_ms:
                     self._retry(e, f"step {e.step} {e.phase}: not claimed within "
                                    f"{self.config.unclaimed_timeout_s:g} s")
+                else:  # a claim may come any moment: look again within a lease at the latest
+                    watched.check_at = min(e.inflight_at + timeout_ms + 1, now + self.config.lease_ms)
+            # committed (or cleared below): the record moved on; it is read again next tick
         return suspect
 
     def _retry(self, e: ExperimentRecord, reason: str, count: bool = True) -> None:
         attempts = self.protocol.clear_inflight(self.id, e.id, e.inflight, reason, count, self.backoff) - 1
+        self._watch[e.id].check_at = 0  # moved on (or will): read again next tick
         if attempts < 0:
             return
         log.warning("re-publishing task", experiment_id=e.id, step=e.step, phase=e.phase,
