@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,6 +64,7 @@ class Scheduler:
         self._index_checked = False  # rebuilt once per leadership (first tick as leader)
         self._recheck_cursor, self._recheck_at = "0", 0.0
         self._watch: dict[str, _Watched] = {}  # in-flight experiments the reaper watches
+        self._ticked_at = 0.0
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.epoch = 0
         self.is_leader = False
@@ -93,11 +95,14 @@ class Scheduler:
         answers; leadership is then won again through the lease like after any restart."""
         stop = stop or threading.Event()
         log.info("scheduler started", scheduler=self.id)
+        need_tick = True
         while not stop.is_set():
             try:
                 if self._hold_lease():
-                    self.tick()
-                    self._wait_for_events(self.config.tick_s)
+                    if need_tick or not self._index_checked:
+                        self.tick()
+                        self._ticked_at = time.monotonic()
+                    need_tick = self._wait_for_events(self.config.tick_s)
                 else:
                     stop.wait(self.config.leader_ttl_ms / 3000)
                 self.redis_outage.ok()
@@ -105,10 +110,30 @@ class Scheduler:
                 self.is_leader = False
                 stop.wait(self.redis_outage.failed(exc))
 
-    def _wait_for_events(self, timeout_s: float) -> None:
+    def _wait_for_events(self, timeout_s: float) -> bool:
+        """Wait for events -> whether a tick can change anything now: after a timeout (the reaper,
+        backoffs), tick_s after the last tick, on any event but a commit, and on a commit that
+        leaves its node with nothing in flight that the reaper watches. A batch's commits arrive
+        one by one; a tick on each cost a tick's round trips per commit, several per step with
+        small batches."""
         got = self.r.xread({Keys.events: self._last_event}, count=1000, block=int(timeout_s * 1000))
-        if got:
-            self._last_event = got[0][1][-1][0]
+        if not got:
+            return True
+        entries = got[0][1]
+        self._last_event = entries[-1][0]
+        need = time.monotonic() - self._ticked_at >= timeout_s
+        left = Counter(w.e.node for w in self._watch.values())  # in flight per node, as watched
+        for _, fields in entries:
+            if fields.get("type") not in ("rollout_committed", "train_committed"):
+                need = True
+                continue
+            watched = self._watch.pop(fields.get("exp", ""), None)  # (a chained claim: read anew)
+            if watched is None:
+                need = True
+            else:
+                left[watched.e.node] -= 1
+                need = need or left[watched.e.node] <= 0
+        return need
 
     # ---- one tick ----------------------------------------------------------------------------
     # A tick reads the indexes of common/ready_index.py, never every experiment: the live
@@ -366,6 +391,9 @@ class Scheduler:
             for e in marked:
                 self.protocol.clear_inflight(self.id, e.id, batch_id, "publish failed", count=False)
             raise
+        for e in marked:  # watched from now on, read afresh at the next tick
+            e.inflight, e.node = batch_id, node
+            self._watch[e.id] = _Watched(e, check_at=0)
         log.debug("published", phase=phase, batch=batch_id, queue=queue, n=len(marked),
                   experiments=[e.id for e in marked])
 
