@@ -42,11 +42,8 @@ class TaskSender(Protocol):
 
 @dataclass
 class _Watched:
-    """An in-flight experiment as last read, and when the reaper must look at its task again
-    (Redis clock, ms; 0: next tick)."""
-
-    e: ExperimentRecord
-    check_at: int
+    e: ExperimentRecord  # an in-flight experiment as last read
+    check_at: int  # when the reaper reads it and its task again (Redis clock, ms; 0: next tick)
 
 
 class Scheduler:
@@ -136,10 +133,9 @@ class Scheduler:
         return need
 
     # ---- one tick ----------------------------------------------------------------------------
-    # A tick reads the indexes of common/ready_index.py, never every experiment: the live
-    # workers, the in-flight experiments (the reaper's), per live node its load and ready counts,
-    # and only the head of a ready zset that an idle node can be sent. Its cost is O(batch +
-    # nodes), whatever the number of experiments waiting; experiments to place (new ones, those
+    # A tick reads the indexes (common/ready_index.py), never every experiment: live workers,
+    # in-flight ids, per live node its load and ready counts, and the head of a ready zset that
+    # an idle node can be sent: O(batch + nodes), whatever waits. Experiments to place (new, or
     # of a dead node) or to move (rebalancing) are read once, when they are placed or moved.
     def tick(self) -> None:
         if not self._index_checked:  # leadership is new: indexes are rebuilt, not trusted
