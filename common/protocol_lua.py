@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from string import Template
 
+from lorafleet.common import index_lua
 from lorafleet.common.experiment import FIELD_NAMES
-from lorafleet.common.index_lua import INDEX_LUA, INDEX_NAMES
 from lorafleet.common.keys import STREAM_MAXLEN, TASK_TTL_MS
 
 _NAMES: dict[str, object] = {name: name for name in FIELD_NAMES}
-_NAMES.update(task_ttl_ms=TASK_TTL_MS, stream_maxlen=STREAM_MAXLEN, **INDEX_NAMES)
+_NAMES.update(task_ttl_ms=TASK_TTL_MS, stream_maxlen=STREAM_MAXLEN, **index_lua.INDEX_NAMES)
 
 
 def render(script: str) -> str:
@@ -39,7 +39,7 @@ local function claim_task(task, fence, owner, lease_ms, batch)
 end
 """
 
-_INDEX = INDEX_LUA  # the indexes' entries and `reindex` (common/index_lua.py)
+_INDEX = index_lua.INDEX_LUA  # the indexes' entries and `reindex` (common/index_lua.py)
 
 # Every refusal is counted per experiment and reason (`lf:refusals:<id>`): a stale or duplicate
 # message, a zombie's late commit. Used inside scripts below.
@@ -90,10 +90,10 @@ return 1
 # token per claim -> 1/0 per claim (0: not held any more)
 RENEW_MANY = _NOW + """
 local out = {}
-for i = 1, #KEYS do
-  local s = redis.call('HMGET', KEYS[i], 'status', 'token')
+for i, task in ipairs(KEYS) do
+  local s = redis.call('HMGET', task, 'status', 'token')
   if s[1] == 'claimed' and s[2] == ARGV[i + 1] then
-    redis.call('HSET', KEYS[i], 'lease_until', now + tonumber(ARGV[1]))
+    redis.call('HSET', task, 'lease_until', now + tonumber(ARGV[1]))
     out[i] = 1
   else
     out[i] = 0

@@ -278,3 +278,21 @@ def test_the_scheduler_picks_up_an_experiment_whose_entry_was_deleted(r, lost):
         sent = _tick(s, sender)
     assert a in sent
     assert_consistent(r)
+
+
+def test_renew_many_extends_only_the_leases_still_held(r):
+    """Workers renew all their claims in one script (every third of a lease), not one round trip
+    per claim per heartbeat."""
+    d = Driver(r)
+    a, b = submit(r, "a", "b")
+    for e in (a, b):
+        d.activate(e)
+        assert d.mark(e, 0, "rollout", batch=f"b-{e}")
+    ia, ib = d.claim(a, 0, "rollout", f"b-{a}"), d.claim(b, 0, "rollout", f"b-{b}")
+    before = {e: int(r.hget(Keys.task(e, 0, "rollout"), "lease_until")) for e in (a, b)}
+    time.sleep(0.01)
+    claims = {(a, 0, "rollout"): ia.token, (b, 0, "rollout"): ib.token + 1000}  # b: not its token
+    assert d.p.renew_many(claims, 120_000) == [True, False]
+    assert int(r.hget(Keys.task(a, 0, "rollout"), "lease_until")) > before[a] + 60_000
+    assert int(r.hget(Keys.task(b, 0, "rollout"), "lease_until")) == before[b]
+    assert d.p.renew_many({}, 1000) == []
