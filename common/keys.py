@@ -42,7 +42,31 @@ class Keys:
     dead_letters = PREFIX + "dead_letters"  # list: JSON of each poison payload taken off a queue
     dead_letter_count = PREFIX + "dead_letters:count"  # counter: poison payloads ever seen
 
-    experiment_prefix = PREFIX + "exp:"  # + experiment id (Lua scripts that scan lf:active)
+    experiment_prefix = PREFIX + "exp:"  # + experiment id (Lua scripts that read hashes by id)
+
+    # Indexes of the experiment hashes (`common/ready_index.py`): what the scheduler and the
+    # workers look for, so that their cost per step does not grow with the number of experiments.
+    # Each is a pure function of the hashes' fields, rewritten by every Lua script that changes
+    # those fields (and by the submit transaction), in the same atomic step; the leader rebuilds
+    # them all when it takes over, and checks every entry against its hash before using it.
+    idx_queued = PREFIX + "idx:queued"  # set: ids of queued experiments (the leader activates them)
+    idx_waiting = PREFIX + "idx:waiting"  # set: queued, or running with nothing in flight
+    idx_inflight = PREFIX + "idx:inflight"  # set: running, with a published or claimed task
+    idx_backoff = PREFIX + "idx:backoff"  # zset: id -> not_before (ms) of one waiting out a backoff
+    idx_nodes = PREFIX + "idx:nodes"  # set: every node name an index entry ever named
+    idx_ready_prefix = PREFIX + "idx:ready:"  # + phase + ":" + node (Lua builds the names)
+    idx_node_prefix = PREFIX + "idx:node:"  # + node (Lua builds the names)
+
+    @staticmethod
+    def ready(phase: str, node: str) -> str:
+        """zset: running experiments at `phase` held by `node` ("": not placed yet) with nothing in
+        flight and not backing off; score rows served / weight, member `ready_member(...)`, so
+        the zset's own order (score, then member) is the scheduler's fair order."""
+        return f"{Keys.idx_ready_prefix}{phase}:{node}"
+
+    @staticmethod
+    def node_experiments(node: str) -> str:
+        return f"{Keys.idx_node_prefix}{node}"  # set: running experiments placed on the node (its load)
 
     @staticmethod
     def experiment(exp_id: str) -> str:

@@ -10,7 +10,7 @@ Lease times come from the Redis server clock (TIME), so worker clocks never matt
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,6 +32,7 @@ from lorafleet.common.protocol_lua import (
     MARK_INFLIGHT,
     RENEW,
     RENEW_LEADER,
+    RENEW_MANY,
 )
 from lorafleet.common.schemas import ExperimentSpec
 
@@ -116,6 +117,7 @@ class StepProtocol:
         self.r = r
         self._claim = r.register_script(CLAIM)
         self._renew = r.register_script(RENEW)
+        self._renew_many = r.register_script(RENEW_MANY)
         self._give_up = r.register_script(GIVE_UP_ATTEMPT)
         self._commit_rollout = r.register_script(COMMIT_ROLLOUT)
         self._commit_rollout_claim = r.register_script(COMMIT_ROLLOUT_CLAIM_TRAIN)
@@ -153,6 +155,13 @@ class StepProtocol:
 
     def renew(self, exp_id: str, step: int, phase: str, token: int, lease_ms: int) -> bool:
         return bool(self._renew(keys=[Keys.task(exp_id, step, phase)], args=[token, lease_ms]))
+
+    def renew_many(self, claims: Mapping[tuple[str, int, str], int], lease_ms: int) -> list[bool]:
+        """Renew every (exp_id, step, phase) -> token claim in one script -> still held, per claim."""
+        if not claims:
+            return []
+        keys = [Keys.task(e, step, phase) for e, step, phase in claims]
+        return [bool(x) for x in self._renew_many(keys=keys, args=[lease_ms, *claims.values()])]
 
     def give_up(self, item: StepItem, phase: str, reason: str, count: bool, max_attempts: int,
                 backoff: Backoff) -> int:
@@ -206,9 +215,8 @@ class StepProtocol:
                 args=[c.item.token, step, json.dumps(c.metrics), e, int(c.snapshot),
                       Keys.trajectory_prefix(e)], client=pipe)
         if chain is not None:  # in the same round trip, right behind the commits
-            keys = [Keys.active, Keys.fence, Keys.rebalance]
-            args: list[Any] = [Keys.experiment_prefix, chain.owner, chain.lease_ms, chain.batch_id,
-                               chain.node]
+            keys = [Keys.idx_waiting, Keys.fence, Keys.rebalance]
+            args: list[Any] = [chain.owner, chain.lease_ms, chain.batch_id, chain.node]
             for c in commits:
                 e = c.item.exp_id
                 keys += [Keys.experiment(e), Keys.task(e, c.item.step + 1, "rollout")]
@@ -258,12 +266,20 @@ class StepProtocol:
         (one round trip) -> marked per item."""
         if not items:
             return []
-        args: list[object] = [leader_id, batch_id, phase, node, *(step for _, step in items)]
+        args: list[object] = [leader_id, batch_id, phase, node, *(step for _, step in items),
+                              *(e for e, _ in items)]
         return [bool(x) for x in self._mark(keys=[Keys.leader, *(Keys.experiment(e) for e, _ in items)],
                                             args=args)]
 
     def activate(self, leader_id: str, exp_id: str) -> bool:
-        return bool(self._activate(keys=[Keys.leader, Keys.experiment(exp_id)], args=[leader_id]))
+        return bool(self._activate(keys=[Keys.leader, Keys.experiment(exp_id)], args=[leader_id, exp_id]))
+
+    def activate_many(self, leader_id: str, exp_ids: Sequence[str]) -> list[bool]:
+        """`activate` each, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for exp_id in exp_ids:
+            self._activate(keys=[Keys.leader, Keys.experiment(exp_id)], args=[leader_id, exp_id], client=pipe)
+        return [bool(x) for x in pipe.execute()] if exp_ids else []
 
     def clear_inflight(self, leader_id: str, exp_id: str, batch_id: str, reason: str, count: bool = True,
                        backoff: Backoff = Backoff()) -> int:
@@ -271,7 +287,7 @@ class StepProtocol:
         the task moved on meanwhile). A counted attempt is published again after a backoff."""
         return int(self._clear(keys=[Keys.leader, Keys.experiment(exp_id)],
                                args=[leader_id, batch_id, int(count), reason[:2000], backoff.base_ms,
-                                     backoff.cap_ms]))
+                                     backoff.cap_ms, exp_id]))
 
     def acquire_leader(self, candidate: str, ttl_ms: int) -> int:
         return int(self._acquire(keys=[Keys.leader, Keys.leader_epoch], args=[candidate, ttl_ms]))

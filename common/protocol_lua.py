@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from string import Template
 
+from lorafleet.common import index_lua
 from lorafleet.common.experiment import FIELD_NAMES
 from lorafleet.common.keys import STREAM_MAXLEN, TASK_TTL_MS
 
 _NAMES: dict[str, object] = {name: name for name in FIELD_NAMES}
-_NAMES.update(task_ttl_ms=TASK_TTL_MS, stream_maxlen=STREAM_MAXLEN)
+_NAMES.update(task_ttl_ms=TASK_TTL_MS, stream_maxlen=STREAM_MAXLEN, **index_lua.INDEX_NAMES)
 
 
 def render(script: str) -> str:
@@ -37,6 +38,8 @@ local function claim_task(task, fence, owner, lease_ms, batch)
   return token
 end
 """
+
+_INDEX = index_lua.INDEX_LUA  # the indexes' entries and `reindex` (common/index_lua.py)
 
 # Every refusal is counted per experiment and reason (`lf:refusals:<id>`): a stale or duplicate
 # message, a zombie's late commit. Used inside scripts below.
@@ -83,6 +86,22 @@ redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]))
 return 1
 """
 
+# Every claim a worker holds, renewed in one script. KEYS: task per claim   ARGV: lease_ms, then
+# token per claim -> 1/0 per claim (0: not held any more)
+RENEW_MANY = _NOW + """
+local out = {}
+for i, task in ipairs(KEYS) do
+  local s = redis.call('HMGET', task, 'status', 'token')
+  if s[1] == 'claimed' and s[2] == ARGV[i + 1] then
+    redis.call('HSET', task, 'lease_until', now + tonumber(ARGV[1]))
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
 # The fencing check of every commit -> 'ok', 'done' (this token already committed it: a retry
 # after a lost reply), or the refusal reason (counted).
 _FENCE = """
@@ -104,7 +123,9 @@ end
 # ARGV: token, step, traj_json, summary_json, ttl_ms, exp_id
 _COMMIT_ROLLOUT = _REFUSE + _POSITION + _FENCE + """
 local verdict = fence(KEYS[1], KEYS[2], KEYS[5], ARGV[1], ARGV[2], 'rollout')
+local was = {}
 local function commit_rollout()
+  was = entries(KEYS[2], ARGV[6], true)
   redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[5])
   redis.call('HSET', KEYS[1], 'status', 'committed')
   redis.call('HSET', KEYS[2], '$phase', 'train', '$attempts', 0, '$error', '', '$rollout_summary', ARGV[4])
@@ -114,11 +135,12 @@ end
 """
 
 # -> {1, 'ok'} or {0, reason}
-COMMIT_ROLLOUT = render(_NOW + _COMMIT_ROLLOUT + """
+COMMIT_ROLLOUT = render(_NOW + _INDEX + _COMMIT_ROLLOUT + """
 if verdict == 'done' then return {1, 'ok'} end
 if verdict ~= 'ok' then return {0, verdict} end
 commit_rollout()
 redis.call('HSET', KEYS[2], '$inflight', '')
+reindex(KEYS[2], ARGV[6], was)
 return {1, 'ok'}
 """)
 
@@ -127,7 +149,7 @@ return {1, 'ok'}
 # never without an in-flight task in between, so the scheduler cannot publish the train step too.
 # KEYS: as COMMIT_ROLLOUT, then train task, fence   ARGV: as COMMIT_ROLLOUT, then owner,
 # lease_ms, batch_id, node -> {the train claim's token, 'ok'} or {0, reason}
-COMMIT_ROLLOUT_CLAIM_TRAIN = render(_NOW + _CLAIM_TASK + _COMMIT_ROLLOUT + """
+COMMIT_ROLLOUT_CLAIM_TRAIN = render(_NOW + _INDEX + _CLAIM_TASK + _COMMIT_ROLLOUT + """
 if verdict == 'done' then
   local t = redis.call('HMGET', KEYS[6], 'status', 'token', 'batch')
   if t[1] == 'claimed' and t[3] == ARGV[9] then return {tonumber(t[2]), 'ok'} end
@@ -138,6 +160,7 @@ commit_rollout()
 local token = claim_task(KEYS[6], KEYS[7], ARGV[7], ARGV[8], ARGV[9])
 redis.call('HSET', KEYS[2], '$inflight', ARGV[9], '$inflight_at', now, '$node', ARGV[10])
 redis.call('HINCRBY', KEYS[2], '$served', redis.call('HGET', KEYS[2], '$rows'))
+reindex(KEYS[2], ARGV[6], was)
 return {token, 'ok'}
 """)
 
@@ -146,13 +169,14 @@ return {token, 'ok'}
 # log_from..step is dropped and log_from = step + 1.
 # KEYS: task, exp, metrics, events, trajectory, active, refusals   ARGV: token, step, metrics_json,
 # exp_id, snapshot, trajectory key prefix -> {1, 'ok'} or {0, reason}
-COMMIT_TRAIN = render(_NOW + _REFUSE + _POSITION + _FENCE + """
+COMMIT_TRAIN = render(_NOW + _INDEX + _REFUSE + _POSITION + _FENCE + """
 local verdict = fence(KEYS[1], KEYS[2], KEYS[7], ARGV[1], ARGV[2], 'train')
 if verdict == 'done' then return {1, 'ok'} end
 if verdict ~= 'ok' then return {0, verdict} end
 local step = tonumber(ARGV[2])
 local total = redis.call('HGET', KEYS[2], '$steps_total')
 local nxt = step + 1
+local was = entries(KEYS[2], ARGV[4], true)
 redis.call('HSET', KEYS[1], 'status', 'committed')
 redis.call('RPUSH', KEYS[3], ARGV[3])
 if ARGV[5] == '1' then
@@ -169,38 +193,41 @@ if nxt >= tonumber(total) then
   redis.call('SREM', KEYS[6], ARGV[4])
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'completed', 'exp', ARGV[4])
 end
+reindex(KEYS[2], ARGV[4], was)
 return {1, 'ok'}
 """)
 
 # After a train commit the same worker claims the batch's next rollouts, but only when the
 # scheduler would publish exactly that batch to it anyway: no other experiment is waiting
-# (queued, or running with nothing in flight; O(active experiments)) and the scheduler has not
-# asked to rebalance nodes. Items that finished or moved on are skipped.
-# KEYS: active, fence, rebalance flag, then exp, rollout task per item
-# ARGV: experiment key prefix, owner, lease_ms, batch_id, node, then exp_id, step per item
+# (queued, or running with nothing in flight: the `waiting` index less the batch's own items, so
+# O(batch), not O(experiments)) and the scheduler has not asked to rebalance nodes. Items that
+# finished or moved on are skipped.
+# KEYS: waiting index, fence, rebalance flag, then exp, rollout task per item
+# ARGV: owner, lease_ms, batch_id, node, then exp_id, step per item
 # -> a fencing token per item (0: not claimed); {} when something else is waiting
-CLAIM_NEXT_ROLLOUTS = render(_NOW + _CLAIM_TASK + """
+CLAIM_NEXT_ROLLOUTS = render(_NOW + _INDEX + _CLAIM_TASK + """
 if redis.call('EXISTS', KEYS[3]) == 1 then return {} end
 local n = (#KEYS - 3) / 2
-local mine = {}
-for i = 0, n - 1 do mine[ARGV[6 + 2 * i]] = true end
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if not mine[id] then
-    local e = redis.call('HMGET', ARGV[1] .. id, '$status', '$inflight')
-    if e[1] == 'queued' or (e[1] == 'running' and e[2] == '') then return {} end
-  end
+local others, mine = redis.call('SCARD', KEYS[1]), {}
+for i = 0, n - 1 do
+  local id = ARGV[5 + 2 * i]
+  if not mine[id] and redis.call('SISMEMBER', KEYS[1], id) == 1 then others = others - 1 end
+  mine[id] = true
 end
+if others > 0 then return {} end
 local out = {}
 for i = 0, n - 1 do
-  local exp, task, step = KEYS[4 + 2 * i], KEYS[5 + 2 * i], ARGV[7 + 2 * i]
+  local exp, task, id, step = KEYS[4 + 2 * i], KEYS[5 + 2 * i], ARGV[5 + 2 * i], ARGV[6 + 2 * i]
   local e = redis.call('HMGET', exp, '$status', '$step', '$phase', '$inflight', '$rows')
   local s = redis.call('HMGET', task, 'status', 'lease_until')
   local token = 0
   if e[1] == 'running' and tonumber(e[2]) == tonumber(step) and e[3] == 'rollout' and e[4] == ''
      and s[1] ~= 'committed' and not (s[1] == 'claimed' and tonumber(s[2]) > now) then
-    token = claim_task(task, KEYS[2], ARGV[2], ARGV[3], ARGV[4])
-    redis.call('HSET', exp, '$inflight', ARGV[4], '$inflight_at', now, '$node', ARGV[5])
+    token = claim_task(task, KEYS[2], ARGV[1], ARGV[2], ARGV[3])
+    local was = entries(exp, id, true)
+    redis.call('HSET', exp, '$inflight', ARGV[3], '$inflight_at', now, '$node', ARGV[4])
     redis.call('HINCRBY', exp, '$served', e[5])
+    reindex(exp, id, was)
   end
   out[#out + 1] = token
 end
@@ -227,10 +254,11 @@ end
 # KEYS: task, exp, events, active
 # ARGV: token, reason, count, max_attempts, exp_id, backoff_base_ms, backoff_cap_ms
 # -> 0 not the holder (or not running), 1 released for another attempt, 2 experiment failed
-GIVE_UP_ATTEMPT = render(_NOW + _NOT_BEFORE + """
+GIVE_UP_ATTEMPT = render(_NOW + _INDEX + _NOT_BEFORE + """
 local s = redis.call('HMGET', KEYS[1], 'status', 'token')
 if s[1] ~= 'claimed' or s[2] ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[2], '$status') ~= 'running' then return 0 end
+local was = entries(KEYS[2], ARGV[5], true)
 redis.call('HSET', KEYS[1], 'status', 'released', 'lease_until', 0, 'error', ARGV[2])
 local attempts = redis.call('HINCRBY', KEYS[2], '$attempts', tonumber(ARGV[3]))
 if tonumber(ARGV[3]) > 0 and attempts >= tonumber(ARGV[4]) then
@@ -238,12 +266,14 @@ if tonumber(ARGV[3]) > 0 and attempts >= tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[2], '$status', 'failed', '$error', reason, '$inflight', '',
              '$finished_at', now)
   redis.call('SREM', KEYS[4], ARGV[5])
+  reindex(KEYS[2], ARGV[5], was)
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'failed', 'exp', ARGV[5],
              'reason', reason)
   return 2
 end
 redis.call('HSET', KEYS[2], '$inflight', '', '$error', ARGV[2],
            '$not_before', not_before(tonumber(ARGV[3]) > 0, attempts, ARGV[6], ARGV[7]))
+reindex(KEYS[2], ARGV[5], was)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'attempt_released',
            'exp', ARGV[5], 'reason', ARGV[2], 'counted', ARGV[3])
 return 1
@@ -251,11 +281,13 @@ return 1
 
 # Scheduler or client ends an experiment (poison cap, cancel). KEYS: exp, events, active
 # ARGV: status, reason, exp_id
-FINISH = render(_NOW + """
+FINISH = render(_NOW + _INDEX + """
 local st = redis.call('HGET', KEYS[1], '$status')
 if st ~= 'queued' and st ~= 'running' then return 0 end
+local was = entries(KEYS[1], ARGV[3], true)
 redis.call('HSET', KEYS[1], '$status', ARGV[1], '$error', ARGV[2], '$inflight', '', '$finished_at', now)
 redis.call('SREM', KEYS[3], ARGV[3])
+reindex(KEYS[1], ARGV[3], was)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', $stream_maxlen, '*', 'type', ARGV[1], 'exp', ARGV[3],
            'reason', ARGV[2])
 return 1
@@ -264,9 +296,10 @@ return 1
 # A client adds steps to an experiment (continual learning): a completed one runs again from its
 # last committed version, keeping its history. KEYS: exp, events, active
 # ARGV: steps to add, the new spec JSON, exp_id -> the new steps_total, or 0 if not extendable
-EXTEND = render(_NOW + """
+EXTEND = render(_NOW + _INDEX + """
 local st = redis.call('HGET', KEYS[1], '$status')
 if st ~= 'queued' and st ~= 'running' and st ~= 'completed' then return 0 end
+local was = entries(KEYS[1], ARGV[3], true)
 local total = redis.call('HINCRBY', KEYS[1], '$steps_total', ARGV[1])
 redis.call('HSET', KEYS[1], '$spec_json', ARGV[2])
 if st == 'completed' then
@@ -274,6 +307,7 @@ if st == 'completed' then
              '$finished_at', 0, '$not_before', 0)
   redis.call('SADD', KEYS[3], ARGV[3])
 end
+reindex(KEYS[1], ARGV[3], was)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'extended', 'exp', ARGV[3],
            'steps_total', total)
 return total
@@ -281,18 +315,21 @@ return total
 
 # The leader marks the experiments of one batch as published (and counts the rows it serves
 # them, for fair share), each only if it is still running at that step and phase with nothing in
-# flight. KEYS: leader, exp... ARGV: leader_id, batch_id, phase, node, then step per exp
-# -> 1/0 per exp (all 0 if the caller is not the leader)
-MARK_INFLIGHT = render(_NOW + """
+# flight. KEYS: leader, exp... ARGV: leader_id, batch_id, phase, node, then step per exp, then
+# exp_id per exp -> 1/0 per exp (all 0 if the caller is not the leader)
+MARK_INFLIGHT = render(_NOW + _INDEX + """
 local out = {}
 local leader = redis.call('GET', KEYS[1]) == ARGV[1]
+local n = #KEYS - 1
 for i = 2, #KEYS do
-  local step = ARGV[3 + i]
+  local step, id = ARGV[3 + i], ARGV[3 + n + i]
   local e = redis.call('HMGET', KEYS[i], '$status', '$step', '$phase', '$inflight', '$rows')
   if leader and e[1] == 'running' and tonumber(e[2]) == tonumber(step) and e[3] == ARGV[3]
      and e[4] == '' then
+    local was = entries(KEYS[i], id, true)
     redis.call('HSET', KEYS[i], '$inflight', ARGV[2], '$inflight_at', now, '$node', ARGV[4])
     redis.call('HINCRBY', KEYS[i], '$served', e[5])
+    reindex(KEYS[i], id, was)
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -301,24 +338,32 @@ end
 return out
 """)
 
-# KEYS: leader, exp   ARGV: leader_id
-ACTIVATE = render(_NOW + """
+# KEYS: leader, exp   ARGV: leader_id, exp_id. An experiment that is not queued (any more) has
+# its index entries rewritten from its hash: a stale `queued` entry heals itself here.
+ACTIVATE = render(_NOW + _INDEX + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if redis.call('HGET', KEYS[2], '$status') ~= 'queued' then return 0 end
-redis.call('HSET', KEYS[2], '$status', 'running', '$started_at', now)
-return 1
+local was = entries(KEYS[2], ARGV[2], true)
+local ok = 0
+if redis.call('HGET', KEYS[2], '$status') == 'queued' then
+  redis.call('HSET', KEYS[2], '$status', 'running', '$started_at', now)
+  ok = 1
+end
+reindex(KEYS[2], ARGV[2], was)
+return ok
 """)
 
 # The leader gives up on a published task so that it is published again (after a backoff when
 # a counted attempt fails again: base x 2^(attempts-2), capped). KEYS: leader, exp
 # ARGV: leader_id, batch_id, attempts to add (0: the task never ran, e.g. its node vanished),
-# reason, backoff_base_ms, backoff_cap_ms -> 1 + failed attempts so far; 0: not cleared
-CLEAR_INFLIGHT = render(_NOW + _NOT_BEFORE + """
+# reason, backoff_base_ms, backoff_cap_ms, exp_id -> 1 + failed attempts so far; 0: not cleared
+CLEAR_INFLIGHT = render(_NOW + _INDEX + _NOT_BEFORE + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[2], '$inflight') ~= ARGV[2] then return 0 end
+local was = entries(KEYS[2], ARGV[7], true)
 local attempts = redis.call('HINCRBY', KEYS[2], '$attempts', ARGV[3])
 redis.call('HSET', KEYS[2], '$inflight', '', '$error', ARGV[4],
            '$not_before', not_before(tonumber(ARGV[3]) > 0, attempts, ARGV[5], ARGV[6]))
+reindex(KEYS[2], ARGV[7], was)
 return attempts + 1
 """)
 

@@ -13,8 +13,8 @@ from typing import Any
 import redis
 
 from lorafleet.common.dead_letters import DeadLetters
-from lorafleet.common.experiment import ExperimentRecord
 from lorafleet.common.keys import NODE_QUEUE_PREFIX, ROLLOUT_QUEUE, TRAIN_QUEUE, Keys
+from lorafleet.common.ready_index import PHASES
 
 
 @dataclass
@@ -46,37 +46,36 @@ class FleetStatus:
 
 
 def read_fleet_status(r: redis.Redis, recent: int = 5) -> FleetStatus:
+    """From the experiment indexes (common/ready_index.py): O(nodes), not O(experiments)."""
     out = FleetStatus()
-    nodes = sorted(r.smembers(Keys.workers))
+    pipe = r.pipeline(transaction=False)
+    pipe.smembers(Keys.workers)
+    pipe.smembers(Keys.idx_nodes)
+    pipe.time()
+    nodes, index_nodes, (sec, usec) = pipe.execute()
+    nodes = sorted(nodes)
+    now_ms = int(sec) * 1000 + int(usec) // 1000
     queues = [ROLLOUT_QUEUE, TRAIN_QUEUE, *(NODE_QUEUE_PREFIX + n for n in nodes)]
-    ids = sorted(r.smembers(Keys.active))
-    fields = ("status", "inflight", "not_before")
+    ready = [Keys.ready(phase, n) for n in ["", *sorted(index_nodes)] for phase in PHASES]
     pipe = r.pipeline(transaction=False)
     for n in nodes:
         pipe.get(Keys.worker(n))
     for q in queues:
         pipe.llen(q)
-    for exp_id in ids:
-        pipe.hmget(Keys.experiment(exp_id), fields)
-    pipe.time()
+    pipe.scard(Keys.idx_queued)
+    pipe.scard(Keys.active)  # queued and running
+    pipe.zcount(Keys.idx_backoff, "-inf", now_ms)  # backoff over, not yet moved to ready
+    pipe.zcount(Keys.idx_backoff, f"({now_ms}", "+inf")
+    for key in ready:
+        pipe.zcard(key)
     res = pipe.execute()
     k = len(nodes) + len(queues)
-    beats, lengths, exps = res[:len(nodes)], res[len(nodes):k], res[k:-1]
-    sec, usec = res[-1]
-    now_ms = int(sec) * 1000 + int(usec) // 1000
+    beats, lengths = res[:len(nodes)], res[len(nodes):k]
+    queued, active, due, backing_off = (int(x) for x in res[k:k + 4])
     out.workers = {n: json.loads(b) for n, b in zip(nodes, beats, strict=True) if b}
     out.queues = dict(zip(queues, (int(x) for x in lengths), strict=True))
-    for exp_id, values in zip(ids, exps, strict=True):
-        e = ExperimentRecord.from_values(exp_id, fields, values)
-        if e.status == "queued":
-            out.queued += 1
-        elif e.status == "running":
-            out.running += 1
-            if not e.inflight:
-                if e.not_before > now_ms:
-                    out.backing_off += 1
-                else:
-                    out.waiting += 1
+    out.queued, out.running = queued, max(0, active - queued)
+    out.waiting, out.backing_off = due + sum(int(x) for x in res[k + 4:]), backing_off
     letters = DeadLetters(r)
     out.dead_letters = letters.count()
     out.recent_dead_letters = letters.recent(recent)

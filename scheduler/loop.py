@@ -7,22 +7,27 @@ All state lives in Redis, so a restarted (or standby) scheduler simply carries o
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import socket
 import threading
+import time
 import uuid
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
 from kombu.exceptions import OperationalError
 
 from lorafleet.common.celery_config import TASK_ROLLOUT, TASK_TRAIN
-from lorafleet.common.experiment import ACTIVE, SCHEDULING_FIELDS, ExperimentRecord
+from lorafleet.common.experiment import SCHEDULING_FIELDS, ExperimentRecord
 from lorafleet.common.keys import Keys, node_queue
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import BatchItem, BatchMessage
 from lorafleet.common.protocol import Backoff, StepProtocol
+from lorafleet.common.ready_index import PHASES, ReadyIndex, member_id, ready_member
 from lorafleet.common.retry import Outage
 from lorafleet.common.settings import Settings
 
@@ -35,12 +40,28 @@ class TaskSender(Protocol):
     def send_task(self, name: str, args: list[Any], queue: str) -> Any: ...
 
 
+@dataclass
+class _Watched:
+    e: ExperimentRecord  # an in-flight experiment as last read
+    check_at: int  # when the reaper reads it and its task again (Redis clock, ms; 0: next tick)
+
+
 class Scheduler:
+    # the rolling index check (ready_index.RECHECK): this many experiments' entries rewritten
+    # from their hashes at most once per INDEX_CHECK_S, a constant cost per second at any N
+    INDEX_CHECK_S = 1.0
+    INDEX_CHECK_COUNT = 16
+
     def __init__(self, r: redis.Redis, sender: TaskSender, settings: Settings) -> None:
         self.r = r
         self.sender = sender  # a Celery app used only for send_task (tests inject a recorder)
         self.config = settings
         self.protocol = StepProtocol(r)
+        self.index = ReadyIndex(r)
+        self._index_checked = False  # rebuilt once per leadership (first tick as leader)
+        self._recheck_cursor, self._recheck_at = "0", 0.0
+        self._watch: dict[str, _Watched] = {}  # in-flight experiments the reaper watches
+        self._ticked_at = 0.0
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.epoch = 0
         self.is_leader = False
@@ -60,6 +81,7 @@ class Scheduler:
             epoch = self.protocol.acquire_leader(self.id, ttl)
             if epoch:
                 self.is_leader, self.epoch = True, epoch
+                self._index_checked = False
                 log.info("became leader", scheduler=self.id, epoch=epoch)
         return self.is_leader
 
@@ -70,11 +92,14 @@ class Scheduler:
         answers; leadership is then won again through the lease like after any restart."""
         stop = stop or threading.Event()
         log.info("scheduler started", scheduler=self.id)
+        need_tick = True
         while not stop.is_set():
             try:
                 if self._hold_lease():
-                    self.tick()
-                    self._wait_for_events(self.config.tick_s)
+                    if need_tick or not self._index_checked:
+                        self.tick()
+                        self._ticked_at = time.monotonic()
+                    need_tick = self._wait_for_events(self.config.tick_s)
                 else:
                     stop.wait(self.config.leader_ttl_ms / 3000)
                 self.redis_outage.ok()
@@ -82,70 +107,129 @@ class Scheduler:
                 self.is_leader = False
                 stop.wait(self.redis_outage.failed(exc))
 
-    def _wait_for_events(self, timeout_s: float) -> None:
+    def _wait_for_events(self, timeout_s: float) -> bool:
+        """Wait for events -> whether a tick can change anything now: after a timeout (the reaper,
+        backoffs), tick_s after the last tick, on any event but a commit, and on a commit that
+        leaves its node with nothing in flight that the reaper watches. A batch's commits arrive
+        one by one; a tick on each cost a tick's round trips per commit, several per step with
+        small batches."""
         got = self.r.xread({Keys.events: self._last_event}, count=1000, block=int(timeout_s * 1000))
-        if got:
-            self._last_event = got[0][1][-1][0]
+        if not got:
+            return True
+        entries = got[0][1]
+        self._last_event = entries[-1][0]
+        need = time.monotonic() - self._ticked_at >= timeout_s
+        left = Counter(w.e.node for w in self._watch.values())  # in flight per node, as watched
+        for _, fields in entries:
+            if fields.get("type") not in ("rollout_committed", "train_committed"):
+                need = True
+                continue
+            watched = self._watch.pop(fields.get("exp", ""), None)  # (a chained claim: read anew)
+            if watched is None:
+                need = True
+            else:
+                left[watched.e.node] -= 1
+                need = need or left[watched.e.node] <= 0
+        return need
 
     # ---- one tick ----------------------------------------------------------------------------
+    # A tick reads the indexes (common/ready_index.py), never every experiment: live workers,
+    # in-flight ids, per live node its load and ready counts, and the head of a ready zset that
+    # an idle node can be sent: O(batch + nodes), whatever waits. Experiments to place (new, or
+    # of a dead node) or to move (rebalancing) are read once, when they are placed or moved.
     def tick(self) -> None:
-        workers, exps, now = self._snapshot()
-        for e in exps:
-            if e.status == "queued" and self.protocol.activate(self.id, e.id):
-                e.status = "running"
-        running = [e for e in exps if e.status == "running"]
-        for node in self._reap(running, workers, now):  # nodes whose leases lapsed: dead or stuck
+        if not self._index_checked:  # leadership is new: indexes are rebuilt, not trusted
+            log.info("rebuilt experiment indexes", experiments=self.index.rebuild(), scheduler=self.id)
+            self._index_checked = True
+            self._watch.clear()
+        if time.monotonic() >= self._recheck_at:
+            self._recheck_cursor = self.index.recheck(self._recheck_cursor, self.INDEX_CHECK_COUNT)
+            self._recheck_at = time.monotonic() + self.INDEX_CHECK_S
+        workers, now = self._snapshot()
+        due = [w.e for w in self._watch.values() if w.check_at <= now or w.e.node not in workers]
+        suspect = self._reap(due, workers, now)  # nodes whose leases lapsed: dead or stuck
+        for node in suspect:
             workers.pop(node, None)
         if workers:
-            self._publish(running, workers, now)
+            # reaped, ready again, and on a node avoided this tick: placed elsewhere
+            moved_off = [e for e in due if not e.inflight and e.node in suspect and e.not_before < 1 << 62]
+            self._publish([w.e for w in self._watch.values()], workers, moved_off)
 
-    def _snapshot(self) -> tuple[dict[str, dict], list[ExperimentRecord], int]:
-        """(live workers' heartbeats, active experiments, Redis clock in ms) in two round trips:
-        every tick sits between a commit and the next batch, so it is kept short."""
+    def _snapshot(self) -> tuple[dict[str, dict], int]:
+        """(live workers' heartbeats, Redis clock in ms) in two round trips (three when
+        experiments were submitted): every tick sits between a commit and the next batch, so it
+        is kept short. Queued experiments are activated, due backoffs made ready, and the
+        in-flight experiments the reaper watches brought up to date: a new one, or one whose
+        check is due, is read again; one no longer in flight is dropped."""
         pipe = self.r.pipeline(transaction=False)
         pipe.smembers(Keys.workers)
-        pipe.smembers(Keys.active)
+        pipe.smembers(Keys.idx_queued)
+        self.index.promote_due(client=pipe)
+        pipe.smembers(Keys.idx_inflight)
         pipe.time()
-        nodes, ids, (sec, usec) = pipe.execute()
-        nodes, ids = sorted(nodes), sorted(ids)
+        nodes, queued, _, ids, (sec, usec) = pipe.execute()
+        now = int(sec) * 1000 + int(usec) // 1000
+        if queued:  # ready at once, in this tick (they wait unplaced until _publish places them)
+            self.protocol.activate_many(self.id, sorted(queued))
+        for gone in set(self._watch) - ids:
+            del self._watch[gone]
+        fresh = sorted(i for i in ids if i not in self._watch or self._watch[i].check_at <= now)
+        nodes = sorted(nodes)
         pipe = self.r.pipeline(transaction=False)
         for node in nodes:
             pipe.get(Keys.worker(node))
-        for exp_id in ids:
+        for exp_id in fresh:
             pipe.hmget(Keys.experiment(exp_id), SCHEDULING_FIELDS)
-        out = pipe.execute() if nodes or ids else []
+        out = pipe.execute() if nodes or fresh else []
         workers = {n: json.loads(b) for n, b in zip(nodes, out[:len(nodes)], strict=True) if b}
-        exps = [ExperimentRecord.from_values(exp_id, SCHEDULING_FIELDS, values)
-                for exp_id, values in zip(ids, out[len(nodes):], strict=True)]
-        return workers, [e for e in exps if e.status in ACTIVE], int(sec) * 1000 + int(usec) // 1000
+        for exp_id, values in zip(fresh, out[len(nodes):], strict=True):
+            e = ExperimentRecord.from_values(exp_id, SCHEDULING_FIELDS, values)
+            if e.status == "running" and e.inflight:
+                self._watch[exp_id] = _Watched(e, check_at=0)  # its task is read this tick
+            else:
+                self._watch.pop(exp_id, None)
+                if e.status != "running":  # stale (a running one was most likely just committed)
+                    self.index.repair(exp_id, Keys.idx_inflight, exp_id)
+        return workers, now
 
     # ---- reaper --------------------------------------------------------------------------------
-    def _reap(self, running: list[ExperimentRecord], workers: dict[str, dict], now: int) -> set[str]:
-        """Re-publish tasks whose worker went away. Returns the nodes to avoid this tick."""
+    def _reap(self, due: list[ExperimentRecord], workers: dict[str, dict], now: int) -> set[str]:
+        """Re-publish tasks whose worker went away. Returns the nodes to avoid this tick.
+
+        Only the tasks whose check is due are read (new in flight, a lease or the unclaimed
+        timeout ran out, the node is gone): about two reads per task and lease, where reading
+        every in-flight task on every tick cost O(batch) per tick."""
         suspect: set[str] = set()
-        inflight = [e for e in running if e.inflight]
         pipe = self.r.pipeline(transaction=False)
-        for e in inflight:
+        for e in due:
             pipe.hgetall(Keys.task(e.id, e.step, e.phase))
-        for e, task in zip(inflight, pipe.execute() if inflight else [], strict=True):
-            status = task.get("status")
-            if status == "claimed" and int(task.get("lease_until", 0)) >= now:
-                continue  # a live worker holds it, claimed from this message or an older one
-            if status == "claimed" and task.get("batch") == e.inflight:  # a live worker renews leases
+        for e, task in zip(due, pipe.execute() if due else [], strict=True):
+            status, watched = task.get("status"), self._watch[e.id]
+            lease_until = int(task.get("lease_until", 0))
+            if status == "claimed" and lease_until >= now:
+                # a live worker holds it, claimed from this message or an older one: the heartbeat
+                # renews the lease, so look again once it would have run out
+                watched.check_at = lease_until + 1
+            elif status == "claimed" and task.get("batch") == e.inflight:  # a live worker renews leases
                 suspect.add(task.get("owner", "").split(":")[0])
                 self._retry(e, f"step {e.step} {e.phase}: lease of worker {task.get('owner')} expired "
                                "(worker died, hung, or lost Redis)")
             elif status not in ("committed", "failed"):  # an expired claim of an older message counts
                 # as no claim: the current message is still waiting for a worker
+                timeout_ms = int(self.config.unclaimed_timeout_s * 1000)
                 if e.node not in workers:
                     self._retry(e, f"node {e.node!r} has no live worker", count=False)
-                elif now - e.inflight_at > self.config.unclaimed_timeout_s * 1000:
+                elif now - e.inflight_at > timeout_ms:
                     self._retry(e, f"step {e.step} {e.phase}: not claimed within "
                                    f"{self.config.unclaimed_timeout_s:g} s")
+                else:  # a claim may come any moment: look again within a lease at the latest
+                    watched.check_at = min(e.inflight_at + timeout_ms + 1, now + self.config.lease_ms)
+            # committed (or cleared below): the record moved on; it is read again next tick
         return suspect
 
     def _retry(self, e: ExperimentRecord, reason: str, count: bool = True) -> None:
         attempts = self.protocol.clear_inflight(self.id, e.id, e.inflight, reason, count, self.backoff) - 1
+        self._watch[e.id].check_at = 0  # moved on (or will): read again next tick
         if attempts < 0:
             return
         log.warning("re-publishing task", experiment_id=e.id, step=e.step, phase=e.phase,
@@ -158,44 +242,91 @@ class Scheduler:
                 e.not_before = 1 << 62  # backing off: not this tick
 
     # ---- batch forming -------------------------------------------------------------------------
-    def _publish(self, running: list[ExperimentRecord], workers: dict[str, dict], now: int) -> None:
-        """Place unplaced experiments on the least-loaded live node, then give every idle node
-        one batch: its largest ready group (train before rollout on ties), fair order inside.
+    def _publish(self, inflight: list[ExperimentRecord], workers: dict[str, dict],
+                 moved_off: list[ExperimentRecord]) -> None:
+        """Place unplaced experiments on the least-loaded live node, rebalance, then give every
+        idle node one batch: its largest ready group (train before rollout on ties), fair order
+        inside.
 
         One batch per node at a time keeps queues empty, decides fairness late, and lets the
-        experiments of a node fall into step with each other, so batches stay mixed."""
-        busy = {e.node for e in running if e.inflight}
-        # an experiment backing off after a failed attempt waits, its co-tenants go on
-        ready = sorted((e for e in running if not e.inflight and e.not_before <= now),
-                       key=lambda e: (e.fair_key, e.created_at))
-        load = {n: 0 for n in workers}  # placed running experiments per live node
-        for e in running:
-            if e.node in load:
-                load[e.node] += 1
-        for e in ready:
-            if e.node not in workers:  # new, or its worker is gone
-                e.node = min(load, key=lambda n: (load[n], n))
-                load[e.node] += 1
-        self._rebalance(ready, load)
-        groups: dict[str, dict[str, list[ExperimentRecord]]] = {}
-        for e in ready:
-            groups.setdefault(e.node, {}).setdefault(e.phase, []).append(e)
-        for node, by_phase in sorted(groups.items()):
-            if node in busy:
+        experiments of a node fall into step with each other, so batches stay mixed. A placement
+        or move is written at once (MOVE), so an experiment is placed once, not on every tick."""
+        busy = {e.node for e in inflight if e.inflight}
+        live = sorted(workers)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.smembers(Keys.idx_nodes)
+        for node in live:
+            pipe.scard(Keys.node_experiments(node))
+            for phase in PHASES:
+                pipe.zcard(Keys.ready(phase, node))
+        known, *counts = pipe.execute()
+        load = {n: int(counts[3 * i]) for i, n in enumerate(live)}  # placed running experiments
+        ready = {n: {p: int(counts[3 * i + 1 + j]) for j, p in enumerate(PHASES)} for i, n in enumerate(live)}
+        avoided = {e.node for e in moved_off}  # live, but avoided this tick: only the reaped move
+        dead = sorted(set(known) - set(live) - avoided)
+        self._place(["", *dead], moved_off, load, ready)
+        self._rebalance(load, ready)
+        for node in live:
+            phases = [p for p in PHASES if ready[node][p] > 0]
+            if node in busy or not phases:
                 continue
-            phase, items = max(by_phase.items(), key=lambda kv: (len(kv[1]), kv[0] == "train"))
-            self._send(phase, self._fill(items), node)
+            phase = max(phases, key=lambda p: (ready[node][p], p == "train"))
+            items = self._take(node, phase)
+            if items:
+                self._send(phase, items, node)
 
-    def _rebalance(self, ready: list[ExperimentRecord], load: dict[str, int]) -> None:
+    def _place(self, sources: list[str], extra: list[ExperimentRecord], load: dict[str, int],
+               ready: dict[str, dict[str, int]]) -> None:
+        """Ready experiments of `sources` (unplaced, dead nodes) and `extra`, in fair order, each to
+        the least-loaded live node (lower name on ties)."""
+        pipe = self.r.pipeline(transaction=False)
+        for node in sources:
+            for phase in PHASES:
+                pipe.zrange(Keys.ready(phase, node), 0, -1, withscores=True)
+        got = iter(pipe.execute())
+        found: dict[str, tuple[float, str, str, str]] = {}  # id -> (score, member, node, phase)
+        for node in sources:
+            for phase in PHASES:
+                for member, score in next(got):
+                    found[member_id(member)] = (float(score), member, node, phase)
+        for e in extra:
+            found.setdefault(e.id, (e.fair_key, ready_member(e.created_at, e.id), e.node, e.phase))
+        heap = [(n_load, node) for node, n_load in load.items()]
+        heapq.heapify(heap)
+        moves = []
+        for exp_id, (_, _, src, phase) in sorted(found.items(), key=lambda kv: kv[1][:2]):
+            n_load, dst = heapq.heappop(heap)
+            heapq.heappush(heap, (n_load + 1, dst))
+            load[dst] += 1
+            moves.append((exp_id, src, dst, phase))
+        self._move(moves, ready)
+
+    def _rebalance(self, load: dict[str, int], ready: dict[str, dict[str, int]]) -> None:
         """Move ready experiments off a node that holds 2+ more than another live node (a worker
         joined, or one node's experiments finished first) to the least-loaded one, lowest fair
         priority first; the receiving worker loads the committed version from the store. While
         an imbalance remains, a flag stops workers from chaining their next rollouts, so their
-        experiments come back to the scheduler at the next commit and can be moved."""
-        for e in reversed(ready):
-            light = min(load, key=lambda n: (load[n], n))
-            if load[e.node] - load[light] >= 2:
-                load[e.node], load[light], e.node = load[e.node] - 1, load[light] + 1, light
+        experiments come back to the scheduler at the next commit and can be moved.
+
+        A node d above the lightest gives at most d - 1 experiments, the last of its fair order:
+        only those are read."""
+        low = min(load.values(), default=0)
+        heavy = [(n, load[n] - low) for n in sorted(load) if load[n] - low >= 2]
+        if heavy:
+            pipe = self.r.pipeline(transaction=False)
+            for node, d in heavy:
+                for phase in PHASES:
+                    pipe.zrevrange(Keys.ready(phase, node), 0, d - 1, withscores=True)
+            got = iter(pipe.execute())
+            found = [(float(score), member, node, phase) for node, _ in heavy for phase in PHASES
+                     for member, score in next(got)]
+            moves = []
+            for _, member, src, phase in sorted(found, reverse=True):
+                light = min(load, key=lambda n: (load[n], n))
+                if load[src] - load[light] >= 2:
+                    load[src], load[light] = load[src] - 1, load[light] + 1
+                    moves.append((member_id(member), src, light, phase))
+            self._move(moves, ready)
         if load and max(load.values()) - min(load.values()) >= 2:
             self.r.set(Keys.rebalance, self.id, px=int(self.config.tick_s * 4000))
             self._rebalancing = True
@@ -203,16 +334,41 @@ class Scheduler:
             self.r.delete(Keys.rebalance)
             self._rebalancing = False
 
-    def _fill(self, items: list[ExperimentRecord]) -> list[ExperimentRecord]:
-        """Take items in fair order until the row budget is used (always at least one)."""
-        out, rows = [], 0
-        for e in items:
-            if out and rows + e.rows > self.config.max_batch_rows:
-                break
-            out.append(e)
-            rows += e.rows
-        return out
+    def _move(self, moves: list[tuple[str, str, str, str]], ready: dict[str, dict[str, int]]) -> None:
+        """Write (exp_id, from, to, phase) moves and count them in the live nodes' ready groups."""
+        done = self.index.move(self.id, [m[:3] for m in moves]) if moves else []
+        for (_, src, dst, phase), ok in zip(moves, done, strict=True):
+            if ok:
+                ready[dst][phase] += 1
+                if src in ready:
+                    ready[src][phase] -= 1
 
+    def _take(self, node: str, phase: str) -> list[ExperimentRecord]:
+        """The head of the node's ready zset in fair order, each checked against its hash, until
+        the row budget is used (always at least one): O(batch), whatever waits behind it."""
+        key, budget = Keys.ready(phase, node), self.config.max_batch_rows
+        out: list[ExperimentRecord] = []
+        rows, start, size = 0, 0, 32
+        while True:
+            members = self.r.zrange(key, start, start + size - 1)
+            pipe = self.r.pipeline(transaction=False)
+            for member in members:
+                pipe.hmget(Keys.experiment(member_id(member)), SCHEDULING_FIELDS)
+            stale = 0
+            for member, values in zip(members, pipe.execute() if members else [], strict=True):
+                e = ExperimentRecord.from_values(member_id(member), SCHEDULING_FIELDS, values)
+                if not (e.status == "running" and not e.inflight and e.node == node and e.phase == phase):
+                    self.index.repair(e.id, key, member)  # stale: skipped, and rewritten from the hash
+                    stale += 1
+                    continue
+                if out and rows + e.rows > budget:
+                    return out
+                out.append(e)
+                rows += e.rows
+            if len(members) < size:
+                return out
+            start += size - stale
+            size = max(32, (budget - rows) // max(1, min(e.rows for e in out)) + 1) if out else 2 * size
     def _send(self, phase: str, items: list[ExperimentRecord], node: str) -> None:
         """Rollouts and train steps of an adapter go to the node that holds it hot."""
         batch_id = uuid.uuid4().hex[:16]
@@ -231,6 +387,9 @@ class Scheduler:
             for e in marked:
                 self.protocol.clear_inflight(self.id, e.id, batch_id, "publish failed", count=False)
             raise
+        for e in marked:  # watched from now on, read afresh at the next tick
+            e.inflight, e.node = batch_id, node
+            self._watch[e.id] = _Watched(e, check_at=0)
         log.debug("published", phase=phase, batch=batch_id, queue=queue, n=len(marked),
                   experiments=[e.id for e in marked])
 

@@ -57,6 +57,9 @@ class ExperimentRegistry:
             pipe.hset(Keys.experiment(rec.id), mapping=rec.to_hash())
             pipe.zadd(Keys.experiments, {rec.id: now})
             pipe.sadd(Keys.active, rec.id)
+            # the indexes of a queued experiment (common/ready_index.py), in the same transaction
+            pipe.sadd(Keys.idx_queued, rec.id)
+            pipe.sadd(Keys.idx_waiting, rec.id)
             pipe.xadd(Keys.events, {"type": "submitted", "exp": rec.id}, maxlen=STREAM_MAXLEN,
                       approximate=True)
         pipe.execute()

@@ -131,16 +131,21 @@ class WorkerRuntime:
         s = self.settings
         ttl_ms = int(s.heartbeat_s * 5000)
         outage = Outage("redis (heartbeat)", log, cap_s=s.heartbeat_s)
+        # Leases are renewed every third of a lease (or every beat, if beats are further apart),
+        # all in one script: renewing each claim on every beat made Redis commands per step grow
+        # with how long a batch takes (issue 12 item 7); a claim's own lease starts full.
+        renew_every_s, renewed_at = s.lease_ms / 3000, 0.0
         while not self._stop.is_set():
             try:
                 beat = {"node": s.node, "pid": os.getpid(), "device": s.device,
                         "resident": len(self.adapters), "busy": self.busy, "at": time.time()}
                 self.r.set(Keys.worker(s.node), json.dumps(beat), px=ttl_ms)
                 self.r.sadd(Keys.workers, s.node)
-                with self._lock:
-                    claims = dict(self.claims)
-                for (exp_id, step, phase), token in claims.items():
-                    self.protocol.renew(exp_id, step, phase, token, s.lease_ms)
+                if time.monotonic() - renewed_at >= renew_every_s - s.heartbeat_s / 2:
+                    with self._lock:
+                        claims = dict(self.claims)
+                    self.protocol.renew_many(claims, s.lease_ms)
+                    renewed_at = time.monotonic()
                 outage.ok()
             except redis.RedisError as exc:
                 outage.failed(exc)

@@ -169,7 +169,8 @@ def test_new_experiments_go_to_the_least_loaded_live_node(r):
     first_two, third = sorted([c, d, e])[:2], sorted([c, d, e])[2]
     [to_n1] = h.tick()  # n0 is still busy with its batch: it gets nothing yet
     assert (to_n1.node, to_n1.msg.phase, sorted(to_n1.exp_ids)) == ("n1", "rollout", first_two)
-    assert h.rec(third).node == "" and h.rec(third).inflight == ""  # planned for n0, not yet sent
+    # placed on n0 (written at once: a placement is made once, not on every tick), not yet sent
+    assert h.rec(third).node == "n0" and h.rec(third).inflight == ""
 
     FakeWorker(r, "n0").run(first)
     [train] = h.tick()  # n0's largest ready group: the train steps of a and b (2) before third (1)
