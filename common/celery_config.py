@@ -12,6 +12,8 @@ from lorafleet.common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE
 
 TASK_ROLLOUT = "lf.rollout_batch"
 TASK_TRAIN = "lf.train_batch"
+TASK_OPS = "lf.ops_batch"  # client-driven models' ops, on the node queue of their worker
+TASK_SAMPLE = "lf.sample_batch"  # client sample requests, on the shared rollout queue
 VISIBILITY_TIMEOUT_S = 6 * 3600  # last-resort redelivery; the reaper re-publishes far sooner
 # kombu's Redis transport with poison isolation: a queue item that is not a valid lorafleet
 # message is dead-lettered before kombu parses it, instead of stopping the worker
@@ -59,7 +61,8 @@ def celery_config(broker_url: str) -> dict[str, Any]:
         "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
         "task_default_queue": TRAIN_QUEUE,
         "task_create_missing_queues": True,
-        "task_routes": {TASK_ROLLOUT: {"queue": ROLLOUT_QUEUE}, TASK_TRAIN: {"queue": TRAIN_QUEUE}},
+        "task_routes": {TASK_ROLLOUT: {"queue": ROLLOUT_QUEUE}, TASK_TRAIN: {"queue": TRAIN_QUEUE},
+                        TASK_SAMPLE: {"queue": ROLLOUT_QUEUE}},
         **broker_transport_config(broker_url),
     }
 

@@ -43,6 +43,10 @@ class ExperimentRecord:
     weight: float = 1.0
     rows: int = 0  # sequences per step: prompts x group size (fair-share accounting)
     created_at: int = 0  # ms, Redis clock of the submitting client
+    # "rl": the server runs its loop (rollout, train); "client": a client drives it one primitive
+    # op at a time (the Tinker endpoint, `common/client_ops.py`); the scheduler's indexes skip it
+    kind: Literal["rl", "client"] = "rl"
+    owner: str = ""  # id of the API key that submitted it ("": Redis clients, the CLI)
     # ---- changed by the protocol's Lua scripts ------------------------------------------------
     status: Status = "queued"
     step: int = 0  # committed train steps == the adapter version the next step starts from

@@ -30,8 +30,9 @@ local function ready_member(created_at, id)
 end
 local function entries(exp, id, both)
   local e = redis.call('HMGET', exp, '$status', '$node', '$phase', '$inflight', '$not_before', '$served',
-                       '$weight', '$created_at')
+                       '$weight', '$created_at', '$kind')
   local out = {}
+  if e[9] == 'client' then return out end  -- a client-driven model: dispatched by its ops (tk:ready)
   if e[1] == 'queued' then
     out['$idx_queued\\n' .. id] = 's'
     out['$idx_waiting\\n' .. id] = 's'

@@ -97,3 +97,78 @@ class Keys:
     @staticmethod
     def worker(node: str) -> str:
         return f"{PREFIX}worker:{node}"  # string with TTL: heartbeat JSON of a live worker
+
+    # ---- HTTP API access (`common/api_keys.py`): only the sha256 of a key is ever stored ------
+    api_keys = PREFIX + "apikeys"  # zset: key id -> created (ms)
+
+    @staticmethod
+    def api_key(key_id: str) -> str:
+        return f"{PREFIX}apikey:{key_id}"  # hash: name, sha256, admin, limits, created, revoked, last_used
+
+    @staticmethod
+    def api_key_by_hash(sha256_hex: str) -> str:
+        return f"{PREFIX}apikey_by_hash:{sha256_hex}"  # string: key id
+
+    @staticmethod
+    def owner_experiments(key_id: str) -> str:
+        return f"{PREFIX}owner:{key_id}:exps"  # zset: experiment id -> submit time (ms)
+
+    # ---- Prometheus counters and histograms written where the events happen (`/metrics`) -----
+    prom_counters = PREFIX + "prom:counters"  # hash: "<name>|<label>=<value>,..." -> count
+    prom_last = PREFIX + "prom:last"  # hash: experiment id -> JSON {step, reward, finished_at}
+
+    @staticmethod
+    def prom_histogram(name: str) -> str:
+        return f"{PREFIX}prom:hist:{name}"  # hash: "<labels>|<le>" -> count, "<labels>|sum" -> sum
+
+    # ---- client-driven models (the Tinker endpoint; `common/client_ops.py`). Payloads and
+    # results are bytes: read them with a decode_responses=False client --------------------------
+    tk_done = PREFIX + "tk:done"  # stream: request id, status of every finished future (wakeups)
+    tk_ready = PREFIX + "tk:ready"  # set: client models whose next op is present, nothing in flight
+    tk_samples = PREFIX + "tk:samples"  # zset: sample request id -> enqueue time (ms)
+    tk_samples_running = PREFIX + "tk:samples:running"  # zset: sample request id -> lease deadline
+    fused_steps = PREFIX + "fused_steps"  # stream: one record per fused client-op batch
+
+    @staticmethod
+    def tk_session(session_id: str) -> str:
+        return f"{PREFIX}tk:session:{session_id}"  # hash: owner, sdk_version, last_beat (TTL)
+
+    @staticmethod
+    def tk_model(exp_id: str) -> str:
+        return f"{PREFIX}tk:model:{exp_id}"  # hash: op_seq, node, token, lease, gradlog, ...
+
+    @staticmethod
+    def tk_model_id(model_id: str) -> str:
+        return f"{PREFIX}tk:model_id:{model_id}"  # string: Tinker model id -> experiment id
+
+    @staticmethod
+    def tk_ops(exp_id: str) -> str:
+        return f"{PREFIX}tk:ops:{exp_id}"  # zset: op seq -> request id (ops not yet committed)
+
+    @staticmethod
+    def tk_gradlog(exp_id: str) -> str:
+        return f"{PREFIX}tk:gradlog:{exp_id}"  # list: forward_backward request ids since the last optim_step
+
+    @staticmethod
+    def tk_dedupe(scope: str, seq: int) -> str:
+        return f"{PREFIX}tk:dedupe:{scope}:{seq}"  # string: request id (a retried submit finds it)
+
+    @staticmethod
+    def tk_future(request_id: str) -> str:
+        return f"{PREFIX}tk:future:{request_id}"  # hash: exp, seq, op, status, owner, created, done, error
+
+    @staticmethod
+    def tk_payload(request_id: str) -> str:
+        return f"{PREFIX}tk:payload:{request_id}"  # bytes: the op's decoded request (JSON)
+
+    @staticmethod
+    def tk_result(request_id: str) -> str:
+        return f"{PREFIX}tk:result:{request_id}"  # bytes: the op's result (JSON)
+
+    @staticmethod
+    def tk_sampler(sampling_session_id: str) -> str:
+        return f"{PREFIX}tk:sampler:{sampling_session_id}"  # hash: exp, version, owner
+
+    @staticmethod
+    def tk_checkpoints(exp_id: str) -> str:
+        return f"{PREFIX}tk:ckpt:{exp_id}"  # hash: "weights/<n>" | "sampler_weights/<n>" -> JSON {version, ...}

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lorafleet.common.ids import validate_id
 
-Phase = Literal["rollout", "train"]
+Phase = Literal["rollout", "train", "ops"]  # ops: client-driven models (common/client_ops.py)
 
 
 class BatchItem(BaseModel):
@@ -33,3 +33,13 @@ class BatchMessage(BaseModel):
     node: str | None = None  # the node whose queue carries it (train affinity)
     epoch: int = Field(ge=0)  # scheduler leadership epoch that published it
     items: tuple[BatchItem, ...] = Field(min_length=1, max_length=4096)
+
+
+class SampleMessage(BaseModel):
+    """One Celery message = one generation batch of client sample requests (`lf.sample_batch`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_id: str
+    epoch: int = Field(ge=0)
+    request_ids: tuple[str, ...] = Field(min_length=1, max_length=4096)

@@ -163,6 +163,8 @@ class ReadyIndex:
 def entries_of(rec: ExperimentRecord, now_ms: int) -> set[tuple[str, str, float | None]]:
     """The index entries (key, member, score; None for sets) an experiment's hash implies."""
     out: set[tuple[str, str, float | None]] = set()
+    if rec.kind == "client":  # dispatched by its ops (`common/client_ops.py`), not by phase
+        return out
     if rec.status == "queued":
         return {(Keys.idx_queued, rec.id, None), (Keys.idx_waiting, rec.id, None)}
     if rec.status != "running":

@@ -126,6 +126,27 @@ class Settings(BaseSettings):
     unclaimed_timeout_s: float = Field(default=60.0, gt=0)  # published, never claimed: publish again
     max_attempts: int = Field(default=3, ge=1)  # poison cap per task
 
+    # ---- HTTP API (`lorafleet api`, scheduler/api/) -----------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    api_max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)  # larger bodies: 413
+    # a key's default limits (`lorafleet keys create` overrides them); work over a limit is
+    # accepted and queued, never refused
+    api_default_max_experiments: int = Field(default=16, ge=1)  # running at once, per key
+    api_default_max_queued_ops: int = Field(default=256, ge=1)  # Tinker ops waiting, per key
+    api_retrieve_hold_s: float = Field(default=25.0, gt=0)  # long-poll of retrieve_future (SDK: 45 s)
+    metrics_finished_ttl_s: float = Field(default=600.0, ge=0)  # finished experiments leave /metrics
+    metrics_max_experiments: int = Field(default=500, ge=1)  # per-experiment series cap
+
+    # ---- client-driven models (the Tinker endpoint) ----------------------------------------
+    tinker_base_model: str | None = None  # the name clients pass as base_model (None: base_model)
+    tinker_lora_alpha: float = Field(default=32.0, gt=0)
+    tinker_max_sample_tokens: int = Field(default=256, ge=1)  # max_tokens when a client gives none
+    tinker_session_ttl_s: float = Field(default=600.0, gt=0)  # no heartbeat this long: session over
+    future_ttl_s: float = Field(default=3600.0, gt=0)  # a finished future's result is kept this long
+    ops_linger_ms: int = Field(default=20, ge=0)  # wait this long for co-tenants' ops to fuse
+    max_sample_rows: int = Field(default=256, ge=1)  # sampled sequences per generation batch
+
     @field_validator("node")
     @classmethod
     def _node_id(cls, value: str) -> str:
