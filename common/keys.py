@@ -171,4 +171,4 @@ class Keys:
 
     @staticmethod
     def tk_checkpoints(exp_id: str) -> str:
-        return f"{PREFIX}tk:ckpt:{exp_id}"  # hash: "weights/<n>" | "sampler_weights/<n>" -> JSON {version, ...}
+        return f"{PREFIX}tk:ckpt:{exp_id}"  # hash: "weights/<n>", "sampler_weights/<n>" -> JSON
