@@ -172,3 +172,7 @@ class Keys:
     @staticmethod
     def tk_checkpoints(exp_id: str) -> str:
         return f"{PREFIX}tk:ckpt:{exp_id}"  # hash: "weights/<n>", "sampler_weights/<n>" -> JSON
+
+    # ---- issue 13, worker: base model facts for the torch-free API ---------------------------
+    # hash: base_model, tokenizer_dir, arch, max_context (written by every worker at start)
+    fleet_model = PREFIX + "fleet:model"

@@ -1,4 +1,5 @@
-"""The Celery app of the workers: two tasks, a hot runtime per worker process.
+"""The Celery app of the workers: four tasks (rollout, train, client ops, client samples), a hot
+runtime per worker process.
 
 `lorafleet worker` builds the process's `Settings` and calls `start_worker`, which runs a prefork
 Celery worker with one child (`-c 1`) in this same process: the child inherits the settings,
@@ -13,16 +14,17 @@ import multiprocessing
 import os
 import signal
 import time
+from typing import Any
 
 from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutting_down
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from lorafleet.common.celery_config import TASK_ROLLOUT, TASK_TRAIN, celery_config
+from lorafleet.common.celery_config import TASK_OPS, TASK_ROLLOUT, TASK_SAMPLE, TASK_TRAIN, celery_config
 from lorafleet.common.dead_letters import DeadLetters
 from lorafleet.common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE, node_queue
 from lorafleet.common.logging import bound_context, configure_logging, get_logger
-from lorafleet.common.messages import BatchMessage
+from lorafleet.common.messages import BatchMessage, SampleMessage
 from lorafleet.common.settings import Settings
 
 log = get_logger("lorafleet.worker")
@@ -78,13 +80,13 @@ def _close_runtime(**_: object) -> None:
         _runtime.close()
 
 
-def _message(body: object, queue: str = "") -> BatchMessage | None:
+def _message(body: object, queue: str = "", kind: type[BaseModel] = BatchMessage) -> Any:
     """The batch of a task's body, or None: a malformed message is dropped (acked), never crashes.
 
     The broker transport (lorafleet.common.broker_transport) dead-letters invalid messages before
     they reach a task; this is the second line, and records what it drops in the same place."""
     try:
-        return BatchMessage.model_validate(body)
+        return kind.model_validate(body)
     except ValidationError as exc:
         log.error("invalid batch message dropped", queue=queue, error=str(exc)[:500])
         if _runtime is not None:
@@ -114,14 +116,19 @@ def _handle(task_id: str, kind: str, body: object) -> None:
     _finish_step_on_sigterm()
     request = getattr(app.current_task, "request", None)  # the queue, for the dead-letter record
     queue = str((getattr(request, "delivery_info", None) or {}).get("routing_key") or "")
-    msg = _message(body, queue)
+    msg = _message(body, queue, SampleMessage if kind == "sample" else BatchMessage)
     if _runtime is None:
         return
     started, outcome = time.time(), "error"
     try:
         if msg is not None:
             with bound_context(task_id=task_id, worker=_runtime.name):
-                _runtime.run(msg)
+                if kind == "sample":
+                    _runtime.client.run_samples(msg)
+                elif kind == "ops":
+                    _runtime.client.run_ops(msg)
+                else:
+                    _runtime.run(msg)
             outcome = "ok"
         else:
             outcome = "invalid"
@@ -137,3 +144,13 @@ def rollout_batch(self, body: dict) -> None:
 @app.task(name=TASK_TRAIN, bind=True)
 def train_batch(self, body: dict) -> None:
     _handle(self.request.id, "train", body)
+
+
+@app.task(name=TASK_OPS, bind=True)
+def ops_batch(self, body: dict) -> None:
+    _handle(self.request.id, "ops", body)
+
+
+@app.task(name=TASK_SAMPLE, bind=True)
+def sample_batch(self, body: dict) -> None:
+    _handle(self.request.id, "sample", body)

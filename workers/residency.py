@@ -56,6 +56,9 @@ class ResidentAdapters:
         self.policy = snapshots or SnapshotPolicy()
         self.last_snapshot: dict[str, tuple[int, float]] = {}  # exp id -> (version, monotonic time)
         self.snapshotted: set[str] = set()  # of the last publish: who got their AdamW state written
+        # never evicted: client models whose accumulated gradients live only in memory (their
+        # replay from the gradlog is the fallback, not the plan: workers/client_ops.py)
+        self.held: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.versions)
@@ -71,7 +74,7 @@ class ResidentAdapters:
             self.drop(exp_id)
             self._load(item)
             self.versions[exp_id] = version
-            evictable = [a for a in self.versions if a not in pinned and a != exp_id]
+            evictable = [a for a in self.versions if a not in pinned and a not in self.held and a != exp_id]
             for victim in evictable[: max(0, len(self.versions) - self.max_resident)]:
                 self.drop(victim)
         if for_rollout and self.vllm is not None:  # a new version: new name, canary against the trainer
@@ -156,6 +159,7 @@ class ResidentAdapters:
             self.drop(exp_id)
 
     def drop(self, exp_id: str) -> None:
+        self.held.discard(exp_id)
         self.last_snapshot.pop(exp_id, None)
         if self.versions.pop(exp_id, None) is not None:
             self.trainer.remove_adapter(exp_id)

@@ -49,6 +49,7 @@ from lorafleet.common.protocol import (
 from lorafleet.common.retention import doomed_versions, retention_of
 from lorafleet.common.retry import Outage, is_infra_fault, retry_redis
 from lorafleet.common.settings import Settings
+from lorafleet.workers.client_work import ClientWork
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.multilora.model import MultiLoRAModel
 from lorafleet.workers.pipeline import RLStepPipeline, RolloutOutput
@@ -90,8 +91,8 @@ class WorkerRuntime:
             torch.set_num_threads(settings.torch_threads)
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(settings.resolved_torch_extensions_dir))
         self.protocol = StepProtocol(r)
-        model, self.tokenizer, _ = load_base_model(settings.base_model, getattr(torch, settings.dtype),
-                                                   settings.device, settings.cache_dir)
+        model, self.tokenizer, self.model_path = load_base_model(
+            settings.base_model, getattr(torch, settings.dtype), settings.device, settings.cache_dir)
         self.model = MultiLoRAModel(model, backend=settings.lora_backend)
         trainer = FusedTrainStep(self.model, settings.step_backend,
                                  tokens_per_microbatch=settings.train_tokens_per_microbatch,
@@ -114,6 +115,7 @@ class WorkerRuntime:
         self._stop = threading.Event()
         self.name = f"{settings.node}:{os.getpid()}"
         self.busy = False
+        self.client = ClientWork(self, trainer)  # client-driven models (issue 13): ops and samples
         self._swept_at = 0.0
         self._sweep_store()
         threading.Thread(target=self._heartbeat, name="lorafleet-heartbeat", daemon=True).start()
@@ -196,6 +198,7 @@ class WorkerRuntime:
         os._exit(0)
 
     def close(self) -> None:
+        self.client.close()
         self.overlap.close()
         if self.vllm is not None:
             self.vllm.close()
