@@ -32,6 +32,35 @@ class TrainRow:
             raise ValueError("old_logprobs needs one entry per token")
 
 
+@dataclass(frozen=True)
+class ClientRow:
+    """One client (Tinker) datum as a row: position i of `tokens` predicts `targets[i]`.
+
+    Tinker datums arrive pre-shifted (`model_input` and `target_tokens` of equal length), so
+    nothing is shifted here. `weights` feed cross_entropy (None: all 1); `advantages` and
+    `sampling_logprobs` (the sampler's logprob of targets[i]) feed importance_sampling/ppo.
+    """
+
+    adapter: str
+    op_key: str
+    tokens: Sequence[int]
+    targets: Sequence[int]
+    weights: Sequence[float] | None = None
+    advantages: Sequence[float] | None = None
+    sampling_logprobs: Sequence[float] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.tokens)
+        if n < 1 or len(self.targets) != n:
+            raise ValueError(f"op {self.op_key}: a datum needs >= 1 token and one target per "
+                             f"token (got {n} tokens, {len(self.targets)} targets)")
+        for name in ("weights", "advantages", "sampling_logprobs"):
+            v = getattr(self, name)
+            if v is not None and len(v) != n:
+                raise ValueError(f"op {self.op_key}: {name} has {len(v)} entries, the datum "
+                                 f"has {n} tokens")
+
+
 @dataclass
 class FusedBatch:
     layout: BatchLayout
@@ -40,15 +69,32 @@ class FusedBatch:
     loss_mask: torch.Tensor  # (B, T-1) float: 1 where target token t+1 is trained
     advantages: torch.Tensor  # (B,) float
     old_logprobs: torch.Tensor | None  # (B, T-1) float, aligned with targets
+    # client (Tinker) batches only: explicit per-position targets and loss inputs, all (B, T)
+    # and aligned with input_ids (position t predicts targets[:, t]); zero in padding
+    targets: torch.Tensor | None = None  # (B, T) long
+    token_weights: torch.Tensor | None = None  # (B, T) float (1 where a datum had none)
+    token_advantages: torch.Tensor | None = None  # (B, T) float
+    sampling_logprobs: torch.Tensor | None = None  # (B, T) float
+    row_op: torch.Tensor | None = None  # (B,) long: index into op_keys
+    row_ids: torch.Tensor | None = None  # (B,) long: index of the row in the collator's input
+    op_keys: tuple[str, ...] = ()
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> FusedBatch:
+        def f(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, dtype)
+
+        def i(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return FusedBatch(
             self.layout,
             self.input_ids.to(device),
             self.attention_mask.to(device),
             self.loss_mask.to(device, dtype),
             self.advantages.to(device, dtype),
-            None if self.old_logprobs is None else self.old_logprobs.to(device, dtype),
+            f(self.old_logprobs),
+            i(self.targets), f(self.token_weights), f(self.token_advantages),
+            f(self.sampling_logprobs), i(self.row_op), i(self.row_ids), self.op_keys,
         )
 
 
@@ -91,6 +137,56 @@ def collate(
     )
 
 
+def collate_client(
+    rows: Sequence[ClientRow],
+    pad_id: int,
+    dtype: torch.dtype = torch.float32,
+    adapter_order: Sequence[str] | None = None,
+) -> FusedBatch:
+    """Client rows -> one fused batch: adapter-major (as `collate`), right-padded, each row
+    tagged with its op (`row_op` indexes `op_keys`, ops in first-seen order) and its index in
+    `rows` (`row_ids`), so results map back to each op's datums in their given order."""
+    if not rows:
+        raise ValueError("empty batch")
+    rank = {a: i for i, a in enumerate(adapter_order or sorted({r.adapter for r in rows}))}
+    order = sorted(range(len(rows)), key=lambda i: rank[rows[i].adapter])  # stable
+    op_keys = tuple(dict.fromkeys(r.op_key for r in rows))
+    op_index = {k: i for i, k in enumerate(op_keys)}
+    width = max(len(r.tokens) for r in rows)
+    b = len(rows)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    targets = torch.full((b, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, width), dtype=torch.long)
+    weights = torch.zeros((b, width), dtype=dtype)
+    adv = torch.zeros((b, width), dtype=dtype)
+    sampled = torch.zeros((b, width), dtype=dtype)
+    for i, j in enumerate(order):
+        r, n = rows[j], len(rows[j].tokens)
+        input_ids[i, :n] = torch.tensor(list(r.tokens), dtype=torch.long)
+        targets[i, :n] = torch.tensor(list(r.targets), dtype=torch.long)
+        attention[i, :n] = 1
+        weights[i, :n] = 1.0 if r.weights is None else torch.tensor(list(r.weights), dtype=dtype)
+        if r.advantages is not None:
+            adv[i, :n] = torch.tensor(list(r.advantages), dtype=dtype)
+        if r.sampling_logprobs is not None:
+            sampled[i, :n] = torch.tensor(list(r.sampling_logprobs), dtype=dtype)
+    return FusedBatch(
+        layout=BatchLayout.from_row_adapters([rows[j].adapter for j in order]),
+        input_ids=input_ids,
+        attention_mask=attention,
+        loss_mask=attention[:, 1:].to(dtype),  # unused by client losses (they use attention)
+        advantages=torch.zeros(b, dtype=dtype),
+        old_logprobs=None,
+        targets=targets,
+        token_weights=weights,
+        token_advantages=adv,
+        sampling_logprobs=sampled,
+        row_op=torch.tensor([op_index[rows[j].op_key] for j in order], dtype=torch.long),
+        row_ids=torch.tensor(order, dtype=torch.long),
+        op_keys=op_keys,
+    )
+
+
 def micro_batches(batch: FusedBatch, max_tokens: int | None) -> list[FusedBatch]:
     """Split a fused batch into micro-batches of at most `max_tokens` tokens each, counted as
     rows x padded width of the micro-batch (a single longer row is a micro-batch of its own).
@@ -122,6 +218,10 @@ def micro_batches(batch: FusedBatch, max_tokens: int | None) -> list[FusedBatch]
         group.sort()  # back to batch order: adapter-major, each adapter one contiguous block
         idx = torch.tensor(group, device=batch.input_ids.device)
         w = max(lengths[i] for i in group)  # trim padding to this micro-batch's longest row
+
+        def cut(t: torch.Tensor | None, idx: torch.Tensor = idx, w: int = w) -> torch.Tensor | None:
+            return None if t is None else t[idx, :w]  # (b, w): client tensors, aligned with ids
+
         out.append(FusedBatch(
             layout=BatchLayout.from_row_adapters([row_adapter[i] for i in group]),
             input_ids=batch.input_ids[idx, :w],  # (b, w)
@@ -129,5 +229,12 @@ def micro_batches(batch: FusedBatch, max_tokens: int | None) -> list[FusedBatch]
             loss_mask=batch.loss_mask[idx, :w - 1],  # (b, w-1)
             advantages=batch.advantages[idx],  # (b,)
             old_logprobs=None if batch.old_logprobs is None else batch.old_logprobs[idx, :w - 1],
+            targets=cut(batch.targets),
+            token_weights=cut(batch.token_weights),
+            token_advantages=cut(batch.token_advantages),
+            sampling_logprobs=cut(batch.sampling_logprobs),
+            row_op=None if batch.row_op is None else batch.row_op[idx],
+            row_ids=None if batch.row_ids is None else batch.row_ids[idx],
+            op_keys=batch.op_keys,
         ))
     return out

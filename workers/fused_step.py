@@ -15,32 +15,28 @@ time: the (B, T, V) logits never exist.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from lorafleet.common.schemas import AdapterTrainSpec
 from lorafleet.workers.batch import FusedBatch, micro_batches
+from lorafleet.workers.client_step import ClientOpsMixin
 from lorafleet.workers.losses import chunked_token_logprobs, token_loss
 from lorafleet.workers.multilora.model import MultiLoRAModel
 from lorafleet.workers.step_backends import BackendName, decoder_hidden_states, make_backend
+from lorafleet.workers.step_types import AccumulateResult, AdamParams, AdapterStepResult, OpOutput
+
+__all__ = ["AccumulateResult", "AdamParams", "AdapterStepResult", "FusedTrainStep", "OpOutput"]
 
 OPT_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 # config fields of HF models whose logits are not lm_head(decoder(x)) (Gemma 2, Cohere, Granite)
 UNSUPPORTED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-@dataclass(frozen=True)
-class AdapterStepResult:
-    loss: float
-    grad_norm: float  # before clipping; nan when skipped before backward
-    num_tokens: int
-    stepped: bool
-    skipped_reason: str | None  # "nonfinite_loss" | "nonfinite_grad" | None
-    step: int  # optimizer steps this adapter has taken, after this one
+class FusedTrainStep(ClientOpsMixin):
+    """Server RL steps (`step`) and client ops (`accumulate`/`forward`/`apply`, from
+    `ClientOpsMixin`) on one optimizer. Neither ever touches another adapter's pending grads."""
 
-
-class FusedTrainStep:
     def __init__(
         self,
         model: MultiLoRAModel,
@@ -135,7 +131,20 @@ class FusedTrainStep:
         unknown = [a for a in present if a not in self.specs]
         if unknown:
             raise KeyError(f"adapters not loaded on this worker: {unknown}")
-        self.optimizer.zero_grad(set_to_none=True)
+        # only the batch's adapters start from zero: a co-resident client model's pending
+        # gradients (waiting for its own optim_step) are set aside and come back after the step
+        stash = self._stash_grads(keep=present)
+        for name in present:
+            self.drop_grads(name)
+        try:
+            results = self._step(batch, present)
+        finally:
+            self._restore_grads(stash)
+        for name in present:  # stepped: nothing of this batch stays pending
+            self.drop_grads(name)
+        return results
+
+    def _step(self, batch: FusedBatch, present: list[str]) -> dict[str, AdapterStepResult]:
         self.model.model.train()  # enables activation checkpointing, if configured, and dropout
         # each adapter's denominator: its trained tokens over the WHOLE batch
         counts = {a: int(batch.loss_mask[batch.layout.rows_of(a)].sum().item()) for a in present}
@@ -157,7 +166,6 @@ class FusedTrainStep:
         results = {}
         for name in self.specs:
             if name not in present:
-                self._drop_grads(name)
                 continue
             finite_loss = name not in skipped and math.isfinite(totals[name])
             results[name] = self._clip_and_schedule(name, totals[name], counts[name], finite_loss)
@@ -198,7 +206,7 @@ class FusedTrainStep:
     ) -> AdapterStepResult:
         spec = self.specs[name].optimizer
         if not loss_finite:
-            self._drop_grads(name)
+            self.drop_grads(name)
             return AdapterStepResult(loss, math.nan, count, False, "nonfinite_loss",
                                      self.steps[name])
         params = [p for _, p in self.model.parameters_of(name)]
@@ -207,13 +215,8 @@ class FusedTrainStep:
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
         if not math.isfinite(norm):
-            self._drop_grads(name)
+            self.drop_grads(name)
             return AdapterStepResult(loss, norm, count, False, "nonfinite_grad",
                                      self.steps[name])
         self._group(name)["lr"] = spec.lr_at(self.steps[name])
         return AdapterStepResult(loss, norm, count, True, None, self.steps[name])
-
-    def _drop_grads(self, name: str) -> None:
-        # A parameter whose .grad is None is not stepped by AdamW: no decay, no moment update.
-        for _, p in self.model.parameters_of(name):
-            p.grad = None

@@ -3,7 +3,9 @@ adapter's loss is divided by its own token count: nothing couples adapters in a 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +32,23 @@ def chunked_token_logprobs(
     head: Callable[[torch.Tensor], torch.Tensor],  # (n, H) -> (n, V), the lm_head
     input_ids: torch.Tensor,  # (B, T)
     chunk_tokens: int,
+    targets: torch.Tensor | None = None,  # (B, T): explicit target of every position
 ) -> torch.Tensor:
     """(B, T-1): `token_logprobs(head(hidden), input_ids)` without ever holding more than
     `chunk_tokens` rows of logits. The B*T positions are flattened and scored `chunk_tokens` at
     a time; under autograd each chunk is checkpointed, so backward recomputes that chunk's
-    logits instead of keeping every chunk's (n, V) softmax alive until backward."""
+    logits instead of keeping every chunk's (n, V) softmax alive until backward.
+
+    With explicit `targets` (client datums, pre-shifted): (B, T), position t scored at
+    targets[:, t], nothing dropped."""
     b, t, h = hidden.shape
-    # target of position t is token t+1; the last position of a row gets a dummy target and is
-    # dropped below (B wasted positions, no copy of the hidden states)
-    targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1).reshape(b * t)  # (B*T,)
+    explicit = targets is not None
+    if explicit:
+        targets = targets.reshape(b * t)  # (B*T,)
+    else:
+        # target of position t is token t+1; the last position of a row gets a dummy target
+        # and is dropped below (B wasted positions, no copy of the hidden states)
+        targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1).reshape(b * t)
     flat = hidden.reshape(b * t, h)  # (B*T, H), a view
     grad = torch.is_grad_enabled() and hidden.requires_grad
     out = []
@@ -49,7 +59,8 @@ def chunked_token_logprobs(
                                   preserve_rng_state=False))  # no randomness in a chunk
         else:
             out.append(_chunk_logprobs(hc, tc, head))
-    return torch.cat(out).view(b, t)[:, :-1]
+    scored = torch.cat(out).view(b, t)
+    return scored if explicit else scored[:, :-1]
 
 
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: Callable) -> torch.Tensor:
@@ -81,3 +92,61 @@ def token_loss(
         loss = loss + spec.kl_coef * (torch.exp(log_ratio) - log_ratio - 1.0)  # k3 estimator
     return loss
 
+
+
+# ---- client (Tinker) objectives: SUMS over an op's tokens, no normalisation ----------------
+ClientLossFn = Literal["cross_entropy", "importance_sampling", "ppo"]
+CLIENT_LOSS_FNS: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo")
+_CONFIG_KEYS = {"ppo": {"clip_low_threshold", "clip_high_threshold"}}
+
+
+@dataclass(frozen=True)
+class ClientLoss:
+    """One client op's objective (Tinker semantics: the loss is a plain sum over tokens)."""
+
+    fn: ClientLossFn
+    clip_low: float = 0.8  # ppo: clip(r, clip_low, clip_high), Tinker's clip_low_threshold
+    clip_high: float = 1.2
+
+    def __post_init__(self) -> None:
+        if self.fn not in CLIENT_LOSS_FNS:
+            raise ValueError(f"unsupported loss_fn {self.fn!r}; supported: {CLIENT_LOSS_FNS}")
+        if not (0.0 <= self.clip_low <= self.clip_high):
+            raise ValueError(f"ppo needs 0 <= clip_low_threshold <= clip_high_threshold, got "
+                             f"{self.clip_low}, {self.clip_high}")
+
+    @classmethod
+    def from_config(cls, fn: str, config: Mapping[str, float] | None = None) -> ClientLoss:
+        """From a request's `loss_fn` and `loss_fn_config`; unknown keys are an error."""
+        config = dict(config or {})
+        unknown = set(config) - _CONFIG_KEYS.get(fn, set())
+        if fn not in CLIENT_LOSS_FNS:
+            raise ValueError(f"unsupported loss_fn {fn!r}; supported: {CLIENT_LOSS_FNS}")
+        if unknown:
+            raise ValueError(f"loss_fn_config keys {sorted(unknown)} are not understood by {fn!r}")
+        return cls(fn, float(config.get("clip_low_threshold", 0.8)),  # type: ignore[arg-type]
+                   float(config.get("clip_high_threshold", 1.2)))
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The ClientRow fields this objective reads (cross_entropy's weights default to 1)."""
+        return () if self.fn == "cross_entropy" else ("advantages", "sampling_logprobs")
+
+
+def client_elementwise(
+    loss: ClientLoss,
+    logprobs: torch.Tensor,  # (n, T) logp of targets[i] at position i
+    weights: torch.Tensor,  # (n, T)
+    advantages: torch.Tensor,  # (n, T)
+    sampling_logprobs: torch.Tensor,  # (n, T)
+) -> torch.Tensor:
+    """(n, T) per-token loss, before masking padding:
+    cross_entropy = -w * logp; importance_sampling = -exp(logp - q) * A;
+    ppo = -min(r * A, clip(r, low, high) * A) with r = exp(logp - q)."""
+    if loss.fn == "cross_entropy":
+        return -weights * logprobs
+    ratio = torch.exp(logprobs - sampling_logprobs)
+    if loss.fn == "importance_sampling":
+        return -ratio * advantages
+    clipped = torch.clamp(ratio, loss.clip_low, loss.clip_high)
+    return -torch.minimum(ratio * advantages, clipped * advantages)

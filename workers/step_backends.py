@@ -88,6 +88,10 @@ class DeepSpeedBackend:
         _ensure_dist_env()
         import deepspeed
 
+        # > 0: gradients live partitioned in the engine, not in p.grad, so pending client
+        # gradients cannot be stashed across a step (FusedTrainStep refuses client ops then)
+        self.zero_stage = zero_stage
+
         config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
@@ -126,9 +130,9 @@ class DeepSpeedBackend:
         self.engine.step()
 
 
-def make_backend(name: BackendName, model: nn.Module) -> StepBackend:
+def make_backend(name: BackendName, model: nn.Module, zero_stage: int = 0) -> StepBackend:
     if name == "torch":
         return TorchBackend(model)
     if name == "deepspeed":
-        return DeepSpeedBackend(model)
+        return DeepSpeedBackend(model, zero_stage)
     raise ValueError(f"unknown step backend {name!r}; use torch or deepspeed")
