@@ -235,6 +235,13 @@ class ClientOpRunner:
                 rows += op_r
                 losses[op.request_id] = loss
                 ops.append(op)
+        errors = self.trainer.client_op_errors(rows, losses) if rows else {}
+        for op in [o for o in ops if o.request_id in errors]:  # token ids out of range, ...
+            results[op.exp_id][op.request_id] = _fail(op, f"{op.kind}: {errors[op.request_id]}")
+            del losses[op.request_id]
+        if errors:
+            rows = [r for r in rows if r.op_key not in errors]
+            ops = [o for o in ops if o.request_id not in errors]
         return rows, losses, ops
 
     @staticmethod
@@ -268,8 +275,9 @@ class ClientOpRunner:
                                    sum(len(r.tokens) for r in rows))
         for op in ops:
             results[op.exp_id][op.request_id] = self._fb_result(op, outputs.get(op.request_id))
-        for m in claimed:  # every fb op of this batch is in the gradlog once committed
-            fb = tuple(op.request_id for op in m.ops if op.kind == "forward_backward")
+        for m in claimed:  # the ok fb ops of this batch are in the gradlog once committed
+            fb = tuple(op.request_id for op in m.ops
+                       if op.kind == "forward_backward" and results[m.exp_id][op.request_id].ok)
             if fb:
                 version, have = self.pending.get(m.exp_id, (m.version, ()))
                 self.pending[m.exp_id] = (version, have + fb)
@@ -318,9 +326,15 @@ class ClientOpRunner:
             stepped = self.trainer.apply(steps)
             for exp_id in steps:
                 op, r = last[exp_id], stepped[exp_id]
-                if r.skipped_reason is not None and r.skipped_reason.startswith("nonfinite"):
-                    results[exp_id][op.request_id] = _fail(op, f"optim_step skipped: {r.skipped_reason}")
+                if not r.stepped:  # no gradients, or a non-finite norm: the step is skipped (as a
+                    # server step would be), the grads are gone, the version stays
                     self.pending[exp_id] = (versions[exp_id], ())
+                    self.adapters.held.discard(exp_id)
+                    metrics = {"skipped": 1.0, "step": float(r.step)}
+                    if r.skipped_reason == "nonfinite_grad":
+                        metrics["nonfinite_grad"] = 1.0
+                    results[exp_id][op.request_id] = OpResult(
+                        op.request_id, True, {"metrics": metrics, "version": versions[exp_id]})
                     continue
                 versions[exp_id] += 1
                 metrics = {"grad_norm": float(r.grad_norm), "step": float(r.step)}

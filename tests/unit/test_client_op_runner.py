@@ -12,7 +12,7 @@ import redis
 import torch
 
 from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.client_ops import OpStore
+from lorafleet.common.client_ops import OpStore, client_model_spec
 from lorafleet.common.keys import Keys
 from lorafleet.common.messages import BatchItem, BatchMessage, SampleMessage
 from lorafleet.common.schemas import ExperimentSpec
@@ -32,8 +32,7 @@ TOL = 1e-10
 
 
 def spec(seed: int) -> ExperimentSpec:
-    return ExperimentSpec(name=f"client{seed}", env="target_string", env_args={"target": "lorafleet"},
-                          train={"seed": seed, "lora": {"rank": 4, "alpha": 8.0}})
+    return client_model_spec(rank=4, seed=seed, alpha=8.0, name=f"client{seed}")
 
 
 def fb(seed: int, n: int = 2, poison: bool = False) -> dict:
