@@ -38,15 +38,15 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from pydantic import ValidationError
 
-from lorafleet.common.celery_config import TASK_ROLLOUT, TASK_TRAIN
+from lorafleet.common.celery_config import TASK_OPS, TASK_ROLLOUT, TASK_SAMPLE, TASK_TRAIN
 from lorafleet.common.dead_letters import DeadLetters
 from lorafleet.common.keys import NODE_QUEUE_PREFIX, ROLLOUT_QUEUE, TRAIN_QUEUE
 from lorafleet.common.logging import get_logger
-from lorafleet.common.messages import BatchMessage
+from lorafleet.common.messages import BatchMessage, SampleMessage
 
 log = get_logger("lorafleet.broker")
 
-LORAFLEET_TASKS = frozenset({TASK_ROLLOUT, TASK_TRAIN})
+LORAFLEET_TASKS = frozenset({TASK_ROLLOUT, TASK_TRAIN, TASK_OPS, TASK_SAMPLE})
 CELERY_DEFAULT_QUEUE = "celery"
 CONTENT_TYPE = "application/json"
 _EMBED_LINKS = ("callbacks", "errbacks", "chain", "chord")
@@ -113,8 +113,9 @@ def _envelope(payload: object) -> dict[str, Any]:
     return payload
 
 
-def _task_body(payload: dict[str, Any]) -> BatchMessage:
-    """The one BatchMessage a lorafleet task message carries (Celery task protocol 2)."""
+def _task_body(payload: dict[str, Any]) -> BatchMessage | SampleMessage:
+    """The one BatchMessage (SampleMessage for lf.sample_batch) a lorafleet task message carries
+    (Celery task protocol 2)."""
     _need(payload.get("content-type") == CONTENT_TYPE, "content_type",
           f"content-type {payload.get('content-type')!r}, not {CONTENT_TYPE}")
     _need((payload.get("content-encoding") or "utf-8").lower() == "utf-8", "content_type",
@@ -142,7 +143,7 @@ def _task_body(payload: dict[str, Any]) -> BatchMessage:
     _need(isinstance(embed, dict) and not any(embed.get(k) for k in _EMBED_LINKS), "bad_body",
           "embed links other tasks")
     try:
-        return BatchMessage.model_validate(args[0])
+        return (SampleMessage if task == TASK_SAMPLE else BatchMessage).model_validate(args[0])
     except ValidationError as exc:
         raise PoisonMessage("invalid_batch", str(exc)) from None
 
