@@ -62,12 +62,14 @@ local function mark_ready(exp_id)
   local m = '$model' .. exp_id
   local h = redis.call('HMGET', m, 'op_seq', 'inflight', 'token')
   local running = redis.call('HGET', '$exp' .. exp_id, '$status') == 'running'
-  if not running or (h[2] or '') ~= '' or (h[3] or '') ~= '' or not next_rid(exp_id, tonumber(h[1] or 0)) then
+  local rid = next_rid(exp_id, tonumber(h[1] or 0))
+  if not running or (h[2] or '') ~= '' or (h[3] or '') ~= '' or not rid then
     redis.call('SREM', '$ready', exp_id)
     return 0
   end
   if redis.call('SADD', '$ready', exp_id) == 1 then
-    redis.call('HSET', m, 'ready_at', now)
+    -- the linger counts from the op's arrival: an op that waited behind a batch goes out at once
+    redis.call('HSET', m, 'ready_at', redis.call('HGET', fut(rid), 'created') or now)
     redis.call('XADD', '$events', 'MAXLEN', '~', $maxlen, '*', 'type', 'op_ready', 'exp', exp_id)
   end
   return 1
