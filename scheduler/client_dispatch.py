@@ -114,8 +114,14 @@ class ClientDispatch:
         pipe = self.r.pipeline(transaction=False)
         for exp_id in ready:
             pipe.hmget(Keys.tk_model(exp_id), ("node", "ready_at"))
-        models = [(int(ready_at or 0), exp_id, node or "")
-                  for exp_id, (node, ready_at) in zip(ready, pipe.execute(), strict=True)]
+            pipe.hget(Keys.experiment(exp_id), "status")
+        got = pipe.execute()
+        models = []
+        for exp_id, (node, ready_at), status in zip(ready, got[0::2], got[1::2], strict=True):
+            if status == "running":
+                models.append((int(ready_at or 0), exp_id, node or ""))
+            else:  # cancelled (`lorafleet cancel`): its pending ops fail instead of waiting forever
+                self.ops.close_model(exp_id, "cancelled", f"model is {status}")
         for _, _, node in models:  # placed models count where they are, ready or in flight
             if node in live:
                 load[node] += 1

@@ -169,3 +169,17 @@ def test_samples_go_out_in_generation_batches(r: redis.Redis) -> None:
     assert h.tick() == []  # published: not again
     jobs = h.ops.claim_samples(msgs[0].request_ids, "w1", 60_000)
     assert [j.request_id for j in jobs] == list(msgs[0].request_ids)
+
+
+def test_a_cancelled_model_s_ops_fail_instead_of_waiting(r: redis.Redis) -> None:
+    from lorafleet.scheduler.registry import ExperimentRegistry
+
+    h = Harness(r, ops_linger_ms=0)
+    beat(r, "n1")
+    e = h.model("m1", "alice")
+    rid = h.ops.enqueue(e, 1, "forward", FB, "alice")
+    assert ExperimentRegistry(r).cancel(e)  # `lorafleet cancel`: the step protocol's FINISH
+    assert h.tick() == []
+    f = h.ops.future(rid)
+    assert f is not None and (f.status, f.category) == ("failed", "user") and "cancelled" in f.error
+    assert not r.sismember(Keys.tk_ready, e)

@@ -310,3 +310,53 @@ def test_samples_are_claimed_and_committed_once(r: redis.Redis) -> None:
     f = s.future(rid)
     assert f is not None and f.status == "done" and f.result == body
     assert not r.exists(Keys.tk_payload(rid)) and r.zcard(Keys.tk_samples_running) == 0
+
+
+# ---- closing, retention --------------------------------------------------------------------------
+def test_closing_a_model_fails_its_pending_and_held_ops(r: redis.Redis) -> None:
+    s = store(r)
+    r.hset(Keys.api_key("key1"), mapping={"max_queued_ops": 2})
+    exp = model(s, "m1", "key1")
+    r1 = s.enqueue(exp, 1, "forward_backward", FB, "key1")
+    [m] = s.claim([(exp, 0)], "w1", 5000)
+    assert s.commit(m, results(m), 0)  # a pending gradient: in the log
+    rids = [s.enqueue(exp, i, "forward", FB, "key1") for i in (2, 3, 4)]
+    assert [s.future(x).status for x in rids] == ["queued", "queued", "held"]  # type: ignore[union-attr]
+    assert s.close_model(exp, "completed", "session expired") == 2
+    h = r.hgetall(Keys.experiment(exp))
+    assert (h["status"], h["error"]) == ("completed", "session expired") and not r.sismember(Keys.active, exp)
+    for x in rids:  # the held one was released into a closed model: it fails too
+        f = s.future(x)
+        assert f is not None and (f.status, f.category) == ("failed", "user")
+        assert not r.exists(Keys.tk_payload(x))
+    assert not r.exists(Keys.tk_gradlog(exp)) and not r.exists(Keys.tk_payload(r1))
+    assert not r.sismember(Keys.tk_ready, exp) and r.scard(Keys.tk_owner_queued("key1")) == 0
+    with pytest.raises(OpError, match="completed"):
+        s.enqueue(exp, 5, "forward", FB, "key1")
+    assert s.close_model(exp, "cancelled") == 0 and r.hget(Keys.experiment(exp), "status") == "completed"
+
+
+def test_saved_versions_are_kept_by_retention(r: redis.Redis) -> None:
+    from lorafleet.common.retention import doomed_versions
+
+    s = store(r)
+    exp = model(s)
+    r.hset(Keys.tk_checkpoints(exp), "weights/a", '{"version": 2, "created": 1}')
+    assert s.pinned_versions(exp) == {2}
+    assert doomed_versions(range(1, 8), 7, keep_last=2, keep_every=0) == [1, 2, 3, 4, 5]
+    assert doomed_versions(range(1, 8), 7, keep_last=2, keep_every=0, pinned=s.pinned_versions(exp)) == [
+        1, 3, 4, 5]
+
+
+def test_sample_leases_are_renewed(r: redis.Redis) -> None:
+    s = store(r)
+    rid = s.enqueue_sample("ss1", 1, {"exp_id": None, "num_samples": 1}, "")
+    [job] = s.claim_samples([rid], "w1", LEASE_MS)
+    assert s.renew_samples([job], 5000) == [True]
+    lapse()
+    r.set(Keys.leader, "lead")
+    assert s.reap_samples("lead") == 0  # renewed: still w1's
+    assert s.commit_sample(job, OpResult(rid, False, None, "prompt too long", "user"))
+    assert s.renew_samples([job], 5000) == [False]
+    f = s.future(rid)
+    assert f is not None and (f.status, f.error, f.category) == ("failed", "prompt too long", "user")
