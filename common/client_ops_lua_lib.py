@@ -99,6 +99,17 @@ local function release_held(owner, default)
     redis.call('LPOP', held_key(owner))
     if redis.call('HGET', fut(rid), 'status') == 'held' then enter(rid); n = n + 1 end
   end
+  -- an op that later queued ops of its model wait on goes in over the quota: a quota full of ops
+  -- waiting on a held one would never free up
+  for _, rid in ipairs(redis.call('LRANGE', held_key(owner), 0, 999)) do
+    local f = redis.call('HMGET', fut(rid), 'kind', 'exp', 'seq', 'status')
+    if f[1] ~= 'sample' and f[4] == 'held'
+       and redis.call('ZCOUNT', '$ops' .. f[2], '(' .. f[3], '+inf') > 0 then
+      redis.call('LREM', held_key(owner), 1, rid)
+      enter(rid)
+      n = n + 1
+    end
+  end
   if redis.call('LLEN', held_key(owner)) == 0 then redis.call('SREM', '$held_owners', owner) end
   return n
 end

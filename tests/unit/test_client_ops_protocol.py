@@ -360,3 +360,19 @@ def test_sample_leases_are_renewed(r: redis.Redis) -> None:
     assert s.renew_samples([job], 5000) == [False]
     f = s.future(rid)
     assert f is not None and (f.status, f.error, f.category) == ("failed", "prompt too long", "user")
+
+
+def test_a_held_op_that_queued_ops_wait_on_is_released_over_the_quota(r: redis.Redis) -> None:
+    s = store(r)
+    r.hset(Keys.api_key("key1"), mapping={"max_queued_ops": 1})
+    a, b = model(s, "ma", "key1"), model(s, "mb", "key1")
+    rb = s.enqueue(b, 1, "forward", FB, "key1")  # fills the quota
+    a2 = s.enqueue(a, 2, "forward", FB, "key1")  # held, then its gap arrives: held behind it
+    a1 = s.enqueue(a, 1, "forward", FB, "key1")
+    assert [s.future(x).status for x in (rb, a2, a1)] == ["queued", "held", "held"]  # type: ignore[union-attr]
+    [m] = s.claim([(b, 0)], "w1", 5000)
+    assert s.commit(m, results(m), 0)
+    # a2 takes the freed slot; a1, which it waits on, goes in over the quota (else: deadlock)
+    assert [s.future(x).status for x in (a2, a1)] == ["queued", "queued"]  # type: ignore[union-attr]
+    [m] = s.claim([(a, 0)], "w1", 5000)
+    assert [o.request_id for o in m.ops] == [a1, a2]
