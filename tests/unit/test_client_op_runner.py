@@ -153,6 +153,12 @@ def test_gradlog_replay_on_a_fresh_worker_equals_the_uninterrupted_run(r, store,
     second = Host(r, store, model_cache, name="w1")  # w0 died: a fresh worker takes `a` over
     assert second.run(a) == {a: True}
     assert max_diff(weights(store, a, 1), weights(store, ref, 1)) < TOL
+    # the control: without fb 1 (no replay) the step lands elsewhere
+    lost = register(second.ops, "without-replay", seed=5)
+    submit(second.ops, lost, 1, "forward_backward", fb(32))
+    submit(second.ops, lost, 2, "optim_step", OPTIM)
+    second.run(lost)
+    assert max_diff(weights(store, lost, 1), weights(store, ref, 1)) > 1e-6
     # the AdamW state too: the next step from v1 on either worker lands on the same weights
     assert max_diff(dict(store.load(a, 1).trainer_tensors), dict(store.load(ref, 1).trainer_tensors)) < TOL
 
@@ -245,3 +251,26 @@ def test_workers_publish_the_base_model_facts_with_a_loadable_tokenizer(r, model
     assert int(facts["max_context"]) == hf.config.max_position_embeddings
     client_tok = AutoTokenizer.from_pretrained(facts["tokenizer_dir"])
     assert client_tok.encode("hello lorafleet") == tok.encode("hello lorafleet")
+
+
+def test_pending_grads_survive_residency_pressure_and_forward_leaves_them(r, store, model_cache) -> None:
+    host = Host(r, store, model_cache)
+    host.adapters.max_resident = 1  # every other model evicts whatever it can
+    a, b, ref = (register(host.ops, n, seed=13) for n in ("pending", "intruder", "reference"))
+    fb_rid = submit(host.ops, a, 1, "forward_backward", fb(71))
+    fwd = submit(host.ops, a, 2, "forward", fb(71))  # no grad: same logprobs, grads untouched
+    host.run(a)
+    first = done(host.ops, fwd)
+    submit(host.ops, b, 1, "forward_backward", fb(72))
+    host.run(b)  # over budget: `a` holds pending grads and stays
+    assert a in host.adapters.versions and host.trainer.has_grads(a)
+    submit(host.ops, a, 3, "optim_step", OPTIM)
+    host.run(a)
+    submit(host.ops, ref, 1, "forward_backward", fb(71))
+    submit(host.ops, ref, 2, "optim_step", OPTIM)
+    fresh = Host(r, store, model_cache, name="w2")
+    fresh.run(ref)
+    assert max_diff(weights(store, a, 1), weights(store, ref, 1)) < TOL
+    fb_out = done(host.ops, fb_rid)
+    assert first["outputs"][0]["logprobs"] == pytest.approx(fb_out["outputs"][0]["logprobs"], abs=TOL)
+    assert first["metrics"]["loss:sum"] == pytest.approx(fb_out["metrics"]["loss:sum"], abs=TOL)
