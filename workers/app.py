@@ -117,6 +117,9 @@ def _handle(task_id: str, kind: str, body: object) -> None:
     request = getattr(app.current_task, "request", None)  # the queue, for the dead-letter record
     queue = str((getattr(request, "delivery_info", None) or {}).get("routing_key") or "")
     msg = _message(body, queue, SampleMessage if kind == "sample" else BatchMessage)
+    if isinstance(msg, BatchMessage) and (msg.phase == "ops") != (kind == "ops"):
+        log.error("batch message of the wrong phase for its task dropped", task=kind, phase=msg.phase)
+        msg = None
     if _runtime is None:
         return
     started, outcome = time.time(), "error"

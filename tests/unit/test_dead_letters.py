@@ -343,3 +343,18 @@ def test_the_workers_own_guard_records_to_the_same_dead_letters(r, monkeypatch):
     assert (rec["queue"], rec["reason"], json.loads(rec["payload"])) == (TRAIN_QUEUE, "invalid_batch",
                                                                          {"batch_id": "x"})
     assert DeadLetters(r).count() == 1
+
+
+def test_client_ops_and_sample_tasks_pass_the_transport_and_bad_bodies_do_not(redis_url, r):
+    """lf.ops_batch carries a BatchMessage (phase ops) on a node queue; lf.sample_batch a
+    SampleMessage on the rollout queue. A sample task with a batch body is poison."""
+    from lorafleet.common.celery_config import TASK_OPS, TASK_SAMPLE
+
+    ops = {**BATCH, "phase": "ops"}
+    sample = {"batch_id": "s1", "epoch": 3, "request_ids": ["tk-1", "tk-2"]}
+    raw_ops, raw_sample, raw_bad = sent_items(redis_url, r, (TASK_OPS, [ops], NODE_Q),
+                                              (TASK_SAMPLE, [sample], ROLLOUT_QUEUE),
+                                              (TASK_SAMPLE, [BATCH], ROLLOUT_QUEUE))
+    assert check_item(NODE_Q, raw_ops)["headers"]["task"] == TASK_OPS
+    assert check_item(ROLLOUT_QUEUE, raw_sample)["headers"]["task"] == TASK_SAMPLE
+    assert reason(ROLLOUT_QUEUE, raw_bad) == "invalid_batch"
