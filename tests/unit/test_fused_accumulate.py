@@ -30,12 +30,12 @@ HP = {"a": AdamParams(lr=1e-2, eps=1e-8, weight_decay=0.01),
 
 
 def trainer(cache: Path, names=("a", "b", "c", "d"), budget: int | None = None,
-            backend: str = "torch") -> FusedTrainStep:
+            backend: str = "torch", checkpointing: bool = False) -> FusedTrainStep:
     """A trainer holding `names`, each initialised as in `lf_testkit.build_fused` (A from the
     spec's seed, a non-zero B from seed+1000), so every trainer starts each adapter equally."""
     model, _ = load_model(cache)
     f = FusedTrainStep(MultiLoRAModel(model), backend,  # type: ignore[arg-type]
-                       tokens_per_microbatch=budget)
+                       tokens_per_microbatch=budget, activation_checkpointing=checkpointing)
     for name in names:
         f.add_adapter(name, SPECS[name])
         g = torch.Generator().manual_seed(SPECS[name].seed + 1000)
@@ -365,3 +365,15 @@ def test_invalid_ops_are_named_before_anything_runs(model_cache: Path) -> None:
         f.accumulate([ClientRow("zzz", "ok", [5], [6])], losses)
     assert not f.has_grads("a") and not f.has_grads("b")
     assert f.accumulate(ok, losses)["ok"].finite  # the valid op alone runs
+
+
+def test_activation_checkpointing_gives_the_same_client_grads(model_cache: Path) -> None:
+    """Backward re-runs each checkpointed layer: the adapter layout must still be in place."""
+    rows = op_rows("a", "x", 2, 110) + op_rows("b", "y", 2, 111)
+    losses = {"x": PPO, "y": CE}
+    plain, ckpt = trainer(model_cache, ("a", "b"), budget=16), trainer(
+        model_cache, ("a", "b"), budget=16, checkpointing=True)
+    assert ckpt.model.model.is_gradient_checkpointing
+    same_outputs(plain.accumulate(rows, losses).outputs, ckpt.accumulate(rows, losses).outputs)
+    for name in ("a", "b"):
+        assert max_diff(grads(plain, name), grads(ckpt, name)) < 1e-12
