@@ -120,14 +120,22 @@ class ClientOpsMixin:
     def forward(
         self, rows: Sequence[ClientRow], losses: Mapping[str, ClientLoss]
     ) -> dict[str, OpOutput]:
-        """Logprobs and losses of client ops without gradients (Tinker `forward`)."""
-        self.model.model.eval()
-        with torch.no_grad():
-            return self._run_client(rows, losses, grad=False).outputs
+        """Logprobs and losses of client ops without gradients (Tinker `forward`), in eval
+        mode (no dropout); the model's previous mode is restored."""
+        hf = self.model.model
+        was_training = hf.training
+        hf.eval()
+        try:
+            with torch.no_grad():
+                return self._run_client(rows, losses, grad=False).outputs
+        finally:
+            hf.train(was_training)
 
     def _run_client(
         self, rows: Sequence[ClientRow], losses: Mapping[str, ClientLoss], grad: bool
     ) -> AccumulateResult:
+        if not rows:
+            return AccumulateResult({}, set())
         unknown = sorted({r.adapter for r in rows} - set(self.specs))
         if unknown:
             raise KeyError(f"adapters not loaded on this worker: {unknown}")

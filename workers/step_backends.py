@@ -130,9 +130,9 @@ class DeepSpeedBackend:
         self.engine.step()
 
 
-def make_backend(name: BackendName, model: nn.Module, zero_stage: int = 0) -> StepBackend:
+def make_backend(name: BackendName, model: nn.Module) -> StepBackend:
     if name == "torch":
         return TorchBackend(model)
     if name == "deepspeed":
-        return DeepSpeedBackend(model, zero_stage)
+        return DeepSpeedBackend(model)
     raise ValueError(f"unknown step backend {name!r}; use torch or deepspeed")
