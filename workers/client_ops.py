@@ -367,10 +367,15 @@ class ClientOpRunner:
             return
         ckpt = self.store.load(source, version)
         keep = optimizer and ckpt.snapshot
+        meta = {"step": int(ckpt.trainer_meta.get("step", 0))} if keep else {"step": 0}
         self.forget(exp_id)  # weights, moments and pending grads of the old version all go
-        self.trainer.load_adapter(exp_id, spec.train, dict(ckpt.weights), dict(ckpt.adapter_config),
-                                  dict(ckpt.trainer_tensors) if keep else None,
-                                  {"step": int(ckpt.trainer_meta.get("step", 0))} if keep else {"step": 0})
+        try:
+            self.trainer.load_adapter(exp_id, spec.train, dict(ckpt.weights), dict(ckpt.adapter_config),
+                                      dict(ckpt.trainer_tensors) if keep else None,
+                                      meta)
+        except ValueError as exc:  # a checkpoint of another model shape: reloaded from the store next time
+            results[exp_id][op.request_id] = _fail(op, f"cannot load {source}@v{version}: {exc}")
+            return
         self.adapters.versions[exp_id] = versions[exp_id]  # re-held; `_barriers` moves it to v+1
         versions[exp_id] += 1
         results[exp_id][op.request_id] = OpResult(op.request_id, True, {"version": versions[exp_id]})

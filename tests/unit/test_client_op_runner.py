@@ -274,3 +274,26 @@ def test_pending_grads_survive_residency_pressure_and_forward_leaves_them(r, sto
     fb_out = done(host.ops, fb_rid)
     assert first["outputs"][0]["logprobs"] == pytest.approx(fb_out["outputs"][0]["logprobs"], abs=TOL)
     assert first["metrics"]["loss:sum"] == pytest.approx(fb_out["metrics"]["loss:sum"], abs=TOL)
+
+
+def test_a_crash_mid_batch_releases_the_claims_and_a_retry_runs_them_once(r, store, model_cache,
+                                                                          monkeypatch) -> None:
+    host = Host(r, store, model_cache)
+    a, ref = register(host.ops, "crashy", seed=17), register(host.ops, "calm", seed=17)
+    for e in (a, ref):
+        submit(host.ops, e, 1, "forward_backward", fb(81))
+        submit(host.ops, e, 2, "optim_step", OPTIM)
+
+    def boom(*_: object) -> None:
+        raise RuntimeError("worker bug")
+
+    monkeypatch.setattr(host.trainer, "apply", boom)
+    with pytest.raises(RuntimeError, match="worker bug"):
+        host.run(a)
+    f = host.ops.future(r.zrange(Keys.tk_ops(a), 0, 0)[0])
+    assert f is not None and f.status in ("queued", "running") and not f.finished, f
+    assert a not in host.adapters.versions and a not in host.runner.pending  # memory dropped too
+    monkeypatch.undo()
+    assert host.run(a) == {a: True}  # the retry: grads from zero again, not twice
+    host.run(ref)
+    assert max_diff(weights(store, a, 1), weights(store, ref, 1)) < TOL
