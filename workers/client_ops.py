@@ -184,7 +184,20 @@ class ClientOpRunner:
         self._forward(claimed, results)
         self._accumulate(claimed, results, batch_id)
         versions = self._barriers(claimed, specs, results)
+        self._cap_held(set(specs))
         return {m.exp_id: [results[m.exp_id][op.request_id] for op in m.ops] for m in claimed}, versions
+
+    def _cap_held(self, batch: set[str]) -> None:
+        """Models with pending grads stay resident, but not without bound (a client may never
+        step): beyond twice `max_resident` the least recently used go, grads and all; their
+        gradlog rebuilds them when their next op comes."""
+        held = self.adapters.held
+        extra = len(held) - 2 * self.adapters.max_resident
+        if extra > 0:
+            for exp_id in [a for a in self.adapters.versions if a in held and a not in batch][:extra]:
+                log.info("evicting a model with pending gradients (its gradlog rebuilds them)",
+                         experiment_id=exp_id)
+                self.forget(exp_id)
 
     def _sync_grads(self, claimed: Sequence[ClaimedModel]) -> None:
         """Make each model's .grad hold exactly its committed gradlog's ops."""

@@ -264,7 +264,11 @@ def test_pending_grads_survive_residency_pressure_and_forward_leaves_them(r, sto
     submit(host.ops, b, 1, "forward_backward", fb(72))
     host.run(b)  # over budget: `a` holds pending grads and stays
     assert a in host.adapters.versions and host.trainer.has_grads(a)
-    submit(host.ops, a, 3, "optim_step", OPTIM)
+    c = register(host.ops, "third", seed=13)
+    submit(host.ops, c, 1, "forward_backward", fb(73))
+    host.run(c)  # three models hold grads, twice the budget is 2: the least recently used goes
+    assert a not in host.adapters.versions and b in host.adapters.versions
+    submit(host.ops, a, 3, "optim_step", OPTIM)  # its grads come back from the gradlog
     host.run(a)
     submit(host.ops, ref, 1, "forward_backward", fb(71))
     submit(host.ops, ref, 2, "optim_step", OPTIM)
