@@ -54,7 +54,7 @@ def rollout_request(payload: dict[str, Any], adapter: str | None, default_max_to
             adapter=adapter, prompt_ids=tuple(int(t) for t in payload["prompt"]),
             num_samples=int(payload.get("num_samples", 1)),
             max_new_tokens=default_max_tokens if max_tokens is None else int(max_tokens),
-            temperature=float(payload.get("temperature", 1.0)), seed=int(payload.get("seed", 0)),
+            temperature=float(payload.get("temperature", 1.0)), seed=int(payload.get("seed") or 0),
             top_p=float(payload.get("top_p", 1.0)), top_k=0 if top_k == -1 else top_k,  # Tinker: -1 = off
             stop=tuple(str(s) for s in payload.get("stop") or ()),
             stop_token_ids=tuple(int(t) for t in payload.get("stop_token_ids") or ()))
