@@ -87,17 +87,17 @@ def _validated(request: Request, key: ApiKey, body: dict[str, Any]) -> tuple[lis
             raise ApiError(422, "invalid", "a spec must be a JSON object",
                            ".".join(map(str, loc)) or None, loc)
         try:
-            ExperimentSpec.model_validate(data)
+            model = ExperimentSpec.model_validate(data)
         except ValidationError as exc:
             details = [{"field": ".".join(str(p) for p in loc + list(e["loc"])),
                         "loc": ["body", *loc, *e["loc"]], "message": e["msg"]} for e in exc.errors()]
             raise ApiError(422, "invalid", "; ".join(f"{d['field']}: {d['message']}" for d in details),
                            details[0]["field"], details[0]["loc"]) from None
+        _check_local_paths(model, key, request, loc)  # before parse_spec reads any file it names
         try:
             spec = parse_spec(data, limits)
         except SpecError as exc:
             raise spec_error(exc, 400, loc) from None
-        _check_local_paths(spec, key, request, loc)
         out.append(spec)
     return out, many
 
