@@ -82,6 +82,7 @@ def _field_of(loc: tuple[Any, ...]) -> tuple[str | None, list[Any]]:
 def create_app(settings: Settings, redis: redis.Redis | None = None) -> FastAPI:
     """The app; `redis` (decode_responses=True) defaults to a client of settings.redis_url."""
     from lorafleet.scheduler.api.events import router as events_router
+    from lorafleet.scheduler.api.metrics import HttpMetrics, metrics_registry
     from lorafleet.scheduler.api.metrics import router as metrics_router
     from lorafleet.scheduler.api.native import health
     from lorafleet.scheduler.api.native import router as native_router
@@ -101,7 +102,9 @@ def create_app(settings: Settings, redis: redis.Redis | None = None) -> FastAPI:
     app.include_router(tinker_router)
     app.include_router(metrics_router)
     _install_error_handlers(app)
+    app.state.metrics_registry = metrics_registry(app.state.redis, settings)
     app.add_middleware(BodyLimit, limit=settings.api_max_body_bytes)
+    app.add_middleware(HttpMetrics, registry=app.state.metrics_registry)  # outermost: sees 413s too
     return app
 
 
