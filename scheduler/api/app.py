@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lorafleet.common.adapter_store import AdapterNotFoundError, AdapterStoreError
 from lorafleet.common.redis_conn import connect
 from lorafleet.common.settings import Settings
 from lorafleet.scheduler.api.errors import ApiError, error_body
@@ -129,6 +130,13 @@ def _install_error_handlers(app: FastAPI) -> None:
             exc.status_code, "http_error")
         return _respond(request, exc.status_code, code, str(exc.detail),
                         headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(AdapterStoreError)
+    async def _store_error(request: Request, exc: AdapterStoreError) -> JSONResponse:
+        if isinstance(exc, AdapterNotFoundError):
+            return _respond(request, 404, "not_found", str(exc))
+        return _respond(request, 503, "unavailable", f"the adapter store failed: {type(exc).__name__}",
+                        headers={"Retry-After": "5"})
 
     @app.exception_handler(redis.RedisError)
     async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
