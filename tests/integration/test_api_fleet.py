@@ -79,6 +79,12 @@ def test_submit_and_watch_through_the_api(make_fleet, redis_url: str, fleet_env:
                                                     if m.name.endswith("adapter_config.json"))))
         assert {"adapter_config.json", "adapter_model.safetensors"} <= names
         assert config["r"] == 4
+        assert http.delete(f"/v1/experiments/{exp}/versions/3").status_code == 409  # the committed one
+        assert http.delete(f"/v1/experiments/{exp}/versions/0").status_code == 409  # the starting point
+        res = http.delete(f"/v1/experiments/{exp}/versions/1")
+        assert res.status_code == 200 and res.json()["deleted"] == [1]
+        assert http.get(f"/v1/experiments/{exp}/versions").json()["versions"] == [0, 2, 3]
+        assert http.get(f"/v1/experiments/{exp}/versions/1/archive").status_code == 404
         # /metrics agrees with the fleet's own record
         text = httpx.get(f"{base}/metrics").text
         assert _sample(text, "lorafleet_redis_up") == 1
