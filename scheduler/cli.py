@@ -419,6 +419,15 @@ def run(specs: list[Path], workers: int = 1, redis_url: RedisOpt = None,
     raise typer.Exit(code=0 if ok else 1)
 
 
+def _add_subcommands() -> None:
+    from lorafleet.scheduler.cli_keys import keys_app
+
+    app.add_typer(keys_app, name="keys", help="API keys of the HTTP API (`lorafleet api`)")
+
+
+_add_subcommands()
+
+
 def main() -> None:  # pragma: no cover
     app()
 
