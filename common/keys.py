@@ -172,3 +172,12 @@ class Keys:
     @staticmethod
     def tk_checkpoints(exp_id: str) -> str:
         return f"{PREFIX}tk:ckpt:{exp_id}"  # hash: "weights/<n>", "sampler_weights/<n>" -> JSON
+
+    # ---- Tinker facade (`scheduler/api/tinker/`) ---------------------------------------------
+    # hash written by workers at start: name, tokenizer_dir (a directory clients can load), arch,
+    # max_context. The API is torch-free, so get_info reads the base model's facts from here.
+    tk_base_model = PREFIX + "tk:base_model"
+
+    @staticmethod
+    def tk_answer(request_id: str) -> str:
+        return f"{PREFIX}tk:answer:{request_id}"  # string: JSON of the Tinker-shaped answer extras
