@@ -122,7 +122,7 @@ class Keys:
         return f"{PREFIX}prom:hist:{name}"  # hash: "<labels>|<le>" -> count, "<labels>|sum" -> sum
 
     # ---- client-driven models (the Tinker endpoint; `common/client_ops.py`). Payloads and
-    # results are bytes: read them with a decode_responses=False client --------------------------
+    # results are JSON text (OpStore uses a decode_responses=True client) ------------------------
     tk_done = PREFIX + "tk:done"  # stream: request id, status of every finished future (wakeups)
     tk_ready = PREFIX + "tk:ready"  # set: client models whose next op is present, nothing in flight
     tk_samples = PREFIX + "tk:samples"  # zset: sample request id -> enqueue time (ms)
@@ -172,6 +172,18 @@ class Keys:
     @staticmethod
     def tk_checkpoints(exp_id: str) -> str:
         return f"{PREFIX}tk:ckpt:{exp_id}"  # hash: "weights/<n>", "sampler_weights/<n>" -> JSON
+
+    # ---- client-op protocol bookkeeping (`common/client_ops_lua.py`) ---------------------------
+    tk_inflight = PREFIX + "tk:inflight"  # set: client models with a published or claimed ops batch
+    tk_held_owners = PREFIX + "tk:held_owners"  # set: API key ids with held (rate-limited) futures
+
+    @staticmethod
+    def tk_owner_queued(owner: str) -> str:
+        return f"{PREFIX}tk:owner:{owner}:queued"  # set: the key's queued/running futures (its quota)
+
+    @staticmethod
+    def tk_held(owner: str) -> str:
+        return f"{PREFIX}tk:owner:{owner}:held"  # list: the key's held request ids, released in order
 
     # ---- Tinker facade (`scheduler/api/tinker/`) ---------------------------------------------
     # hash written by workers at start: name, tokenizer_dir (a directory clients can load), arch,

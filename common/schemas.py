@@ -177,6 +177,9 @@ class ExperimentSpec(StrictModel):
     (`env`), or prompts from a `dataset` scored by a verifiable `reward`."""
 
     name: str = Field(..., min_length=1, max_length=64)
+    # "client": a client-driven model (the Tinker endpoint, `common/client_ops.py`): its loop runs
+    # on the client, so it has neither env nor dataset; only its adapter (train.lora, seed) matters
+    kind: Literal["rl", "client"] = "rl"
     env: str | None = Field(None, min_length=1, max_length=64, description="registered reward env")
     env_args: dict[str, str | int | float | bool] = Field(default_factory=dict, max_length=32)
     steps: int = Field(30, strict=True, ge=1, le=100_000)
@@ -209,6 +212,10 @@ class ExperimentSpec(StrictModel):
 
     @model_validator(mode="after")
     def _one_task(self) -> ExperimentSpec:
+        if self.kind == "client":
+            if self.env is not None or self.dataset is not None or self.reward is not None or self.env_args:
+                raise ValueError("a client-driven model (kind: client) has no env, env_args, dataset, reward")
+            return self
         if (self.env is None) == (self.dataset is None):
             raise ValueError("give exactly one of env (a registered reward env) or dataset "
                              "(prompts from a file, scored by a reward)")
@@ -225,6 +232,8 @@ class ExperimentSpec(StrictModel):
     @property
     def task_name(self) -> str:
         """What the experiment trains on, for tables and logs: the env, or reward@dataset."""
+        if self.kind == "client":
+            return "client"
         if self.env is not None:
             return self.env
         assert self.dataset is not None and self.reward is not None

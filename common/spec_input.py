@@ -195,6 +195,8 @@ def parse_spec(data: SpecInput, limits: AdmissionLimits,
             spec = ExperimentSpec.model_validate(data)
         except ValidationError as exc:
             raise SpecError(_explain(exc)) from None
+    if spec.kind == "client":  # made by the Tinker endpoint (OpStore.register_model), never submitted
+        raise SpecError("kind: 'client' models are created through the Tinker API, not submitted")
     over = limits.violations(spec)
     if over:
         raise SpecError("; ".join(over))
