@@ -11,8 +11,15 @@ from fastapi import APIRouter, Body, Depends, Request
 
 from lorafleet.common.api_keys import ApiKey
 from lorafleet.common.keys import Keys
-from lorafleet.scheduler.api.tinker.support import (TinkerError, TinkerRoute, base_model_facts, body_dict, rds,
-                                                    settings_of, tinker_key)
+from lorafleet.scheduler.api.tinker.support import (
+    TinkerError,
+    TinkerRoute,
+    base_model_facts,
+    body_dict,
+    rds,
+    settings_of,
+    tinker_key,
+)
 
 router = APIRouter(route_class=TinkerRoute)
 FWDBWD_MAX_CHUNK_BYTES = 5_000_000  # the SDK's own default; a chunk is one op (one Redis payload)
@@ -23,10 +30,17 @@ def client_config(request: Request) -> dict[str, Any]:
     chunks, and none of the calls we do not serve (retrieve_futures, join_sampling_session,
     server-side custom losses)."""
     max_body = settings_of(request).api_max_body_bytes
-    return {"pjwt_auth_enabled": False, "credential_default_source": "api_key", "parallel_fwdbwd_chunks": True,
-            "proto_compress_fwdbwd": False, "fwdbwd_max_chunk_bytes_count": min(FWDBWD_MAX_CHUNK_BYTES, max_body // 2),
-            "use_pyqwest_transport": False, "sample_use_retrieve_futures": False,
-            "custom_loss_server_side": False, "sample_join_sampling_session": False}
+    return {
+        "pjwt_auth_enabled": False,
+        "credential_default_source": "api_key",
+        "parallel_fwdbwd_chunks": True,
+        "proto_compress_fwdbwd": False,
+        "fwdbwd_max_chunk_bytes_count": min(FWDBWD_MAX_CHUNK_BYTES, max_body // 2),
+        "use_pyqwest_transport": False,
+        "sample_use_retrieve_futures": False,
+        "custom_loss_server_side": False,
+        "sample_join_sampling_session": False,
+    }
 
 
 @router.post("/client/config")
@@ -40,14 +54,23 @@ def post_dynamic_config(key: ApiKey = Depends(tinker_key)) -> dict[str, Any]:
 
 
 @router.post("/create_session")
-def create_session(request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)) -> dict[str, Any]:
+def create_session(
+    request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)
+) -> dict[str, Any]:
     body = body_dict(raw if raw is not None else {})
     session_id = f"tks-{uuid.uuid4().hex[:16]}"  # no ':' or '/': it is the head of model ids and paths
     now = int(time.time() * 1000)
     r = rds(request)
-    r.hset(Keys.tk_session(session_id), mapping={
-        "owner": key.id, "sdk_version": str(body.get("sdk_version") or ""), "created": now, "last_beat": now,
-        "status": "active"})
+    r.hset(
+        Keys.tk_session(session_id),
+        mapping={
+            "owner": key.id,
+            "sdk_version": str(body.get("sdk_version") or ""),
+            "created": now,
+            "last_beat": now,
+            "status": "active",
+        },
+    )
     r.expire(Keys.tk_session(session_id), int(settings_of(request).tinker_session_ttl_s))
     return {"type": "create_session", "session_id": session_id}
 
@@ -62,7 +85,9 @@ def owned_session(request: Request, key: ApiKey, session_id: Any) -> dict[str, s
 
 
 @router.post("/session_heartbeat")
-def session_heartbeat(request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)) -> dict[str, Any]:
+def session_heartbeat(
+    request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)
+) -> dict[str, Any]:
     body = body_dict(raw)
     session_id = body.get("session_id")
     h = rds(request).hgetall(Keys.tk_session(str(session_id))) if isinstance(session_id, str) else {}
@@ -77,12 +102,18 @@ def session_heartbeat(request: Request, raw: Any = Body(None), key: ApiKey = Dep
 
 
 @router.post("/sessions/{session_id}/finish")
-def finish_session(session_id: str, request: Request, raw: Any = Body(None),
-                   key: ApiKey = Depends(tinker_key)) -> dict[str, Any]:
+def finish_session(
+    session_id: str, request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)
+) -> dict[str, Any]:
     owned_session(request, key, session_id)
     reason = (raw or {}).get("reason") if isinstance(raw, dict) else None
-    rds(request).hset(Keys.tk_session(session_id), mapping={
-        "status": "finished", "reason": str((reason or {}).get("type", "")) if isinstance(reason, dict) else ""})
+    rds(request).hset(
+        Keys.tk_session(session_id),
+        mapping={
+            "status": "finished",
+            "reason": str((reason or {}).get("type", "")) if isinstance(reason, dict) else "",
+        },
+    )
     return {"type": "finish_session", "session_id": session_id}
 
 
@@ -99,5 +130,13 @@ def healthz() -> dict[str, Any]:
 @router.get("/get_server_capabilities")
 def capabilities(request: Request, key: ApiKey = Depends(tinker_key)) -> dict[str, Any]:
     facts = base_model_facts(request)
-    return {"supported_models": [{"model_name": facts["name"], "max_context_length": facts["max_context"] or None,
-                                  "trainable": True, "sampleable": True}]}
+    return {
+        "supported_models": [
+            {
+                "model_name": facts["name"],
+                "max_context_length": facts["max_context"] or None,
+                "trainable": True,
+                "sampleable": True,
+            }
+        ]
+    }

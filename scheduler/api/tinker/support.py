@@ -55,10 +55,14 @@ class TinkerRoute(APIRoute):
             except ApiError as e:
                 return tinker_error_response(e.status, e.message, "user")
             except RequestValidationError as e:
-                parts = [f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}" for err in e.errors()]
+                parts = [
+                    f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}" for err in e.errors()
+                ]
                 return tinker_error_response(400, "invalid request: " + "; ".join(parts[:5]), "user")
             except redis.RedisError as e:
-                return tinker_error_response(503, f"the fleet's Redis is unavailable: {type(e).__name__}", "server")
+                return tinker_error_response(
+                    503, f"the fleet's Redis is unavailable: {type(e).__name__}", "server"
+                )
 
         return route
 
@@ -76,7 +80,7 @@ def settings_of(request: Request) -> Settings:
 
 
 def store_of(request: Request) -> OpStore:
-    return OpStore(rds(request))
+    return OpStore(rds(request), settings_of(request))
 
 
 def body_dict(raw: Any) -> dict[str, Any]:
@@ -85,8 +89,15 @@ def body_dict(raw: Any) -> dict[str, Any]:
     return raw
 
 
-def int_field(body: dict[str, Any], name: str, *, required: bool = True, lo: int = 0, hi: int = 2**31 - 1,
-              default: int | None = None) -> int | None:
+def int_field(
+    body: dict[str, Any],
+    name: str,
+    *,
+    required: bool = True,
+    lo: int = 0,
+    hi: int = 2**31 - 1,
+    default: int | None = None,
+) -> int | None:
     value = body.get(name)
     if value is None:
         if required:
@@ -97,8 +108,9 @@ def int_field(body: dict[str, Any], name: str, *, required: bool = True, lo: int
     return value
 
 
-def float_field(body: dict[str, Any], name: str, default: float, lo: float = float("-inf"),
-                hi: float = float("inf")) -> float:
+def float_field(
+    body: dict[str, Any], name: str, default: float, lo: float = float("-inf"), hi: float = float("inf")
+) -> float:
     value = body.get(name, default)
     if value is None:
         value = default
@@ -149,7 +161,12 @@ def base_model_facts(request: Request) -> dict[str, Any]:
     they publish these facts in `Keys.tk_base_model`; until one has, a local model directory is its
     own tokenizer dir and a builtin model is looked up where workers build it (cache_dir/models)."""
     settings = settings_of(request)
-    facts: dict[str, Any] = {"name": base_model_name(settings), "tokenizer_dir": "", "arch": "", "max_context": 0}
+    facts: dict[str, Any] = {
+        "name": base_model_name(settings),
+        "tokenizer_dir": "",
+        "arch": "",
+        "max_context": 0,
+    }
     published = rds(request).hgetall(Keys.tk_base_model)
     if published:
         facts.update({k: v for k, v in published.items() if k in facts and v})
@@ -157,7 +174,7 @@ def base_model_facts(request: Request) -> dict[str, Any]:
         return facts
     base = settings.base_model
     if base.startswith("builtin:"):
-        size, _, arch = base[len("builtin:"):].partition("-")
+        size, _, arch = base[len("builtin:") :].partition("-")
         builds = sorted(glob.glob(str(Path(settings.cache_dir) / "models" / f"{size}-{arch}-v*")))
         facts["arch"] = arch
         facts["tokenizer_dir"] = builds[-1] if builds else ""
