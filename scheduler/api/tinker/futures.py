@@ -8,7 +8,7 @@ import json
 import random
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from lorafleet.common.api_keys import ApiKey
@@ -16,6 +16,8 @@ from lorafleet.common.client_ops import FutureState, OpError
 from lorafleet.common.keys import Keys
 from lorafleet.scheduler.api.tinker.sessions import owned_session
 from lorafleet.scheduler.api.tinker.support import (
+    Key,
+    RawBody,
     TinkerError,
     TinkerRoute,
     base_model_name,
@@ -25,7 +27,6 @@ from lorafleet.scheduler.api.tinker.support import (
     rds,
     settings_of,
     store_of,
-    tinker_key,
 )
 from lorafleet.scheduler.api.tinker.wire import encode_forward_backward_output, encode_sample_response
 
@@ -44,9 +45,7 @@ def _resolve_model(request: Request, key: ApiKey, model_path: Any, base_model: A
 
 
 @router.post("/create_sampling_session")
-def create_sampling_session(
-    request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)
-) -> dict[str, Any]:
+def create_sampling_session(request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
     body = body_dict(raw)
     session_id = body.get("session_id")
     owned_session(request, key, session_id)
@@ -71,7 +70,7 @@ def _sampler(request: Request, key: ApiKey, ssid: str) -> dict[str, str]:
 
 
 @router.get("/samplers/{ssid}")
-def get_sampler(ssid: str, request: Request, key: ApiKey = Depends(tinker_key)) -> dict[str, Any]:
+def get_sampler(ssid: str, request: Request, key: Key) -> dict[str, Any]:
     h = _sampler(request, key, ssid)
     return {
         "sampler_id": ssid,
@@ -153,7 +152,7 @@ def _sampling_payload(request: Request, body: dict[str, Any], target: dict[str, 
 
 
 @router.post("/asample")
-def asample(request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)) -> dict[str, Any]:
+def asample(request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
     body = body_dict(raw)
     ssid = body.get("sampling_session_id")
     if ssid is not None:
@@ -210,7 +209,7 @@ def _answer(request: Request, state: FutureState) -> Response:
 
 
 @router.post("/retrieve_future")
-def retrieve_future(request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)) -> Response:
+def retrieve_future(request: Request, key: Key, raw: RawBody = None) -> Response:
     body = body_dict(raw)
     rid = body.get("request_id")
     if not isinstance(rid, str) or not rid:

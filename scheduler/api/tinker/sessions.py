@@ -7,18 +7,19 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Request
 
 from lorafleet.common.api_keys import ApiKey
 from lorafleet.common.keys import Keys
 from lorafleet.scheduler.api.tinker.support import (
+    Key,
+    RawBody,
     TinkerError,
     TinkerRoute,
     base_model_facts,
     body_dict,
     rds,
     settings_of,
-    tinker_key,
 )
 
 router = APIRouter(route_class=TinkerRoute)
@@ -44,19 +45,17 @@ def client_config(request: Request) -> dict[str, Any]:
 
 
 @router.post("/client/config")
-def post_client_config(request: Request, key: ApiKey = Depends(tinker_key)) -> dict[str, Any]:
+def post_client_config(request: Request, key: Key) -> dict[str, Any]:
     return client_config(request)
 
 
 @router.post("/client/dynamic_config")
-def post_dynamic_config(key: ApiKey = Depends(tinker_key)) -> dict[str, Any]:
+def post_dynamic_config(key: Key) -> dict[str, Any]:
     return {}
 
 
 @router.post("/create_session")
-def create_session(
-    request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)
-) -> dict[str, Any]:
+def create_session(request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
     body = body_dict(raw if raw is not None else {})
     session_id = f"tks-{uuid.uuid4().hex[:16]}"  # no ':' or '/': it is the head of model ids and paths
     now = int(time.time() * 1000)
@@ -85,9 +84,7 @@ def owned_session(request: Request, key: ApiKey, session_id: Any) -> dict[str, s
 
 
 @router.post("/session_heartbeat")
-def session_heartbeat(
-    request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)
-) -> dict[str, Any]:
+def session_heartbeat(request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
     body = body_dict(raw)
     session_id = body.get("session_id")
     h = rds(request).hgetall(Keys.tk_session(str(session_id))) if isinstance(session_id, str) else {}
@@ -102,9 +99,7 @@ def session_heartbeat(
 
 
 @router.post("/sessions/{session_id}/finish")
-def finish_session(
-    session_id: str, request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)
-) -> dict[str, Any]:
+def finish_session(session_id: str, request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
     owned_session(request, key, session_id)
     reason = (raw or {}).get("reason") if isinstance(raw, dict) else None
     rds(request).hset(
@@ -118,7 +113,7 @@ def finish_session(
 
 
 @router.post("/telemetry")
-def telemetry(raw: Any = Body(None), key: ApiKey = Depends(tinker_key)) -> dict[str, Any]:
+def telemetry(key: Key, raw: RawBody = None) -> dict[str, Any]:
     return {"status": "accepted"}  # dropped: the fleet has its own metrics
 
 
@@ -128,7 +123,7 @@ def healthz() -> dict[str, Any]:
 
 
 @router.get("/get_server_capabilities")
-def capabilities(request: Request, key: ApiKey = Depends(tinker_key)) -> dict[str, Any]:
+def capabilities(request: Request, key: Key) -> dict[str, Any]:
     facts = base_model_facts(request)
     return {
         "supported_models": [

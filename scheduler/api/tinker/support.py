@@ -8,10 +8,10 @@ import json
 import re
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import redis
-from fastapi import Request, Response
+from fastapi import Body, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -69,6 +69,10 @@ class TinkerRoute(APIRoute):
 
 def tinker_key(request: Request) -> ApiKey:
     return current_key(request)  # ApiError (401) is turned into Tinker's shape by TinkerRoute
+
+
+Key = Annotated[ApiKey, Depends(tinker_key)]  # the caller's API key (401 in Tinker's shape otherwise)
+RawBody = Annotated[Any, Body()]  # a JSON body, validated by hand: errors name the Tinker field
 
 
 def rds(request: Request) -> redis.Redis:

@@ -9,7 +9,7 @@ import hashlib
 import json
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.common.api_keys import ApiKey
@@ -19,6 +19,8 @@ from lorafleet.common.keys import Keys
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.scheduler.api.tinker.sessions import owned_session
 from lorafleet.scheduler.api.tinker.support import (
+    Key,
+    RawBody,
     TinkerError,
     TinkerRoute,
     base_model_facts,
@@ -32,7 +34,6 @@ from lorafleet.scheduler.api.tinker.support import (
     rds,
     settings_of,
     store_of,
-    tinker_key,
 )
 from lorafleet.scheduler.api.tinker.wire import WireError, decode_forward_backward
 
@@ -92,9 +93,7 @@ def _enqueue(
 
 
 @router.post("/create_model")
-def create_model(
-    request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)
-) -> dict[str, Any]:
+def create_model(request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
     body = body_dict(raw)
     session_id = body.get("session_id")
     owned_session(request, key, session_id)
@@ -121,7 +120,7 @@ def create_model(
 
 
 def _info(request: Request, record: ExperimentRecord) -> dict[str, Any]:
-    lora = record.spec().train.lora
+    lora = record.spec.train.lora
     return {
         "base_model": base_model_name(settings_of(request)),
         "is_lora": True,
@@ -134,7 +133,7 @@ def _info(request: Request, record: ExperimentRecord) -> dict[str, Any]:
 
 
 @router.post("/get_info")
-def get_info(request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)) -> dict[str, Any]:
+def get_info(request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
     body = body_dict(raw)
     record = model_record(request, key, body.get("model_id"))
     facts = base_model_facts(request)
@@ -155,9 +154,7 @@ def get_info(request: Request, raw: Any = Body(None), key: ApiKey = Depends(tink
 
 
 @router.post("/weights_info")
-def weights_info(
-    request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)
-) -> dict[str, Any]:
+def weights_info(request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
     record, _, _ = parse_path(request, key, body_dict(raw).get("tinker_path"))
     return _info(request, record)
 
@@ -171,7 +168,7 @@ def weights_info(
         }
     },
 )
-async def forward_backward(request: Request, key: ApiKey = Depends(tinker_key)) -> dict[str, Any]:
+async def forward_backward(request: Request, key: Key) -> dict[str, Any]:
     limit = settings_of(request).api_max_body_bytes
     body = await request.body()
     if len(body) > limit:
@@ -192,7 +189,7 @@ async def forward_backward(request: Request, key: ApiKey = Depends(tinker_key)) 
 
 
 @router.post("/optim_step")
-def optim_step(request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)) -> dict[str, Any]:
+def optim_step(request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
     body = body_dict(raw)
     if "optimizer_params" in body:
         raise TinkerError(400, "only Adam parameters are supported (adam_params); DiMuon is not")
@@ -214,9 +211,7 @@ def optim_step(request: Request, raw: Any = Body(None), key: ApiKey = Depends(ti
 
 
 @router.post("/save_weights")
-def save_weights(
-    request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)
-) -> dict[str, Any]:
+def save_weights(request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
     body = body_dict(raw)
     record = model_record(request, key, body.get("model_id"))
     name = checkpoint_name(body.get("path"))
@@ -234,9 +229,7 @@ def save_weights(
 
 
 @router.post("/save_weights_for_sampler")
-def save_weights_for_sampler(
-    request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)
-) -> dict[str, Any]:
+def save_weights_for_sampler(request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
     body = body_dict(raw)
     model_id = body.get("model_id")
     record = model_record(request, key, model_id)
@@ -277,9 +270,7 @@ def save_weights_for_sampler(
 
 
 @router.post("/load_weights")
-def load_weights(
-    request: Request, raw: Any = Body(None), key: ApiKey = Depends(tinker_key)
-) -> dict[str, Any]:
+def load_weights(request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
     body = body_dict(raw)
     path = body.get("path")
     source, _, version = parse_path(request, key, path)
@@ -303,7 +294,7 @@ def load_weights(
     seq = int_field(body, "model_seq_id", lo=0)
     _check_base_model(request, body.get("base_model"))
     model_id = f"{session_id}:train:{seq}"
-    data = source.spec().model_dump(mode="json")
+    data = source.spec.model_dump(mode="json")
     data["train"].update({"init_from": f"{source.id}@v{version}", "init_optimizer": optimizer})
     spec = ExperimentSpec.model_validate({**data, "name": ("tinker-" + model_id.replace(":", "-"))[:64]})
     store = store_of(request)
@@ -338,15 +329,13 @@ def _checkpoint_rows(request: Request, model_id: str, record: ExperimentRecord) 
 
 
 @router.get("/training_runs/{model_id}/checkpoints")
-def list_checkpoints(model_id: str, request: Request, key: ApiKey = Depends(tinker_key)) -> dict[str, Any]:
+def list_checkpoints(model_id: str, request: Request, key: Key) -> dict[str, Any]:
     record = model_record(request, key, model_id)
     return {"checkpoints": _checkpoint_rows(request, model_id, record), "cursor": None}
 
 
 @router.delete("/training_runs/{model_id}/checkpoints/{checkpoint_id:path}")
-def delete_checkpoint(
-    model_id: str, checkpoint_id: str, request: Request, key: ApiKey = Depends(tinker_key)
-) -> dict[str, Any]:
+def delete_checkpoint(model_id: str, checkpoint_id: str, request: Request, key: Key) -> dict[str, Any]:
     record = model_record(request, key, model_id)
     if checkpoint_id not in store_of(request).checkpoints(record.id):
         raise TinkerError(404, f"unknown checkpoint {checkpoint_id!r}")
