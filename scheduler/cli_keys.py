@@ -16,11 +16,16 @@ RedisOpt = Annotated[str | None, typer.Option(
     "--redis-url", help="redis:// or rediss:// URL (default: LORAFLEET_REDIS_URL)")]
 
 
+def _bad_input(msg: str) -> typer.Exit:
+    typer.echo("error: " + " ".join(msg.split()), err=True)
+    return typer.Exit(code=2)
+
+
 def _store(redis_url: str | None) -> ApiKeyStore:
     from lorafleet.common.redis_conn import connect
-    from lorafleet.scheduler.cli import _bad_input, settings
+    from lorafleet.common.settings import Settings
 
-    url = settings(redis_url=redis_url).redis_url
+    url = Settings().with_overrides(redis_url=redis_url).redis_url
     if not url:
         raise _bad_input("set LORAFLEET_REDIS_URL (or --redis-url)")
     return ApiKeyStore(connect(url))
@@ -45,8 +50,6 @@ def create(name: Annotated[str, typer.Option(help="who or what the key is for")]
                     "default LORAFLEET_API_DEFAULT_MAX_QUEUED_OPS")] = None,
            redis_url: RedisOpt = None) -> None:
     """Create a key and print it ONCE (only its sha256 is stored: a lost key cannot be shown again)."""
-    from lorafleet.scheduler.cli import _bad_input
-
     store = _store(redis_url)
     try:
         key, plaintext = store.create(name, admin=admin, max_experiments=max_experiments,
@@ -75,8 +78,6 @@ def list_keys(redis_url: RedisOpt = None, as_json: Annotated[bool, typer.Option(
 @keys_app.command("revoke")
 def revoke(key_id: str, redis_url: RedisOpt = None) -> None:
     """Revoke a key: every later request with it answers 401."""
-    from lorafleet.scheduler.cli import _bad_input
-
     if not _store(redis_url).revoke(key_id):
         raise _bad_input(f"no API key {key_id!r} (see `lorafleet keys list`)")
     typer.echo(f"revoked {key_id}")
