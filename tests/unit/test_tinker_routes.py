@@ -19,6 +19,7 @@ from lorafleet.common.client_ops import OpResult, OpStore
 from lorafleet.common.experiment import ExperimentRecord
 from lorafleet.common.keys import Keys
 from lorafleet.common.settings import Settings
+from lorafleet.scheduler.api.app import create_app
 from lorafleet.scheduler.api.tinker.routes import tinker_app
 
 tinker = pytest.importorskip("tinker")
@@ -33,9 +34,12 @@ def settings(tmp_path: Path) -> Settings:
     return Settings(cache_dir=tmp_path, api_retrieve_hold_s=0.3, tinker_session_ttl_s=60.0)
 
 
-@pytest.fixture
-def client(r: redis.Redis, settings: Settings) -> Iterator[TestClient]:
-    with TestClient(tinker_app(settings, r)) as c:
+@pytest.fixture(params=["tinker_app", "create_app"])
+def client(request: pytest.FixtureRequest, r: redis.Redis, settings: Settings) -> Iterator[TestClient]:
+    """The bare Tinker app, and the full `lorafleet api` app that includes the same router (its
+    own error handlers must not change the Tinker shape on /api/v1)."""
+    app = tinker_app(settings, r) if request.param == "tinker_app" else create_app(settings, r)
+    with TestClient(app) as c:
         yield c
 
 
@@ -402,3 +406,11 @@ def test_json_validation_errors_are_user_errors(client: TestClient, keys: dict) 
     assert resp.status_code == 400 and resp.json()["category"] == "user"
     resp = client.post("/api/v1/retrieve_future", json={"request_id": "nope"}, headers=h)
     assert resp.status_code == 404 and resp.json()["category"] == "user"
+
+
+def test_openapi_documents_the_protobuf_body(r: redis.Redis, settings: Settings) -> None:
+    with TestClient(create_app(settings, r)) as c:
+        schema = c.get("/openapi.json").json()
+    fb = schema["paths"]["/api/v1/forward_backward"]["post"]
+    assert list(fb["requestBody"]["content"]) == [PB]
+    assert "/api/v1/retrieve_future" in schema["paths"] and "/api/v1/asample" in schema["paths"]
