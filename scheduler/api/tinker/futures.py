@@ -158,7 +158,8 @@ def asample(request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
     if ssid is not None:
         target = _sampler(request, key, str(ssid))
         scope = str(ssid)
-        seq = int_field(body, "seq_id", lo=1)
+        # the SDK counts from 0 (its unpickled "shadow" clients start at blocks of 1e9)
+        seq = int_field(body, "seq_id", lo=0, hi=2**63 - 1)
     else:  # a direct request on a path or the base model: no session, so no retry dedupe either
         target = _resolve_model(request, key, body.get("model_path"), body.get("base_model"))
         scope, seq = f"direct:{key.id}:{random.getrandbits(63):x}", 1
