@@ -52,6 +52,7 @@ import redis
 from lorafleet.common.client_ops_lua import (
     CLAIM_OPS,
     CLAIM_SAMPLES,
+    CLOSE_MODEL,
     COMMIT_OPS,
     COMMIT_SAMPLE,
     COMPLETE,
@@ -64,6 +65,7 @@ from lorafleet.common.client_ops_lua import (
     RELEASE_HELD,
     RELEASE_OPS,
     RENEW_OPS,
+    RENEW_SAMPLES,
 )
 from lorafleet.common.experiment import ExperimentRecord
 from lorafleet.common.ids import new_id
@@ -195,6 +197,8 @@ class OpStore:
         self._claim_samples = r.register_script(CLAIM_SAMPLES)
         self._commit_sample = r.register_script(COMMIT_SAMPLE)
         self._reap_samples = r.register_script(REAP_SAMPLES)
+        self._close = r.register_script(CLOSE_MODEL)
+        self._renew_samples = r.register_script(RENEW_SAMPLES)
 
     # ---- API side ----------------------------------------------------------------------------
     def register_model(self, *, model_id: str, owner: str, session_id: str, spec: ExperimentSpec) -> str:
@@ -279,6 +283,19 @@ class OpStore:
         """Unpin a named version ("weights/<n>" or "sampler_weights/<n>") -> whether it existed."""
         return bool(self.r.hdel(Keys.tk_checkpoints(exp_id), name))
 
+    def close_model(self, exp_id: str, status: str = "completed", reason: str = "session ended") -> int:
+        """End a client model (status "completed" or "cancelled"; one already ended keeps its
+        status): its pending ops fail with category "user", pending gradients are dropped
+        -> the ops failed."""
+        return int(self._close(keys=[Keys.experiment(exp_id), Keys.tk_model(exp_id), Keys.active,
+                                     Keys.tk_gradlog(exp_id)],
+                               args=[exp_id, status, reason[:2000], self.future_ttl_ms,
+                                     self.default_max_queued_ops]))
+
+    def pinned_versions(self, exp_id: str) -> set[int]:
+        """Versions named by saved checkpoints: retention keeps them (`doomed_versions(pinned=)`)."""
+        return {int(v["version"]) for v in self.checkpoints(exp_id).values()}
+
     # ---- worker side -------------------------------------------------------------------------
     def claim(self, items: Sequence[tuple[str, int]], owner: str, lease_ms: int) -> list[ClaimedModel]:
         """Claim each (exp_id, op_seq) of a batch: its pending ops up to and including the first
@@ -341,6 +358,13 @@ class OpStore:
         got = self._claim_samples(keys=[Keys.fence], args=[owner, lease_ms, *request_ids])
         return [SampleJob(rid, int(token), json.loads(payload))
                 for rid, (token, payload) in zip(request_ids, got, strict=True) if int(token) > 0]
+
+    def renew_samples(self, jobs: Sequence[SampleJob], lease_ms: int) -> list[bool]:
+        if not jobs:
+            return []
+        got = self._renew_samples(keys=[Keys.tk_future(j.request_id) for j in jobs],
+                                  args=[lease_ms, *(j.token for j in jobs)])
+        return [bool(x) for x in got]
 
     def commit_sample(self, job: SampleJob, result: OpResult) -> bool:
         return bool(self._commit_sample(

@@ -20,140 +20,8 @@ gap (a later op of its model is already queued) is never held: the queued ops wa
 
 from __future__ import annotations
 
-from string import Template
-
-from lorafleet.common.experiment import FIELD_NAMES
-from lorafleet.common.keys import STREAM_MAXLEN, Keys
-
-_NAMES: dict[str, object] = {name: name for name in FIELD_NAMES}
-_NAMES.update(
-    maxlen=STREAM_MAXLEN, fut=Keys.tk_future(""), payload=Keys.tk_payload(""), result=Keys.tk_result(""),
-    ops=Keys.tk_ops(""), model=Keys.tk_model(""), exp=Keys.experiment(""), apikey=Keys.api_key(""),
-    owner_queued=Keys.tk_owner_queued("\x00").split("\x00")[0],
-    owner_queued_tail=Keys.tk_owner_queued("\x00").split("\x00")[1],
-    held=Keys.tk_held("\x00").split("\x00")[0], held_tail=Keys.tk_held("\x00").split("\x00")[1],
-    held_owners=Keys.tk_held_owners, ready=Keys.tk_ready, inflight_set=Keys.tk_inflight,
-    samples=Keys.tk_samples, samples_running=Keys.tk_samples_running, done_stream=Keys.tk_done,
-    events=Keys.events,
-)
-
-
-def render(script: str) -> str:
-    return Template(script).substitute(_NAMES)
-
-
-_LIB = """
-local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local BARRIER = {optim_step = true, save_weights = true, save_weights_for_sampler = true, load_weights = true}
-local function fut(rid) return '$fut' .. rid end
-local function queued_key(owner) return '$owner_queued' .. owner .. '$owner_queued_tail' end
-local function held_key(owner) return '$held' .. owner .. '$held_tail' end
-local function limit_of(owner, default)
-  if owner == '' then return -1 end  -- Redis clients: no API key, no quota
-  local v = tonumber(redis.call('HGET', '$apikey' .. owner, 'max_queued_ops'))
-  if v == nil then return tonumber(default) end
-  return v
-end
-local function next_rid(exp_id, op_seq)
-  return redis.call('ZRANGEBYSCORE', '$ops' .. exp_id, op_seq + 1, op_seq + 1)[1]
-end
--- recompute the model's ready entry from its state; a model that becomes ready wakes the leader
-local function mark_ready(exp_id)
-  local m = '$model' .. exp_id
-  local h = redis.call('HMGET', m, 'op_seq', 'inflight', 'token')
-  local running = redis.call('HGET', '$exp' .. exp_id, '$status') == 'running'
-  if not running or (h[2] or '') ~= '' or (h[3] or '') ~= '' or not next_rid(exp_id, tonumber(h[1] or 0)) then
-    redis.call('SREM', '$ready', exp_id)
-    return 0
-  end
-  if redis.call('SADD', '$ready', exp_id) == 1 then
-    redis.call('HSET', m, 'ready_at', now)
-    redis.call('XADD', '$events', 'MAXLEN', '~', $maxlen, '*', 'type', 'op_ready', 'exp', exp_id)
-  end
-  return 1
-end
--- a held or new future enters its queue: a model op its model's zset, a sample the sample queue
-local function enter(rid)
-  local f = redis.call('HMGET', fut(rid), 'kind', 'exp', 'seq', 'owner')
-  redis.call('HSET', fut(rid), 'status', 'queued', 'queue_state', 'active', 'queue_reason', '')
-  redis.call('SADD', queued_key(f[4]), rid)
-  if f[1] == 'sample' then
-    redis.call('ZADD', '$samples', now, rid)
-  else
-    redis.call('ZADD', '$ops' .. f[2], tonumber(f[3]), rid)
-    mark_ready(f[2])
-  end
-end
-local function admit(rid, owner, default, exempt)
-  local lim = limit_of(owner, default)
-  if lim >= 0 and not exempt and (redis.call('LLEN', held_key(owner)) > 0
-                                  or redis.call('SCARD', queued_key(owner)) >= lim) then
-    redis.call('RPUSH', held_key(owner), rid)
-    redis.call('SADD', '$held_owners', owner)
-    redis.call('HSET', fut(rid), 'status', 'held', 'queue_state', 'paused_rate_limit', 'queue_reason',
-               'the API key has ' .. lim .. ' queued operations (its max_queued_ops): this one waits')
-    return 'held'
-  end
-  enter(rid)
-  return 'queued'
-end
-local function release_held(owner, default)
-  local lim, n = limit_of(owner, default), 0
-  while true do
-    local rid = redis.call('LINDEX', held_key(owner), 0)
-    if not rid then break end
-    if lim >= 0 and redis.call('SCARD', queued_key(owner)) >= lim then break end
-    redis.call('LPOP', held_key(owner))
-    if redis.call('HGET', fut(rid), 'status') == 'held' then enter(rid); n = n + 1 end
-  end
-  if redis.call('LLEN', held_key(owner)) == 0 then redis.call('SREM', '$held_owners', owner) end
-  return n
-end
--- a future finished: its status, result and TTLs, the owner's quota, the wakeup -> its owner
-local function finish_future(rid, ok, body, err, category, ttl_ms)
-  local f = fut(rid)
-  local status = 'failed'
-  if ok then status = 'done' end
-  if ok and body ~= '' then redis.call('SET', '$result' .. rid, body, 'PX', ttl_ms) end
-  redis.call('HSET', f, 'status', status, 'done', now, 'error', err, 'category', category,
-             'queue_state', 'active', 'queue_reason', '', 'lease_until', 0)
-  redis.call('PEXPIRE', f, ttl_ms)
-  local d = redis.call('HGET', f, 'dedupe')
-  if d and d ~= '' then redis.call('PEXPIRE', d, ttl_ms) end
-  local owner = redis.call('HGET', f, 'owner') or ''
-  redis.call('SREM', queued_key(owner), rid)
-  redis.call('XADD', '$done_stream', 'MAXLEN', '~', $maxlen, '*', 'rid', rid, 'status', status)
-  return owner
-end
--- give a model's claim (or published batch) back; after max_attempts counted failures its head
--- op fails with category "server" and the model goes on with the next -> attempts so far
-local function give_back(exp_id, count, max_attempts, reason, ttl_ms, default)
-  local m = '$model' .. exp_id
-  local attempts = redis.call('HINCRBY', m, 'attempts', count)
-  redis.call('HSET', m, 'token', '', 'lease_until', 0, 'claim_owner', '', 'claim_n', 0, 'inflight', '',
-             'error', reason)
-  redis.call('SREM', '$inflight_set', exp_id)
-  local op_seq = tonumber(redis.call('HGET', m, 'op_seq') or 0)
-  for _, rid in ipairs(redis.call('ZRANGEBYSCORE', '$ops' .. exp_id, op_seq + 1, '+inf')) do
-    if redis.call('HGET', fut(rid), 'status') == 'running' then
-      redis.call('HSET', fut(rid), 'status', 'queued')
-    end
-  end
-  if count > 0 and attempts >= tonumber(max_attempts) then
-    local rid = next_rid(exp_id, op_seq)
-    if rid then
-      redis.call('ZREM', '$ops' .. exp_id, rid)
-      redis.call('DEL', '$payload' .. rid)
-      local owner = finish_future(rid, false, '', reason .. ' (gave up after ' .. attempts .. ' attempts)',
-                                  'server', ttl_ms)
-      redis.call('HSET', m, 'op_seq', op_seq + 1, 'attempts', 0)
-      release_held(owner, default)
-    end
-  end
-  mark_ready(exp_id)
-  return attempts
-end
-"""
+from lorafleet.common.client_ops_lua_lib import LIB as _LIB
+from lorafleet.common.client_ops_lua_lib import render
 
 # KEYS: dedupe, model (ops) | unused, exp (ops) | unused
 # ARGV: rid, seq, kind ("sample" for samples), payload, owner, exp_id ("" for samples), default limit
@@ -454,4 +322,49 @@ for _, rid in ipairs(redis.call('ZRANGEBYSCORE', '$samples_running', '-inf', now
   end
 end
 return n
+""")
+
+# A client model ends (its session expired, or it was cancelled): every pending op fails with
+# category "user", its pending gradients are dropped. KEYS: exp, model, active, gradlog
+# ARGV: exp_id, status, reason, ttl_ms, default limit -> pending ops failed
+CLOSE_MODEL = render(_LIB + """
+if redis.call('HGET', KEYS[1], '$kind') ~= 'client' then return 0 end
+local exp_id = ARGV[1]
+if redis.call('HGET', KEYS[1], '$status') == 'running' then
+  redis.call('HSET', KEYS[1], '$status', ARGV[2], '$error', ARGV[3], '$finished_at', now)
+  redis.call('XADD', '$events', 'MAXLEN', '~', $maxlen, '*', 'type', ARGV[2], 'exp', exp_id,
+             'reason', ARGV[3])
+end
+redis.call('SREM', KEYS[3], exp_id)
+redis.call('SREM', '$ready', exp_id)
+redis.call('SREM', '$inflight_set', exp_id)
+redis.call('HSET', KEYS[2], 'token', '', 'lease_until', 0, 'claim_owner', '', 'claim_n', 0, 'inflight', '')
+local owners, n = {}, 0
+for _, rid in ipairs(redis.call('ZRANGE', '$ops' .. exp_id, 0, -1)) do
+  redis.call('DEL', '$payload' .. rid)
+  owners[finish_future(rid, false, '', 'model ' .. exp_id .. ' is ' .. ARGV[2] .. ': ' .. ARGV[3], 'user',
+                       ARGV[4])] = true
+  n = n + 1
+end
+redis.call('DEL', '$ops' .. exp_id)
+for _, g in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do redis.call('DEL', '$payload' .. g) end
+redis.call('DEL', KEYS[4])
+for owner, _ in pairs(owners) do release_held(owner, ARGV[5]) end
+return n
+""")
+
+# KEYS: future per job   ARGV: lease_ms, then token per job -> 1/0 per job (0: not held any more)
+RENEW_SAMPLES = render(_LIB + """
+local out = {}
+for i, f in ipairs(KEYS) do
+  local s = redis.call('HMGET', f, 'status', 'token')
+  if s[1] == 'running' and s[2] == ARGV[i + 1] then
+    redis.call('HSET', f, 'lease_until', now + tonumber(ARGV[1]))
+    redis.call('ZADD', '$samples_running', now + tonumber(ARGV[1]), string.sub(f, #'$fut' + 1))
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
 """)

@@ -14,17 +14,21 @@ from typing import Any
 
 
 def doomed_versions(published: Iterable[int], committed: int, keep_last: int | None,
-                    keep_every: int | None, snapshots: Iterable[int] = ()) -> list[int]:
+                    keep_every: int | None, snapshots: Iterable[int] = (),
+                    pinned: Iterable[int] = ()) -> list[int]:
     """The versions of `published` that retention deletes, ascending (none if keep_last is None);
-    `snapshots`: the versions that hold the AdamW state (the newest <= committed is kept)."""
+    `snapshots`: the versions that hold the AdamW state (the newest <= committed is kept);
+    `pinned`: versions a client model saved under a name (`OpStore.pinned_versions`), kept."""
     if keep_last is None:
         return []
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     newest_kept = committed - keep_last  # versions above this (up to committed) are kept
     recovery = max((s for s in snapshots if s <= committed), default=None)
+    keep = set(pinned)
     return sorted(v for v in published
-                  if 0 < v <= newest_kept and not (keep_every and v % keep_every == 0) and v != recovery)
+                  if 0 < v <= newest_kept and not (keep_every and v % keep_every == 0) and v != recovery
+                  and v not in keep)
 
 
 def retention_of(spec: Any, settings: Any) -> tuple[int | None, int]:

@@ -30,6 +30,7 @@ from lorafleet.common.protocol import Backoff, StepProtocol
 from lorafleet.common.ready_index import PHASES, ReadyIndex, member_id, ready_member
 from lorafleet.common.retry import Outage
 from lorafleet.common.settings import Settings
+from lorafleet.scheduler.client_dispatch import ClientDispatch
 from lorafleet.scheduler.owner_limits import activatable
 
 log = get_logger("lorafleet.scheduler")
@@ -58,6 +59,7 @@ class Scheduler:
         self.sender = sender  # a Celery app used only for send_task (tests inject a recorder)
         self.config = settings
         self.protocol = StepProtocol(r)
+        self.clients = ClientDispatch(r, sender, settings)  # client-driven models (Tinker)
         self.index = ReadyIndex(r)
         self._index_checked = False  # rebuilt once per leadership (first tick as leader)
         self._recheck_cursor, self._recheck_at = "0", 0.0
@@ -100,7 +102,7 @@ class Scheduler:
                     if need_tick or not self._index_checked:
                         self.tick()
                         self._ticked_at = time.monotonic()
-                    need_tick = self._wait_for_events(self.config.tick_s)
+                    need_tick = self._wait_for_events(self.clients.wait_s(self.config.tick_s))
                 else:
                     stop.wait(self.config.leader_ttl_ms / 3000)
                 self.redis_outage.ok()
@@ -155,6 +157,7 @@ class Scheduler:
             # reaped, ready again, and on a node avoided this tick: placed elsewhere
             moved_off = [e for e in due if not e.inflight and e.node in suspect and e.not_before < 1 << 62]
             self._publish([w.e for w in self._watch.values()], workers, moved_off)
+        self.clients.tick(self.id, self.epoch, workers, now)
 
     def _snapshot(self) -> tuple[dict[str, dict], int]:
         """(live workers' heartbeats, Redis clock in ms) in two round trips (three when
