@@ -193,3 +193,7 @@ class Keys:
     @staticmethod
     def tk_answer(request_id: str) -> str:
         return f"{PREFIX}tk:answer:{request_id}"  # string: JSON of the Tinker-shaped answer extras
+
+    @staticmethod
+    def tk_session_models(session_id: str) -> str:
+        return f"{PREFIX}tk:session:{session_id}:models"  # set: experiment ids of the session's models

@@ -414,3 +414,19 @@ def test_openapi_documents_the_protobuf_body(r: redis.Redis, settings: Settings)
     fb = schema["paths"]["/api/v1/forward_backward"]["post"]
     assert list(fb["requestBody"]["content"]) == [PB]
     assert "/api/v1/retrieve_future" in schema["paths"] and "/api/v1/asample" in schema["paths"]
+
+
+def test_finishing_the_session_ends_its_models(client: TestClient, keys: dict, r: redis.Redis) -> None:
+    _, h = keys["alice"]
+    sid, model_id = _model(client, h)
+    fb = _post_fb(client, h, _fb_body(model_id, 1)).json()["request_id"]
+    assert (
+        client.post(
+            f"/api/v1/sessions/{sid}/finish", json={"reason": {"type": "interrupted"}}, headers=h
+        ).status_code
+        == 200
+    )
+    exp = OpStore(r).exp_for_model(model_id)
+    assert ExperimentRecord.from_hash(exp, r.hgetall(Keys.experiment(exp))).status == "completed"
+    failed = _retrieve(client, h, fb).json()
+    assert failed["category"] == "user" and "session finished" in failed["error"]

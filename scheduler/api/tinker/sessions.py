@@ -20,6 +20,7 @@ from lorafleet.scheduler.api.tinker.support import (
     body_dict,
     rds,
     settings_of,
+    store_of,
 )
 
 router = APIRouter(route_class=TinkerRoute)
@@ -101,14 +102,14 @@ def session_heartbeat(request: Request, key: Key, raw: RawBody = None) -> dict[s
 @router.post("/sessions/{session_id}/finish")
 def finish_session(session_id: str, request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
     owned_session(request, key, session_id)
-    reason = (raw or {}).get("reason") if isinstance(raw, dict) else None
-    rds(request).hset(
-        Keys.tk_session(session_id),
-        mapping={
-            "status": "finished",
-            "reason": str((reason or {}).get("type", "")) if isinstance(reason, dict) else "",
-        },
-    )
+    reason = raw.get("reason") if isinstance(raw, dict) else None
+    kind = str(reason.get("type", "")) if isinstance(reason, dict) else ""
+    r = rds(request)
+    r.hset(Keys.tk_session(session_id), mapping={"status": "finished", "reason": kind})
+    # its models end with it: pending ops fail, the adapters stay downloadable (status completed)
+    store = store_of(request)
+    for exp in r.smembers(Keys.tk_session_models(session_id)):
+        store.close_model(exp, "completed", f"session finished ({kind or 'closed'})")
     return {"type": "finish_session", "session_id": session_id}
 
 

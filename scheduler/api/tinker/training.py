@@ -108,7 +108,8 @@ def create_model(request: Request, key: Key, raw: RawBody = None) -> dict[str, A
     model_id = f"{session_id}:train:{seq}"  # the SDK derives the same id on its side
     spec = _spec(request, model_id, lora, int_field(lora, "seed", required=False, lo=0, hi=2**63 - 1))
     store = store_of(request)
-    store.register_model(model_id=model_id, owner=key.id, session_id=str(session_id), spec=spec)
+    exp = store.register_model(model_id=model_id, owner=key.id, session_id=str(session_id), spec=spec)
+    rds(request).sadd(Keys.tk_session_models(str(session_id)), exp)  # closed when the session finishes
     rid = store.complete(
         f"{session_id}:model",
         seq,
@@ -298,7 +299,8 @@ def load_weights(request: Request, key: Key, raw: RawBody = None) -> dict[str, A
     data["train"].update({"init_from": f"{source.id}@v{version}", "init_optimizer": optimizer})
     spec = ExperimentSpec.model_validate({**data, "name": ("tinker-" + model_id.replace(":", "-"))[:64]})
     store = store_of(request)
-    store.register_model(model_id=model_id, owner=key.id, session_id=str(session_id), spec=spec)
+    exp = store.register_model(model_id=model_id, owner=key.id, session_id=str(session_id), spec=spec)
+    rds(request).sadd(Keys.tk_session_models(str(session_id)), exp)  # closed when the session finishes
     rid = store.complete(
         f"{session_id}:model",
         seq,
