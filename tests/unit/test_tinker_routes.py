@@ -13,11 +13,15 @@ import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from lorafleet.common.api_keys import ApiKeyStore
 from lorafleet.common.client_ops import OpResult, OpStore
 from lorafleet.common.experiment import ExperimentRecord
 from lorafleet.common.keys import Keys
+from lorafleet.common.redis_conn import connect
 from lorafleet.common.settings import Settings
 from lorafleet.scheduler.api.app import create_app
 from lorafleet.scheduler.api.tinker.routes import tinker_app
@@ -412,7 +416,7 @@ def test_openapi_documents_the_protobuf_body(r: redis.Redis, settings: Settings)
     with TestClient(create_app(settings, r)) as c:
         schema = c.get("/openapi.json").json()
     fb = schema["paths"]["/api/v1/forward_backward"]["post"]
-    assert list(fb["requestBody"]["content"]) == [PB]
+    assert list(fb["requestBody"]["content"]) == [PB, "application/octet-stream"]
     assert "/api/v1/retrieve_future" in schema["paths"] and "/api/v1/asample" in schema["paths"]
 
 
@@ -430,3 +434,26 @@ def test_finishing_the_session_ends_its_models(client: TestClient, keys: dict, r
     assert ExperimentRecord.from_hash(exp, r.hgetall(Keys.experiment(exp))).status == "completed"
     failed = _retrieve(client, h, fb).json()
     assert failed["category"] == "user" and "session finished" in failed["error"]
+
+
+@given(body=st.binary(max_size=512))
+@hsettings(
+    max_examples=60, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
+def test_random_forward_backward_bytes_are_4xx(
+    fuzz_client: tuple[TestClient, dict[str, str]], body: bytes
+) -> None:
+    client, h = fuzz_client
+    resp = _post_fb(client, h, body)
+    assert 400 <= resp.status_code < 500 and resp.json()["category"] == "user"
+
+
+@pytest.fixture(scope="module")
+def fuzz_client(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[TestClient, dict]]:
+    r = connect(redis_url)
+    settings_ = Settings(cache_dir=tmp_path_factory.mktemp("fuzzfb"))
+    _, plain = ApiKeyStore(r).create("fuzz")
+    with TestClient(tinker_app(settings_, r)) as c:
+        yield c, {"X-API-Key": plain}

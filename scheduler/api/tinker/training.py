@@ -41,6 +41,7 @@ router = APIRouter(route_class=TinkerRoute)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 ANSWER_TTL_S = 7 * 24 * 3600
+BODY_TYPES = ("application/x-protobuf", "application/octet-stream")  # forward_backward's body
 
 
 def _spec(request: Request, model_id: str, lora: dict[str, Any], seed: int | None) -> ExperimentSpec:
@@ -165,7 +166,8 @@ def weights_info(request: Request, key: Key, raw: RawBody = None) -> dict[str, A
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/x-protobuf": {"schema": {"type": "string", "format": "binary"}}},
+            # the SDK sends x-protobuf; octet-stream is accepted too (generic clients, fuzzers)
+            "content": {ctype: {"schema": {"type": "string", "format": "binary"}} for ctype in BODY_TYPES},
         }
     },
 )
@@ -175,7 +177,7 @@ async def forward_backward(request: Request, key: Key) -> dict[str, Any]:
     if len(body) > limit:
         raise TinkerError(413, f"body of {len(body)} bytes is over the limit of {limit}")
     ctype = request.headers.get("content-type", "")
-    if "protobuf" not in ctype:
+    if ctype.split(";")[0].strip().lower() not in BODY_TYPES:
         raise TinkerError(
             415, "forward_backward takes application/x-protobuf (tinker_public.ForwardBackwardRequest)"
         )
