@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lorafleet.common.adapter_store import AdapterNotFoundError, AdapterStoreError
 from lorafleet.common.redis_conn import connect
 from lorafleet.common.settings import Settings
 from lorafleet.scheduler.api.errors import ApiError, error_body
@@ -82,6 +83,7 @@ def _field_of(loc: tuple[Any, ...]) -> tuple[str | None, list[Any]]:
 def create_app(settings: Settings, redis: redis.Redis | None = None) -> FastAPI:
     """The app; `redis` (decode_responses=True) defaults to a client of settings.redis_url."""
     from lorafleet.scheduler.api.events import router as events_router
+    from lorafleet.scheduler.api.metrics import HttpMetrics, metrics_registry
     from lorafleet.scheduler.api.metrics import router as metrics_router
     from lorafleet.scheduler.api.native import health
     from lorafleet.scheduler.api.native import router as native_router
@@ -101,7 +103,9 @@ def create_app(settings: Settings, redis: redis.Redis | None = None) -> FastAPI:
     app.include_router(tinker_router)
     app.include_router(metrics_router)
     _install_error_handlers(app)
+    app.state.metrics_registry = metrics_registry(app.state.redis, settings)
     app.add_middleware(BodyLimit, limit=settings.api_max_body_bytes)
+    app.add_middleware(HttpMetrics, registry=app.state.metrics_registry)  # outermost: sees 413s too
     return app
 
 
@@ -126,6 +130,13 @@ def _install_error_handlers(app: FastAPI) -> None:
             exc.status_code, "http_error")
         return _respond(request, exc.status_code, code, str(exc.detail),
                         headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(AdapterStoreError)
+    async def _store_error(request: Request, exc: AdapterStoreError) -> JSONResponse:
+        if isinstance(exc, AdapterNotFoundError):
+            return _respond(request, 404, "not_found", str(exc))
+        return _respond(request, 503, "unavailable", f"the adapter store failed: {type(exc).__name__}",
+                        headers={"Retry-After": "5"})
 
     @app.exception_handler(redis.RedisError)
     async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-import redis
+import redis.asyncio as aioredis
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
@@ -25,6 +25,8 @@ Key = Annotated[ApiKey, Depends(current_key)]
 KEEPALIVE_S = 15.0
 _BLOCK_MS = 1000  # below the Redis client's socket timeout
 _STREAM_ID = re.compile(r"^(\$|0|[0-9]{1,20}(-[0-9]{1,20})?)$")
+_ASYNC_CLASSES = {"Connection": aioredis.Connection, "SSLConnection": aioredis.SSLConnection,
+                  "UnixDomainSocketConnection": aioredis.UnixDomainSocketConnection}
 _SSE = {"content": {"text/event-stream": {}}, "description": "text/event-stream"}
 
 
@@ -36,17 +38,32 @@ def _start(last_event_id: str | None, since: str | None) -> str:
     return start
 
 
-def _follow(r: redis.Redis, key: ApiKey, start: str, exp_id: str | None,
-            max_s: float | None) -> Iterator[bytes]:
+def _async_client(request: Request) -> aioredis.Redis:
+    """One asyncio client per app, on the same server as `app.state.redis`: a stream waits in
+    XREAD on the event loop, not on a threadpool thread (those are few, and serve every other
+    request)."""
+    app = request.app
+    client = getattr(app.state, "redis_async", None)
+    if client is None:
+        kwargs = dict(redis_of(request).connection_pool.connection_kwargs)
+        cls = redis_of(request).connection_pool.connection_class
+        pool = aioredis.ConnectionPool(connection_class=_ASYNC_CLASSES.get(cls.__name__, aioredis.Connection),
+                                       **kwargs)
+        client = app.state.redis_async = aioredis.Redis(connection_pool=pool)
+    return client
+
+
+async def _follow(r: aioredis.Redis, key: ApiKey, start: str, exp_id: str | None,
+                  max_s: float | None) -> AsyncIterator[bytes]:
     owners: dict[str, str] = {}  # experiment id -> owner (never changes)
     last, beat = start, time.monotonic()
     if start == "$":  # "$" per XREAD would skip what arrives between two reads: pin it now
-        newest = r.xrevrange(Keys.events, count=1)
+        newest = await r.xrevrange(Keys.events, count=1)
         last = newest[0][0] if newest else "0"
     began = time.monotonic()
     yield b": connected\n\n"
     while max_s is None or time.monotonic() - began < max_s:
-        got = r.xread({Keys.events: last}, block=_BLOCK_MS, count=200)
+        got = await r.xread({Keys.events: last}, block=_BLOCK_MS, count=200)
         for _, entries in got or []:
             for event_id, fields in entries:
                 last = event_id
@@ -55,13 +72,13 @@ def _follow(r: redis.Redis, key: ApiKey, start: str, exp_id: str | None,
                     continue
                 if not key.admin:
                     if exp not in owners:
-                        owners[exp] = r.hget(Keys.experiment(exp), "owner") or "" if exp else ""
+                        owners[exp] = (await r.hget(Keys.experiment(exp), "owner") or "") if exp else ""
                     if owners[exp] != key.id:
                         continue
                 beat = time.monotonic()
                 kind = fields.get("type", "event")
                 yield f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(fields)}\n\n".encode()
-        if exp_id is not None and r.hget(Keys.experiment(exp_id), "status") in TERMINAL:
+        if exp_id is not None and await r.hget(Keys.experiment(exp_id), "status") in TERMINAL:
             yield b"event: end\ndata: {}\n\n"
             return
         if time.monotonic() - beat >= KEEPALIVE_S:
@@ -69,7 +86,7 @@ def _follow(r: redis.Redis, key: ApiKey, start: str, exp_id: str | None,
             yield b": keep-alive\n\n"
 
 
-def _response(gen: Iterator[bytes]) -> StreamingResponse:
+def _response(gen: AsyncIterator[bytes]) -> StreamingResponse:
     return StreamingResponse(gen, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -81,7 +98,7 @@ def events(request: Request, key: Key,
            since: Annotated[str | None, Query(max_length=64)] = None,
            max_s: Annotated[float | None, Query(gt=0, le=86400, description="close after this long")] = None,
            ) -> StreamingResponse:
-    return _response(_follow(redis_of(request), key, _start(last_event_id, since), None, max_s))
+    return _response(_follow(_async_client(request), key, _start(last_event_id, since), None, max_s))
 
 
 @router.get("/experiments/{exp_id}/events", responses={200: _SSE}, response_class=StreamingResponse,
@@ -91,4 +108,4 @@ def experiment_events(request: Request, key: Key, exp_id: str,
                       since: Annotated[str | None, Query(max_length=64)] = None,
                       max_s: Annotated[float | None, Query(gt=0, le=86400)] = None) -> StreamingResponse:
     owned(request, key, exp_id)
-    return _response(_follow(redis_of(request), key, _start(last_event_id, since), exp_id, max_s))
+    return _response(_follow(_async_client(request), key, _start(last_event_id, since), exp_id, max_s))

@@ -204,3 +204,17 @@ def test_fleet_hides_dead_letter_payloads_from_users(client: TestClient, r: redi
     assert user["dead_letters"] == 1 and user["recent_dead_letters"] == []
     assert len(client.get("/v1/fleet", headers=admin).json()["recent_dead_letters"]) == 1
     assert set(user) >= {"workers", "queues", "waiting", "queued", "running"}
+
+
+def test_backlog_by_phase_in_fleet_and_status_line(client: TestClient, r: redis.Redis) -> None:
+    from lorafleet.scheduler.fleet_status import read_fleet_status
+
+    _, a = _key(r)
+    client.post("/v1/experiments", json={"specs": [SPEC, SPEC]}, headers=a)
+    sched = Scheduler(r, _NoSend(), Settings(tick_s=5.0, leader_ttl_ms=60_000))
+    assert sched._hold_lease()
+    sched.tick()  # activated; no live worker, so both wait (unplaced) for a rollout batch
+    fleet = client.get("/v1/fleet", headers=a).json()
+    assert fleet["backlog"] == {"rollout": 2, "train": 0, "ops": 0, "samples": 0}
+    assert fleet["waiting"] == 2 and fleet["running"] == 2
+    assert "2 waiting for a batch (2 rollout)" in read_fleet_status(r).line()
