@@ -139,3 +139,42 @@ def test_sdk_sft_and_sampling_calls_round_trip(sdk: tuple, r: redis.Redis) -> No
     fork_exp = OpStore(r).exp_for_model(forked.model_id)
     spec = ExperimentRecord.from_hash(fork_exp, r.hgetall(Keys.experiment(fork_exp))).spec
     assert spec.train.init_from == f"{exp}@v1" and spec.train.lora.rank == 4
+
+
+def test_parked_polls_wake_on_commit_and_hold_no_threads(r: redis.Redis, tmp_path: Path) -> None:
+    """60 long-polls on a pending future (more than the threadpool's 40 threads) while a
+    heartbeat goes through at once; a commit wakes them all long before the hold ends."""
+    import concurrent.futures as cf
+
+    import httpx
+
+    settings = Settings(cache_dir=tmp_path, api_retrieve_hold_s=20.0)
+    _, plaintext = ApiKeyStore(r).create("polls")
+    h = {"X-API-Key": plaintext}
+    with serve(tinker_app(settings, r)) as url, httpx.Client(base_url=url, headers=h, timeout=60) as http:
+        sid = http.post("/api/v1/create_session", json={}).json()["session_id"]
+        model_id = http.post(
+            "/api/v1/create_model", json={"session_id": sid, "model_seq_id": 0, "lora_config": {"rank": 2}}
+        ).json()["model_id"]
+        rid = http.post(
+            "/api/v1/optim_step",
+            json={"model_id": model_id, "seq_id": 1, "adam_params": {"learning_rate": 0.1}},
+        ).json()["request_id"]
+        with cf.ThreadPoolExecutor(60) as pool:
+            polls = [
+                pool.submit(http.post, "/api/v1/retrieve_future", json={"request_id": rid}) for _ in range(60)
+            ]
+            time.sleep(1.0)  # all parked
+            t0 = time.monotonic()
+            assert http.post("/api/v1/session_heartbeat", json={"session_id": sid}).status_code == 200
+            assert time.monotonic() - t0 < 1.0
+            store = OpStore(r)
+            [m] = store.claim([(store.exp_for_model(model_id), 0)], "w", 5000)
+            t0 = time.monotonic()
+            assert store.commit(
+                m, [OpResult(rid, True, {"metrics": {"grad_norm:mean": 0.5}, "version": 1})], 1
+            )
+            answers = [p.result(timeout=30) for p in polls]
+            assert time.monotonic() - t0 < 10.0  # woken, not timed out at the 20 s hold
+        assert {a.status_code for a in answers} == {200}
+        assert all(a.json() == {"metrics": {"grad_norm:mean": 0.5}} for a in answers)

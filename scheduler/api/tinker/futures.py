@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from lorafleet.common.api_keys import ApiKey
-from lorafleet.common.client_ops import FutureState, OpError
+from lorafleet.common.client_ops import FutureState, OpError, OpStore
 from lorafleet.common.keys import Keys
+from lorafleet.scheduler.api.events import _async_client as async_client  # one asyncio pool per app
 from lorafleet.scheduler.api.tinker.sessions import owned_session
 from lorafleet.scheduler.api.tinker.support import (
     Key,
@@ -209,20 +212,40 @@ def _answer(request: Request, state: FutureState) -> Response:
     return JSONResponse(result)  # complete() futures carry their Tinker answer already
 
 
+async def _wait(request: Request, store: OpStore, rid: str, timeout_s: float) -> FutureState | None:
+    """`OpStore.wait` on the event loop: the SDK keeps one poll open per pending future (dozens
+    per client while sampling), and a poll parked on a threadpool thread for the whole hold would
+    starve every other request. XREAD BLOCK in 1 s slices on the app's asyncio client; every
+    finish wakes it and the future's hash is read again (the cursor is taken before the first
+    read, so a finish in between is never missed)."""
+    ar = async_client(request)
+    deadline = time.monotonic() + timeout_s
+    newest = await ar.xrevrange(Keys.tk_done, count=1)
+    cursor = newest[0][0] if newest else "0-0"
+    while True:
+        state = await run_in_threadpool(store.future, rid)
+        left = deadline - time.monotonic()
+        if state is None or state.finished or left <= 0:
+            return state
+        got = await ar.xread({Keys.tk_done: cursor}, count=1000, block=max(1, int(min(left, 1.0) * 1000)))
+        if got:
+            cursor = got[0][1][-1][0]
+
+
 @router.post("/retrieve_future")
-def retrieve_future(request: Request, key: Key, raw: RawBody = None) -> Response:
+async def retrieve_future(request: Request, key: Key, raw: RawBody = None) -> Response:
     body = body_dict(raw)
     rid = body.get("request_id")
     if not isinstance(rid, str) or not rid:
         raise TinkerError(400, "request_id is required")
     store = store_of(request)
-    state = store.future(rid)
+    state = await run_in_threadpool(store.future, rid)
     if state is None or state.owner != key.id:
         raise TinkerError(404, f"unknown request {rid!r}")
     if not state.finished:
-        state = store.wait(rid, settings_of(request).api_retrieve_hold_s) or state
+        state = await _wait(request, store, rid, settings_of(request).api_retrieve_hold_s) or state
     if state.status == "done":
-        return _answer(request, state)
+        return await run_in_threadpool(_answer, request, state)
     if state.status == "failed":
         return JSONResponse(
             {"error": state.error or "the operation failed", "category": state.category or "server"}
