@@ -434,6 +434,12 @@ def test_finishing_the_session_ends_its_models(client: TestClient, keys: dict, r
     assert ExperimentRecord.from_hash(exp, r.hgetall(Keys.experiment(exp))).status == "completed"
     failed = _retrieve(client, h, fb).json()
     assert failed["category"] == "user" and "session finished" in failed["error"]
+    late = client.post(
+        "/api/v1/create_model",
+        json={"session_id": sid, "model_seq_id": 1, "lora_config": {"rank": 2}},
+        headers=h,
+    )
+    assert late.status_code == 400 and "finished" in late.json()["error"]
 
 
 @given(body=st.binary(max_size=512))

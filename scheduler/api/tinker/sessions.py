@@ -75,12 +75,15 @@ def create_session(request: Request, key: Key, raw: RawBody = None) -> dict[str,
     return {"type": "create_session", "session_id": session_id}
 
 
-def owned_session(request: Request, key: ApiKey, session_id: Any) -> dict[str, str]:
+def owned_session(request: Request, key: ApiKey, session_id: Any, active: bool = True) -> dict[str, str]:
+    """The key's session; with `active`, one that is not finished (new models and samplers need that)."""
     if not isinstance(session_id, str) or not session_id:
         raise TinkerError(400, "session_id is required")
     h = rds(request).hgetall(Keys.tk_session(session_id))
     if not h or h.get("owner") != key.id:
         raise TinkerError(404, f"unknown session {session_id!r}")
+    if active and h.get("status") != "active":
+        raise TinkerError(400, f"session {session_id!r} is finished: create a new ServiceClient")
     return h  # type: ignore[no-any-return]
 
 
@@ -101,7 +104,7 @@ def session_heartbeat(request: Request, key: Key, raw: RawBody = None) -> dict[s
 
 @router.post("/sessions/{session_id}/finish")
 def finish_session(session_id: str, request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
-    owned_session(request, key, session_id)
+    owned_session(request, key, session_id, active=False)  # finishing twice is fine
     reason = raw.get("reason") if isinstance(raw, dict) else None
     kind = str(reason.get("type", "")) if isinstance(reason, dict) else ""
     r = rds(request)

@@ -182,7 +182,10 @@ async def forward_backward(request: Request, key: Key) -> dict[str, Any]:
             415, "forward_backward takes application/x-protobuf (tinker_public.ForwardBackwardRequest)"
         )
     try:
-        req = decode_forward_backward(body, request.headers.get("content-encoding", ""), max_bytes=limit)
+        # off the event loop: a multi-MB body takes a while to decode
+        req = await run_in_threadpool(
+            decode_forward_backward, body, request.headers.get("content-encoding", ""), limit
+        )
     except WireError as e:
         raise TinkerError(400, str(e)) from e
     record = await run_in_threadpool(model_record, request, key, req["model_id"])
