@@ -79,6 +79,12 @@ def test_submit_and_watch_through_the_api(make_fleet, redis_url: str, fleet_env:
                                                     if m.name.endswith("adapter_config.json"))))
         assert {"adapter_config.json", "adapter_model.safetensors"} <= names
         assert config["r"] == 4
+        assert http.delete(f"/v1/experiments/{exp}/versions/3").status_code == 409  # the committed one
+        assert http.delete(f"/v1/experiments/{exp}/versions/0").status_code == 409  # the starting point
+        res = http.delete(f"/v1/experiments/{exp}/versions/1")
+        assert res.status_code == 200 and res.json()["deleted"] == [1]
+        assert http.get(f"/v1/experiments/{exp}/versions").json()["versions"] == [0, 2, 3]
+        assert http.get(f"/v1/experiments/{exp}/versions/1/archive").status_code == 404
         # /metrics agrees with the fleet's own record
         text = httpx.get(f"{base}/metrics").text
         assert _sample(text, "lorafleet_redis_up") == 1
@@ -92,3 +98,40 @@ def test_submit_and_watch_through_the_api(make_fleet, redis_url: str, fleet_env:
         assert _sample(text, "lorafleet_workers_live") == 1
         train_tokens = sum(m["train_tokens"] for m in metrics)
         assert _sample(text, "lorafleet_tokens_total", phase="train") == train_tokens
+
+
+def test_lorafleet_run_with_api(redis_url: str, r, fleet_env: dict, tmp_path: Path) -> None:
+    """`lorafleet run --api`: the embedded fleet serves the API while it runs, with an admin key
+    printed for the run, and stops it at the end."""
+    import os
+    import time
+
+    import yaml
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(SPEC))
+    port = _free_port()
+    env = {**os.environ, **fleet_env, "LORAFLEET_TEST_TRAIN_DELAY_S": "1.5", "COLUMNS": "400"}
+    out = tmp_path / "run.out"
+    run = subprocess.Popen([sys.executable, "-m", "lorafleet.scheduler.cli", "run", str(spec),
+                            "--workers", "1", "--redis-url", redis_url, "--api", "--api-port", str(port),
+                            "--log-dir", str(tmp_path / "logs"), "--plot", str(tmp_path / "r.png"),
+                            "--timeout", "300"], env=env, stdout=out.open("wb"), stderr=subprocess.STDOUT,
+                           cwd=tmp_path)
+    try:
+        deadline, key = time.monotonic() + 240, None
+        while key is None:
+            assert run.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
+            m = re.search(r"admin key for this run: (tml-\S+)", out.read_text())
+            key = m.group(1) if m else None
+            time.sleep(0.2)
+        listed = httpx.get(f"http://127.0.0.1:{port}/v1/experiments", headers={"X-API-Key": key}, timeout=30)
+        assert listed.status_code == 200
+        assert [e["name"] for e in listed.json()["experiments"]] == ["viahttp"]
+        assert run.wait(timeout=300) == 0, out.read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    with pytest.raises(httpx.TransportError):  # the API stopped with the fleet
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)

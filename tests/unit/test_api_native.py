@@ -218,3 +218,16 @@ def test_backlog_by_phase_in_fleet_and_status_line(client: TestClient, r: redis.
     assert fleet["backlog"] == {"rollout": 2, "train": 0, "ops": 0, "samples": 0}
     assert fleet["waiting"] == 2 and fleet["running"] == 2
     assert "2 waiting for a batch (2 rollout)" in read_fleet_status(r).line()
+
+
+def test_list_pages_and_filters(client: TestClient, r: redis.Redis) -> None:
+    _, a = _key(r)
+    ids = client.post("/v1/experiments", json={"specs": [SPEC] * 3}, headers=a).json()["ids"]
+    client.post(f"/v1/experiments/{ids[1]}/cancel", headers=a)
+    first = client.get("/v1/experiments?limit=2", headers=a).json()
+    rest = client.get(f"/v1/experiments?limit=2&cursor={first['next_cursor']}", headers=a).json()
+    assert sorted(e["id"] for e in first["experiments"] + rest["experiments"]) == sorted(ids)
+    assert rest["next_cursor"] is None
+    cancelled = client.get("/v1/experiments?status=cancelled", headers=a).json()["experiments"]
+    assert [e["id"] for e in cancelled] == [ids[1]]
+    assert client.get("/v1/experiments?cursor=-1", headers=a).status_code == 422

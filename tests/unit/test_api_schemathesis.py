@@ -44,7 +44,8 @@ def test_no_server_errors(fuzz_env) -> None:
     not run under this pytest, so the operations are driven through hypothesis directly)."""
     app, headers = fuzz_env
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    schema.exclude(path_regex=r"/events$")
+    # SSE streams never end on their own; forward_backward takes protobuf bodies (fuzzed apart)
+    schema.exclude(path_regex=r"/events$|/api/v1/forward_backward$")
     failures: dict[str, str] = {}
     ran = 0
     for result in schema.get_all_operations():
