@@ -183,3 +183,32 @@ def test_a_cancelled_model_s_ops_fail_instead_of_waiting(r: redis.Redis) -> None
     f = h.ops.future(rid)
     assert f is not None and (f.status, f.category) == ("failed", "user") and "cancelled" in f.error
     assert not r.sismember(Keys.tk_ready, e)
+
+
+def test_the_running_leader_sends_an_op_soon_after_its_linger(r: redis.Redis) -> None:
+    """The leader's loop wakes on the op's arrival (`op_ready` event) and again when the linger
+    ends, not a whole tick (5 s here) later."""
+    import threading
+
+    h = Harness(r, ops_linger_ms=100)
+    beat(r, "n1")
+    e = h.model("m1", "alice")
+    stop = threading.Event()
+    t = threading.Thread(target=h.scheduler.run, args=(stop,), daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not h.scheduler.is_leader and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # its first ticks are done: it waits for events now
+        t0 = time.monotonic()
+        h.ops.enqueue(e, 1, "forward", FB, "alice")
+        while not h.sender.sent and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+        took = time.monotonic() - t0
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    [sent] = h.sender.take()
+    assert sent.task == TASK_OPS and [(i.exp_id, i.step) for i in sent.ops.items] == [(e, 0)]
+    assert 0.09 <= took < 2.5, took  # the linger, plus scheduling slack on a loaded machine
