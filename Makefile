@@ -4,10 +4,11 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/lorafleet/torch_extensions
 
-.PHONY: setup setup-vllm test test-fast demo lint bench clean
+.PHONY: setup setup-vllm setup-cookbook test test-fast demo lint bench clean
 
 setup: $(VENV)/.installed
 setup-vllm: $(VENV)/.installed-vllm
+setup-cookbook: $(VENV)/cookbook-site/.installed
 
 # torch goes in first, pinned to the local CPU wheel: anything that depends on torch installed
 # before it would pull a multi-GB CUDA build.
@@ -26,7 +27,13 @@ $(VENV)/.installed-vllm: $(VENV)/.installed
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
-test: setup-vllm
+# tinker-cookbook beside the venv (not in it: nothing of lorafleet imports it), for the test that
+# runs one of its recipes unchanged against `lorafleet api`
+$(VENV)/cookbook-site/.installed: ops/cookbook/requirements.txt $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps --target $(VENV)/cookbook-site -r ops/cookbook/requirements.txt
+	touch $@
+
+test: setup-vllm setup-cookbook
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-fast: setup

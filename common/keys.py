@@ -185,6 +185,15 @@ class Keys:
     def tk_held(owner: str) -> str:
         return f"{PREFIX}tk:owner:{owner}:held"  # list: the key's held request ids, released in order
 
-    # ---- issue 13, worker: base model facts for the torch-free API ---------------------------
-    # hash: base_model, tokenizer_dir, arch, max_context (written by every worker at start)
-    fleet_model = PREFIX + "fleet:model"
+    # ---- Tinker facade (`scheduler/api/tinker/`) ---------------------------------------------
+    # hash written by workers at start: name, tokenizer_dir (a directory clients can load), arch,
+    # max_context. The API is torch-free, so get_info reads the base model's facts from here.
+    tk_base_model = PREFIX + "tk:base_model"
+
+    @staticmethod
+    def tk_answer(request_id: str) -> str:
+        return f"{PREFIX}tk:answer:{request_id}"  # string: JSON of the Tinker-shaped answer extras
+
+    @staticmethod
+    def tk_session_models(session_id: str) -> str:
+        return f"{PREFIX}tk:session:{session_id}:models"  # set: experiment ids of the session's models

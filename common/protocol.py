@@ -10,12 +10,14 @@ Lease times come from the Redis server clock (TIME), so worker clocks never matt
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
 
+from lorafleet.common import prom_writes
 from lorafleet.common.keys import TRAJECTORY_TTL_MS, Keys
 from lorafleet.common.protocol_lua import (
     ACQUIRE_LEADER,
@@ -151,6 +153,8 @@ class StepProtocol:
                 claimed.append(StepItem(exp_id, step, int(token), spec))
             else:
                 refused.append(Refusal(exp_id, step, str(reason)))
+        if refused:
+            prom_writes.record(self.r, refused=[f"claim:{x.reason}" for x in refused])
         return claimed, refused
 
     def renew(self, exp_id: str, step: int, phase: str, token: int, lease_ms: int) -> bool:
@@ -184,7 +188,10 @@ class StepProtocol:
         for c in commits:
             keys, args = self._rollout_commit(c)
             self._commit_rollout(keys=keys, args=args, client=pipe)
-        return [Outcome(bool(int(ok)), str(why)) for ok, why in pipe.execute()] if commits else []
+        out = [Outcome(bool(int(ok)), str(why)) for ok, why in pipe.execute()] if commits else []
+        prom_writes.record(self.r, rollouts=[c.summary for c, o in zip(commits, out, strict=True) if o.ok],
+                           refused=[f"commit:{o.reason}" for o in out if not o.ok])
+        return out
 
     def commit_rollouts_claim_train(self, commits: Sequence[RolloutCommit], owner: str, lease_ms: int,
                                     batch_id: str, node: str) -> list[StepItem | Outcome]:
@@ -197,8 +204,12 @@ class StepProtocol:
             args += [owner, lease_ms, batch_id, node]
             self._commit_rollout_claim(keys=keys, args=args, client=pipe)
         out = pipe.execute() if commits else []
-        return [replace(c.item, token=int(t)) if int(t) else Outcome(False, str(why))
-                for c, (t, why) in zip(commits, out, strict=True)]
+        res = [replace(c.item, token=int(t)) if int(t) else Outcome(False, str(why))
+               for c, (t, why) in zip(commits, out, strict=True)]
+        prom_writes.record(self.r, rollouts=[c.summary for c, x in zip(commits, res, strict=True)
+                                             if isinstance(x, StepItem)],
+                           refused=[f"commit:{x.reason}" for x in res if isinstance(x, Outcome)])
+        return res
 
     def commit_trains(self, commits: Sequence[TrainCommit], chain: ChainNext | None = None,
                       ) -> tuple[list[Outcome], list[StepItem | None]]:
@@ -224,6 +235,10 @@ class StepProtocol:
             self._claim_next(keys=keys, args=args, client=pipe)
         out = pipe.execute()
         committed = [Outcome(bool(int(ok)), str(why)) for ok, why in out[:len(commits)]]
+        prom_writes.record(self.r, trains=[(c.item.exp_id, c.item.step, c.metrics)
+                                           for c, o in zip(commits, committed, strict=True) if o.ok],
+                           refused=[f"commit:{o.reason}" for o in committed if not o.ok],
+                           now_ms=int(time.time() * 1000))
         tokens = [int(t) for t in out[len(commits)]] if chain is not None else []
         tokens = tokens or [0] * len(commits)
         nxt = [replace(c.item, step=c.item.step + 1, token=t) if t else None

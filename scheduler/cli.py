@@ -402,9 +402,29 @@ def flower(port: int = 5555, redis_url: RedisOpt = None,
 
 
 @app.command()
+def api(host: Annotated[str | None, typer.Option(help="address (default LORAFLEET_API_HOST)")] = None,
+        port: Annotated[int | None, typer.Option(help="port (default LORAFLEET_API_PORT)")] = None,
+        workers: Annotated[int, typer.Option(min=1, max=64, help="uvicorn worker processes")] = 1,
+        redis_url: RedisOpt = None, loglevel: str = "info") -> None:
+    """Serve the HTTP API (native REST /v1, Tinker /api/v1, /metrics, OpenAPI at /docs). Stateless:
+    run several behind a load balancer. Keys: `lorafleet keys create`."""
+    from lorafleet.scheduler.api.server import serve
+
+    s = settings(redis_url=redis_url, api_host=host, api_port=port)
+    if not s.redis_url:
+        raise _bad_input("set LORAFLEET_REDIS_URL (or --redis-url)")
+    os.environ["LORAFLEET_REDIS_URL"] = s.redis_url  # uvicorn's worker processes read it
+    serve(s.api_host, s.api_port, workers, loglevel)
+
+
+@app.command()
 def run(specs: list[Path], workers: int = 1, redis_url: RedisOpt = None,
         plot_out: Annotated[Path, typer.Option("--plot")] = Path("rewards.png"),
-        log_dir: Path = Path("lorafleet-logs"), timeout: float = 3600.0) -> None:
+        log_dir: Path = Path("lorafleet-logs"), timeout: float = 3600.0,
+        with_api: Annotated[bool, typer.Option(
+            "--api", help="also serve the HTTP API (off by default)")] = False,
+        api_port: Annotated[int | None, typer.Option(help="its port (default LORAFLEET_API_PORT)")] = None
+        ) -> None:
     """The embedded default: start Redis (unless given), workers and a scheduler, run the
     experiments to the end with progress, print a summary, plot rewards, shut everything down."""
     from lorafleet.scheduler.embedded_run import run_embedded
@@ -415,8 +435,18 @@ def run(specs: list[Path], workers: int = 1, redis_url: RedisOpt = None,
             parsed.append(parse_spec(_read_spec(path), _limits(), base_dir=path.parent))
         except SpecError as exc:
             raise _bad_input(f"{path}: {exc}") from None
-    ok = run_embedded(parsed, workers, settings(redis_url=redis_url), plot_out, log_dir, timeout)
+    s = settings(redis_url=redis_url, api_port=api_port)
+    ok = run_embedded(parsed, workers, s, plot_out, log_dir, timeout, s.api_port if with_api else None)
     raise typer.Exit(code=0 if ok else 1)
+
+
+def _add_subcommands() -> None:
+    from lorafleet.scheduler.cli_keys import keys_app
+
+    app.add_typer(keys_app, name="keys", help="API keys of the HTTP API (`lorafleet api`)")
+
+
+_add_subcommands()
 
 
 def main() -> None:  # pragma: no cover

@@ -17,7 +17,8 @@ from lorafleet.common.redis_conn import EmbeddedRedis, connect
 
 class LocalFleet:
     def __init__(self, workers: int = 1, redis_url: str | None = None, log_dir: str | Path = "lorafleet-logs",
-                 env: dict[str, str] | None = None, worker_args: list[str] | None = None) -> None:
+                 env: dict[str, str] | None = None, worker_args: list[str] | None = None,
+                 api_port: int | None = None) -> None:
         self.n_workers = workers
         self.redis: EmbeddedRedis | None = None if redis_url else EmbeddedRedis()
         self.redis_url = redis_url or ""
@@ -25,6 +26,7 @@ class LocalFleet:
         self.extra_env = env or {}
         self.worker_args = worker_args or []
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.api_port = api_port  # None: no HTTP API
 
     def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         # CPU workers on one machine split its cores: oversubscribed torch threads slow every
@@ -54,8 +56,30 @@ class LocalFleet:
             self.start_worker(f"w{i}")
         for i in range(schedulers):
             self.start_scheduler(f"scheduler{i}" if i else "scheduler")
+        if self.api_port is not None:
+            self.start_api(self.api_port)
         self.wait_for_workers(self.n_workers, wait_s)
         return self
+
+    def start_api(self, port: int, host: str = "127.0.0.1") -> subprocess.Popen[bytes]:
+        """`lorafleet api` on host:port (`wait_for_api` waits until it answers)."""
+        return self.spawn("api", ["api", "--host", host, "--port", str(port)])
+
+    def wait_for_api(self, port: int, timeout_s: float = 60.0, host: str = "127.0.0.1") -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=2) as res:
+                    if res.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.procs["api"].poll() is not None:
+                raise RuntimeError(f"the API exited during start-up; see {self.log_dir}/api.log")
+            time.sleep(0.2)
+        raise TimeoutError(f"the API did not answer on port {port} after {timeout_s}s")
 
     def wait_for_workers(self, n: int, timeout_s: float) -> None:
         r = connect(self.redis_url)

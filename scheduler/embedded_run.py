@@ -17,14 +17,22 @@ from lorafleet.scheduler.plots import plot_rewards
 
 
 def run_embedded(specs: list[ExperimentSpec], workers: int, settings: Settings, plot_out: Path,
-                 log_dir: Path, timeout_s: float) -> bool:
+                 log_dir: Path, timeout_s: float, api_port: int | None = None) -> bool:
     redis_url = settings.redis_url
     console = Console()
     console.print(f"starting {'local Redis, ' if not redis_url else ''}{workers} worker(s) and a "
                   f"scheduler (logs in {log_dir}/) ...")
     t0 = time.monotonic()
-    with LocalFleet(workers=workers, redis_url=redis_url, log_dir=log_dir) as fleet:
+    with LocalFleet(workers=workers, redis_url=redis_url, log_dir=log_dir, api_port=api_port) as fleet:
         console.print(f"fleet ready in {time.monotonic() - t0:.1f}s")
+        if api_port is not None:
+            from lorafleet.common.api_keys import ApiKeyStore
+            from lorafleet.common.redis_conn import connect
+
+            fleet.wait_for_api(api_port)
+            _, key = ApiKeyStore(connect(fleet.redis_url)).create("lorafleet run", admin=True)
+            console.print(f"HTTP API on http://127.0.0.1:{api_port} (docs: /docs), "
+                          f"admin key for this run: {key}")
         client = FleetClient(fleet.redis_url, settings=settings)
         ids = client.submit_many(specs)
         t_run = time.monotonic()

@@ -25,6 +25,9 @@ class FleetStatus:
     running: int = 0
     waiting: int = 0  # running, ready for a batch, not in one (the real backlog)
     backing_off: int = 0  # running, waiting out the backoff after a failed attempt
+    # the backlog by phase: "rollout"/"train" (the `waiting` above, by phase), "ops" (client
+    # models with an op ready: the Tinker endpoint) and "samples" (sample requests not yet sent)
+    backlog: dict[str, int] = field(default_factory=dict)
     dead_letters: int = 0  # poison payloads taken off the queues, ever
     recent_dead_letters: list[dict[str, Any]] = field(default_factory=list)
 
@@ -37,6 +40,9 @@ class FleetStatus:
         queued_msgs = sum(self.queues.values())
         exps = (f"experiments: {self.running} running, {self.queued} queued, "
                 f"{self.waiting} waiting for a batch")
+        by_phase = ", ".join(f"{n} {p}" for p, n in self.backlog.items() if n)
+        if by_phase:
+            exps += f" ({by_phase})"
         if self.backing_off:
             exps += f", {self.backing_off} backing off"
         parts = [f"workers: {len(self.workers)} live ({busy} busy)", exps,
@@ -68,7 +74,11 @@ def read_fleet_status(r: redis.Redis, recent: int = 5) -> FleetStatus:
     pipe.zcount(Keys.idx_backoff, f"({now_ms}", "+inf")
     for key in ready:
         pipe.zcard(key)
+    pipe.scard(Keys.tk_ready)
+    pipe.zcard(Keys.tk_samples)
     res = pipe.execute()
+    ops_ready, samples = int(res[-2]), int(res[-1])
+    res = res[:-2]
     k = len(nodes) + len(queues)
     beats, lengths = res[:len(nodes)], res[len(nodes):k]
     queued, active, due, backing_off = (int(x) for x in res[k:k + 4])
@@ -76,6 +86,11 @@ def read_fleet_status(r: redis.Redis, recent: int = 5) -> FleetStatus:
     out.queues = dict(zip(queues, (int(x) for x in lengths), strict=True))
     out.queued, out.running = queued, max(0, active - queued)
     out.waiting, out.backing_off = due + sum(int(x) for x in res[k + 4:]), backing_off
+    ready_counts = [int(x) for x in res[k + 4:]]
+    for i, key in enumerate(ready):  # `ready` is ordered node by node, phase by phase
+        phase = key.removeprefix(Keys.idx_ready_prefix).split(":", 1)[0]
+        out.backlog[phase] = out.backlog.get(phase, 0) + ready_counts[i]
+    out.backlog["ops"], out.backlog["samples"] = ops_ready, samples
     letters = DeadLetters(r)
     out.dead_letters = letters.count()
     out.recent_dead_letters = letters.recent(recent)

@@ -31,6 +31,7 @@ from lorafleet.common.ready_index import PHASES, ReadyIndex, member_id, ready_me
 from lorafleet.common.retry import Outage
 from lorafleet.common.settings import Settings
 from lorafleet.scheduler.client_dispatch import ClientDispatch
+from lorafleet.scheduler.owner_limits import activatable
 
 log = get_logger("lorafleet.scheduler")
 
@@ -173,7 +174,9 @@ class Scheduler:
         nodes, queued, _, ids, (sec, usec) = pipe.execute()
         now = int(sec) * 1000 + int(usec) // 1000
         if queued:  # ready at once, in this tick (they wait unplaced until _publish places them)
-            self.protocol.activate_many(self.id, sorted(queued))
+            # an API key's experiments over its max_experiments stay queued (owner_limits.py)
+            self.protocol.activate_many(self.id, activatable(self.r, queued,
+                                                             self.config.api_default_max_experiments))
         for gone in set(self._watch) - ids:
             del self._watch[gone]
         fresh = sorted(i for i in ids if i not in self._watch or self._watch[i].check_at <= now)

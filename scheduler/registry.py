@@ -35,13 +35,15 @@ class ExperimentRegistry:
         self.limits = limits or AdmissionLimits()  # the fleet's: AdmissionLimits.from_settings
         self.protocol = StepProtocol(r)
 
-    def submit(self, data: SpecInput) -> str:
-        return self.submit_many([data])[0]
+    def submit(self, data: SpecInput, owner: str = "") -> str:
+        return self.submit_many([data], owner)[0]
 
-    def submit_many(self, specs: Sequence[SpecInput]) -> list[str]:
+    def submit_many(self, specs: Sequence[SpecInput], owner: str = "") -> list[str]:
         """Validate every spec, then enqueue them all in one transaction (nothing is enqueued if
         any is invalid). The scheduler sees them together, so experiments submitted together
-        start in the same first batch instead of one straggling a batch behind."""
+        start in the same first batch instead of one straggling a batch behind. `owner`: the id
+        of the API key submitting them ("" for Redis clients); the leader activates an owner's
+        experiments only up to its key's `max_experiments` running at once."""
         parsed = []
         for i, data in enumerate(specs):
             try:
@@ -52,11 +54,15 @@ class ExperimentRegistry:
                 raise SpecError(f"spec #{i + 1} of {len(specs)}: {exc}") from None
         now = int(time.time() * 1000)
         records = [ExperimentRecord.new(new_id(spec.name[:48]), spec, now) for spec in parsed]
+        for rec in records:
+            rec.owner = owner
         pipe = self.r.pipeline(transaction=True)
         for rec in records:
             pipe.hset(Keys.experiment(rec.id), mapping=rec.to_hash())
             pipe.zadd(Keys.experiments, {rec.id: now})
             pipe.sadd(Keys.active, rec.id)
+            if owner:
+                pipe.zadd(Keys.owner_experiments(owner), {rec.id: now})
             # the indexes of a queued experiment (common/ready_index.py), in the same transaction
             pipe.sadd(Keys.idx_queued, rec.id)
             pipe.sadd(Keys.idx_waiting, rec.id)

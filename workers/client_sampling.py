@@ -169,9 +169,10 @@ def tokenizer_dir(settings: Settings, tokenizer: Any, model_path: Path) -> Path:
 
 def publish_fleet_model(r: redis.Redis, settings: Settings, tokenizer: Any, model_path: Path,
                         hf: Any) -> None:
-    """Write `Keys.fleet_model` (what the API answers `get_info` with, without torch)."""
+    """Write `Keys.tk_base_model` (what the API answers `get_info` with, without torch)."""
     cfg = hf.config
-    r.hset(Keys.fleet_model, mapping={
+    r.hset(Keys.tk_base_model, mapping={
+        "name": settings.tinker_base_model or settings.base_model,  # what clients pass as base_model
         "base_model": settings.base_model,
         "tokenizer_dir": str(tokenizer_dir(settings, tokenizer, model_path)),
         "arch": str(getattr(cfg, "model_type", "") or ""),

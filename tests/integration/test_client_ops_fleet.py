@@ -69,5 +69,5 @@ def test_sft_loop_of_two_client_models_and_a_sample_on_the_fleet(make_fleet, r, 
     assert len(out["sequences"]) == 2
     for s in out["sequences"]:
         assert 1 <= len(s["tokens"]) <= 5 and len(s["logprobs"]) == len(s["tokens"])
-    facts = r.hgetall(Keys.fleet_model)
+    facts = r.hgetall(Keys.tk_base_model)
     assert facts["base_model"] and Path(facts["tokenizer_dir"]).is_dir()

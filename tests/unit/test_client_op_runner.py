@@ -246,8 +246,8 @@ def test_workers_publish_the_base_model_facts_with_a_loadable_tokenizer(r, model
 
     hf, tok, path = load_base_model(MODEL, torch.float64, cache_dir=model_cache)
     publish_fleet_model(r, Settings(base_model=MODEL, cache_dir=model_cache), tok, path, hf)
-    facts = r.hgetall(Keys.fleet_model)
-    assert facts["base_model"] == MODEL and facts["arch"] == "llama"
+    facts = r.hgetall(Keys.tk_base_model)
+    assert facts["base_model"] == facts["name"] == MODEL and facts["arch"] == "llama"
     assert int(facts["max_context"]) == hf.config.max_position_embeddings
     client_tok = AutoTokenizer.from_pretrained(facts["tokenizer_dir"])
     assert client_tok.encode("hello lorafleet") == tok.encode("hello lorafleet")

@@ -1,0 +1,96 @@
+"""Prometheus counters and histograms kept in Redis, written where the events happen (the
+commit paths of `common/protocol.py`), read by the `/metrics` collector of every API replica
+(`scheduler/api/metrics.py`), so each replica exports the same fleet-wide series.
+
+Formats (`common/keys.py`): `Keys.prom_counters` hash "<name>|<k>=<v>,..." -> count;
+`Keys.prom_histogram(name)` hash "<labels>|<le>" -> observations in that bucket (not cumulative),
+"<labels>|sum" and "<labels>|count"; `Keys.prom_last` hash experiment id -> JSON
+{step, reward, at}. They are written after the commit's own round trip: a lost reply that is
+retried may count a step twice (metrics, not the record of truth), and a failed write is dropped
+rather than failing a commit that succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import redis
+
+from lorafleet.common.keys import Keys
+
+log = logging.getLogger(__name__)
+
+BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# histogram name -> the train commit metric it observes (each item of a batch carries the
+# batch's time: these are per experiment-step observations of how long its batch took)
+TIMINGS = {"lorafleet_train_seconds": "train_s", "lorafleet_publish_seconds": "publish_s"}
+
+
+def counter_field(name: str, **labels: str) -> str:
+    return name + "|" + ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def bucket_of(value: float) -> str:
+    for le in BUCKETS:
+        if value <= le:
+            return repr(le)
+    return "+Inf"
+
+
+def observe(pipe: Any, name: str, value: float, labels: str = "") -> None:
+    if not math.isfinite(value) or value < 0:
+        return
+    key = Keys.prom_histogram(name)
+    pipe.hincrby(key, f"{labels}|{bucket_of(value)}", 1)
+    pipe.hincrby(key, f"{labels}|count", 1)
+    pipe.hincrbyfloat(key, f"{labels}|sum", value)
+
+
+def _number(m: Mapping[str, Any], key: str) -> float | None:
+    v = m.get(key)
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def record(r: redis.Redis, *, rollouts: Iterable[Mapping[str, Any]] = (),
+           trains: Iterable[tuple[str, int, Mapping[str, Any]]] = (),
+           refused: Iterable[str] = (), now_ms: int = 0) -> None:
+    """Count committed rollouts (their summaries), committed train steps ((exp id, step,
+    metrics)), and refused claims/commits (their "claim:reason" / "commit:reason")."""
+    pipe = r.pipeline(transaction=False)
+    n = 0
+    for summary in rollouts:
+        n += 1
+        pipe.hincrby(Keys.prom_counters, counter_field("lorafleet_steps_committed_total", phase="rollout"), 1)
+        tokens = _number(summary, "rollout_tokens")
+        if tokens:
+            pipe.hincrby(Keys.prom_counters, counter_field("lorafleet_tokens_total", phase="rollout"),
+                         int(tokens))
+        seconds = _number(summary, "rollout_s")
+        if seconds is not None:
+            observe(pipe, "lorafleet_rollout_seconds", seconds)
+    for exp_id, step, metrics in trains:
+        n += 1
+        pipe.hincrby(Keys.prom_counters, counter_field("lorafleet_steps_committed_total", phase="train"), 1)
+        tokens = _number(metrics, "train_tokens")
+        if tokens:
+            pipe.hincrby(Keys.prom_counters, counter_field("lorafleet_tokens_total", phase="train"),
+                         int(tokens))
+        for hist, field in TIMINGS.items():
+            seconds = _number(metrics, field)
+            if seconds is not None:
+                observe(pipe, hist, seconds)
+        reward = _number(metrics, "reward_mean")
+        pipe.hset(Keys.prom_last, exp_id, json.dumps({"step": step + 1, "reward": reward, "at": now_ms}))
+    for reason in refused:
+        n += 1
+        pipe.hincrby(Keys.prom_counters, counter_field("lorafleet_refused_total", reason=reason), 1)
+    if not n:
+        return
+    try:
+        pipe.execute()
+    except redis.RedisError as exc:  # the commit itself succeeded: never fail it for a metric
+        log.warning("prometheus counters not written: %r", exc)

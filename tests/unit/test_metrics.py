@@ -1,0 +1,117 @@
+"""/metrics: every metric the Grafana dashboard queries is exported, and the counters written
+on the commit path count what the real step protocol committed and refused."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import redis
+import yaml
+from fastapi.testclient import TestClient
+
+from lorafleet.common.keys import Keys
+from lorafleet.common.protocol import RolloutCommit, StepProtocol, TrainCommit
+from lorafleet.common.settings import Settings
+from lorafleet.scheduler.api.app import create_app
+from lorafleet.scheduler.registry import ExperimentRegistry
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = {"name": "m", "env": "char_class", "env_args": {"cls": "digits"}, "steps": 2,
+        "prompts_per_step": 2, "group_size": 2}
+
+
+def _app(r: redis.Redis, redis_url: str, tmp_path: Path, **kw) -> TestClient:
+    return TestClient(create_app(Settings(redis_url=redis_url, store_url=str(tmp_path / "s"), **kw), r))
+
+
+def _exported(text: str) -> set[str]:
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            name, kind = line.split()[2:4]
+            names.add(name)
+            if kind == "counter":
+                names.add(name + "_total")
+            if kind == "histogram":
+                names |= {name + "_bucket", name + "_count", name + "_sum"}
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+def test_every_dashboard_metric_is_exported(r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    dash = json.loads((ROOT / "ops" / "grafana" / "lorafleet.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    wanted = {m for e in exprs for m in re.findall(r"\blorafleet_[a-z_]+", e)}
+    assert len(wanted) >= 15
+    with _app(r, redis_url, tmp_path) as c:
+        c.get("/healthz")  # a request, so the per-replica HTTP series exist
+        text = c.get("/metrics").text
+    missing = wanted - _exported(text)
+    assert not missing, missing
+    prom = yaml.safe_load((ROOT / "ops" / "prometheus" / "prometheus.yml").read_text())
+    targets = [t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert "api:8000" in targets
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    assert {"api", "prometheus", "grafana"} <= services.keys()
+    assert "lorafleet api" in " ".join(services["api"]["command"])
+
+
+def _sample(text: str, metric: str, **labels: str) -> float:
+    for line in text.splitlines():
+        m = re.fullmatch(r"([a-z_]+)(?:\{(.*)\})? (\S+)", line)
+        if m and m.group(1) == metric and dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or "")) == labels:
+            return float(m.group(3))
+    raise AssertionError(f"no sample {metric}{labels}")
+
+
+def test_commit_counters_match_the_protocol(r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    [exp] = ExperimentRegistry(r).submit_many([SPEC])
+    p = StepProtocol(r)
+    r.set(Keys.leader, "L")
+    assert p.activate_many("L", [exp]) == [True]
+    claimed, refused = p.claim_batch([(exp, 0)], "rollout", "w:1", 60_000, "b1")
+    assert claimed and not refused
+    [ok] = p.commit_rollouts([RolloutCommit(claimed[0], {"samples": []},
+                                            {"reward_mean": 0.25, "rollout_s": 0.3, "rollout_tokens": 12})])
+    assert ok.ok
+    # a zombie's commit (a token fenced out) is refused, and counted as such
+    [dup] = p.commit_rollouts([RolloutCommit(replace(claimed[0], token=10**6), {"samples": []},
+                                             {"reward_mean": 0.25})])
+    assert not dup.ok
+    _, [again] = p.claim_batch([(exp, 0)], "rollout", "w:2", 60_000, "b9")  # a duplicate delivery
+    [train], _ = p.claim_batch([(exp, 0)], "train", "w:1", 60_000, "b2")
+    ok, _ = p.commit_trains([TrainCommit(train, {"step": 0, "reward_mean": 0.25, "train_s": 2.0,
+                                                 "publish_s": 0.01, "train_tokens": 40})])
+    assert ok[0].ok
+    with _app(r, redis_url, tmp_path) as c:
+        text = c.get("/metrics").text
+    assert _sample(text, "lorafleet_steps_committed_total", phase="rollout") == 1
+    assert _sample(text, "lorafleet_steps_committed_total", phase="train") == 1
+    assert _sample(text, "lorafleet_tokens_total", phase="train") == 40
+    assert _sample(text, "lorafleet_tokens_total", phase="rollout") == 12
+    assert _sample(text, "lorafleet_refused_total", reason=f"commit:{dup.reason}") == 1
+    assert _sample(text, "lorafleet_refused_total", reason=f"claim:{again.reason}") == 1
+    assert _sample(text, "lorafleet_train_seconds_bucket", le="1.0") == 0
+    assert _sample(text, "lorafleet_train_seconds_bucket", le="2.5") == 1
+    assert _sample(text, "lorafleet_train_seconds_sum") == 2.0
+    assert _sample(text, "lorafleet_rollout_seconds_count") == 1
+    assert _sample(text, "lorafleet_experiment_last_reward", experiment=exp, name="m") == 0.25
+    assert _sample(text, "lorafleet_experiment_step", experiment=exp) == 1
+    assert _sample(text, "lorafleet_experiments", state="running", kind="rl") == 1
+
+
+def test_finished_experiments_leave_after_the_ttl(r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    ids = ExperimentRegistry(r).submit_many([SPEC] * 3)
+    for i, exp in enumerate(ids):
+        r.hset(Keys.prom_last, exp, json.dumps({"step": 1, "reward": 0.5, "at": i}))
+    r.hset(Keys.experiment(ids[0]), mapping={"status": "completed", "finished_at": 1})  # long ago
+    with _app(r, redis_url, tmp_path, metrics_max_experiments=1) as c:
+        text = c.get("/metrics").text
+    series = re.findall(r'lorafleet_experiment_step\{experiment="([^"]+)"', text)
+    assert series == [ids[2]]  # the newest of those still live; the cap is 1
+    assert not r.hexists(Keys.prom_last, ids[0])  # the finished one is dropped for good
+
