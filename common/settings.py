@@ -145,6 +145,8 @@ class Settings(BaseSettings):
     tinker_session_ttl_s: float = Field(default=600.0, gt=0)  # no heartbeat this long: session over
     future_ttl_s: float = Field(default=3600.0, gt=0)  # a finished future's result is kept this long
     ops_linger_ms: int = Field(default=20, ge=0)  # wait this long for co-tenants' ops to fuse
+    # client models are packed onto a node (to share its fused steps) up to this many
+    client_models_per_node: int = Field(default=16, ge=1)
     max_sample_rows: int = Field(default=256, ge=1)  # sampled sequences per generation batch
 
     @field_validator("node")

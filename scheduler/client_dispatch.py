@@ -127,8 +127,8 @@ class ClientDispatch:
                 load[node] += 1
         by_node: dict[str, list[tuple[int, str]]] = defaultdict(list)
         for ready_at, exp_id, node in sorted(models):  # oldest ready first
-            if node not in live:  # not placed yet, or its node died: the least-loaded live node
-                node = min(live, key=lambda n: (load[n], n))
+            if node not in live:  # not placed yet, or its node died
+                node = self._place(live, load)
                 load[node] += 1
             by_node[node].append((ready_at, exp_id))
         linger = self.config.ops_linger_ms
@@ -140,6 +140,15 @@ class ClientDispatch:
                 self._linger_until(first + linger - now)
                 continue
             self._publish_ops(leader_id, epoch, node, [e for _, e in group[:MAX_ITEMS]])
+
+    def _place(self, live: list[str], load: Counter[str]) -> str:
+        """Pack: the live node with the most client models that still has room, so that models
+        share fused steps (one fused step of N adapters costs far less than N solo steps); once
+        every node is full, the least loaded."""
+        room = [n for n in live if load[n] < self.config.client_models_per_node]
+        if room:
+            return min(room, key=lambda n: (-load[n], n))
+        return min(live, key=lambda n: (load[n], n))
 
     def _publish_ops(self, leader_id: str, epoch: int, node: str, exp_ids: list[str]) -> None:
         batch_id = uuid.uuid4().hex[:16]

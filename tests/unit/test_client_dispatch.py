@@ -113,15 +113,17 @@ def test_two_sessions_ops_on_one_node_go_out_in_one_batch(r: redis.Redis) -> Non
     assert [(i.exp_id, i.step) for i in nxt.ops.items] == [(a, 1)] and nxt.node == "n1"
 
 
-def test_models_are_spread_over_live_nodes_and_stay_placed(r: redis.Redis) -> None:
-    h = Harness(r, ops_linger_ms=0)
+def test_models_are_packed_onto_nodes_to_fuse_and_stay_placed(r: redis.Redis) -> None:
+    """Models fill one node (they share its fused steps) up to client_models_per_node, then the
+    next; a placed model stays where it is."""
+    h = Harness(r, ops_linger_ms=0, client_models_per_node=3)
     beat(r, "n1")
     beat(r, "n2")
     models = [h.model(f"m{i}", "alice") for i in range(4)]
     for e in models:
         h.ops.enqueue(e, 1, "forward", FB, "alice")
     sent = h.tick()
-    assert sorted(s.node for s in sent) == ["n1", "n2"] and all(len(s.ops.items) == 2 for s in sent)
+    assert sorted((s.node, len(s.ops.items)) for s in sent) == [("n1", 3), ("n2", 1)]
     for s in sent:
         h.commit(h.claim(s))
     placed = {e: r.hget(Keys.tk_model(e), "node") for e in models}
