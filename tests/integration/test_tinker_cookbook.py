@@ -28,7 +28,7 @@ from lorafleet.workers.tiny_model import resolve_model_dir
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 COOKBOOK = ROOT / ".venv" / "cookbook-site"
-MODEL_NAME = "meta-llama/Llama-3.2-1B"  # a name the cookbook knows (it picks renderers by name)
+MODEL_NAME = "Qwen/Qwen3-4B-Instruct-2507"  # a name the cookbook knows (it picks renderers by name)
 
 
 def hf_cache_with(model_dir: Path, name: str, home: Path) -> None:
@@ -68,7 +68,8 @@ def test_sl_basic_recipe_runs_unchanged(make_fleet, r: redis.Redis, redis_url: s
                  "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TINKER_API_KEY": key,
                  "TINKER_TELEMETRY": "0"},
             capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    (tmp_path / "recipe.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-5000:]
     metrics = [json.loads(line) for line in (log_path / "metrics.jsonl").read_text().splitlines()]
     losses = [m["train_mean_nll"] for m in metrics if "train_mean_nll" in m]
     assert len(losses) == 3 and all(x == x and x > 0 for x in losses), metrics  # finite, positive

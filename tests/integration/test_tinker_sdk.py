@@ -106,7 +106,7 @@ def test_two_sdk_clients_fused_and_equal_to_solo(api, r: redis.Redis, redis_url:
                            "--dest", str(dest), "--redis-url", redis_url],
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert (dest / "adapter_config.json").exists()
+    assert (Path(proc.stdout.strip()) / "adapter_config.json").exists(), proc.stdout
 
     # a key sees only its own models
     other = httpx.post(f"{base}/api/v1/get_info", headers={"X-API-Key": key_b},
