@@ -197,3 +197,8 @@ class Keys:
     @staticmethod
     def tk_session_models(session_id: str) -> str:
         return f"{PREFIX}tk:session:{session_id}:models"  # set: experiment ids of the session's models
+
+    # ---- client models' lifecycle (`scheduler/client_capacity.py`, session expiry) ----------
+    # zset: client models over their owner's max_experiments -> created (ms); their ops wait
+    tk_waiting = PREFIX + "tk:waiting"
+    tk_sessions = PREFIX + "tk:sessions"  # zset: active Tinker session id -> last heartbeat (ms)

@@ -31,6 +31,7 @@ from lorafleet.common.keys import ROLLOUT_QUEUE, Keys, node_queue
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import BatchItem, BatchMessage, SampleMessage
 from lorafleet.common.settings import Settings
+from lorafleet.scheduler.client_capacity import ClientCapacity
 
 
 class TaskSender(Protocol):  # = scheduler.loop.TaskSender (not imported: loop imports this module)
@@ -39,6 +40,8 @@ class TaskSender(Protocol):  # = scheduler.loop.TaskSender (not imported: loop i
 log = get_logger("lorafleet.scheduler.clients")
 
 MAX_ITEMS = 4096  # of one message (BatchMessage / SampleMessage)
+_MARK_SESSION = ("if redis.call('EXISTS', KEYS[1]) == 1 then "
+                 "redis.call('HSET', KEYS[1], 'status', ARGV[1]) end")
 _MODEL_FIELDS = ("inflight", "inflight_at", "token", "lease_until", "node", "ready_at")
 
 
@@ -48,6 +51,7 @@ class ClientDispatch:
         self.sender = sender
         self.config = settings
         self.ops = OpStore(r, settings)
+        self.capacity = ClientCapacity(r, settings.api_default_max_experiments)
         self._due: float | None = None  # monotonic time a lingering batch is due (None: none)
 
     def wait_s(self, tick_s: float) -> float:
@@ -61,6 +65,8 @@ class ClientDispatch:
         """One round: reap, release held work, send ops and samples. `workers`: live nodes'
         heartbeats (nodes suspected dead this tick left out); `now`: the Redis clock (ms)."""
         self._due = None
+        self._expire_sessions(now)
+        self.capacity.activate()  # before the ops go out: an activated model's ops go this tick
         busy, load = self._reap(leader_id, workers, now)
         if self.r.scard(Keys.tk_held_owners):
             self.ops.release_held()
@@ -69,6 +75,22 @@ class ClientDispatch:
         self.ops.reap_samples(leader_id)
         if workers:
             self._send_samples(leader_id, epoch, now)
+
+    # ---- sessions ------------------------------------------------------------------------------
+    def _expire_sessions(self, now: int) -> None:
+        """Sessions without a heartbeat for `tinker_session_ttl_s` end like a finished one: their
+        models close (pending ops fail as user errors, pending gradients dropped; status
+        completed, published versions kept). One ZRANGEBYSCORE when none is due."""
+        ttl_ms = int(self.config.tinker_session_ttl_s * 1000)
+        due = self.r.zrangebyscore(Keys.tk_sessions, "-inf", now - ttl_ms, start=0, num=100)
+        for sid in due:
+            beat = self.r.hget(Keys.tk_session(sid), "last_beat")
+            if beat is not None and int(beat) > now - ttl_ms:  # beat meanwhile (or clock skew)
+                self.r.zadd(Keys.tk_sessions, {sid: int(beat)})
+                continue
+            expire_session(self.r, self.ops, sid, "expired", "session expired: no heartbeat for "
+                           f"{self.config.tinker_session_ttl_s:g} s")
+            log.info("tinker session expired", session=sid)
 
     # ---- reaper --------------------------------------------------------------------------------
     def _reap(self, leader_id: str, workers: dict[str, Any], now: int) -> tuple[set[str], Counter[str]]:
@@ -113,11 +135,13 @@ class ClientDispatch:
             return
         pipe = self.r.pipeline(transaction=False)
         for exp_id in ready:
-            pipe.hmget(Keys.tk_model(exp_id), ("node", "ready_at"))
+            pipe.hmget(Keys.tk_model(exp_id), ("node", "ready_at", "capacity"))
             pipe.hget(Keys.experiment(exp_id), "status")
         got = pipe.execute()
         models = []
-        for exp_id, (node, ready_at), status in zip(ready, got[0::2], got[1::2], strict=True):
+        for exp_id, (node, ready_at, capacity), status in zip(ready, got[0::2], got[1::2], strict=True):
+            if status == "running" and capacity == "waiting":  # over its key's max_experiments
+                continue
             if status == "running":
                 models.append((int(ready_at or 0), exp_id, node or ""))
             else:  # cancelled (`lorafleet cancel`): its pending ops fail instead of waiting forever
@@ -200,3 +224,13 @@ class ClientDispatch:
     def _linger_until(self, in_ms: int) -> None:
         due = time.monotonic() + max(1, in_ms) / 1000
         self._due = due if self._due is None else min(self._due, due)
+
+
+def expire_session(r: redis.Redis, ops: OpStore, session_id: str, status: str, reason: str) -> None:
+    """End a session (finished by its client, or expired): mark it (its heartbeat answers 410
+    from now on), close its models and forget it in `Keys.tk_sessions`."""
+    # only if the hash is still there (its TTL may just have run out): never one without a TTL
+    r.eval(_MARK_SESSION, 1, Keys.tk_session(session_id), status)
+    for exp in r.smembers(Keys.tk_session_models(session_id)):
+        ops.close_model(exp, "completed", reason)
+    r.zrem(Keys.tk_sessions, session_id)

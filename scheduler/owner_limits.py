@@ -45,8 +45,11 @@ def activatable(r: redis.Redis, queued: Iterable[str], default_max: int) -> list
         limit = int(limit_raw) if limit_raw else default_max
         others = [e for e in exps if e not in queued_set]
         running = 0
-        if others:  # active and not queued = running (queued ones are all in `queued_set`)
-            running = sum(1 for hit in r.smismember(Keys.active, others) if hit)
+        if others:  # active and not queued = running (queued ones are all in `queued_set`),
+            # except client models waiting for a slot themselves (client_capacity.py)
+            active = r.smismember(Keys.active, others)
+            waiting = r.zmscore(Keys.tk_waiting, others)
+            running = sum(1 for hit, w in zip(active, waiting, strict=True) if hit and w is None)
         free = max(0, limit - running)
         out += [exp_id for _, exp_id in sorted(by_owner[owner])[:free]]
     return sorted(out)

@@ -32,6 +32,7 @@ from lorafleet.scheduler.api.tinker.support import (
     store_of,
 )
 from lorafleet.scheduler.api.tinker.wire import encode_forward_backward_output, encode_sample_response
+from lorafleet.scheduler.client_capacity import ClientCapacity
 
 router = APIRouter(route_class=TinkerRoute)
 PROTOBUF = "application/x-protobuf"
@@ -251,12 +252,20 @@ async def retrieve_future(request: Request, key: Key, raw: RawBody = None) -> Re
             {"error": state.error or "the operation failed", "category": state.category or "server"}
         )
     # still waiting: 408 is the SDK's "poll again" (it never counts against a retry budget)
+    queue_state, reason = state.queue_state, state.queue_reason or None
+    if state.exp_id and state.kind != "sample":  # the model waits for a slot of max_experiments
+        waiting = await run_in_threadpool(
+            ClientCapacity(rds(request), settings_of(request).api_default_max_experiments).waiting_reason,
+            state.exp_id,
+        )
+        if waiting is not None:
+            queue_state, reason = "paused_capacity", waiting
     return JSONResponse(
         {
             "type": "try_again",
             "request_id": rid,
-            "queue_state": state.queue_state,
-            "queue_state_reason": state.queue_reason or None,
+            "queue_state": queue_state,
+            "queue_state_reason": reason,
         },
         status_code=408,
     )

@@ -72,6 +72,7 @@ def create_session(request: Request, key: Key, raw: RawBody = None) -> dict[str,
         },
     )
     r.expire(Keys.tk_session(session_id), int(settings_of(request).tinker_session_ttl_s))
+    r.zadd(Keys.tk_sessions, {session_id: now})  # the leader expires it when the beats stop
     return {"type": "create_session", "session_id": session_id}
 
 
@@ -97,8 +98,10 @@ def session_heartbeat(request: Request, key: Key, raw: RawBody = None) -> dict[s
     if not h or h.get("status") != "active":
         raise TinkerError(410, f"session {session_id!r} is finished or expired")  # the SDK stops beating
     r = rds(request)
-    r.hset(Keys.tk_session(session_id), "last_beat", int(time.time() * 1000))
+    now = int(time.time() * 1000)
+    r.hset(Keys.tk_session(session_id), "last_beat", now)
     r.expire(Keys.tk_session(session_id), int(settings_of(request).tinker_session_ttl_s))
+    r.zadd(Keys.tk_sessions, {session_id: now}, xx=True)  # xx: never revive one the leader ended
     return {"type": "session_heartbeat"}
 
 
@@ -109,6 +112,7 @@ def finish_session(session_id: str, request: Request, key: Key, raw: RawBody = N
     kind = str(reason.get("type", "")) if isinstance(reason, dict) else ""
     r = rds(request)
     r.hset(Keys.tk_session(session_id), mapping={"status": "finished", "reason": kind})
+    r.zrem(Keys.tk_sessions, session_id)
     # its models end with it: pending ops fail, the adapters stay downloadable (status completed)
     store = store_of(request)
     for exp in r.smembers(Keys.tk_session_models(session_id)):

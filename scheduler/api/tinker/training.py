@@ -36,6 +36,7 @@ from lorafleet.scheduler.api.tinker.support import (
     store_of,
 )
 from lorafleet.scheduler.api.tinker.wire import WireError, decode_forward_backward
+from lorafleet.scheduler.client_capacity import ClientCapacity
 
 router = APIRouter(route_class=TinkerRoute)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -93,6 +94,15 @@ def _enqueue(
     return rid
 
 
+def _register(request: Request, key: ApiKey, model_id: str, session_id: str, spec: ExperimentSpec) -> str:
+    """Register the model (idempotent), tie it to its session (closed when the session ends) and
+    admit it against the key's max_experiments: over the limit it waits (client_capacity.py)."""
+    exp = store_of(request).register_model(model_id=model_id, owner=key.id, session_id=session_id, spec=spec)
+    rds(request).sadd(Keys.tk_session_models(session_id), exp)
+    ClientCapacity(rds(request), settings_of(request).api_default_max_experiments).admit(exp, key.id)
+    return exp
+
+
 @router.post("/create_model")
 def create_model(request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
     body = body_dict(raw)
@@ -109,8 +119,7 @@ def create_model(request: Request, key: Key, raw: RawBody = None) -> dict[str, A
     model_id = f"{session_id}:train:{seq}"  # the SDK derives the same id on its side
     spec = _spec(request, model_id, lora, int_field(lora, "seed", required=False, lo=0, hi=2**63 - 1))
     store = store_of(request)
-    exp = store.register_model(model_id=model_id, owner=key.id, session_id=str(session_id), spec=spec)
-    rds(request).sadd(Keys.tk_session_models(str(session_id)), exp)  # closed when the session finishes
+    _register(request, key, model_id, str(session_id), spec)
     rid = store.complete(
         f"{session_id}:model",
         seq,
@@ -304,8 +313,7 @@ def load_weights(request: Request, key: Key, raw: RawBody = None) -> dict[str, A
     data["train"].update({"init_from": f"{source.id}@v{version}", "init_optimizer": optimizer})
     spec = ExperimentSpec.model_validate({**data, "name": ("tinker-" + model_id.replace(":", "-"))[:64]})
     store = store_of(request)
-    exp = store.register_model(model_id=model_id, owner=key.id, session_id=str(session_id), spec=spec)
-    rds(request).sadd(Keys.tk_session_models(str(session_id)), exp)  # closed when the session finishes
+    _register(request, key, model_id, str(session_id), spec)
     rid = store.complete(
         f"{session_id}:model",
         seq,
