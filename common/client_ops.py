@@ -49,6 +49,7 @@ from typing import Any, Literal
 
 import redis
 
+from lorafleet.common import prom_writes
 from lorafleet.common.client_ops_lua import (
     CLAIM_OPS,
     CLAIM_SAMPLES,
@@ -336,8 +337,12 @@ class OpStore:
             args += [res.request_id, int(res.ok), res.category if not res.ok else "", res.error[:2000],
                      json.dumps(res.body if res.body is not None else {})]
         e = model.exp_id
-        return bool(self._commit(keys=[Keys.tk_model(e), Keys.experiment(e), Keys.tk_gradlog(e),
-                                       Keys.tk_checkpoints(e)], args=args))
+        ok = bool(self._commit(keys=[Keys.tk_model(e), Keys.experiment(e), Keys.tk_gradlog(e),
+                                     Keys.tk_checkpoints(e)], args=args))
+        if ok:  # a retried commit after a lost reply may count twice (metrics, not the record)
+            prom_writes.record_client_ops(self.r, [(op.kind, prom_writes.outcome(res.ok, res.category))
+                                                   for op, res in zip(model.ops, results, strict=True)])
+        return ok
 
     def release(self, model: ClaimedModel, reason: str, count: bool = True) -> None:
         """Give the claim back uncommitted: the leader publishes the model again; after
@@ -351,6 +356,7 @@ class OpStore:
         self.r.xadd(Keys.fused_steps, {"node": node, "batch": batch_id, "models": json.dumps(list(models)),
                                        "ops": json.dumps(list(ops)), "rows": rows, "tokens": tokens},
                     maxlen=STREAM_MAXLEN, approximate=True)
+        prom_writes.record_client_ops(self.r, fused_adapters=len(set(models)))
 
     def claim_samples(self, request_ids: Sequence[str], owner: str, lease_ms: int) -> list[SampleJob]:
         if not request_ids:
@@ -367,11 +373,15 @@ class OpStore:
         return [bool(x) for x in got]
 
     def commit_sample(self, job: SampleJob, result: OpResult) -> bool:
-        return bool(self._commit_sample(
+        ok = bool(self._commit_sample(
             keys=[Keys.tk_future(job.request_id)],
             args=[job.token, job.request_id, int(result.ok), result.category if not result.ok else "",
                   result.error[:2000], json.dumps(result.body if result.body is not None else {}),
                   self.future_ttl_ms, self.default_max_queued_ops]))
+        if ok:
+            outcome = prom_writes.outcome(result.ok, result.category)
+            prom_writes.record_client_ops(self.r, [("sample", outcome)])
+        return ok
 
     # ---- leader side (scheduler/client_dispatch.py) ------------------------------------------
     def mark_ops(self, leader_id: str, batch_id: str, node: str, exp_ids: Sequence[str]) -> list[int]:

@@ -28,24 +28,29 @@ BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 6
 # histogram name -> the train commit metric it observes (each item of a batch carries the
 # batch's time: these are per experiment-step observations of how long its batch took)
 TIMINGS = {"lorafleet_train_seconds": "train_s", "lorafleet_publish_seconds": "publish_s"}
+# adapters (client models) per fused client-op step (`OpStore.record_fused_step`)
+FUSED_ADAPTERS = "lorafleet_fused_batch_adapters"
+ADAPTER_BUCKETS: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+TINKER_OPS = "lorafleet_tinker_ops_total"  # labels op (the op kind, or "sample"), outcome
 
 
 def counter_field(name: str, **labels: str) -> str:
     return name + "|" + ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
-def bucket_of(value: float) -> str:
-    for le in BUCKETS:
+def bucket_of(value: float, buckets: tuple[float, ...] = BUCKETS) -> str:
+    for le in buckets:
         if value <= le:
             return repr(le)
     return "+Inf"
 
 
-def observe(pipe: Any, name: str, value: float, labels: str = "") -> None:
+def observe(pipe: Any, name: str, value: float, labels: str = "",
+            buckets: tuple[float, ...] = BUCKETS) -> None:
     if not math.isfinite(value) or value < 0:
         return
     key = Keys.prom_histogram(name)
-    pipe.hincrby(key, f"{labels}|{bucket_of(value)}", 1)
+    pipe.hincrby(key, f"{labels}|{bucket_of(value, buckets)}", 1)
     pipe.hincrby(key, f"{labels}|count", 1)
     pipe.hincrbyfloat(key, f"{labels}|sum", value)
 
@@ -94,3 +99,27 @@ def record(r: redis.Redis, *, rollouts: Iterable[Mapping[str, Any]] = (),
         pipe.execute()
     except redis.RedisError as exc:  # the commit itself succeeded: never fail it for a metric
         log.warning("prometheus counters not written: %r", exc)
+
+
+def record_client_ops(r: redis.Redis, outcomes: Iterable[tuple[str, str]] = (),
+                      fused_adapters: int | None = None) -> None:
+    """Count finished Tinker ops ((op kind, outcome "ok" | "user_error" | "server_error")) and
+    observe one fused client-op step's adapter count. Written after the commit, like `record`."""
+    pipe = r.pipeline(transaction=False)
+    n = 0
+    for op, outcome in outcomes:
+        n += 1
+        pipe.hincrby(Keys.prom_counters, counter_field(TINKER_OPS, op=op, outcome=outcome), 1)
+    if fused_adapters is not None:
+        n += 1
+        observe(pipe, FUSED_ADAPTERS, float(fused_adapters), buckets=ADAPTER_BUCKETS)
+    if not n:
+        return
+    try:
+        pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("prometheus counters not written: %r", exc)
+
+
+def outcome(ok: bool, category: str) -> str:
+    return "ok" if ok else ("user_error" if category == "user" else "server_error")

@@ -24,7 +24,7 @@ from lorafleet.common.keys import Keys
 
 # KEYS: owner's experiments (zset), the owner's api key hash, tk_model(exp), experiment(exp)
 # ARGV: exp, default max, mode ("admit" | "activate"), created ms, experiment key prefix,
-#       active set, waiting zset
+#       active set, waiting zset, tk_model key prefix
 # -> "running" | "waiting" | "closed" (activate: the model ended while it waited; dropped)
 _DECIDE = """
 local exp = ARGV[1]
@@ -44,9 +44,13 @@ local raw = redis.call('HGET', KEYS[2], 'max_experiments')
 if raw and raw ~= '' then limit = tonumber(raw) end
 local running = 0
 for _, e in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if e ~= exp and redis.call('SISMEMBER', ARGV[6], e) == 1 and not redis.call('ZSCORE', ARGV[7], e)
-     and redis.call('HGET', ARGV[5] .. e, 'status') == 'running' then
-    running = running + 1
+  if e ~= exp and redis.call('SISMEMBER', ARGV[6], e) == 1 then
+    local st = redis.call('HMGET', ARGV[5] .. e, 'status', 'kind')
+    -- a client model counts once admitted (not while waiting, nor before its own admission)
+    if st[1] == 'running'
+       and (st[2] ~= 'client' or redis.call('HGET', ARGV[8] .. e, 'capacity') == 'running') then
+      running = running + 1
+    end
   end
 end
 if running < limit then
@@ -73,7 +77,7 @@ class ClientCapacity:
             keys=[Keys.owner_experiments(owner), Keys.api_key(owner), Keys.tk_model(exp_id),
                   Keys.experiment(exp_id)],
             args=[exp_id, self.default_max, mode, created_ms, Keys.experiment(""), Keys.active,
-                  Keys.tk_waiting]))
+                  Keys.tk_waiting, Keys.tk_model("")]))
 
     def admit(self, exp_id: str, owner: str) -> str:
         """At create_model -> "running" or "waiting" (idempotent: a retry answers the first

@@ -26,14 +26,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lorafleet.common.experiment import TERMINAL
 from lorafleet.common.keys import Keys
-from lorafleet.common.prom_writes import BUCKETS, TIMINGS
+from lorafleet.common.prom_writes import ADAPTER_BUCKETS, BUCKETS, FUSED_ADAPTERS, TIMINGS, TINKER_OPS
 from lorafleet.common.ready_index import PHASES
 from lorafleet.common.settings import Settings
 from lorafleet.scheduler.fleet_status import read_fleet_status
 
 router = APIRouter()
 STATES = ("queued", "running", "completed", "failed", "cancelled")
-HISTOGRAMS = ("lorafleet_rollout_seconds", *TIMINGS)
+HISTOGRAMS: dict[str, tuple[tuple[float, ...], str]] = {
+    **{name: (BUCKETS, f"{name.removeprefix('lorafleet_').replace('_', ' ')} per step")
+       for name in ("lorafleet_rollout_seconds", *TIMINGS)},
+    FUSED_ADAPTERS: (ADAPTER_BUCKETS, "Adapters (Tinker models) fused into one client-op step"),
+}
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -92,6 +96,7 @@ class FleetCollector(Collector):
                                   value=status.dead_letters)
         yield from self._counters()
         yield from self._histograms()
+        yield from self._tinker()
         yield from self._last(rows)
 
     def _backlog(self, backing_off: int) -> Iterator[Metric]:
@@ -125,25 +130,60 @@ class FleetCollector(Collector):
                                                      labels=label_names[name])
             if sorted(labels) == label_names[name]:
                 families[name].add_metric([labels[k] for k in label_names[name]], float(value))
-        for name in ("lorafleet_steps_committed_total", "lorafleet_tokens_total", "lorafleet_refused_total"):
+        defaults = {"lorafleet_steps_committed_total": ["phase"], "lorafleet_tokens_total": ["phase"],
+                    "lorafleet_refused_total": ["reason"], TINKER_OPS: ["op", "outcome"]}
+        for name, names in defaults.items():
             if name not in families:  # exported (empty) before the first event
-                families[name] = CounterMetricFamily(name, f"{name} (written at commit)",
-                                                     labels=["reason" if "refused" in name else "phase"])
+                families[name] = CounterMetricFamily(name, f"{name} (written at commit)", labels=names)
         yield from families.values()
 
     def _histograms(self) -> Iterator[Metric]:
         pipe = self.r.pipeline(transaction=False)
         for name in HISTOGRAMS:
             pipe.hgetall(Keys.prom_histogram(name))
-        for name, h in zip(HISTOGRAMS, pipe.execute(), strict=True):
-            fam = HistogramMetricFamily(name, f"{name.removeprefix('lorafleet_').replace('_', ' ')} per step")
+        for (name, (bounds, doc)), h in zip(HISTOGRAMS.items(), pipe.execute(), strict=True):
+            fam = HistogramMetricFamily(name, doc)
             counts = {k.partition("|")[2]: float(v) for k, v in h.items() if k.startswith("|")}
             cumulative, buckets = 0.0, []
-            for le in [*(repr(b) for b in BUCKETS), "+Inf"]:
+            for le in [*(repr(b) for b in bounds), "+Inf"]:
                 cumulative += counts.get(le, 0.0)
                 buckets.append((le, cumulative))
             fam.add_metric([], buckets, counts.get("sum", 0.0))
             yield fam
+
+    def _tinker(self) -> Iterator[Metric]:
+        """Live Tinker futures by status and active sessions, from the OpStore's own indexes:
+        O(API keys + client models in flight + models waiting for capacity) per scrape.
+        Finished futures are counted by `lorafleet_tinker_ops_total` instead."""
+        r = self.r
+        owners = ["", *r.zrange(Keys.api_keys, 0, -1)]
+        inflight = sorted(r.smembers(Keys.tk_inflight))
+        waiting = r.zrange(Keys.tk_waiting, 0, -1)
+        pipe = r.pipeline(transaction=False)
+        for owner in owners:
+            pipe.scard(Keys.tk_owner_queued(owner))
+            pipe.llen(Keys.tk_held(owner))
+        for exp_id in inflight:
+            pipe.hmget(Keys.tk_model(exp_id), ["token", "claim_n"])
+        for exp_id in waiting:
+            pipe.zcard(Keys.tk_ops(exp_id))
+        pipe.zcard(Keys.tk_samples_running)
+        pipe.zcard(Keys.tk_sessions)
+        res = pipe.execute()
+        n = 2 * len(owners)
+        pending, held = sum(res[0:n:2]), sum(res[1:n:2])
+        claimed = sum(int(c or 0) for token, c in res[n:n + len(inflight)] if token)
+        paused = sum(res[n + len(inflight):n + len(inflight) + len(waiting)])
+        running = claimed + int(res[-2])
+        g = GaugeMetricFamily("lorafleet_tinker_futures", "Tinker futures not finished yet, by status "
+                              "(paused_capacity: ops of models over their key's max_experiments)",
+                              labels=["status"])
+        for status, value in (("queued", max(0, pending - running - paused)), ("running", running),
+                              ("held", held), ("paused_capacity", paused)):
+            g.add_metric([status], value)
+        yield g
+        yield GaugeMetricFamily("lorafleet_tinker_sessions_active",
+                                "Tinker sessions alive (heartbeating, not finished)", value=int(res[-1]))
 
     def _last(self, rows: dict[str, list[Any]]) -> Iterator[Metric]:
         now_ms = int(time.time() * 1000)

@@ -115,3 +115,51 @@ def test_finished_experiments_leave_after_the_ttl(r: redis.Redis, redis_url: str
     assert series == [ids[2]]  # the newest of those still live; the cap is 1
     assert not r.hexists(Keys.prom_last, ids[0])  # the finished one is dropped for good
 
+
+
+def test_tinker_series_count_futures_sessions_ops_and_fused_steps(r: redis.Redis, redis_url: str,
+                                                                 tmp_path: Path) -> None:
+    from lorafleet.common.api_keys import ApiKeyStore
+    from lorafleet.common.client_ops import OpResult, OpStore, client_model_spec
+    from lorafleet.scheduler.client_capacity import ClientCapacity
+
+    fb = {"loss_fn": "cross_entropy", "data": [{"tokens": [1], "loss_fn_inputs": {"target_tokens": [2]}}]}
+    key, plain = ApiKeyStore(r).create("alice", max_experiments=1)
+    ops = OpStore(r)
+    a, b = (ops.register_model(model_id=f"m{i}", owner=key.id, session_id="", spec=client_model_spec(rank=2))
+            for i in range(2))
+    cap = ClientCapacity(r, 16)
+    assert (cap.admit(a, key.id), cap.admit(b, key.id)) == ("running", "waiting")
+    for seq in (1, 2, 3):
+        ops.enqueue(a, seq, "forward_backward", fb, key.id)
+    ops.enqueue(b, 1, "forward", fb, key.id)  # b waits for a slot of max_experiments
+    [m] = ops.claim([(a, 0)], "w1", 60_000)
+    assert len(m.ops) == 3
+    results = [OpResult(m.ops[0].request_id, True, {"metrics": {}}),
+               OpResult(m.ops[1].request_id, False, error="bad datum", category="user"),
+               OpResult(m.ops[2].request_id, False, error="oom", category="server")]
+    ops.enqueue(a, 4, "forward", fb, key.id)  # queued behind the claim
+    ops.record_fused_step("n1", "b1", [a, b], ["r1", "r2"], rows=2, tokens=4)
+    ops.record_fused_step("n1", "b2", [a], ["r3"], rows=1, tokens=2)
+    with _app(r, redis_url, tmp_path) as c:
+        h = {"X-API-Key": plain}
+        for _ in range(2):
+            resp = c.post("/api/v1/create_session", json={"type": "create_session"}, headers=h)
+            assert resp.status_code == 200
+        before = c.get("/metrics").text
+        assert ops.commit(m, results, 0)
+        after = c.get("/metrics").text
+    assert _sample(before, "lorafleet_tinker_futures", status="running") == 3
+    assert _sample(before, "lorafleet_tinker_futures", status="queued") == 1
+    assert _sample(before, "lorafleet_tinker_futures", status="paused_capacity") == 1
+    assert _sample(before, "lorafleet_tinker_futures", status="held") == 0
+    assert _sample(before, "lorafleet_tinker_sessions_active") == 2
+    assert _sample(after, "lorafleet_tinker_futures", status="running") == 0
+    assert _sample(after, "lorafleet_tinker_futures", status="queued") == 1
+    assert _sample(after, "lorafleet_tinker_ops_total", op="forward_backward", outcome="ok") == 1
+    assert _sample(after, "lorafleet_tinker_ops_total", op="forward_backward", outcome="user_error") == 1
+    assert _sample(after, "lorafleet_tinker_ops_total", op="forward_backward", outcome="server_error") == 1
+    assert _sample(after, "lorafleet_fused_batch_adapters_bucket", le="1.0") == 1
+    assert _sample(after, "lorafleet_fused_batch_adapters_bucket", le="2.0") == 2
+    assert _sample(after, "lorafleet_fused_batch_adapters_sum") == 3
+    assert _sample(after, "lorafleet_fused_batch_adapters_count") == 2
