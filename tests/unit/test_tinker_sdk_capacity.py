@@ -1,0 +1,96 @@
+"""The real tinker SDK (0.38.0) against the Tinker endpoint (uvicorn in-process) and the real
+leader (Scheduler thread, its client dispatch): a key with max_experiments=1 opens two sessions;
+the second one's model is accepted but its ops wait (paused_capacity) until the first session
+closes, then they run and the SDK gets its result. The worker's side is played by hand in the
+sender (claim + commit of fixed results), as in test_tinker_sdk_protocol.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from tinker_kit import serve
+
+from lorafleet.common.api_keys import ApiKeyStore
+from lorafleet.common.celery_config import TASK_OPS
+from lorafleet.common.client_ops import OpResult, OpStore
+from lorafleet.common.keys import Keys
+from lorafleet.common.messages import BatchMessage
+from lorafleet.common.settings import Settings
+from lorafleet.scheduler.api.tinker.routes import tinker_app
+from lorafleet.scheduler.client_capacity import ClientCapacity
+from lorafleet.scheduler.loop import Scheduler
+
+tinker = pytest.importorskip("tinker")
+from tinker import types  # noqa: E402
+
+
+class HandWorker:
+    """A TaskSender that runs each ops batch at once: claim, fixed results, commit."""
+
+    def __init__(self, r: redis.Redis) -> None:
+        self.store = OpStore(r)
+        self.ran: list[str] = []
+
+    def send_task(self, name: str, args: list[Any], queue: str) -> None:
+        if name != TASK_OPS:
+            return
+        msg = BatchMessage.model_validate(args[0])
+        for m in self.store.claim([(i.exp_id, i.step) for i in msg.items], "hand", 5000):
+            results = []
+            for op in m.ops:
+                n = sum(len(d["tokens"]) for d in op.payload.get("data", []))
+                body = {"loss_fn_output_type": "ArrayRecord", "metrics": {"loss:sum": 0.5 * n},
+                        "outputs": [{"logprobs": [-1.0] * len(d["tokens"]),
+                                     "elementwise_loss": [0.5] * len(d["tokens"])}
+                                    for d in op.payload.get("data", [])]}
+                results.append(OpResult(op.request_id, True, body))
+            assert self.store.commit(m, results, m.version)
+            self.ran.append(m.exp_id)
+
+
+def test_a_second_session_over_the_limit_waits_until_the_first_closes(
+    r: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    settings = Settings(cache_dir=tmp_path, api_retrieve_hold_s=0.5, ops_linger_ms=0, tick_s=0.05,
+                        leader_ttl_ms=60_000, unclaimed_timeout_s=60.0)
+    _, plaintext = ApiKeyStore(r).create("sdk", max_experiments=1)
+    r.hset(Keys.tk_base_model, mapping={"name": "builtin:tiny-llama", "tokenizer_dir": "", "arch": "llama",
+                                        "max_context": 512})
+    r.set(Keys.worker("n1"), json.dumps({"node": "n1", "pid": 1, "busy": False}), px=600_000)
+    r.sadd(Keys.workers, "n1")
+    hand = HandWorker(r)
+    leader = Scheduler(r, hand, settings)
+    stop = threading.Event()
+    t = threading.Thread(target=leader.run, args=(stop,), daemon=True)
+    t.start()
+    datum = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
+                        loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]})
+    try:
+        with serve(tinker_app(settings, r)) as url:
+            first = tinker.ServiceClient(base_url=url, api_key=plaintext)
+            second = tinker.ServiceClient(base_url=url, api_key=plaintext)
+            tc1 = first.create_lora_training_client(base_model="builtin:tiny-llama", rank=2).result()
+            done = tc1.forward_backward([datum], "cross_entropy").result(timeout=30)
+            assert done.metrics == {"loss:sum": 1.5}
+            tc2 = second.create_lora_training_client(base_model="builtin:tiny-llama", rank=2).result()
+            exp2 = OpStore(r).exp_for_model(tc2.model_id)
+            assert exp2 is not None
+            pending = tc2.forward_backward([datum], "cross_entropy")  # accepted, not refused
+            time.sleep(1.5)  # many leader ticks: the op is not dispatched
+            assert exp2 not in hand.ran
+            reason = ClientCapacity(r, 16).waiting_reason(exp2)
+            assert reason is not None and "max_experiments=1" in reason
+            first.close("success").result(timeout=30)  # the first session ends: its slot frees
+            assert pending.result(timeout=30).metrics == {"loss:sum": 1.5}
+            assert exp2 in hand.ran
+            second.close("success").result(timeout=30)
+    finally:
+        stop.set()
+        t.join(timeout=10)
