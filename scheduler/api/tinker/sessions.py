@@ -3,6 +3,7 @@ capabilities. A session is a Redis hash with a TTL that each heartbeat renews.""
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Any
@@ -25,6 +26,11 @@ from lorafleet.scheduler.api.tinker.support import (
 
 router = APIRouter(route_class=TinkerRoute)
 FWDBWD_MAX_CHUNK_BYTES = 5_000_000  # the SDK's own default; a chunk is one op (one Redis payload)
+
+
+def _ttl_s(request: Request) -> int:
+    """The session hash's TTL: whole seconds, never 0 (EXPIRE 0 would delete it at once)."""
+    return max(1, math.ceil(settings_of(request).tinker_session_ttl_s))
 
 
 def client_config(request: Request) -> dict[str, Any]:
@@ -71,7 +77,7 @@ def create_session(request: Request, key: Key, raw: RawBody = None) -> dict[str,
             "status": "active",
         },
     )
-    r.expire(Keys.tk_session(session_id), int(settings_of(request).tinker_session_ttl_s))
+    r.expire(Keys.tk_session(session_id), _ttl_s(request))
     r.zadd(Keys.tk_sessions, {session_id: now})  # the leader expires it when the beats stop
     return {"type": "create_session", "session_id": session_id}
 
@@ -100,7 +106,7 @@ def session_heartbeat(request: Request, key: Key, raw: RawBody = None) -> dict[s
     r = rds(request)
     now = int(time.time() * 1000)
     r.hset(Keys.tk_session(session_id), "last_beat", now)
-    r.expire(Keys.tk_session(session_id), int(settings_of(request).tinker_session_ttl_s))
+    r.expire(Keys.tk_session(session_id), _ttl_s(request))
     r.zadd(Keys.tk_sessions, {session_id: now}, xx=True)  # xx: never revive one the leader ended
     return {"type": "session_heartbeat"}
 
