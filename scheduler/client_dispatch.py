@@ -6,6 +6,9 @@ Called from every leader tick (`scheduler/loop.py`), after the RL experiments' b
   unclaimed timeout passed: counted) or whose claim's lease lapsed (counted) is given back; it is
   ready again and goes out in a later batch, and its head op fails (category "server") after
   `max_attempts` counted attempts. Lapsed sample requests go back to the sample queue likewise.
+- Sessions without a heartbeat for `tinker_session_ttl_s` expire: their models close.
+- Models waiting over their key's `max_experiments` start as the key's limit allows, oldest
+  first (`client_capacity.py`); until then their ops are skipped here.
 - Held work (over an API key's `max_queued_ops`) is released as the key's quota allows.
 - Ops: each ready model is placed on a live node (it stays there while the node lives: its
   pending gradients are hot there), and every live node with ready models and no ops batch in

@@ -1,5 +1,7 @@
 """Tinker service calls: client config, sessions and their heartbeat, telemetry, health and
-capabilities. A session is a Redis hash with a TTL that each heartbeat renews."""
+capabilities. A session is a Redis hash with a TTL that each heartbeat renews; `Keys.tk_sessions`
+indexes live ones by last heartbeat, so the leader can expire them and close their models
+(`scheduler/client_dispatch.py`)."""
 
 from __future__ import annotations
 
