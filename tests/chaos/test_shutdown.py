@@ -65,7 +65,10 @@ def test_sigterm_releases_a_step_that_outlasts_the_grace(make_fleet, redis_url, 
     assert time.monotonic() - t0 < 8  # released before the 8 s step could finish
     events = [f for _, f in r.xrange(Keys.events) if f.get("exp") == exp and f["type"] == "attempt_released"]
     released = [(e["counted"], e["reason"]) for e in events]
-    assert released == [("0", "worker shut down before finishing the step")]
+    # released uncounted: by the grace watcher mid-step, or (when the SIGTERM lands between the
+    # rollout commit that claimed the train step and the step's start) before it starts
+    assert released in ([("0", "worker shut down before finishing the step")],
+                        [("0", "worker shutting down")]), released
     state = client.wait([exp], timeout_s=120)[0]
     assert state.status == "completed" and state.attempts == 0, state.error
     m = client.metrics(exp)
