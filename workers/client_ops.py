@@ -23,9 +23,8 @@ infrastructure fault), drops what memory held for those models, and the schedule
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from lorafleet.common.adapter_store import AdapterStore
@@ -38,6 +37,7 @@ from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.workers.batch import ClientRow
 from lorafleet.workers.checkpoints import new_version
 from lorafleet.workers.fused_step import AdamParams, FusedTrainStep
+from lorafleet.workers.leases import renewing
 from lorafleet.workers.losses import ClientLoss
 from lorafleet.workers.residency import ResidentAdapters
 
@@ -145,25 +145,8 @@ class ClientOpRunner:
                     log.warning("could not release a claim", experiment_id=m.exp_id, error=repr(err))
             raise
 
-    @contextmanager
-    def _leased(self, claimed: Sequence[ClaimedModel]) -> Iterator[None]:
-        """Renew the claims' leases every third of a lease while the batch runs."""
-        stop = threading.Event()
-
-        def renew() -> None:
-            while not stop.wait(self.lease_ms / 3000):
-                try:
-                    self.ops.renew(claimed, self.lease_ms)
-                except Exception as exc:  # a lapsed lease is fenced at commit: nothing is lost
-                    log.warning("lease renewal failed", error=repr(exc))
-
-        t = threading.Thread(target=renew, name="lorafleet-ops-lease", daemon=True)
-        t.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            t.join()
+    def _leased(self, claimed: Sequence[ClaimedModel]) -> AbstractContextManager[None]:
+        return renewing(lambda: self.ops.renew(claimed, self.lease_ms), self.lease_ms, "lorafleet-ops-lease")
 
     def forget(self, exp_id: str) -> None:
         self.pending.pop(exp_id, None)

@@ -32,6 +32,7 @@ from lorafleet.common.keys import Keys
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import SampleMessage
 from lorafleet.common.settings import Settings
+from lorafleet.workers.leases import renewing
 from lorafleet.workers.multilora.layout import BatchLayout
 from lorafleet.workers.multilora.model import MultiLoRAModel
 from lorafleet.workers.residency import ResidentAdapters
@@ -82,6 +83,11 @@ class ClientSampler:
         jobs = self.ops.claim_samples(msg.request_ids, self.worker, self.lease_ms)
         if not jobs:
             return {}
+        with renewing(lambda: self.ops.renew_samples(jobs, self.lease_ms), self.lease_ms,
+                      "lorafleet-sample-lease"):
+            return self._run(jobs)
+
+    def _run(self, jobs: list[SampleJob]) -> dict[str, bool]:
         results: dict[str, OpResult] = {}
         runnable: list[tuple[SampleJob, RolloutRequest]] = []
         in_use: set[str] = set()
