@@ -13,6 +13,7 @@ import redis
 from lorafleet.common.client_ops import OpStore
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import BatchMessage, SampleMessage
+from lorafleet.workers.client_chain import OpChain
 from lorafleet.workers.client_ops import ClientOpRunner
 from lorafleet.workers.client_sampling import ClientSampler, publish_fleet_model
 from lorafleet.workers.fused_step import FusedTrainStep
@@ -26,8 +27,11 @@ class ClientWork:
         s = runtime.settings
         self.runtime = runtime
         self.ops = OpStore(runtime.r)
+        chain = OpChain(runtime.r, self.ops, worker=runtime.name, node=s.node, lease_ms=s.lease_ms,
+                        wait_ms=s.client_chain_wait_ms, linger_ms=s.ops_linger_ms, chain_s=s.chain_rollouts_s,
+                        stop=runtime.stop_requested)
         self.runner = ClientOpRunner(trainer, runtime.adapters, runtime.store, self.ops, worker=runtime.name,
-                                     node=s.node, base_model=s.base_model, lease_ms=s.lease_ms)
+                                     node=s.node, base_model=s.base_model, lease_ms=s.lease_ms, chain=chain)
         tok = runtime.tokenizer
         engine = TorchRolloutEngine(runtime.model, tok.eos_token_id, tok.pad_token_id, tokenizer=tok)
         self.sampler = ClientSampler(runtime.model, engine, runtime.store, runtime.adapters, self.ops,
