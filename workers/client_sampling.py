@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,13 @@ class ClientSampler:
             return self._run(jobs)
 
     def _run(self, jobs: list[SampleJob]) -> dict[str, bool]:
+        results, runnable = self.prepare(jobs)
+        samples = self.engine.generate([req for _, req in runnable]) if runnable else []  # ONE call
+        return self.finish(jobs, results, runnable, samples)
+
+    def prepare(self, jobs: Sequence[SampleJob]
+                ) -> tuple[dict[str, OpResult], list[tuple[SampleJob, RolloutRequest]]]:
+        """Each job -> its engine request (its adapter loaded), or at once its failure (user)."""
         results: dict[str, OpResult] = {}
         runnable: list[tuple[SampleJob, RolloutRequest]] = []
         in_use: set[str] = set()
@@ -103,7 +111,12 @@ class ClientSampler:
                 runnable.append((job, req))
             except (ValueError, LookupError) as exc:
                 results[job.request_id] = OpResult(job.request_id, False, None, str(exc), "user")
-        samples = self.engine.generate([req for _, req in runnable]) if runnable else []  # ONE call
+        return results, runnable
+
+    def finish(self, jobs: Sequence[SampleJob], results: dict[str, OpResult],
+               runnable: Sequence[tuple[SampleJob, RolloutRequest]], samples: Sequence[Sequence[Any]]
+               ) -> dict[str, bool]:
+        """The generated samples (one list per runnable request) -> results, committed (fenced)."""
         for (job, req), outs in zip(runnable, samples, strict=True):
             body: dict[str, Any] = {
                 "sequences": [{"tokens": list(s.completion_ids), "logprobs": list(s.logprobs),

@@ -18,6 +18,7 @@ from lorafleet.workers.client_ops import ClientOpRunner
 from lorafleet.workers.client_sampling import ClientSampler, publish_fleet_model
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.rollout import TorchRolloutEngine
+from lorafleet.workers.shared_generation import SharedGeneration
 
 log = get_logger("lorafleet.worker")
 
@@ -37,6 +38,9 @@ class ClientWork:
         self.sampler = ClientSampler(runtime.model, engine, runtime.store, runtime.adapters, self.ops,
                                      worker=runtime.name, lease_ms=s.lease_ms,
                                      default_max_tokens=s.tinker_max_sample_tokens)
+        if runtime.vllm is None:  # client samples join the rollout batches' generate calls
+            runtime.pipeline.engine = SharedGeneration(runtime.pipeline.engine, self.sampler, runtime.r,
+                                                       self.ops, max_rows=s.max_sample_rows)
         try:
             publish_fleet_model(runtime.r, s, tok, runtime.model_path, runtime.model.model)
         except (redis.RedisError, OSError) as exc:  # the API then lacks get_info until a worker writes it
