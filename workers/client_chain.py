@@ -22,10 +22,11 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from lorafleet.common.client_ops import ClaimedModel, OpStore
+from lorafleet.common.client_ops import BARRIERS, ClaimedModel, OpStore
 from lorafleet.common.keys import Keys, node_queue
 
 POLL_S = 0.002
+MAX_LOOK = 64  # queued ops read per model to find the next barrier
 
 
 class OpChain:
@@ -57,26 +58,45 @@ class OpChain:
         while True:
             if self.r.llen(node_queue(self.node)) or self.stop():
                 return []  # something else waits for this node: the leader's order goes first
-            present = self._present(mine)
+            present, complete = self._present(mine)
             others = self._ready_here(set(mine))
             now = time.monotonic()
             if present or others:
-                # the co-tenants' next ops come moments apart: linger like the leader so that
-                # they fuse into one step, rather than chaining one and leaving the rest waiting
+                # linger like the leader does: the SDK sends forward_backward and optim_step a
+                # moment apart, and co-tenants' steps come a moment apart; claiming at first sight
+                # would run them as separate batches (slower) instead of one fused claim
                 first = now if first is None else first
-                if len(present) == len(mine) or now - first >= self.linger_ms / 1000:
+                if complete == set(mine) or now - first >= self.linger_ms / 1000:
                     items = {e: mine[e] for e in present} | others
                     return self.ops.claim(sorted(items.items()), self.worker, self.lease_ms)
             elif now >= deadline:
                 return []
             time.sleep(POLL_S)
 
-    def _present(self, mine: dict[str, int]) -> set[str]:
-        """Models whose next op (op_seq + 1) is queued."""
+    def _present(self, mine: dict[str, int]) -> tuple[set[str], set[str]]:
+        """-> (models whose next op is queued, those whose queued ops reach a barrier: a claim
+        would take no more if it waited)."""
         pipe = self.r.pipeline(transaction=False)
         for exp_id, seq in mine.items():
-            pipe.zcount(Keys.tk_ops(exp_id), seq + 1, seq + 1)
-        return {e for e, n in zip(mine, pipe.execute(), strict=True) if n}
+            pipe.zrangebyscore(Keys.tk_ops(exp_id), seq + 1, seq + MAX_LOOK, withscores=True)
+        runs: dict[str, list[str]] = {}
+        for (exp_id, seq), got in zip(mine.items(), pipe.execute(), strict=True):
+            run = []
+            for rid, score in got:  # the contiguous run from seq + 1 (a gap waits)
+                if int(score) != seq + 1 + len(run):
+                    break
+                run.append(rid)
+            if run:
+                runs[exp_id] = run
+        if not runs:
+            return set(), set()
+        pipe = self.r.pipeline(transaction=False)
+        for run in runs.values():
+            for rid in run:
+                pipe.hget(Keys.tk_future(rid), "kind")
+        kinds = iter(pipe.execute())
+        complete = {e for e, run in runs.items() if any([next(kinds) in BARRIERS for _ in run])}
+        return set(runs), complete
 
     def _ready_here(self, skip: set[str]) -> dict[str, int]:
         """Ready client models placed on this node (the leader would send them here next) ->

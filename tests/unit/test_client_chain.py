@@ -125,3 +125,27 @@ def test_co_tenants_next_ops_a_moment_apart_still_fuse_in_the_chained_step(r, st
     assert all(r.hget(Keys.tk_model(e), "op_seq") == "4" for e in exps)
     records = r.xrange(Keys.fused_steps)
     assert len(records) == 2 and all(e in records[1][1]["models"] for e in exps), records
+
+
+def test_forward_backward_then_optim_a_moment_apart_are_one_chained_claim(r, store, model_cache) -> None:
+    host = chained(Host(r, store, model_cache))
+    exp = register(host.ops, "sdk-like", seed=8)
+    submit(host.ops, exp, 1, "forward_backward", fb(81))
+    submit(host.ops, exp, 2, "optim_step", OPTIM)
+    commit, calls = host.ops.commit, []
+
+    def optim_later() -> None:
+        time.sleep(0.005)
+        submit(host.ops, exp, 4, "optim_step", OPTIM)
+
+    def hooked(model, results, new_version):  # type: ignore[no-untyped-def]
+        ok = commit(model, results, new_version)
+        calls.append([op.kind for op in model.ops])
+        if len(calls) == 1:
+            submit(host.ops, exp, 3, "forward_backward", fb(82))
+            threading.Thread(target=optim_later, daemon=True).start()
+        return ok
+
+    host.ops.commit = hooked  # type: ignore[method-assign]
+    assert host.run(exp) == {exp: True}
+    assert calls == [["forward_backward", "optim_step"]] * 2 and host.runner.chained == 1
