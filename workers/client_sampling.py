@@ -1,14 +1,18 @@
-"""`ClientSampler`: client sample requests (`lf.sample_batch`) through the torch rollout engine,
-all of a message's jobs in ONE `generate` call; and the base-model facts the torch-free API
-publishes for Tinker's `get_info` (`publish_fleet_model`).
+"""`ClientSampler`: client sample requests (`lf.sample_batch`) through the worker's rollout engine
+(torch, or vLLM on vLLM workers), all of a message's jobs in ONE `generate` call; and the
+base-model facts the torch-free API publishes for Tinker's `get_info` (`publish_fleet_model`).
 
 A job samples version K of a client model (`exp@vK`) or the base model (exp_id null). The adapter
 the trainer holds is used when it is at K (pending gradients do not change weights); otherwise
 `exp@vK` is loaded read-only from the store as an extra adapter of the shared `MultiLoRAModel`
 (weights only, never registered with the trainer), kept in a small LRU of its own.
 
-Only the torch engine samples client requests, also on vLLM workers (it runs on the trainer's
-model): vLLM names its LoRAs by experiment, and sampler versions would need versioned names.
+On a vLLM worker every client version is sampled under its own versioned route `exp@vK`
+(`VLLMRolloutEngine.sync(name, K, peft_dir)`, canary-checked against the same weights loaded in
+the trainer's model, which also answers `prompt_logprobs`), never under the experiment's route:
+a client model's trained adapter is not synced to vLLM, and a route per version lets requests for
+several versions of one model share a generate call. An evicted sampler version is forgotten by
+vLLM once no request uses it.
 
 Samples are a pure function of (weights, request, seed): a re-run after a lost worker gives the
 same answer, so a sample commit needs no more than its claim token.
@@ -37,8 +41,9 @@ from lorafleet.workers.leases import renewing
 from lorafleet.workers.multilora.layout import BatchLayout
 from lorafleet.workers.multilora.model import MultiLoRAModel
 from lorafleet.workers.residency import ResidentAdapters
-from lorafleet.workers.rollout import ContextLengthError, RolloutRequest, TorchRolloutEngine
+from lorafleet.workers.rollout import ContextLengthError, RolloutRequest
 from lorafleet.workers.tiny_model import BUILTIN_PREFIX
+from lorafleet.workers.vllm_engine import trainer_scorer
 
 log = get_logger("lorafleet.worker.client_sampling")
 
@@ -65,11 +70,12 @@ def rollout_request(payload: dict[str, Any], adapter: str | None, default_max_to
 
 
 class ClientSampler:
-    def __init__(self, model: MultiLoRAModel, engine: TorchRolloutEngine, store: AdapterStore,
+    def __init__(self, model: MultiLoRAModel, engine: Any, store: AdapterStore,
                  adapters: ResidentAdapters, ops: OpStore, *, worker: str, lease_ms: int,
                  default_max_tokens: int, max_sampler_adapters: int = 8) -> None:
         self.model = model
-        self.engine = engine
+        self.engine = engine  # TorchRolloutEngine (on `model`) or VLLMRolloutEngine
+        self.vllm = engine if hasattr(engine, "sync") else None  # the vLLM engine: versions synced to it
         self.store = store
         self.adapters = adapters
         self.ops = ops
@@ -134,7 +140,7 @@ class ClientSampler:
         if exp_id is None:
             return None
         version = int(payload.get("version", 0))
-        if self.adapters.versions.get(exp_id) == version and exp_id in self.model.specs:
+        if self.vllm is None and self.adapters.versions.get(exp_id) == version and exp_id in self.model.specs:
             in_use.add(exp_id)
             return exp_id
         name = sampler_name(str(exp_id), version)
@@ -145,10 +151,19 @@ class ClientSampler:
                 raise LookupError(f"no published version {exp_id}@v{version} to sample from")
             ckpt = self.store.load(str(exp_id), version)
             self.model.load_peft(name, dict(ckpt.weights), dict(ckpt.adapter_config))
+            if self.vllm is not None:
+                try:  # a rank over the engine's max_lora_rank is a ValueError: the client's error
+                    self.vllm.sync(name, version, self.store.local_dir(str(exp_id), version),
+                                   trainer_scorer(self.model, name))
+                except BaseException:
+                    self.model.remove_adapter(name)
+                    raise
             self.loaded[name] = None
             for victim in [n for n in self.loaded if n not in in_use and n != name][
                     : max(0, len(self.loaded) - self.max_sampler_adapters)]:
                 self.model.remove_adapter(victim)
+                if self.vllm is not None:
+                    self.vllm.forget(victim)
                 del self.loaded[victim]
         in_use.add(name)
         return name
@@ -167,6 +182,8 @@ class ClientSampler:
     def close(self) -> None:
         for name in list(self.loaded):
             self.model.remove_adapter(name)
+            if self.vllm is not None:
+                self.vllm.forget(name)
         self.loaded.clear()
 
 

@@ -34,11 +34,14 @@ class ClientWork:
         self.runner = ClientOpRunner(trainer, runtime.adapters, runtime.store, self.ops, worker=runtime.name,
                                      node=s.node, base_model=s.base_model, lease_ms=s.lease_ms, chain=chain)
         tok = runtime.tokenizer
-        engine = TorchRolloutEngine(runtime.model, tok.eos_token_id, tok.pad_token_id, tokenizer=tok)
+        # vLLM workers sample client versions on vLLM too, under versioned routes `exp@vK`
+        engine = runtime.vllm or TorchRolloutEngine(runtime.model, tok.eos_token_id, tok.pad_token_id,
+                                                    tokenizer=tok)
         self.sampler = ClientSampler(runtime.model, engine, runtime.store, runtime.adapters, self.ops,
                                      worker=runtime.name, lease_ms=s.lease_ms,
                                      default_max_tokens=s.tinker_max_sample_tokens)
-        if runtime.vllm is None:  # client samples join the rollout batches' generate calls
+        # client samples join the rollout batches' generate calls (same engine, torch or vLLM)
+        if not isinstance(runtime.pipeline.engine, SharedGeneration):
             runtime.pipeline.engine = SharedGeneration(runtime.pipeline.engine, self.sampler, runtime.r,
                                                        self.ops, max_rows=s.max_sample_rows)
         try:

@@ -2,7 +2,7 @@
 batch (issue 13 item 7: "sampling requests of many models go into one generation batch with the
 server-driven experiments'").
 
-It wraps the RL pipeline's torch engine. Each `generate` of a rollout batch first claims the
+It wraps the RL pipeline's engine. Each `generate` of a rollout batch first claims the
 client sample requests that wait (queued in `Keys.tk_samples`, or published by the leader in a
 `SampleMessage` that no worker has claimed yet: both have status "queued"), up to
 `max_sample_rows` sequences, prepares them with the worker's `ClientSampler` (adapters `exp@vK`
@@ -15,7 +15,7 @@ renewed while the batch generates. A failed commit or generation leaves the clai
 leader's reaper queues them again, and a re-run gives the same answer (samples are a function of
 weights, request and seed). A client request never fails the rollout batch.
 
-Torch engine only: vLLM names its LoRAs by experiment, not by version (README).
+Torch or vLLM: on vLLM the sampler syncs each client version as its own route `exp@vK`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ SCAN = 512  # waiting request ids read per batch (the rows bound cuts them furth
 class SharedGeneration:
     def __init__(self, inner: Any, sampler: ClientSampler, r: redis.Redis, ops: OpStore, *,
                  max_rows: int) -> None:
-        self.inner = inner  # TorchRolloutEngine
+        self.inner = inner  # the pipeline's engine: TorchRolloutEngine or VLLMRolloutEngine
         self.sampler = sampler
         self.r = r
         self.ops = ops
