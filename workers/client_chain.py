@@ -11,8 +11,9 @@ worker's claim still wins or loses atomically: the loser's claim is refused ("cl
 and its message is a no-op. The leader counts a node busy while any of its models is claimed, so
 the chain never runs beside a leader batch for the same node.
 
-Fairness: the chain stops when anything waits on this node's Celery queue (an RL batch, an ops
-batch of other models), after `chain_rollouts_s` (like the RL chain), or when the worker stops.
+Fairness: the chain stops when anything waits on a Celery queue this worker serves (its node's:
+an RL batch, an ops batch of other models; the shared rollout and train queues: client samples,
+RL batches), after `chain_rollouts_s` (like the RL chain), or when the worker stops.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable, Sequence
 import redis
 
 from lorafleet.common.client_ops import BARRIERS, ClaimedModel, OpStore
-from lorafleet.common.keys import Keys, node_queue
+from lorafleet.common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE, Keys, node_queue
 
 POLL_S = 0.002
 MAX_LOOK = 64  # queued ops read per model to find the next barrier
@@ -42,6 +43,7 @@ class OpChain:
         self.linger_ms = linger_ms
         self.chain_s = chain_s
         self.stop = stop
+        self.queues = (node_queue(node), ROLLOUT_QUEUE, TRAIN_QUEUE)
 
     def enabled(self, started: float) -> bool:
         return (self.wait_ms > 0 and self.chain_s > 0 and time.monotonic() - started < self.chain_s
@@ -56,8 +58,8 @@ class OpChain:
         deadline = time.monotonic() + self.wait_ms / 1000
         first: float | None = None  # when the first next op showed up
         while True:
-            if self.r.llen(node_queue(self.node)) or self.stop():
-                return []  # something else waits for this node: the leader's order goes first
+            if self._queued() or self.stop():
+                return []  # something else waits for this worker: the leader's order goes first
             present, complete = self._present(mine)
             others = self._ready_here(set(mine))
             now = time.monotonic()
@@ -72,6 +74,15 @@ class OpChain:
             elif now >= deadline:
                 return []
             time.sleep(POLL_S)
+
+    def _queued(self) -> bool:
+        """A message waits on a queue this worker serves (its node's, or the shared rollout and
+        train queues: client samples and RL batches a single worker would otherwise leave
+        waiting behind the chain)."""
+        pipe = self.r.pipeline(transaction=False)
+        for q in self.queues:
+            pipe.llen(q)
+        return any(pipe.execute())
 
     def _present(self, mine: dict[str, int]) -> tuple[set[str], set[str]]:
         """-> (models whose next op is queued, those whose queued ops reach a barrier: a claim

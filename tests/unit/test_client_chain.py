@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.keys import Keys, node_queue
+from lorafleet.common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE, Keys, node_queue
 from lorafleet.common.messages import BatchItem, BatchMessage
 from lorafleet.workers.client_chain import OpChain
 from tests.unit.test_client_op_runner import OPTIM, TOL, Host, fb, max_diff, register, submit, weights
@@ -75,13 +75,14 @@ def test_the_next_step_runs_in_the_same_task_once_and_equals_two_dispatches(r, s
     assert max_diff(weights(store, exp, 2), weights(store, e2, 2)) < TOL
 
 
-def test_the_chain_stops_when_work_waits_on_the_node_queue(r, store, model_cache) -> None:
+@pytest.mark.parametrize("queue", [node_queue("n0"), ROLLOUT_QUEUE, TRAIN_QUEUE])
+def test_the_chain_stops_when_work_waits_on_a_queue_of_the_worker(r, store, model_cache, queue) -> None:
     host = chained(Host(r, store, model_cache))
     exp = register(host.ops, "polite", seed=6)
     submit(host.ops, exp, 1, "forward_backward", fb(41))
     submit(host.ops, exp, 2, "optim_step", OPTIM)
     next_step_on_first_commit(host, exp, race_leader=False)
-    r.rpush(node_queue("n0"), "a waiting message")
+    r.rpush(queue, "a waiting message")
     assert host.run(exp) == {exp: True}
     assert host.runner.chained == 0 and r.hget(Keys.tk_model(exp), "op_seq") == "2"
     assert r.sismember(Keys.tk_ready, exp)  # the leader sends it as usual
