@@ -41,7 +41,7 @@ from lorafleet.workers.leases import renewing
 from lorafleet.workers.multilora.layout import BatchLayout
 from lorafleet.workers.multilora.model import MultiLoRAModel
 from lorafleet.workers.residency import ResidentAdapters
-from lorafleet.workers.rollout import ContextLengthError, RolloutRequest
+from lorafleet.workers.rollout import ContextLengthError, RolloutRequest, Sample
 from lorafleet.workers.tiny_model import BUILTIN_PREFIX
 from lorafleet.workers.vllm_engine import trainer_scorer
 
@@ -72,7 +72,7 @@ def rollout_request(payload: dict[str, Any], adapter: str | None, default_max_to
 class ClientSampler:
     def __init__(self, model: MultiLoRAModel, engine: Any, store: AdapterStore,
                  adapters: ResidentAdapters, ops: OpStore, *, worker: str, lease_ms: int,
-                 default_max_tokens: int, max_sampler_adapters: int = 8) -> None:
+                 default_max_tokens: int, max_sampler_adapters: int = 8, fallback: Any = None) -> None:
         self.model = model
         self.engine = engine  # TorchRolloutEngine (on `model`) or VLLMRolloutEngine
         self.vllm = engine if hasattr(engine, "sync") else None  # the vLLM engine: versions synced to it
@@ -84,6 +84,10 @@ class ClientSampler:
         self.default_max_tokens = default_max_tokens
         self.max_sampler_adapters = max_sampler_adapters
         self.loaded: OrderedDict[str, None] = OrderedDict()  # read-only sampler residents, LRU
+        # vLLM workers: a TorchRolloutEngine on `model` for versions vLLM cannot hold (a rank over
+        # its max_lora_rank), and those versions' names
+        self.fallback = fallback
+        self.torch_only: set[str] = set()
 
     def run(self, msg: SampleMessage) -> dict[str, bool]:
         """Claim, generate (one engine call) and commit -> request id -> committed."""
@@ -96,8 +100,25 @@ class ClientSampler:
 
     def _run(self, jobs: list[SampleJob]) -> dict[str, bool]:
         results, runnable = self.prepare(jobs)
-        samples = self.engine.generate([req for _, req in runnable]) if runnable else []  # ONE call
+        _, samples = self.generate([req for _, req in runnable])  # ONE engine call
         return self.finish(jobs, results, runnable, samples)
+
+    def generate(self, reqs: Sequence[RolloutRequest], lead: Sequence[RolloutRequest] = (),
+                 engine: Any = None) -> tuple[list[list[Sample]], list[list[Sample]]]:
+        """ONE call of `engine` (default: the sampler's) for `lead` (a rollout batch's rows) and
+        the client rows it serves; rows of versions vLLM cannot hold go to the torch fallback
+        -> (lead's samples, reqs' samples)."""
+        engine = engine or self.engine
+        on_torch = [i for i, r in enumerate(reqs) if r.adapter in self.torch_only]
+        main = [i for i in range(len(reqs)) if i not in set(on_torch)]
+        out = engine.generate([*lead, *(reqs[i] for i in main)]) if lead or main else []
+        samples: list[list[Sample]] = [[] for _ in reqs]
+        for k, i in enumerate(main):
+            samples[i] = out[len(lead) + k]
+        if on_torch:
+            for i, got in zip(on_torch, self.fallback.generate([reqs[i] for i in on_torch]), strict=True):
+                samples[i] = got
+        return out[:len(lead)], samples
 
     def prepare(self, jobs: Sequence[SampleJob]
                 ) -> tuple[dict[str, OpResult], list[tuple[SampleJob, RolloutRequest]]]:
@@ -152,9 +173,14 @@ class ClientSampler:
             ckpt = self.store.load(str(exp_id), version)
             self.model.load_peft(name, dict(ckpt.weights), dict(ckpt.adapter_config))
             if self.vllm is not None:
-                try:  # a rank over the engine's max_lora_rank is a ValueError: the client's error
+                try:  # a rank over the engine's max_lora_rank is a ValueError
                     self.vllm.sync(name, version, self.store.local_dir(str(exp_id), version),
                                    trainer_scorer(self.model, name))
+                except ValueError:
+                    if self.fallback is None:
+                        self.model.remove_adapter(name)
+                        raise
+                    self.torch_only.add(name)  # sampled on the torch engine, from the same weights
                 except BaseException:
                     self.model.remove_adapter(name)
                     raise
@@ -164,6 +190,7 @@ class ClientSampler:
                 self.model.remove_adapter(victim)
                 if self.vllm is not None:
                     self.vllm.forget(victim)
+                self.torch_only.discard(victim)
                 del self.loaded[victim]
         in_use.add(name)
         return name
@@ -185,6 +212,7 @@ class ClientSampler:
             if self.vllm is not None:
                 self.vllm.forget(name)
         self.loaded.clear()
+        self.torch_only.clear()
 
 
 def tokenizer_dir(settings: Settings, tokenizer: Any, model_path: Path) -> Path:

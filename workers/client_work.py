@@ -34,12 +34,14 @@ class ClientWork:
         self.runner = ClientOpRunner(trainer, runtime.adapters, runtime.store, self.ops, worker=runtime.name,
                                      node=s.node, base_model=s.base_model, lease_ms=s.lease_ms, chain=chain)
         tok = runtime.tokenizer
-        # vLLM workers sample client versions on vLLM too, under versioned routes `exp@vK`
-        engine = runtime.vllm or TorchRolloutEngine(runtime.model, tok.eos_token_id, tok.pad_token_id,
-                                                    tokenizer=tok)
+        # vLLM workers sample client versions on vLLM too, under versioned routes `exp@vK` (the
+        # torch engine only for versions over vLLM's max_lora_rank)
+        torch_engine = TorchRolloutEngine(runtime.model, tok.eos_token_id, tok.pad_token_id, tokenizer=tok)
+        engine = runtime.vllm or torch_engine
         self.sampler = ClientSampler(runtime.model, engine, runtime.store, runtime.adapters, self.ops,
                                      worker=runtime.name, lease_ms=s.lease_ms,
-                                     default_max_tokens=s.tinker_max_sample_tokens)
+                                     default_max_tokens=s.tinker_max_sample_tokens,
+                                     fallback=torch_engine if runtime.vllm is not None else None)
         # client samples join the rollout batches' generate calls (same engine, torch or vLLM)
         if not isinstance(runtime.pipeline.engine, SharedGeneration):
             runtime.pipeline.engine = SharedGeneration(runtime.pipeline.engine, self.sampler, runtime.r,

@@ -62,15 +62,15 @@ class SharedGeneration:
             except Exception as exc:  # noqa: BLE001 - the claims lapse and are run elsewhere
                 log.warning("client samples not prepared: left to their leases", error=repr(exc)[:300])
                 return self.inner.generate(requests)
-            out = self.inner.generate([*requests, *(req for _, req in runnable)])  # ONE call
+            out, client = s.generate([req for _, req in runnable], requests, self.inner)  # ONE call
             self.shared += 1
             try:
-                s.finish(jobs, results, runnable, out[len(requests):])
+                s.finish(jobs, results, runnable, client)
             except Exception as exc:  # noqa: BLE001 - the same
                 log.warning("client samples not committed: left to their leases", error=repr(exc)[:300])
         log.debug("client samples in a rollout batch", rollout_requests=len(requests),
                   client_requests=len(jobs))
-        return out[:len(requests)]
+        return out
 
     def _claim(self) -> list[SampleJob]:
         """Claim waiting client requests, up to `max_rows` sequences ([] on any Redis trouble:

@@ -72,24 +72,28 @@ def test_client_versions_sample_on_vllm_in_one_call_equal_to_torch(r, model_cach
                             lease_ms=30_000)
     exp = ops.register_model(model_id="vllm-client", owner="", session_id="s",
                              spec=client_model_spec(rank=4, seed=3, alpha=8.0))
+    wide = ops.register_model(model_id="wide-client", owner="", session_id="s",  # over max_lora_rank 8
+                              spec=client_model_spec(rank=16, seed=4, alpha=32.0))
     for seq in (1, 3):  # v1 and v2
-        ops.enqueue(exp, seq, "forward_backward", fb(seq), "")
-        ops.enqueue(exp, seq + 1, "optim_step", OPTIM, "")
-        item = BatchItem(exp_id=exp, step=seq - 1)
-        msg = BatchMessage(batch_id=f"b{seq}", phase="ops", epoch=0, items=(item,))
-        assert runner.run(msg) == {exp: True}
+        for e in (exp, wide):
+            ops.enqueue(e, seq, "forward_backward", fb(seq), "")
+            ops.enqueue(e, seq + 1, "optim_step", OPTIM, "")
+        items = (BatchItem(exp_id=exp, step=seq - 1), BatchItem(exp_id=wide, step=seq - 1))
+        msg = BatchMessage(batch_id=f"b{seq}", phase="ops", epoch=0, items=items)
+        assert runner.run(msg) == {exp: True, wide: True}
     config = VLLMEngineConfig(str(resolve_model_dir(MODEL, model_cache)), eos_id=tok.eos_token_id,
                               dtype="float32", max_loras=2, max_lora_rank=8, max_cpu_loras=2,
                               kv_cache_bytes=128 << 20)
     engine = CountingVLLM(config)
     try:
-        vs = ClientSampler(trainer.model, engine, store, adapters, ops, worker="w0", lease_ms=30_000,
-                           default_max_tokens=8)
         torch_engine = TorchRolloutEngine(trainer.model, tok.eos_token_id, tok.pad_token_id, tokenizer=tok)
+        vs = ClientSampler(trainer.model, engine, store, adapters, ops, worker="w0", lease_ms=30_000,
+                           default_max_tokens=8, fallback=torch_engine)
         ts = ClientSampler(trainer.model, torch_engine, store, adapters, ops, worker="w0", lease_ms=30_000,
                            default_max_tokens=8)
         payloads = [{**GREEDY, "exp_id": None, "version": 0}, {**GREEDY, "exp_id": exp, "version": 1},
-                    {**GREEDY, "exp_id": exp, "version": 2, "prompt_logprobs": True}]
+                    {**GREEDY, "exp_id": exp, "version": 2, "prompt_logprobs": True},
+                    {**GREEDY, "exp_id": wide, "version": 1}]  # vLLM cannot hold it: the torch fallback
         answers = {}
         for name, sampler in (("torch", ts), ("vllm", vs)):  # one model: one sampler's residents at a time
             rids = [ops.enqueue_sample(name, i, p, "") for i, p in enumerate(payloads, 1)]
@@ -99,10 +103,11 @@ def test_client_versions_sample_on_vllm_in_one_call_equal_to_torch(r, model_cach
             if sampler is ts:
                 ts.close()
         assert engine.calls == 1 and {f"{exp}@v1", f"{exp}@v2"} <= set(engine._routes)
+        assert f"{wide}@v1" not in engine._routes and vs.torch_only == {f"{wide}@v1"}
         for v, t in zip(answers["vllm"], answers["torch"], strict=True):
             assert v["tokens"] == t["tokens"]
             assert v["logprobs"] == pytest.approx(t["logprobs"], abs=1e-4)
-        v1, v2 = answers["vllm"][1:]
+        v1, v2 = answers["vllm"][1:3]
         assert v1["logprobs"] != pytest.approx(v2["logprobs"], abs=1e-4)  # two versions, two routes
         # an RL-shaped rollout batch on the vLLM engine carries a waiting client request
         shared = SharedGeneration(engine, vs, r, ops, max_rows=16)
