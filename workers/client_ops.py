@@ -14,6 +14,8 @@ One ops message names models placed on this node. Per message:
    snapshot with the AdamW state, so any worker resumes it exactly); save_* answers the committed
    version; load_weights loads another version's weights (and optimizer state) as v+1;
 6. `OpStore.commit` per model, after its version is published.
+7. with a `chain` (workers/client_chain.py), the next ops of the same models are claimed and run
+   in the same task, without waiting for the leader's next message.
 
 Faults: a non-finite op fails alone (category "user"); its part never enters backward. A
 malformed op fails alone (user). An exception releases every claim (counted unless it is an
