@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     # client models are packed onto a node (to share its fused steps) up to this many
     client_models_per_node: int = Field(default=16, ge=1)
     max_sample_rows: int = Field(default=256, ge=1)  # sampled sequences per generation batch
+    # after a commit, a worker waits this long for the same models' next ops and runs them in the
+    # same task (no scheduler round trip), for at most chain_rollouts_s; 0: off
+    client_chain_wait_ms: int = Field(default=50, ge=0)
 
     @field_validator("node")
     @classmethod

@@ -14,6 +14,8 @@ One ops message names models placed on this node. Per message:
    snapshot with the AdamW state, so any worker resumes it exactly); save_* answers the committed
    version; load_weights loads another version's weights (and optimizer state) as v+1;
 6. `OpStore.commit` per model, after its version is published.
+7. with a `chain` (workers/client_chain.py), the next ops of the same models are claimed and run
+   in the same task, without waiting for the leader's next message.
 
 Faults: a non-finite op fails alone (category "user"); its part never enters backward. A
 malformed op fails alone (user). An exception releases every claim (counted unless it is an
@@ -23,9 +25,9 @@ infrastructure fault), drops what memory held for those models, and the schedule
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from lorafleet.common.adapter_store import AdapterStore
@@ -37,7 +39,9 @@ from lorafleet.common.retry import is_infra_fault
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.workers.batch import ClientRow
 from lorafleet.workers.checkpoints import new_version
+from lorafleet.workers.client_chain import OpChain
 from lorafleet.workers.fused_step import AdamParams, FusedTrainStep
+from lorafleet.workers.leases import renewing
 from lorafleet.workers.losses import ClientLoss
 from lorafleet.workers.residency import ResidentAdapters
 
@@ -104,7 +108,8 @@ def _fail(op: ClientOp, error: str, category: str = "user") -> OpResult:
 
 class ClientOpRunner:
     def __init__(self, trainer: FusedTrainStep, adapters: ResidentAdapters, store: AdapterStore, ops: OpStore,
-                 *, worker: str, node: str, base_model: str, lease_ms: int) -> None:
+                 *, worker: str, node: str, base_model: str, lease_ms: int, chain: OpChain | None = None
+                 ) -> None:
         self.trainer = trainer
         self.adapters = adapters
         self.store = store
@@ -113,18 +118,35 @@ class ClientOpRunner:
         self.node = node
         self.base_model = base_model
         self.lease_ms = lease_ms
+        self.chain = chain  # None: one batch per message
+        self.chained = 0  # batches run without a message (chained), for tests and logs
         # exp id -> (version, request ids whose gradients sit in the adapter's .grad now)
         self.pending: dict[str, tuple[int, tuple[str, ...]]] = {}
 
     # ---- the message ------------------------------------------------------------------------
     def run(self, msg: BatchMessage) -> dict[str, bool]:
-        """Claim, run and commit the message's models -> exp id -> committed (False: fenced out)."""
+        """Claim, run and commit the message's models, then what `chain` claims next for this
+        worker (workers/client_chain.py) -> exp id -> committed (False: fenced out) of the last
+        batch each model was in."""
+        started = time.monotonic()
         claimed = self.ops.claim([(i.exp_id, i.step) for i in msg.items], self.worker, self.lease_ms)
-        if not claimed:
-            return {}
+        out: dict[str, bool] = {}
+        n = 0
+        while claimed:
+            batch_id = msg.batch_id if n == 0 else f"{msg.batch_id}+{n}"
+            done = self._run_claimed(claimed, batch_id)
+            out.update(done)
+            n += 1
+            if self.chain is None:
+                break
+            claimed = self.chain.next([m for m in claimed if done.get(m.exp_id)], started)
+        self.chained += max(0, n - 1)
+        return out
+
+    def _run_claimed(self, claimed: Sequence[ClaimedModel], batch_id: str) -> dict[str, bool]:
         try:
             with self._leased(claimed):
-                results, versions = self.execute(claimed, msg.batch_id)
+                results, versions = self.execute(claimed, batch_id)
                 out = {}
                 for m in claimed:
                     ok = self.ops.commit(m, results[m.exp_id], versions[m.exp_id])
@@ -135,7 +157,7 @@ class ClientOpRunner:
                 return out
         except Exception as exc:
             infra = is_infra_fault(exc)
-            log.warning("ops batch failed: releasing its claims", batch=msg.batch_id, error=repr(exc)[:300],
+            log.warning("ops batch failed: releasing its claims", batch=batch_id, error=repr(exc)[:300],
                         counted=not infra)
             for m in claimed:
                 self.forget(m.exp_id)
@@ -145,25 +167,8 @@ class ClientOpRunner:
                     log.warning("could not release a claim", experiment_id=m.exp_id, error=repr(err))
             raise
 
-    @contextmanager
-    def _leased(self, claimed: Sequence[ClaimedModel]) -> Iterator[None]:
-        """Renew the claims' leases every third of a lease while the batch runs."""
-        stop = threading.Event()
-
-        def renew() -> None:
-            while not stop.wait(self.lease_ms / 3000):
-                try:
-                    self.ops.renew(claimed, self.lease_ms)
-                except Exception as exc:  # a lapsed lease is fenced at commit: nothing is lost
-                    log.warning("lease renewal failed", error=repr(exc))
-
-        t = threading.Thread(target=renew, name="lorafleet-ops-lease", daemon=True)
-        t.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            t.join()
+    def _leased(self, claimed: Sequence[ClaimedModel]) -> AbstractContextManager[None]:
+        return renewing(lambda: self.ops.renew(claimed, self.lease_ms), self.lease_ms, "lorafleet-ops-lease")
 
     def forget(self, exp_id: str) -> None:
         self.pending.pop(exp_id, None)

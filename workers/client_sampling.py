@@ -1,14 +1,18 @@
-"""`ClientSampler`: client sample requests (`lf.sample_batch`) through the torch rollout engine,
-all of a message's jobs in ONE `generate` call; and the base-model facts the torch-free API
-publishes for Tinker's `get_info` (`publish_fleet_model`).
+"""`ClientSampler`: client sample requests (`lf.sample_batch`) through the worker's rollout engine
+(torch, or vLLM on vLLM workers), all of a message's jobs in ONE `generate` call; and the
+base-model facts the torch-free API publishes for Tinker's `get_info` (`publish_fleet_model`).
 
 A job samples version K of a client model (`exp@vK`) or the base model (exp_id null). The adapter
 the trainer holds is used when it is at K (pending gradients do not change weights); otherwise
 `exp@vK` is loaded read-only from the store as an extra adapter of the shared `MultiLoRAModel`
 (weights only, never registered with the trainer), kept in a small LRU of its own.
 
-Only the torch engine samples client requests, also on vLLM workers (it runs on the trainer's
-model): vLLM names its LoRAs by experiment, and sampler versions would need versioned names.
+On a vLLM worker every client version is sampled under its own versioned route `exp@vK`
+(`VLLMRolloutEngine.sync(name, K, peft_dir)`, canary-checked against the same weights loaded in
+the trainer's model, which also answers `prompt_logprobs`), never under the experiment's route:
+a client model's trained adapter is not synced to vLLM, and a route per version lets requests for
+several versions of one model share a generate call. An evicted sampler version is forgotten by
+vLLM once no request uses it.
 
 Samples are a pure function of (weights, request, seed): a re-run after a lost worker gives the
 same answer, so a sample commit needs no more than its claim token.
@@ -20,6 +24,7 @@ import math
 import os
 import shutil
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +37,13 @@ from lorafleet.common.keys import Keys
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import SampleMessage
 from lorafleet.common.settings import Settings
+from lorafleet.workers.leases import renewing
 from lorafleet.workers.multilora.layout import BatchLayout
 from lorafleet.workers.multilora.model import MultiLoRAModel
 from lorafleet.workers.residency import ResidentAdapters
-from lorafleet.workers.rollout import ContextLengthError, RolloutRequest, TorchRolloutEngine
+from lorafleet.workers.rollout import ContextLengthError, RolloutRequest, Sample
 from lorafleet.workers.tiny_model import BUILTIN_PREFIX
+from lorafleet.workers.vllm_engine import trainer_scorer
 
 log = get_logger("lorafleet.worker.client_sampling")
 
@@ -63,11 +70,12 @@ def rollout_request(payload: dict[str, Any], adapter: str | None, default_max_to
 
 
 class ClientSampler:
-    def __init__(self, model: MultiLoRAModel, engine: TorchRolloutEngine, store: AdapterStore,
+    def __init__(self, model: MultiLoRAModel, engine: Any, store: AdapterStore,
                  adapters: ResidentAdapters, ops: OpStore, *, worker: str, lease_ms: int,
-                 default_max_tokens: int, max_sampler_adapters: int = 8) -> None:
+                 default_max_tokens: int, max_sampler_adapters: int = 8, fallback: Any = None) -> None:
         self.model = model
-        self.engine = engine
+        self.engine = engine  # TorchRolloutEngine (on `model`) or VLLMRolloutEngine
+        self.vllm = engine if hasattr(engine, "sync") else None  # the vLLM engine: versions synced to it
         self.store = store
         self.adapters = adapters
         self.ops = ops
@@ -76,12 +84,45 @@ class ClientSampler:
         self.default_max_tokens = default_max_tokens
         self.max_sampler_adapters = max_sampler_adapters
         self.loaded: OrderedDict[str, None] = OrderedDict()  # read-only sampler residents, LRU
+        # vLLM workers: a TorchRolloutEngine on `model` for versions vLLM cannot hold (a rank over
+        # its max_lora_rank), and those versions' names
+        self.fallback = fallback
+        self.torch_only: set[str] = set()
 
     def run(self, msg: SampleMessage) -> dict[str, bool]:
         """Claim, generate (one engine call) and commit -> request id -> committed."""
         jobs = self.ops.claim_samples(msg.request_ids, self.worker, self.lease_ms)
         if not jobs:
             return {}
+        with renewing(lambda: self.ops.renew_samples(jobs, self.lease_ms), self.lease_ms,
+                      "lorafleet-sample-lease"):
+            return self._run(jobs)
+
+    def _run(self, jobs: list[SampleJob]) -> dict[str, bool]:
+        results, runnable = self.prepare(jobs)
+        _, samples = self.generate([req for _, req in runnable])  # ONE engine call
+        return self.finish(jobs, results, runnable, samples)
+
+    def generate(self, reqs: Sequence[RolloutRequest], lead: Sequence[RolloutRequest] = (),
+                 engine: Any = None) -> tuple[list[list[Sample]], list[list[Sample]]]:
+        """ONE call of `engine` (default: the sampler's) for `lead` (a rollout batch's rows) and
+        the client rows it serves; rows of versions vLLM cannot hold go to the torch fallback
+        -> (lead's samples, reqs' samples)."""
+        engine = engine or self.engine
+        on_torch = [i for i, r in enumerate(reqs) if r.adapter in self.torch_only]
+        main = [i for i in range(len(reqs)) if i not in set(on_torch)]
+        out = engine.generate([*lead, *(reqs[i] for i in main)]) if lead or main else []
+        samples: list[list[Sample]] = [[] for _ in reqs]
+        for k, i in enumerate(main):
+            samples[i] = out[len(lead) + k]
+        if on_torch:
+            for i, got in zip(on_torch, self.fallback.generate([reqs[i] for i in on_torch]), strict=True):
+                samples[i] = got
+        return out[:len(lead)], samples
+
+    def prepare(self, jobs: Sequence[SampleJob]
+                ) -> tuple[dict[str, OpResult], list[tuple[SampleJob, RolloutRequest]]]:
+        """Each job -> its engine request (its adapter loaded), or at once its failure (user)."""
         results: dict[str, OpResult] = {}
         runnable: list[tuple[SampleJob, RolloutRequest]] = []
         in_use: set[str] = set()
@@ -97,7 +138,12 @@ class ClientSampler:
                 runnable.append((job, req))
             except (ValueError, LookupError) as exc:
                 results[job.request_id] = OpResult(job.request_id, False, None, str(exc), "user")
-        samples = self.engine.generate([req for _, req in runnable]) if runnable else []  # ONE call
+        return results, runnable
+
+    def finish(self, jobs: Sequence[SampleJob], results: dict[str, OpResult],
+               runnable: Sequence[tuple[SampleJob, RolloutRequest]], samples: Sequence[Sequence[Any]]
+               ) -> dict[str, bool]:
+        """The generated samples (one list per runnable request) -> results, committed (fenced)."""
         for (job, req), outs in zip(runnable, samples, strict=True):
             body: dict[str, Any] = {
                 "sequences": [{"tokens": list(s.completion_ids), "logprobs": list(s.logprobs),
@@ -115,7 +161,7 @@ class ClientSampler:
         if exp_id is None:
             return None
         version = int(payload.get("version", 0))
-        if self.adapters.versions.get(exp_id) == version and exp_id in self.model.specs:
+        if self.vllm is None and self.adapters.versions.get(exp_id) == version and exp_id in self.model.specs:
             in_use.add(exp_id)
             return exp_id
         name = sampler_name(str(exp_id), version)
@@ -126,10 +172,25 @@ class ClientSampler:
                 raise LookupError(f"no published version {exp_id}@v{version} to sample from")
             ckpt = self.store.load(str(exp_id), version)
             self.model.load_peft(name, dict(ckpt.weights), dict(ckpt.adapter_config))
+            if self.vllm is not None:
+                try:  # a rank over the engine's max_lora_rank is a ValueError
+                    self.vllm.sync(name, version, self.store.local_dir(str(exp_id), version),
+                                   trainer_scorer(self.model, name))
+                except ValueError:
+                    if self.fallback is None:
+                        self.model.remove_adapter(name)
+                        raise
+                    self.torch_only.add(name)  # sampled on the torch engine, from the same weights
+                except BaseException:
+                    self.model.remove_adapter(name)
+                    raise
             self.loaded[name] = None
             for victim in [n for n in self.loaded if n not in in_use and n != name][
                     : max(0, len(self.loaded) - self.max_sampler_adapters)]:
                 self.model.remove_adapter(victim)
+                if self.vllm is not None:
+                    self.vllm.forget(victim)
+                self.torch_only.discard(victim)
                 del self.loaded[victim]
         in_use.add(name)
         return name
@@ -148,7 +209,10 @@ class ClientSampler:
     def close(self) -> None:
         for name in list(self.loaded):
             self.model.remove_adapter(name)
+            if self.vllm is not None:
+                self.vllm.forget(name)
         self.loaded.clear()
+        self.torch_only.clear()
 
 
 def tokenizer_dir(settings: Settings, tokenizer: Any, model_path: Path) -> Path:

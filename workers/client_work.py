@@ -13,10 +13,12 @@ import redis
 from lorafleet.common.client_ops import OpStore
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import BatchMessage, SampleMessage
+from lorafleet.workers.client_chain import OpChain
 from lorafleet.workers.client_ops import ClientOpRunner
 from lorafleet.workers.client_sampling import ClientSampler, publish_fleet_model
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.rollout import TorchRolloutEngine
+from lorafleet.workers.shared_generation import SharedGeneration
 
 log = get_logger("lorafleet.worker")
 
@@ -26,13 +28,24 @@ class ClientWork:
         s = runtime.settings
         self.runtime = runtime
         self.ops = OpStore(runtime.r)
+        chain = OpChain(runtime.r, self.ops, worker=runtime.name, node=s.node, lease_ms=s.lease_ms,
+                        wait_ms=s.client_chain_wait_ms, linger_ms=s.ops_linger_ms, chain_s=s.chain_rollouts_s,
+                        stop=runtime.stop_requested)
         self.runner = ClientOpRunner(trainer, runtime.adapters, runtime.store, self.ops, worker=runtime.name,
-                                     node=s.node, base_model=s.base_model, lease_ms=s.lease_ms)
+                                     node=s.node, base_model=s.base_model, lease_ms=s.lease_ms, chain=chain)
         tok = runtime.tokenizer
-        engine = TorchRolloutEngine(runtime.model, tok.eos_token_id, tok.pad_token_id, tokenizer=tok)
+        # vLLM workers sample client versions on vLLM too, under versioned routes `exp@vK` (the
+        # torch engine only for versions over vLLM's max_lora_rank)
+        torch_engine = TorchRolloutEngine(runtime.model, tok.eos_token_id, tok.pad_token_id, tokenizer=tok)
+        engine = runtime.vllm or torch_engine
         self.sampler = ClientSampler(runtime.model, engine, runtime.store, runtime.adapters, self.ops,
                                      worker=runtime.name, lease_ms=s.lease_ms,
-                                     default_max_tokens=s.tinker_max_sample_tokens)
+                                     default_max_tokens=s.tinker_max_sample_tokens,
+                                     fallback=torch_engine if runtime.vllm is not None else None)
+        # client samples join the rollout batches' generate calls (same engine, torch or vLLM)
+        if not isinstance(runtime.pipeline.engine, SharedGeneration):
+            runtime.pipeline.engine = SharedGeneration(runtime.pipeline.engine, self.sampler, runtime.r,
+                                                       self.ops, max_rows=s.max_sample_rows)
         try:
             publish_fleet_model(runtime.r, s, tok, runtime.model_path, runtime.model.model)
         except (redis.RedisError, OSError) as exc:  # the API then lacks get_info until a worker writes it
