@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.common.adapter_store import AdapterStore, Version
+from lorafleet.common.client_ops import OpStore
 from lorafleet.common.experiment import TERMINAL, ExperimentRecord
 from lorafleet.common.ids import validate_id
 from lorafleet.common.keys import Keys
@@ -77,22 +78,8 @@ class FleetClient:
         return read_fleet_status(self.r, recent_dead_letters)
 
     def gc(self, dry_run: bool = False) -> dict[str, list[int]]:
-        """Apply checkpoint retention to every experiment's published versions (what a worker
-        deletes after each commit, plus whatever a crash left) -> deleted versions per id. The
-        replay log (committed trajectories since the last snapshot) of a failed or cancelled
-        experiment goes too: it can never be resumed (a completed one has none left)."""
-        store = AdapterStore.from_settings(self.settings)
-        out: dict[str, list[int]] = {}
-        for rec in self.list():
-            if rec.status in ("failed", "cancelled") and not dry_run:
-                for key in self.r.scan_iter(match=Keys.trajectory_prefix(rec.id) + "*", count=1000):
-                    self.r.delete(key)
-            keep_last, keep_every = retention_of(rec.spec, self.settings)
-            doomed = doomed_versions(store.versions(rec.id), rec.step, keep_last, keep_every,
-                                     store.versions(rec.id, snapshots_only=True))
-            if doomed:
-                out[rec.id] = doomed if dry_run else store.delete(rec.id, doomed)
-        return out
+        """`collect_garbage` on this client's fleet -> deleted versions per id."""
+        return collect_garbage(self.r, self.settings, self.list(), dry_run)
 
     def store_usage(self, exp_id: str) -> int:
         """Bytes the experiment's checkpoints take in the store."""
@@ -150,3 +137,26 @@ class FleetClient:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
+
+
+def collect_garbage(r: Any, settings: Settings, records: Iterable[ExperimentRecord], dry_run: bool = False
+                    ) -> dict[str, list[int]]:
+    """Apply checkpoint retention to every experiment's published versions (what a worker
+    deletes after each commit, plus whatever a crash left) -> deleted versions per id. The replay
+    log (committed trajectories since the last snapshot) of a failed or cancelled experiment goes
+    too: it can never be resumed (a completed one has none left). A Tinker model's named
+    checkpoints (`save_state`, `save_weights_for_sampler`) are pinned: never deleted."""
+    store = AdapterStore.from_settings(settings)
+    ops = OpStore(r, settings)
+    out: dict[str, list[int]] = {}
+    for rec in records:
+        if rec.status in ("failed", "cancelled") and not dry_run:
+            for key in r.scan_iter(match=Keys.trajectory_prefix(rec.id) + "*", count=1000):
+                r.delete(key)
+        keep_last, keep_every = retention_of(rec.spec, settings)
+        pinned = ops.pinned_versions(rec.id) if rec.kind == "client" else set()
+        doomed = doomed_versions(store.versions(rec.id), rec.step, keep_last, keep_every,
+                                 store.versions(rec.id, snapshots_only=True), pinned)
+        if doomed:
+            out[rec.id] = doomed if dry_run else store.delete(rec.id, doomed)
+    return out

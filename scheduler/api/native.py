@@ -16,9 +16,10 @@ from lorafleet.common.experiment import ExperimentRecord
 from lorafleet.common.keys import Keys
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.spec_input import AdmissionLimits, SpecError, parse_spec
-from lorafleet.scheduler.api.auth import current_key
+from lorafleet.scheduler.api.auth import current_key, require_admin
 from lorafleet.scheduler.api.deps import owned, redis_of, registry_of, settings_of, spec_error
 from lorafleet.scheduler.api.errors import ApiError
+from lorafleet.scheduler.client import collect_garbage
 from lorafleet.scheduler.fleet_status import read_fleet_status
 
 router = APIRouter(prefix="/v1")
@@ -211,6 +212,14 @@ def fleet(request: Request, key: Key,
     if not key.admin:
         status["recent_dead_letters"] = []  # payloads may hold other keys' data
     return status
+
+
+@router.post("/gc", summary="Apply checkpoint retention to every experiment; drop dead replay logs (admin)")
+def gc(request: Request, key: Key,
+       dry_run: Annotated[bool, Query(description="list what would go, delete nothing")] = False
+       ) -> dict[str, list[int]]:
+    require_admin(key)
+    return collect_garbage(redis_of(request), settings_of(request), registry_of(request).list(), dry_run)
 
 
 @health.get("/healthz", summary="The process is up (no Redis)")

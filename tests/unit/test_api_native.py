@@ -231,3 +231,33 @@ def test_list_pages_and_filters(client: TestClient, r: redis.Redis) -> None:
     cancelled = client.get("/v1/experiments?status=cancelled", headers=a).json()["experiments"]
     assert [e["id"] for e in cancelled] == [ids[1]]
     assert client.get("/v1/experiments?cursor=-1", headers=a).status_code == 422
+
+
+def test_gc_is_admin_only_and_keeps_a_tinker_models_named_checkpoints(r: redis.Redis, redis_url: str,
+                                                                         tmp_path: Path) -> None:
+    """POST /v1/gc applies retention (here the fleet's KEEP_LAST=1) to every experiment, like
+    `lorafleet gc`; a client model's versions named by save_state / save_weights_for_sampler
+    survive it, the others go."""
+    import torch
+
+    from lorafleet.common.adapter_store import AdapterStore
+    from lorafleet.common.client_ops import OpStore, client_model_spec
+
+    settings = _settings(redis_url, tmp_path, keep_last=1)
+    exp = OpStore(r, settings).register_model(model_id="s:train:0", owner="", session_id="s",
+                                              spec=client_model_spec(rank=2))
+    store = AdapterStore.from_settings(settings)
+    for v in range(5):  # v0..v4 published, v4 committed; v2 saved under a name
+        store.publish(exp, v, weights={"w": torch.zeros(2)}, adapter_config={"r": 2},
+                      trainer_tensors={"w.exp_avg": torch.zeros(2)}, trainer_meta={"step": v})
+    r.hset(Keys.experiment(exp), "step", 4)
+    r.hset(Keys.tk_checkpoints(exp), "weights/keep", json.dumps({"version": 2, "created": 0}))
+    _, user = _key(r, "u")
+    _, admin = _key(r, "root", admin=True)
+    with TestClient(create_app(settings, r)) as c:
+        assert c.post("/v1/gc", headers=user).status_code == 403
+        dry = c.post("/v1/gc?dry_run=true", headers=admin)
+        assert dry.status_code == 200 and dry.json() == {exp: [1, 3]}, dry.text
+        assert store.versions(exp) == [0, 1, 2, 3, 4]  # a dry run deletes nothing
+        assert c.post("/v1/gc", headers=admin).json() == {exp: [1, 3]}
+    assert store.versions(exp) == [0, 2, 4]
