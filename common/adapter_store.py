@@ -1,12 +1,5 @@
-"""Versioned, immutable LoRA adapter checkpoints on any fsspec filesystem.
-
-Layout under the store root::
-
-    <root>/<adapter_id>/v<version>/adapter_config.json        PEFT config (sorted keys)
-                                   adapter_model.safetensors  PEFT weights
-                                   trainer_state.safetensors  optimizer moments, RNG, ...
-                                   trainer_state.json         step counters and other metadata
-    <root>/<adapter_id>/latest                                text: newest published version
+"""Versioned, immutable LoRA adapter checkpoints on any fsspec filesystem (layout, records and
+errors: common/store_layout.py; local copies of remote versions: common/store_cache.py).
 
 A version is written under a temporary name and renamed into place (atomic on a local fs), so
 readers (PEFT, vLLM, the next train step) never see half a version. Object stores have no rename:
@@ -22,98 +15,49 @@ import hashlib
 import json
 import os
 import posixpath
-import re
-import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import fsspec.core
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from lorafleet.common.checkpoint_format import json_bytes, tensor_bytes
-from lorafleet.common.durable_fs import fsync_write, sync_paths
+from lorafleet.common.durable_fs import sync_paths
 from lorafleet.common.ids import is_valid_id, validate_id
 from lorafleet.common.settings import Settings, redacted
+from lorafleet.common.store_cache import cache_root, download_version
+from lorafleet.common.store_layout import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    DIGITS_RE,
+    LATEST_FILE,
+    LOCK_FILE,
+    REQUIRED_FILES,
+    TMP_PREFIX,
+    TRAINER_META_FILE,
+    TRAINER_TENSORS_FILE,
+    VERSION_FILES,
+    VERSION_RE,
+    AdapterCheckpoint,
+    AdapterNotFoundError,
+    NewVersion,
+    Version,
+    VersionExistsError,
+    check_version,
+    exists_error,
+    version_dir_name,
+    version_payloads,
+)
+from lorafleet.common.store_retention import StoreRetention
 
 if TYPE_CHECKING:  # torch is imported lazily: the torch-free client lists and downloads versions
     import torch
 
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-TRAINER_TENSORS_FILE = "trainer_state.safetensors"
-TRAINER_META_FILE = "trainer_state.json"
-# A snapshot version holds all four; any other version the three a sampler and a replay need:
-# the AdamW moments are written only every few steps (settings.snapshot_every_steps / _s) and
-# recovery replays the committed trajectories since the last snapshot (workers/replay.py).
-VERSION_FILES = (ADAPTER_WEIGHTS_FILE, TRAINER_TENSORS_FILE, TRAINER_META_FILE, ADAPTER_CONFIG_FILE)
-REQUIRED_FILES = (ADAPTER_WEIGHTS_FILE, TRAINER_META_FILE, ADAPTER_CONFIG_FILE)
-LATEST_FILE = "latest"
-LOCK_FILE = ".lock"
-TMP_PREFIX = ".tmp-"
-VERSION_PREFIX = "v"
-CACHE_SUBDIR = "store-cache"
 
-_VERSION_RE = re.compile(r"v(0|[1-9][0-9]*)")
-_DIGITS_RE = re.compile(r"[0-9]+")
-
-Version = int | Literal["latest"]
-
-
-class AdapterStoreError(Exception):
-    """Base class of every error raised by the adapter store."""
-
-
-class VersionExistsError(AdapterStoreError):
-    """The version is already published; published versions are immutable."""
-
-
-class AdapterNotFoundError(AdapterStoreError):
-    """Unknown adapter, or unknown version of a known adapter."""
-
-
-@dataclass(frozen=True)
-class AdapterCheckpoint:
-    adapter_id: str
-    version: int
-    weights: dict[str, torch.Tensor] = field(repr=False)
-    adapter_config: dict[str, Any]
-    trainer_tensors: dict[str, torch.Tensor] = field(repr=False)
-    trainer_meta: dict[str, Any]
-    snapshot: bool = True  # holds the AdamW state (trainer_tensors), not only weights
-
-
-
-@dataclass(frozen=True)
-class NewVersion:
-    """One version to publish with `AdapterStore.publish_many`."""
-
-    adapter_id: str
-    version: int
-    weights: Mapping[str, torch.Tensor] = field(repr=False)
-    adapter_config: Mapping[str, Any]
-    trainer_tensors: Mapping[str, torch.Tensor] | None = field(default=None, repr=False)
-    trainer_meta: Mapping[str, Any] | None = None
-
-def _exists_error(adapter_id: str, version: int) -> VersionExistsError:
-    return VersionExistsError(f"adapter {adapter_id!r} v{version} is already published")
-
-
-def _check_version(version: object) -> int:
-    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-        raise ValueError(f"version must be an int >= 0, got {version!r}")
-    return version
-
-
-def _complete_local(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in REQUIRED_FILES)
-
-
-class AdapterStore:
+class AdapterStore(StoreRetention):
     """Publish and load adapter checkpoints under `url` (`file://`, a plain path, `memory://`,
     or any fsspec URL such as `s3://bucket/prefix`)."""
 
@@ -140,7 +84,7 @@ class AdapterStore:
         return posixpath.join(self.root, validate_id(adapter_id, "adapter id"))
 
     def _version_dir(self, adapter_id: str, version: int) -> str:
-        return posixpath.join(self._adapter_root(adapter_id), f"{VERSION_PREFIX}{version}")
+        return posixpath.join(self._adapter_root(adapter_id), version_dir_name(version))
 
     def publish(
         self,
@@ -172,9 +116,9 @@ class AdapterStore:
         staged: list[tuple[int, str, str]] = []  # (index, temp dir, final dir)
         try:
             for i, nv in enumerate(versions):
-                final = self._version_dir(nv.adapter_id, _check_version(nv.version))
+                final = self._version_dir(nv.adapter_id, check_version(nv.version))
                 if self.exists(nv.adapter_id, nv.version):
-                    results[i] = _exists_error(nv.adapter_id, nv.version)
+                    results[i] = exists_error(nv.adapter_id, nv.version)
                     continue
                 staged.append((i, self._stage(nv), final))
             snapshot = any(versions[i].trainer_tensors is not None and versions[i].version  # not v0
@@ -182,7 +126,8 @@ class AdapterStore:
             if self.test_snapshot_delay_s and snapshot:
                 time.sleep(self.test_snapshot_delay_s)  # fault injection: a kill lands mid-snapshot
             if self._local and staged:
-                files = [posixpath.join(tmp, n) for i, tmp, _ in staged for n in self._payloads(versions[i])]
+                files = [posixpath.join(tmp, n) for i, tmp, _ in staged
+                         for n in version_payloads(versions[i])]
                 sync_paths(files, [tmp for _, tmp, _ in staged])
             for i, tmp, final in staged:
                 nv = versions[i]
@@ -204,19 +149,6 @@ class AdapterStore:
                 self._advance_latest(nv.adapter_id, nv.version)
         return results  # type: ignore[return-value]
 
-    @staticmethod
-    def _payloads(nv: NewVersion) -> dict[str, Callable[[], bytes]]:
-        # Each payload is serialised just before it is written, so a bad input fails inside the
-        # caller's `try` and the partial temp directory is removed.
-        # Ordered: the config last (object stores copy file by file; it marks a complete copy).
-        payloads: dict[str, Callable[[], bytes]] = {}
-        if nv.trainer_tensors is not None:  # a snapshot
-            payloads[TRAINER_TENSORS_FILE] = lambda: tensor_bytes(nv.trainer_tensors or {}, "trainer_tensors")
-        payloads[ADAPTER_WEIGHTS_FILE] = lambda: tensor_bytes(nv.weights, "weights")
-        payloads[TRAINER_META_FILE] = lambda: json_bytes(nv.trainer_meta or {}, "trainer_meta")
-        payloads[ADAPTER_CONFIG_FILE] = lambda: json_bytes(nv.adapter_config, "adapter_config", strict=True)
-        return payloads
-
     def _stage(self, nv: NewVersion) -> str:
         """Write the version's files into a new temporary directory (not yet synced)."""
         adapter_root = self._adapter_root(nv.adapter_id)
@@ -224,7 +156,7 @@ class AdapterStore:
         tmp = posixpath.join(adapter_root, f"{TMP_PREFIX}{uuid.uuid4().hex}")
         self.fs.makedirs(tmp, exist_ok=True)
         try:
-            for name, payload in self._payloads(nv).items():
+            for name, payload in version_payloads(nv).items():
                 path, data = posixpath.join(tmp, name), payload()
                 if self._local:
                     with open(path, "wb") as fh:  # synced with the whole batch, before the rename
@@ -240,8 +172,8 @@ class AdapterStore:
         """Whether the published `nv.version` holds exactly the bytes `nv` would write (sha256 of
         every file): a retry of a lost attempt that already published the same step finds its
         own result there."""
-        directory = self._version_dir(nv.adapter_id, _check_version(nv.version))
-        payloads = self._payloads(nv)
+        directory = self._version_dir(nv.adapter_id, check_version(nv.version))
+        payloads = version_payloads(nv)
         if self._files(directory) & set(VERSION_FILES) != set(payloads):  # snapshot or not
             return False
         return all(hashlib.sha256(payloads[n]()).digest()
@@ -260,42 +192,18 @@ class AdapterStore:
             raise result
         return result
 
-    def sweep_temp(self, older_than_s: float, now: float | None = None) -> list[str]:
-        """Remove temporary directories and files (`.tmp-*`) left by writers that died, once
-        they are older than `older_than_s` (a live writer finishes within a lease) -> removed."""
-        import time
-
-        now = time.time() if now is None else now
-        removed = []
-        for adapter_id in self.adapters():
-            try:
-                entries = self.fs.ls(self._adapter_root(adapter_id), detail=True)
-            except FileNotFoundError:
-                continue
-            for e in entries:
-                name = posixpath.basename(e["name"].rstrip("/"))
-                if TMP_PREFIX not in name:
-                    continue
-                mtime = e.get("mtime") or e.get("LastModified") or e.get("created")
-                mtime = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime or now)
-                if now - mtime >= older_than_s:
-                    with contextlib.suppress(FileNotFoundError):
-                        self.fs.rm(e["name"], recursive=True)
-                    removed.append(e["name"])
-        return removed
-
     def _move_into_place(self, tmp: str, final: str, adapter_id: str, version: int) -> None:
         if self._local:
             try:
                 os.rename(tmp, final)  # fails if `final` exists and is not empty
             except OSError as exc:
                 if self._is_complete(final):
-                    raise _exists_error(adapter_id, version) from exc
+                    raise exists_error(adapter_id, version) from exc
                 raise
             return
         if self.fs.exists(final):
             if self._is_complete(final):
-                raise _exists_error(adapter_id, version)
+                raise exists_error(adapter_id, version)
             self.fs.rm(final, recursive=True)  # leftover of a publish that died mid-copy
         # No rename on object stores: copy file by file, the config last, then delete the temp.
         present = self._files(tmp)
@@ -341,7 +249,7 @@ class AdapterStore:
             text = self.fs.cat_file(pointer).decode().strip()
         except FileNotFoundError:
             return None
-        return int(text) if _DIGITS_RE.fullmatch(text) else None
+        return int(text) if DIGITS_RE.fullmatch(text) else None
 
     def _files(self, directory: str) -> set[str]:
         try:
@@ -377,12 +285,12 @@ class AdapterStore:
         prefix = adapter_root.rstrip("/") + "/"
         for path in files:
             parts = path.removeprefix(prefix).split("/")
-            if len(parts) == 2 and _VERSION_RE.fullmatch(parts[0]):
+            if len(parts) == 2 and VERSION_RE.fullmatch(parts[0]):
                 present.setdefault(int(parts[0][1:]), set()).add(parts[1])
         return sorted(v for v, names in present.items() if names.issuperset(need))
 
     def exists(self, adapter_id: str, version: int) -> bool:
-        return self._is_complete(self._version_dir(adapter_id, _check_version(version)))
+        return self._is_complete(self._version_dir(adapter_id, check_version(version)))
 
     def latest_version(self, adapter_id: str) -> int | None:
         """The version the `latest` pointer names; if there is no pointer (a publish died between
@@ -399,7 +307,7 @@ class AdapterStore:
             if latest is None:
                 raise AdapterNotFoundError(f"unknown adapter {adapter_id!r} in {self._shown}")
             return latest
-        return _check_version(version)
+        return check_version(version)
 
     def _require(self, adapter_id: str, version: Version) -> tuple[int, str]:
         resolved = self._resolve(adapter_id, version)
@@ -438,24 +346,6 @@ class AdapterStore:
         _, directory = self._require(adapter_id, version)
         return json.loads(self.fs.cat_file(posixpath.join(directory, ADAPTER_CONFIG_FILE)))
 
-    def usage(self, adapter_id: str) -> int:
-        """Bytes the adapter's versions (and anything else under its directory) take."""
-        try:
-            return int(self.fs.du(self._adapter_root(adapter_id), total=True))
-        except FileNotFoundError:
-            return 0
-
-    def delete(self, adapter_id: str, versions: list[int]) -> list[int]:
-        """Delete exactly `versions` (never the one the latest pointer names) -> deleted."""
-        done = []
-        with self._adapter_lock(adapter_id):
-            latest = self._read_pointer(adapter_id)
-            for v in versions:
-                if v != latest and self.exists(adapter_id, v):
-                    self._remove_version(adapter_id, v)
-                    done.append(v)
-        return done
-
     def local_dir(self, adapter_id: str, version: Version = "latest") -> Path:
         """A local directory with the version's files, for PEFT `from_pretrained` and vLLM.
 
@@ -465,56 +355,12 @@ class AdapterStore:
         resolved, directory = self._require(adapter_id, version)
         if self._local:
             return Path(directory)
-        target = self._cache_root() / adapter_id / f"{VERSION_PREFIX}{resolved}"
-        if _complete_local(target):
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
-            for name in sorted(self._files(directory) & set(VERSION_FILES)):
-                fsync_write(str(tmp / name), self.fs.cat_file(posixpath.join(directory, name)))
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                # Another process finished the same download first; keep its copy.
-                if not _complete_local(target):
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
+        target = self._cache_root() / adapter_id / version_dir_name(resolved)
+        names = sorted(self._files(directory) & set(VERSION_FILES))
+        return download_version(self.fs, directory, names, target)
 
     def _cache_root(self) -> Path:
         if self._cache_dir is None:
             raise ValueError(f"{self!r} is not a local store: reading it needs a cache_dir "
                              "(AdapterStore.from_settings passes LORAFLEET_CACHE_DIR)")
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        readable = re.sub(r"[^A-Za-z0-9_-]+", "_", f"{protocol}_{self.root}").strip("_")[:48]
-        digest = hashlib.sha256(f"{protocol}://{self.root}".encode()).hexdigest()[:12]
-        return Path(self._cache_dir) / CACHE_SUBDIR / f"{readable}-{digest}"
-
-    def delete_versions(self, adapter_id: str, keep_last: int) -> list[int]:
-        """Delete all but the `keep_last` newest versions; the latest is always kept.
-
-        Returns the deleted versions, ascending.
-        """
-        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
-            raise ValueError(f"keep_last must be an int >= 0, got {keep_last!r}")
-        with self._adapter_lock(adapter_id):
-            found = self.versions(adapter_id)
-            if not found:
-                return []
-            keep = {found[-1], self._read_pointer(adapter_id), *found[len(found) - keep_last :]}
-            doomed = [v for v in found if v not in keep]
-            for version in doomed:
-                self._remove_version(adapter_id, version)
-        return doomed
-
-    def _remove_version(self, adapter_id: str, version: int) -> None:
-        directory = self._version_dir(adapter_id, version)
-        if self._local:
-            # Rename first so no reader can open a version that is half deleted.
-            doomed = f"{self._adapter_root(adapter_id)}/{TMP_PREFIX}del-{uuid.uuid4().hex}"
-            os.rename(directory, doomed)
-            directory = doomed
-        self.fs.rm(directory, recursive=True)
+        return cache_root(self._cache_dir, self.fs, self.root)

@@ -58,12 +58,7 @@ from lorafleet.common.client_ops_lua import (
     COMMIT_SAMPLE,
     COMPLETE,
     ENQUEUE,
-    MARK_OPS,
-    MARK_SAMPLES,
-    REAP_OPS,
-    REAP_SAMPLES,
     REGISTER_MODEL,
-    RELEASE_HELD,
     RELEASE_OPS,
     RENEW_OPS,
     RENEW_SAMPLES,
@@ -175,8 +170,8 @@ def _future_state(rid: str, h: dict[str, str], result: str | None) -> FutureStat
 
 class OpStore:
     """The client-op protocol bound to one Redis client (decode_responses=True): the API side
-    (register, enqueue, futures), the worker side (fenced claim/commit of ops and samples) and the
-    leader's side (publish, reap, release held work; `scheduler/client_dispatch.py` drives it)."""
+    (register, enqueue, futures) and the worker side (fenced claim/commit of ops and samples); the
+    leader's side is `LeaderOps` (common/client_ops_leader.py)."""
 
     def __init__(self, r: redis.Redis, settings: Settings | None = None) -> None:
         self.r = r
@@ -191,13 +186,8 @@ class OpStore:
         self._renew = r.register_script(RENEW_OPS)
         self._commit = r.register_script(COMMIT_OPS)
         self._release = r.register_script(RELEASE_OPS)
-        self._reap = r.register_script(REAP_OPS)
-        self._mark = r.register_script(MARK_OPS)
-        self._release_held = r.register_script(RELEASE_HELD)
-        self._mark_samples = r.register_script(MARK_SAMPLES)
         self._claim_samples = r.register_script(CLAIM_SAMPLES)
         self._commit_sample = r.register_script(COMMIT_SAMPLE)
-        self._reap_samples = r.register_script(REAP_SAMPLES)
         self._close = r.register_script(CLOSE_MODEL)
         self._renew_samples = r.register_script(RENEW_SAMPLES)
 
@@ -382,35 +372,6 @@ class OpStore:
             outcome = prom_writes.outcome(result.ok, result.category)
             prom_writes.record_client_ops(self.r, [("sample", outcome)])
         return ok
-
-    # ---- leader side (scheduler/client_dispatch.py) ------------------------------------------
-    def mark_ops(self, leader_id: str, batch_id: str, node: str, exp_ids: Sequence[str]) -> list[int]:
-        """Mark ready models as published in `batch_id` on `node` -> per model its op_seq, or -1."""
-        if not exp_ids:
-            return []
-        return [int(x) for x in self._mark(keys=[Keys.leader], args=[leader_id, batch_id, node, *exp_ids])]
-
-    def reap_ops(self, leader_id: str, exp_id: str, inflight: str, token: str, reason: str,
-                 count: bool) -> int:
-        """Give a lapsed batch or claim back, if it is still the one read -> attempts, or -1."""
-        return int(self._reap(keys=[Keys.leader, Keys.tk_model(exp_id)],
-                              args=[leader_id, exp_id, inflight, token, reason[:2000], int(count),
-                                    self.max_attempts, self.future_ttl_ms, self.default_max_queued_ops]))
-
-    def release_held(self) -> int:
-        """Release held work of every key as far as its quota allows -> futures released."""
-        return int(self._release_held(keys=[], args=[self.default_max_queued_ops]))
-
-    def mark_samples(self, leader_id: str, batch_id: str, unclaimed_ms: int,
-                     request_ids: Sequence[str]) -> list[bool]:
-        if not request_ids:
-            return []
-        got = self._mark_samples(keys=[Keys.leader], args=[leader_id, batch_id, unclaimed_ms, *request_ids])
-        return [bool(x) for x in got]
-
-    def reap_samples(self, leader_id: str) -> int:
-        args = [leader_id, self.max_attempts, self.future_ttl_ms, self.default_max_queued_ops]
-        return int(self._reap_samples(keys=[Keys.leader], args=args))
 
 
 _OP_KINDS = frozenset({"forward_backward", "forward", "optim_step", "save_weights",

@@ -60,7 +60,7 @@ def _bad_input(msg: str) -> typer.Exit:
 
 
 def _store_error(exc: BaseException) -> bool:
-    from lorafleet.common.adapter_store import AdapterStoreError  # fsspec: only when failing
+    from lorafleet.common.store_layout import AdapterStoreError
 
     return isinstance(exc, AdapterStoreError)
 
@@ -316,8 +316,8 @@ def plot(exp_ids: list[str], out: Annotated[Path, typer.Option("-o", "--out")] =
 def download(exp_id: str, version: str = "latest", dest: Path = Path("."),
              redis_url: RedisOpt = None) -> None:
     """Copy a published PEFT checkpoint of an experiment to DEST."""
-    from lorafleet.common.adapter_store import AdapterNotFoundError
     from lorafleet.common.ids import validate_id
+    from lorafleet.common.store_layout import AdapterNotFoundError
 
     try:
         validate_id(exp_id, "experiment id")

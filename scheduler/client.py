@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from lorafleet.common.adapter_store import AdapterStore, Version
+from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.client_ops import OpStore
 from lorafleet.common.experiment import TERMINAL, ExperimentRecord
 from lorafleet.common.ids import validate_id
@@ -21,6 +21,7 @@ from lorafleet.common.retention import doomed_versions, retention_of
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.settings import Settings
 from lorafleet.common.spec_input import AdmissionLimits
+from lorafleet.common.store_layout import Version
 from lorafleet.scheduler.fleet_status import FleetStatus, read_fleet_status
 from lorafleet.scheduler.registry import ExperimentRegistry
 

@@ -30,6 +30,7 @@ import redis
 
 from lorafleet.common.celery_config import TASK_OPS, TASK_SAMPLE
 from lorafleet.common.client_ops import OpStore
+from lorafleet.common.client_ops_leader import LeaderOps
 from lorafleet.common.keys import ROLLOUT_QUEUE, Keys, node_queue
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import BatchItem, BatchMessage, SampleMessage
@@ -53,7 +54,7 @@ class ClientDispatch:
         self.r = r
         self.sender = sender
         self.config = settings
-        self.ops = OpStore(r, settings)
+        self.ops = LeaderOps(r, settings)
         self.capacity = ClientCapacity(r, settings.api_default_max_experiments)
         self._due: float | None = None  # monotonic time a lingering batch is due (None: none)
 

@@ -8,14 +8,9 @@ moments, which with the replay log (workers/replay.py) make resuming any version
 from __future__ import annotations
 
 from lorafleet.common.adapter_import import parse_init_from, read_peft_config, read_peft_weights_bytes
-from lorafleet.common.adapter_store import (
-    AdapterCheckpoint,
-    AdapterStore,
-    NewVersion,
-    Version,
-    VersionExistsError,
-)
+from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.schemas import AdapterTrainSpec
+from lorafleet.common.store_layout import AdapterCheckpoint, NewVersion, Version, VersionExistsError
 from lorafleet.workers.fused_step import FusedTrainStep
 
 

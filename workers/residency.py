@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lorafleet.common.adapter_store import AdapterStore, NewVersion, VersionExistsError
+from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.logging import get_logger
 from lorafleet.common.protocol import StepItem
+from lorafleet.common.store_layout import NewVersion, VersionExistsError
 from lorafleet.workers.checkpoints import (
     init_adapter,
     load_adapter,

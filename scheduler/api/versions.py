@@ -14,12 +14,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from lorafleet.common.adapter_store import AdapterNotFoundError
 from lorafleet.common.api_keys import ApiKey
 from lorafleet.common.experiment import ExperimentRecord
 from lorafleet.common.keys import Keys
 from lorafleet.common.retention import retention_of
 from lorafleet.common.schemas import ExperimentSpec, RetentionSpec
+from lorafleet.common.store_layout import AdapterNotFoundError
 from lorafleet.scheduler.api.auth import current_key
 from lorafleet.scheduler.api.deps import owned, redis_of, settings_of, store_of
 from lorafleet.scheduler.api.errors import ApiError

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from lorafleet.common import durable_fs
-from lorafleet.common.adapter_store import (
+from lorafleet.common.adapter_store import AdapterStore
+from lorafleet.common.store_layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     LATEST_FILE,
@@ -15,7 +16,6 @@ from lorafleet.common.adapter_store import (
     VERSION_FILES,
     AdapterCheckpoint,
     AdapterNotFoundError,
-    AdapterStore,
     AdapterStoreError,
     NewVersion,
     VersionExistsError,

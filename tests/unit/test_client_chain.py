@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lorafleet.common.adapter_store import AdapterStore
+from lorafleet.common.client_ops_leader import LeaderOps
 from lorafleet.common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE, Keys, node_queue
 from lorafleet.common.messages import BatchItem, BatchMessage
 from lorafleet.workers.client_chain import OpChain
@@ -41,7 +42,7 @@ def next_step_on_first_commit(host: Host, exp: str, race_leader: bool) -> None:
             submit(host.ops, exp, 4, "optim_step", OPTIM)
             if race_leader:
                 host.r.set(Keys.leader, "leader-1")
-                assert host.ops.mark_ops("leader-1", "leader-batch", "n0", [exp]) == [2]
+                assert LeaderOps(host.r).mark_ops("leader-1", "leader-batch", "n0", [exp]) == [2]
         return ok
 
     host.ops.commit = hooked  # type: ignore[method-assign]

@@ -19,6 +19,7 @@ from lorafleet.common.client_ops import (
     OpStore,
     client_model_spec,
 )
+from lorafleet.common.client_ops_leader import LeaderOps
 from lorafleet.common.keys import Keys
 from lorafleet.common.ready_index import ReadyIndex
 from lorafleet.common.schemas import ExperimentSpec
@@ -300,7 +301,7 @@ def test_samples_are_claimed_and_committed_once(r: redis.Redis) -> None:
     lapse()
     assert s.claim_samples([rid], "w2", 5000) == []  # a lapsed lease waits for the leader's reaper
     r.set(Keys.leader, "lead")
-    assert s.reap_samples("lead") == 1 and r.zscore(Keys.tk_samples, rid) is not None
+    assert LeaderOps(r).reap_samples("lead") == 1 and r.zscore(Keys.tk_samples, rid) is not None
     [job2] = s.claim_samples([rid], "w2", 5000)
     body = {"sequences": [{"tokens": [5], "logprobs": [-0.1], "stop_reason": "length"}],
             "prompt_logprobs": None}
@@ -355,7 +356,7 @@ def test_sample_leases_are_renewed(r: redis.Redis) -> None:
     assert s.renew_samples([job], 5000) == [True]
     lapse()
     r.set(Keys.leader, "lead")
-    assert s.reap_samples("lead") == 0  # renewed: still w1's
+    assert LeaderOps(r).reap_samples("lead") == 0  # renewed: still w1's
     assert s.commit_sample(job, OpResult(rid, False, None, "prompt too long", "user"))
     assert s.renew_samples([job], 5000) == [False]
     f = s.future(rid)

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.client_ops import OpStore
+from lorafleet.common.client_ops_leader import LeaderOps
 from lorafleet.common.keys import Keys
 from lorafleet.common.messages import SampleMessage
 from tests.unit.test_client_op_runner import CountingEngine, Host
@@ -32,7 +32,7 @@ def store(tmp_path: Path) -> AdapterStore:
 
 
 def reaping(r: redis.Redis, stop: threading.Event, reaped: list[int]) -> None:
-    ops = OpStore(r)
+    ops = LeaderOps(r)
     while not stop.wait(0.05):
         reaped.append(ops.reap_samples("leader-1"))
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lorafleet.common.adapter_store import AdapterStore
+from lorafleet.common.client_ops_leader import LeaderOps
 from lorafleet.common.keys import Keys
 from lorafleet.common.messages import SampleMessage
 from lorafleet.common.protocol import StepItem
@@ -62,7 +63,7 @@ def test_one_generate_holds_rl_and_client_rows_and_each_equals_its_solo_run(r, s
 
     rids = client_requests(host, exp, "shared")
     r.set(Keys.leader, "leader-1")  # the leader published one of them already (unclaimed so far)
-    assert host.ops.mark_samples("leader-1", "leader-samples", 60_000, rids[:1]) == [True]
+    assert LeaderOps(r).mark_samples("leader-1", "leader-samples", 60_000, rids[:1]) == [True]
     pipe, engine, inner = shared_pipeline(host)
     item = StepItem("rl-exp", 0, 0, RL_SPEC)
     shared = pipe.rollout([item])
