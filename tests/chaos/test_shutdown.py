@@ -4,6 +4,7 @@ without waiting for the (here 60 s) lease."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -21,12 +22,24 @@ LONG_LEASE = {"LORAFLEET_LEASE_MS": "60000"}
 
 
 def _busy_train_owner(client: FleetClient, r, exp: str) -> str:
+    """The node running the experiment's train step: claimed (a rollout commit claims it for the
+    worker that chains it) and started (the worker's heartbeat says busy, written well after the
+    claim was seen: between the claim and the step's start the worker is briefly idle; the steps
+    here are held 2 s and 8 s)."""
     def claimed():
         st = client.get(exp)
         task = r.hgetall(Keys.task(exp, st.step, "train"))
-        return task if task.get("status") == "claimed" else None
+        return (task, time.time()) if task.get("status") == "claimed" else None
 
-    return wait_until(claimed, what="a claimed train step")["owner"].split(":")[0]
+    task, seen = wait_until(claimed, what="a claimed train step")
+    node = task["owner"].split(":")[0]
+
+    def running():
+        beat = json.loads(r.get(Keys.worker(node)) or "{}")
+        return beat.get("busy") and beat.get("at", 0) > seen + 1.0
+
+    wait_until(running, what="the train step running")
+    return node
 
 
 @pytest.mark.parametrize("to", ["main process", "process group"])

@@ -33,7 +33,7 @@ CLIENT = Path(__file__).resolve().parents[1] / "tinker_client.py"
 def run_client(base: str, key: str, out: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "TINKER_BASE_URL": base, "TINKER_API_KEY": key, "TINKER_TELEMETRY": "0"}
     return subprocess.Popen([sys.executable, str(CLIENT), "sft", "--seed", "3", "--rank", "4",
-                             "--steps", "10", "--sequential", "--out", str(out)],
+                             "--steps", "20", "--sequential", "--out", str(out)],
                             env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
 
 
