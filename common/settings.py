@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     # None: `file://<cache_dir>/store`, so one LORAFLEET_CACHE_DIR moves everything.
     store_url: str | None = None
+    # Object stores: the S3 (-compatible) endpoint, else AWS_ENDPOINT_URL; extra fsspec storage
+    # options as JSON (LORAFLEET_STORE_OPTIONS='{"key": ..., "secret": ...}'); credentials
+    # otherwise come from the standard AWS chain (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...).
+    store_endpoint_url: str | None = None
+    store_options: dict[str, Any] = Field(default_factory=dict)
     base_model: str = "builtin:tiny-llama"
     device: str = "cpu"
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
