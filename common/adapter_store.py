@@ -363,9 +363,10 @@ class AdapterStore(StoreRetention, ObjectStoreVersions):
 
         resolved, directory = self._require(adapter_id, version)
         manifest = None if self._local else self._valid_manifest(directory)
+        objects = directory if manifest is None else self._object_dir(directory, manifest)
 
         def read(name: str) -> bytes:
-            data = self.fs.cat_file(posixpath.join(directory, name))
+            data = self.fs.cat_file(posixpath.join(objects, name))
             if manifest is not None:
                 try:
                     manifest.check(name, data)
@@ -392,6 +393,11 @@ class AdapterStore(StoreRetention, ObjectStoreVersions):
     def adapter_config(self, adapter_id: str, version: Version = "latest") -> dict[str, Any]:
         """The PEFT adapter_config.json of a published version (no tensors read)."""
         _, directory = self._require(adapter_id, version)
+        if not self._local:
+            manifest = self._valid_manifest(directory)
+            if manifest is None:
+                raise AdapterNotFoundError(f"adapter {adapter_id!r}: version gone from {self._shown}")
+            directory = self._object_dir(directory, manifest)
         return json.loads(self.fs.cat_file(posixpath.join(directory, ADAPTER_CONFIG_FILE)))
 
     def local_dir(self, adapter_id: str, version: Version = "latest") -> Path:
@@ -409,7 +415,8 @@ class AdapterStore(StoreRetention, ObjectStoreVersions):
             raise AdapterNotFoundError(f"adapter {adapter_id!r} has no version {resolved} in "
                                        f"{self._shown}")
         names = sorted(set(manifest.files) & set(VERSION_FILES))
-        return download_version(self.fs, directory, names, target, check=manifest.check)
+        return download_version(self.fs, self._object_dir(directory, manifest), names, target,
+                                check=manifest.check)
 
     def _cache_root(self) -> Path:
         if self._cache_dir is None:

@@ -8,6 +8,7 @@ import contextlib
 import os
 import posixpath
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +17,13 @@ from lorafleet.common.store_layout import (
     NewVersion,
     exists_error,
 )
-from lorafleet.common.store_manifest import MANIFEST_FILE, Manifest, manifest_bytes, parse_manifest
+from lorafleet.common.store_manifest import (
+    ATTEMPT_PREFIX,
+    MANIFEST_FILE,
+    Manifest,
+    manifest_bytes,
+    parse_manifest,
+)
 
 S3_PROTOCOLS = ("s3", "s3a")
 
@@ -70,28 +77,39 @@ class ObjectStoreVersions:
         manifest = self._read_manifest(directory)
         if manifest is None:
             return None
-        sizes = {name: int(e.get("size", -1)) for name, e in self._listing(directory).items()}
+        listing = self._listing(posixpath.join(directory, manifest.attempt))
+        sizes = {name: int(e.get("size", -1)) for name, e in listing.items()}
         return manifest if manifest.sizes_match(sizes) else None
 
+    def _object_dir(self, directory: str, manifest: Manifest) -> str:
+        """Where the version's objects are (under its prefix, in the manifest's attempt)."""
+        return posixpath.join(directory, manifest.attempt)
+
     def _publish_objects(self, nv: NewVersion, final: str, files: Mapping[str, bytes]) -> str:
-        """Write `nv`'s objects under `final`, then its manifest (one PUT): only then it exists."""
+        """Write `nv`'s objects under `final/<new attempt>/`, then its manifest (one PUT, only if
+        absent): only then the version exists."""
         if self._valid_manifest(final) is not None:
             raise exists_error(nv.adapter_id, nv.version)
-        if self._listing(final):  # objects of a publish that died before its manifest
-            self.fs.rm(final, recursive=True)
-        written: dict[str, bytes] = {}
+        manifest_path = posixpath.join(final, MANIFEST_FILE)
+        with contextlib.suppress(FileNotFoundError):  # names objects that are not all there:
+            self.fs.rm_file(manifest_path)  # not a version (its leftovers go with the sweep)
+        attempt = f"{ATTEMPT_PREFIX}{uuid.uuid4().hex[:16]}"
+        objects = posixpath.join(final, attempt)
         try:
             for name, data in files.items():  # version_payloads' order
-                self.fs.pipe_file(posixpath.join(final, name), data)
-                written[name] = data
+                self.fs.pipe_file(posixpath.join(objects, name), data)
             if self.test_objects_written_delay_s:
                 time.sleep(self.test_objects_written_delay_s)
-            self.fs.pipe_file(posixpath.join(final, MANIFEST_FILE),
-                              manifest_bytes(nv.version, written))
+            try:
+                self.fs.pipe_file(manifest_path, manifest_bytes(nv.version, attempt, files),
+                                  mode="create")
+            except OSError as exc:  # FileExistsError (If-None-Match), or a store's 412 variant
+                if self._read_manifest(final) is None:
+                    raise
+                raise exists_error(nv.adapter_id, nv.version) from exc  # another writer won
         except BaseException:
             with contextlib.suppress(Exception):  # best effort: the sweep removes what stays
-                if written:
-                    self.fs.rm([posixpath.join(final, n) for n in written])
+                self.fs.rm(objects, recursive=True)
             raise
         return final
 
@@ -103,25 +121,25 @@ class ObjectStoreVersions:
             self.fs.rm(directory, recursive=True)
 
     def _object_tree(self, adapter_root: str) -> dict[int, dict[str, dict[str, Any]]]:
-        """version -> object name -> listing entry, for every `v<N>/` prefix of the adapter."""
+        """version -> path under `v<N>/` ("manifest.json", "<attempt>/<name>") -> listing entry."""
         try:
-            found = self.fs.find(adapter_root, maxdepth=2, detail=True)
+            found = self.fs.find(adapter_root, maxdepth=3, detail=True)
         except FileNotFoundError:
             return {}
         prefix = adapter_root.rstrip("/") + "/"
         tree: dict[int, dict[str, dict[str, Any]]] = {}
         for path, entry in found.items():
-            parts = path.removeprefix(prefix).split("/")
-            if len(parts) == 2 and VERSION_RE.fullmatch(parts[0]):
-                tree.setdefault(int(parts[0][1:]), {})[parts[1]] = entry
+            head, _, rest = path.removeprefix(prefix).partition("/")
+            if rest and VERSION_RE.fullmatch(head):
+                tree.setdefault(int(head[1:]), {})[rest] = entry
         return tree
 
-    def _object_versions(self, adapter_root: str) -> dict[int, set[str]]:
-        """The adapter's existing versions -> their object names. All manifests are read in one
-        batched (concurrent on S3) request."""
-        tree = self._object_tree(adapter_root)
+    def _manifests(self, adapter_root: str, tree: dict[int, dict[str, dict[str, Any]]]
+                   ) -> dict[int, Manifest]:
+        """The adapter's existing versions -> their manifests. All manifests are read in one
+        batched (concurrent on S3) request; each is checked against the listing."""
         paths = {v: posixpath.join(adapter_root, f"v{v}", MANIFEST_FILE)
-                 for v, names in tree.items() if MANIFEST_FILE in names}
+                 for v, entries in tree.items() if MANIFEST_FILE in entries}
         if not paths:
             return {}
         raw = self.fs.cat(list(paths.values()), on_error="return")
@@ -129,22 +147,41 @@ class ObjectStoreVersions:
         for v, path in paths.items():
             data = raw.get(path, raw.get(self.fs._strip_protocol(path)))
             manifest = parse_manifest(data) if isinstance(data, bytes) else None
-            sizes = {n: int(e.get("size", -1)) for n, e in tree[v].items()}
-            if manifest is not None and manifest.sizes_match(sizes):
-                result[v] = set(manifest.files)
+            if manifest is None:
+                continue
+            sizes = {rel.split("/", 1)[1]: int(e.get("size", -1)) for rel, e in tree[v].items()
+                     if rel.startswith(manifest.attempt + "/")}
+            if manifest.sizes_match(sizes):
+                result[v] = manifest
         return result
 
+    def _object_versions(self, adapter_root: str) -> dict[int, set[str]]:
+        """The adapter's existing versions -> their object names."""
+        return {v: set(m.files) for v, m in self._manifests(
+            adapter_root, self._object_tree(adapter_root)).items()}
+
     def _sweep_objects(self, adapter_root: str, older_than_s: float, now: float) -> list[str]:
-        """Remove the objects of versions that do not exist (no manifest, or objects that do not
-        match it) once their newest object is older than `older_than_s` -> removed prefixes."""
+        """Remove objects no valid manifest names (publishes that died or lost a race), and
+        versions whose manifest does not match their objects, once the newest of them is older
+        than `older_than_s` (a live publish writes within a lease) -> removed prefixes."""
         tree = self._object_tree(adapter_root)
-        existing = self._object_versions(adapter_root)
+        manifests = self._manifests(adapter_root, tree)
         removed = []
         for v, entries in tree.items():
-            if v in existing:
+            directory = posixpath.join(adapter_root, f"v{v}")
+            if v not in manifests:
+                if now - max(_mtime(e, now) for e in entries.values()) >= older_than_s:
+                    self._remove_object_version(directory)
+                    removed.append(directory)
                 continue
-            if now - max(_mtime(e, now) for e in entries.values()) >= older_than_s:
-                directory = posixpath.join(adapter_root, f"v{v}")
-                self._remove_object_version(directory)
-                removed.append(directory)
+            stale: dict[str, float] = {}  # attempt prefix -> newest object
+            for rel, e in entries.items():
+                attempt = rel.split("/", 1)[0]
+                if rel != MANIFEST_FILE and attempt != manifests[v].attempt:
+                    stale[attempt] = max(stale.get(attempt, 0.0), _mtime(e, now))
+            for attempt, newest in sorted(stale.items()):
+                if now - newest >= older_than_s:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm(posixpath.join(directory, attempt), recursive=True)
+                    removed.append(posixpath.join(directory, attempt))
         return removed

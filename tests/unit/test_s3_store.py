@@ -9,6 +9,7 @@ import posixpath
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from lorafleet.common.store_layout import (
     TRAINER_TENSORS_FILE,
     AdapterNotFoundError,
     NewVersion,
+    VersionExistsError,
 )
 from lorafleet.common.store_manifest import MANIFEST_FILE
 
@@ -51,6 +53,13 @@ def _vdir(store: AdapterStore, version: int, adapter: str = "exp-a") -> str:
     return store._version_dir(adapter, version)
 
 
+def _object(store: AdapterStore, version: int, name: str) -> str:
+    """Where the manifest of `version` says its object `name` is."""
+    manifest = store._read_manifest(_vdir(store, version))
+    assert manifest is not None
+    return posixpath.join(_vdir(store, version), manifest.attempt, name)
+
+
 def test_settings_and_the_aws_environment_reach_the_server(
     s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -71,12 +80,14 @@ def test_the_manifest_is_written_last_and_lists_every_object(s3_store: AdapterSt
     [path] = s3_store.publish_many([_nv(0)])
     manifest = s3_store._read_manifest(path)
     assert manifest is not None and manifest.version == 0
-    listed = {posixpath.basename(e["name"]): e for e in s3_store.fs.ls(path, detail=True)}
-    assert set(listed) == set(manifest.files) | {MANIFEST_FILE}
+    assert set(s3_store._listing(path)) == {manifest.attempt, MANIFEST_FILE}
+    listed = s3_store._listing(posixpath.join(path, manifest.attempt))
+    assert set(listed) == set(manifest.files)
     for name, (size, _) in manifest.files.items():
         assert listed[name]["size"] == size
     # Written last: no object is newer than the manifest (S3 LastModified, 1 s resolution).
-    assert max(e["LastModified"] for e in listed.values()) == listed[MANIFEST_FILE]["LastModified"]
+    written = s3_store._listing(path)[MANIFEST_FILE]["LastModified"]
+    assert max(e["LastModified"] for e in listed.values()) <= written
     assert s3_store.same_content(_nv(0)) and not s3_store.same_content(_nv(0, seed=9))
 
 
@@ -104,13 +115,12 @@ def test_objects_that_do_not_match_the_manifest_are_never_loaded(
     s3_store: AdapterStore, tmp_path: Path
 ) -> None:
     s3_store.publish_many([_nv(0), _nv(1)])
-    weights = posixpath.join(_vdir(s3_store, 1), ADAPTER_WEIGHTS_FILE)
-    s3_store.fs.pipe_file(weights, b"short")  # another size: the version is gone for listings
+    # another size: the version is gone for listings
+    s3_store.fs.pipe_file(_object(s3_store, 1, ADAPTER_WEIGHTS_FILE), b"short")
     assert s3_store.versions("exp-a") == [0] and not s3_store.exists("exp-a", 1)
-    good = s3_store.fs.cat_file(posixpath.join(_vdir(s3_store, 0), ADAPTER_WEIGHTS_FILE))
-    torn = bytearray(good)
+    torn = bytearray(s3_store.fs.cat_file(_object(s3_store, 0, ADAPTER_WEIGHTS_FILE)))
     torn[-1] ^= 0xFF  # same size, other bytes: only the sha256 tells
-    s3_store.fs.pipe_file(posixpath.join(_vdir(s3_store, 0), ADAPTER_WEIGHTS_FILE), bytes(torn))
+    s3_store.fs.pipe_file(_object(s3_store, 0, ADAPTER_WEIGHTS_FILE), bytes(torn))
     with pytest.raises(AdapterNotFoundError, match="does not match its manifest"):
         s3_store.load("exp-a", 0)
     with pytest.raises(Exception, match="differs from the manifest"):
@@ -142,6 +152,43 @@ def test_delete_removes_the_manifest_first_and_sweep_removes_dead_publishes(
     assert removed == [_vdir(s3_store, 7)]
     assert not s3_store.fs.exists(_vdir(s3_store, 7))
     assert s3_store.versions("exp-a") == [1, 2] and s3_store.latest_version("exp-a") == 2
+    # objects of another attempt beside a published version: a writer that lost or died
+    stale = posixpath.join(_vdir(s3_store, 2), ".a-0123456789abcdef")
+    s3_store.fs.pipe_file(posixpath.join(stale, ADAPTER_WEIGHTS_FILE), b"lost")
+    assert s3_store.sweep_temp(older_than_s=60, now=time.time() + 3600) == [stale]
+    assert s3_store.versions("exp-a") == [1, 2] and s3_store.load("exp-a", 2).version == 2
+
+
+def test_two_writers_of_one_version_the_first_manifest_wins_whole(
+    s3_server: S3Server, s3_store: AdapterStore
+) -> None:
+    """A lost attempt and its retry publish the same version at once: each writes its own
+    objects, the manifest is created only if absent, so the version is one writer's, whole."""
+    slow = AdapterStore(s3_store.url, endpoint_url=s3_server.endpoint_url,
+                        storage_options=s3_server.storage_options())
+    slow.test_snapshot_delay_s = 2.0  # its objects are written, its manifest waits
+    outcome: list[object] = []
+    thread = threading.Thread(target=lambda: outcome.append(_try(slow, _nv(1, seed=1))))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while len(s3_store.fs.find(_vdir(s3_store, 1))) < 4:  # the slow writer's objects are there
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    [fast] = s3_store.publish_many([_nv(1, seed=2)])
+    thread.join(30)
+    assert fast == _vdir(s3_store, 1)
+    assert isinstance(outcome[0], VersionExistsError)  # If-None-Match: the manifest was there
+    assert s3_store.same_content(_nv(1, seed=2)) and not s3_store.same_content(_nv(1, seed=1))
+    manifest = s3_store._read_manifest(_vdir(s3_store, 1))
+    assert manifest is not None and set(s3_store._listing(_vdir(s3_store, 1))) == {
+        manifest.attempt, MANIFEST_FILE}  # the loser removed its own objects
+
+
+def _try(store: AdapterStore, nv: NewVersion) -> object:
+    try:
+        return store.publish_many([nv])[0]
+    except Exception as exc:  # noqa: BLE001 (the outcome is asserted)
+        return exc
 
 
 _CHILD = """
@@ -164,7 +211,7 @@ def test_kill_9_in_the_middle_of_publishing_leaves_no_version(
     try:
         v1 = _vdir(s3_store, 1)
         deadline = time.monotonic() + 60
-        while len(s3_store._listing(v1)) < 4:  # every object of the snapshot version is there
+        while len(s3_store.fs.find(v1)) < 4:  # every object of the snapshot version is there
             assert child.poll() is None, "the publisher exited before it was killed"
             assert time.monotonic() < deadline, "the publisher never wrote its objects"
             time.sleep(0.1)
@@ -173,7 +220,7 @@ def test_kill_9_in_the_middle_of_publishing_leaves_no_version(
     finally:
         if child.poll() is None:
             child.kill()
-    assert MANIFEST_FILE not in s3_store._listing(v1)
+    assert MANIFEST_FILE not in s3_store._listing(v1) and len(s3_store.fs.find(v1)) == 4
     assert s3_store.versions("exp-a") == [0] and not s3_store.exists("exp-a", 1)
     assert s3_store.latest_version("exp-a") == 0 and s3_store.load("exp-a").version == 0
     with pytest.raises(AdapterNotFoundError):
