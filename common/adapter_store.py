@@ -163,24 +163,6 @@ class AdapterStore(StoreRetention, ObjectStoreVersions):
                 self._advance_latest(nv.adapter_id, nv.version)
         return results  # type: ignore[return-value]
 
-    def _publish_many_objects(self, versions: list[NewVersion]) -> list[str | VersionExistsError]:
-        # Serialise every item before the first write: a bad one publishes none (as on a local fs).
-        files = [{name: payload() for name, payload in version_payloads(nv).items()}
-                 for nv in versions if self._version_dir(nv.adapter_id, check_version(nv.version))]
-        results: list[str | VersionExistsError] = []
-        delay = self.test_snapshot_delay_s
-        for nv, data in zip(versions, files, strict=True):
-            self.test_objects_written_delay_s = delay if nv.trainer_tensors is not None else 0.0
-            try:
-                results.append(self._publish_objects(
-                    nv, self._version_dir(nv.adapter_id, nv.version), data))
-            except VersionExistsError as exc:
-                results.append(exc)
-        for nv, result in zip(versions, results, strict=True):
-            if isinstance(result, str):
-                self._advance_latest(nv.adapter_id, nv.version)
-        return results
-
     def _stage(self, nv: NewVersion) -> str:
         """Write the version's files into a new temporary directory (not yet synced)."""
         adapter_root = self._adapter_root(nv.adapter_id)
@@ -207,15 +189,7 @@ class AdapterStore(StoreRetention, ObjectStoreVersions):
         directory = self._version_dir(nv.adapter_id, check_version(nv.version))
         payloads = version_payloads(nv)
         if not self._local:  # the manifest holds every object's sha256: nothing to download
-            manifest = self._valid_manifest(directory)
-            if manifest is None or set(manifest.files) != set(payloads):
-                return False
-            try:
-                for name in payloads:
-                    manifest.check(name, payloads[name]())
-            except ManifestMismatch:
-                return False
-            return True
+            return self._same_objects(directory, payloads)
         if self._files(directory) & set(VERSION_FILES) != set(payloads):  # snapshot or not
             return False
         return all(hashlib.sha256(payloads[n]()).digest()

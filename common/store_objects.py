@@ -9,18 +9,22 @@ import os
 import posixpath
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from lorafleet.common.store_layout import (
     VERSION_RE,
     NewVersion,
+    VersionExistsError,
+    check_version,
     exists_error,
+    version_payloads,
 )
 from lorafleet.common.store_manifest import (
     ATTEMPT_PREFIX,
     MANIFEST_FILE,
     Manifest,
+    ManifestMismatch,
     manifest_bytes,
     parse_manifest,
 )
@@ -85,14 +89,47 @@ class ObjectStoreVersions:
         """Where the version's objects are (under its prefix, in the manifest's attempt)."""
         return posixpath.join(directory, manifest.attempt)
 
+    def _publish_many_objects(self, versions: list[NewVersion]) -> list[str | VersionExistsError]:
+        # Serialise every item before the first write: a bad one publishes none (as on a local fs).
+        files = [{name: payload() for name, payload in version_payloads(nv).items()}
+                 for nv in versions if self._version_dir(nv.adapter_id, check_version(nv.version))]
+        results: list[str | VersionExistsError] = []
+        delay = self.test_snapshot_delay_s
+        for nv, data in zip(versions, files, strict=True):
+            self.test_objects_written_delay_s = delay if nv.trainer_tensors is not None else 0.0
+            try:
+                results.append(self._publish_objects(
+                    nv, self._version_dir(nv.adapter_id, nv.version), data))
+            except VersionExistsError as exc:
+                results.append(exc)
+        for nv, result in zip(versions, results, strict=True):
+            if isinstance(result, str):
+                self._advance_latest(nv.adapter_id, nv.version)
+        return results
+
+    def _same_objects(self, directory: str, payloads: Mapping[str, Callable[[], bytes]]) -> bool:
+        manifest = self._valid_manifest(directory)
+        if manifest is None or set(manifest.files) != set(payloads):
+            return False
+        try:
+            for name, payload in payloads.items():
+                manifest.check(name, payload())
+        except ManifestMismatch:
+            return False
+        return True
+
     def _publish_objects(self, nv: NewVersion, final: str, files: Mapping[str, bytes]) -> str:
         """Write `nv`'s objects under `final/<new attempt>/`, then its manifest (one PUT, only if
         absent): only then the version exists."""
-        if self._valid_manifest(final) is not None:
-            raise exists_error(nv.adapter_id, nv.version)
         manifest_path = posixpath.join(final, MANIFEST_FILE)
-        with contextlib.suppress(FileNotFoundError):  # names objects that are not all there:
-            self.fs.rm_file(manifest_path)  # not a version (its leftovers go with the sweep)
+        if MANIFEST_FILE in self._listing(final):
+            if self._valid_manifest(final) is not None:
+                raise exists_error(nv.adapter_id, nv.version)
+            # There but invalid (unreadable, or naming objects that are not all there): not a
+            # version, and no create could succeed while it is there. No writer can have
+            # replaced it since the check: manifests are only created where none is.
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(manifest_path)
         attempt = f"{ATTEMPT_PREFIX}{uuid.uuid4().hex[:16]}"
         objects = posixpath.join(final, attempt)
         try:

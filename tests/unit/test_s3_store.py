@@ -229,3 +229,11 @@ def test_kill_9_in_the_middle_of_publishing_leaves_no_version(
     assert s3_store.sweep_temp(older_than_s=60, now=time.time() + 3600) == [v1]
     s3_store.publish_many([_nv(1, seed=5)])
     assert s3_store.versions("exp-a") == [0, 1] and s3_store.load("exp-a").version == 1
+
+
+def test_an_invalid_manifest_is_replaced_by_the_next_publish(s3_store: AdapterStore) -> None:
+    s3_store.publish_many([_nv(0)])
+    s3_store.fs.pipe_file(posixpath.join(_vdir(s3_store, 0), MANIFEST_FILE), b"{not json")
+    assert s3_store.versions("exp-a") == [] and not s3_store.exists("exp-a", 0)
+    s3_store.publish_many([_nv(0, seed=3)])
+    assert s3_store.versions("exp-a") == [0] and s3_store.same_content(_nv(0, seed=3))
