@@ -195,14 +195,19 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         if data.get("redis_url"):
             data["redis_url"] = redacted(data["redis_url"])
+        if data.get("store_url"):
+            data["store_url"] = redacted(data["store_url"])
+        data["store_options"] = {k: "***" for k in data.get("store_options") or {}}  # credentials
         return data
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # pydantic builds both repr() and str() from these, so tracebacks and f-strings that show
         # a Settings object cannot leak the Redis password.
         for name, value in super().__repr_args__():
-            if name == "redis_url" and isinstance(value, str):
+            if name in ("redis_url", "store_url") and isinstance(value, str):
                 yield name, redacted(value)
+            elif name == "store_options" and isinstance(value, dict):  # may hold credentials
+                yield name, {k: "***" for k in value}
             else:
                 yield name, value
 

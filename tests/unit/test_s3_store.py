@@ -237,3 +237,10 @@ def test_an_invalid_manifest_is_replaced_by_the_next_publish(s3_store: AdapterSt
     assert s3_store.versions("exp-a") == [] and not s3_store.exists("exp-a", 0)
     s3_store.publish_many([_nv(0, seed=3)])
     assert s3_store.versions("exp-a") == [0] and s3_store.same_content(_nv(0, seed=3))
+
+
+def test_store_credentials_never_show_in_settings_dumps() -> None:
+    settings = Settings(store_url="s3://b/p", store_options={"key": "AKIA1", "secret": "s3cr3t"})
+    for shown in (repr(settings), str(settings), str(settings.safe_dump())):
+        assert "s3cr3t" not in shown and "AKIA1" not in shown
+    assert settings.store_options["secret"] == "s3cr3t"  # the real value is kept
