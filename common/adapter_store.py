@@ -1,10 +1,12 @@
 """Versioned, immutable LoRA adapter checkpoints on any fsspec filesystem (layout, records and
 errors: common/store_layout.py; local copies of remote versions: common/store_cache.py).
 
-A version is written under a temporary name and renamed into place (atomic on a local fs), so
+On a local fs a version is written under a temporary name and renamed into place (atomic), so
 readers (PEFT, vLLM, the next train step) never see half a version. Object stores have no rename:
-there a version counts only once all four files are there, and a half-copied leftover of a crashed
-publish is replaced by the next publish.
+there a version's objects are written under its prefix and a manifest (each object's size and
+sha256) LAST, in one PUT; a version exists only when its manifest is there and its objects match
+it (common/store_objects.py, common/store_manifest.py). A crashed publish's objects are never read,
+the next publish of that version replaces them, and `sweep_temp` removes them.
 """
 
 from __future__ import annotations
@@ -51,21 +53,28 @@ from lorafleet.common.store_layout import (
     version_dir_name,
     version_payloads,
 )
+from lorafleet.common.store_manifest import ManifestMismatch
+from lorafleet.common.store_objects import ObjectStoreVersions, object_store_options
 from lorafleet.common.store_retention import StoreRetention
 
 if TYPE_CHECKING:  # torch is imported lazily: the torch-free client lists and downloads versions
     import torch
 
 
-class AdapterStore(StoreRetention):
+class AdapterStore(StoreRetention, ObjectStoreVersions):
     """Publish and load adapter checkpoints under `url` (`file://`, a plain path, `memory://`,
-    or any fsspec URL such as `s3://bucket/prefix`)."""
+    or any fsspec URL such as `s3://bucket/prefix`; `storage_options` and `endpoint_url` go to
+    the fsspec filesystem, see `object_store_options`)."""
 
-    def __init__(self, url: str, *, cache_dir: Path | None = None) -> None:
+    def __init__(self, url: str, *, cache_dir: Path | None = None,
+                 storage_options: Mapping[str, Any] | None = None,
+                 endpoint_url: str | None = None) -> None:
         self.test_snapshot_delay_s = 0.0  # fault injection (tests): see publish_many
         self.url = url
         self._shown = redacted(url)  # object-store URLs may carry credentials
-        fs, root = fsspec.core.url_to_fs(url)
+        protocol = fsspec.core.split_protocol(url)[0] or "file"
+        fs, root = fsspec.core.url_to_fs(
+            url, **object_store_options(protocol, storage_options, endpoint_url))
         self.fs: AbstractFileSystem = fs
         self.root: str = root.rstrip("/") or "/"
         self._local = isinstance(fs, LocalFileSystem)
@@ -75,7 +84,9 @@ class AdapterStore(StoreRetention):
     def from_settings(cls, settings: Settings) -> AdapterStore:
         """The fleet's store: `settings.store_url` (default: under the cache dir), with local
         copies of remote versions under `settings.cache_dir`."""
-        return cls(settings.resolved_store_url, cache_dir=settings.cache_dir)
+        return cls(settings.resolved_store_url, cache_dir=settings.cache_dir,
+                   storage_options=settings.store_options,
+                   endpoint_url=settings.store_endpoint_url)
 
     def __repr__(self) -> str:
         return f"AdapterStore({self._shown!r})"
@@ -111,7 +122,10 @@ class AdapterStore(StoreRetention):
         On a local fs every file is written under a temporary directory, all of them are made
         durable with one filesystem sync, then renamed into place and the renames synced once
         more: a version directory that exists always has durable content, and when this returns
-        every version is durable, as with one `publish` each, at a fraction of the fsyncs."""
+        every version is durable, as with one `publish` each, at a fraction of the fsyncs.
+        On object stores each version's objects go straight under its prefix, its manifest last."""
+        if not self._local:
+            return self._publish_many_objects(versions)
         results: list[str | VersionExistsError | None] = [None] * len(versions)
         staged: list[tuple[int, str, str]] = []  # (index, temp dir, final dir)
         try:
@@ -174,6 +188,8 @@ class AdapterStore(StoreRetention):
         own result there."""
         directory = self._version_dir(nv.adapter_id, check_version(nv.version))
         payloads = version_payloads(nv)
+        if not self._local:  # the manifest holds every object's sha256: nothing to download
+            return self._same_objects(directory, payloads)
         if self._files(directory) & set(VERSION_FILES) != set(payloads):  # snapshot or not
             return False
         return all(hashlib.sha256(payloads[n]()).digest()
@@ -193,23 +209,12 @@ class AdapterStore(StoreRetention):
         return result
 
     def _move_into_place(self, tmp: str, final: str, adapter_id: str, version: int) -> None:
-        if self._local:
-            try:
-                os.rename(tmp, final)  # fails if `final` exists and is not empty
-            except OSError as exc:
-                if self._is_complete(final):
-                    raise exists_error(adapter_id, version) from exc
-                raise
-            return
-        if self.fs.exists(final):
+        try:
+            os.rename(tmp, final)  # fails if `final` exists and is not empty
+        except OSError as exc:
             if self._is_complete(final):
-                raise exists_error(adapter_id, version)
-            self.fs.rm(final, recursive=True)  # leftover of a publish that died mid-copy
-        # No rename on object stores: copy file by file, the config last, then delete the temp.
-        present = self._files(tmp)
-        for name in VERSION_FILES:
-            if name in present:
-                self.fs.copy(posixpath.join(tmp, name), posixpath.join(final, name))
+                raise exists_error(adapter_id, version) from exc
+            raise
 
     @contextlib.contextmanager
     def _adapter_lock(self, adapter_id: str) -> Iterator[None]:
@@ -259,6 +264,8 @@ class AdapterStore(StoreRetention):
         return {posixpath.basename(p.rstrip("/")) for p in listing}
 
     def _is_complete(self, version_dir: str) -> bool:
+        if not self._local:
+            return self._valid_manifest(version_dir) is not None
         return self._files(version_dir).issuperset(REQUIRED_FILES)
 
     def adapters(self) -> list[str]:
@@ -277,6 +284,9 @@ class AdapterStore(StoreRetention):
         Temp directories and incomplete copies are skipped."""
         need = set(REQUIRED_FILES) | ({TRAINER_TENSORS_FILE} if snapshots_only else set())
         adapter_root = self._adapter_root(adapter_id)
+        if not self._local:
+            return sorted(v for v, names in self._object_versions(adapter_root).items()
+                          if names.issuperset(need))
         try:
             files = self.fs.find(adapter_root, maxdepth=2)
         except FileNotFoundError:
@@ -326,11 +336,24 @@ class AdapterStore(StoreRetention):
         from safetensors.torch import load as st_load
 
         resolved, directory = self._require(adapter_id, version)
+        manifest = None if self._local else self._valid_manifest(directory)
+        objects = directory if manifest is None else self._object_dir(directory, manifest)
 
         def read(name: str) -> bytes:
-            return self.fs.cat_file(posixpath.join(directory, name))
+            data = self.fs.cat_file(posixpath.join(objects, name))
+            if manifest is not None:
+                try:
+                    manifest.check(name, data)
+                except ManifestMismatch as exc:
+                    raise AdapterNotFoundError(
+                        f"adapter {adapter_id!r} v{resolved} in {self._shown} does not match its "
+                        f"manifest ({exc}): not a complete version") from exc
+            return data
 
-        snapshot = TRAINER_TENSORS_FILE in self._files(directory)
+        if manifest is not None:
+            snapshot = TRAINER_TENSORS_FILE in manifest.files
+        else:
+            snapshot = TRAINER_TENSORS_FILE in self._files(directory)
         return AdapterCheckpoint(
             adapter_id=adapter_id,
             version=resolved,
@@ -344,6 +367,11 @@ class AdapterStore(StoreRetention):
     def adapter_config(self, adapter_id: str, version: Version = "latest") -> dict[str, Any]:
         """The PEFT adapter_config.json of a published version (no tensors read)."""
         _, directory = self._require(adapter_id, version)
+        if not self._local:
+            manifest = self._valid_manifest(directory)
+            if manifest is None:
+                raise AdapterNotFoundError(f"adapter {adapter_id!r}: version gone from {self._shown}")
+            directory = self._object_dir(directory, manifest)
         return json.loads(self.fs.cat_file(posixpath.join(directory, ADAPTER_CONFIG_FILE)))
 
     def local_dir(self, adapter_id: str, version: Version = "latest") -> Path:
@@ -356,8 +384,13 @@ class AdapterStore(StoreRetention):
         if self._local:
             return Path(directory)
         target = self._cache_root() / adapter_id / version_dir_name(resolved)
-        names = sorted(self._files(directory) & set(VERSION_FILES))
-        return download_version(self.fs, directory, names, target)
+        manifest = self._valid_manifest(directory)
+        if manifest is None:  # deleted or replaced since _require
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} has no version {resolved} in "
+                                       f"{self._shown}")
+        names = sorted(set(manifest.files) & set(VERSION_FILES))
+        return download_version(self.fs, self._object_dir(directory, manifest), names, target,
+                                check=manifest.check)
 
     def _cache_root(self) -> Path:
         if self._cache_dir is None:

@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     # None: `file://<cache_dir>/store`, so one LORAFLEET_CACHE_DIR moves everything.
     store_url: str | None = None
+    # Object stores: the S3 (-compatible) endpoint, else AWS_ENDPOINT_URL; extra fsspec storage
+    # options as JSON (LORAFLEET_STORE_OPTIONS='{"key": ..., "secret": ...}'); credentials
+    # otherwise come from the standard AWS chain (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...).
+    store_endpoint_url: str | None = None
+    store_options: dict[str, Any] = Field(default_factory=dict)
     base_model: str = "builtin:tiny-llama"
     device: str = "cpu"
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
@@ -190,14 +195,19 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         if data.get("redis_url"):
             data["redis_url"] = redacted(data["redis_url"])
+        if data.get("store_url"):
+            data["store_url"] = redacted(data["store_url"])
+        data["store_options"] = {k: "***" for k in data.get("store_options") or {}}  # credentials
         return data
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # pydantic builds both repr() and str() from these, so tracebacks and f-strings that show
         # a Settings object cannot leak the Redis password.
         for name, value in super().__repr_args__():
-            if name == "redis_url" and isinstance(value, str):
+            if name in ("redis_url", "store_url") and isinstance(value, str):
                 yield name, redacted(value)
+            elif name == "store_options" and isinstance(value, dict):  # may hold credentials
+                yield name, {k: "***" for k in value}
             else:
                 yield name, value
 

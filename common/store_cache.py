@@ -9,6 +9,7 @@ import posixpath
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from fsspec import AbstractFileSystem
@@ -31,8 +32,11 @@ def cache_root(cache_dir: Path | str, fs: AbstractFileSystem, root: str) -> Path
     return Path(cache_dir) / CACHE_SUBDIR / f"{readable}-{digest}"
 
 
-def download_version(fs: AbstractFileSystem, directory: str, names: list[str], target: Path) -> Path:
-    """Copy the files `names` of the version `directory` on `fs` into `target`, once."""
+def download_version(fs: AbstractFileSystem, directory: str, names: list[str], target: Path,
+                     check: Callable[[str, bytes], None] | None = None) -> Path:
+    """Copy the files `names` of the version `directory` on `fs` into `target`, once (`check`:
+    raises unless a file's bytes are the version's, e.g. `Manifest.check`; a copy that fails it
+    is never renamed into place)."""
     if complete_local(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +44,10 @@ def download_version(fs: AbstractFileSystem, directory: str, names: list[str], t
     tmp.mkdir()
     try:
         for name in names:
-            fsync_write(str(tmp / name), fs.cat_file(posixpath.join(directory, name)))
+            data = fs.cat_file(posixpath.join(directory, name))
+            if check is not None:
+                check(name, data)
+            fsync_write(str(tmp / name), data)
         try:
             os.rename(tmp, target)
         except OSError:

@@ -50,6 +50,9 @@ class StoreRetention:
 
     def _remove_version(self, adapter_id: str, version: int) -> None:
         directory = self._version_dir(adapter_id, version)
+        if not self._local:
+            self._remove_object_version(directory)
+            return
         if self._local:
             # Rename first so no reader can open a version that is half deleted.
             doomed = f"{self._adapter_root(adapter_id)}/{TMP_PREFIX}del-{uuid.uuid4().hex}"
@@ -59,7 +62,9 @@ class StoreRetention:
 
     def sweep_temp(self, older_than_s: float, now: float | None = None) -> list[str]:
         """Remove temporary directories and files (`.tmp-*`) left by writers that died, once
-        they are older than `older_than_s` (a live writer finishes within a lease) -> removed."""
+        they are older than `older_than_s` (a live writer finishes within a lease) -> removed.
+        On object stores also the objects of versions without a (matching) manifest: publishes
+        that died before writing it."""
         import time
 
         now = time.time() if now is None else now
@@ -79,4 +84,6 @@ class StoreRetention:
                     with contextlib.suppress(FileNotFoundError):
                         self.fs.rm(e["name"], recursive=True)
                     removed.append(e["name"])
+            if not self._local:
+                removed += self._sweep_objects(self._adapter_root(adapter_id), older_than_s, now)
         return removed

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from s3_server import S3Server, moto_s3
 
 from lorafleet.common.redis_conn import EmbeddedRedis, connect
 
@@ -38,3 +40,17 @@ def _one_torch_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3-compatible server (moto_server, a subprocess) with a bucket; skipped if the
+    `s3` and `dev` extras (s3fs, moto[server]) are not installed, except in CI
+    (LORAFLEET_REQUIRE_S3=1: `make test` installs them, so there it must not skip)."""
+    if os.environ.get("LORAFLEET_REQUIRE_S3"):
+        import moto.server  # noqa: F401
+        import s3fs  # noqa: F401
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    with moto_s3(tmp_path_factory.mktemp("s3")) as server:
+        yield server

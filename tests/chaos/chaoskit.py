@@ -110,7 +110,7 @@ def assert_exact(client: FleetClient, store_url: str, ids: list[str], spec_dicts
     states = client.wait(ids, timeout_s=10)
     assert [s.status for s in states] == ["completed"] * len(ids), [(s.status, s.error) for s in states]
     ref_metrics, ref_weights = reference(spec_dicts, ids, model_cache)
-    store = AdapterStore(store_url)
+    store = AdapterStore(store_url, cache_dir=model_cache)  # object stores: local_dir downloads
     commits = [f["exp"] for _, f in r.xrange(Keys.events) if f["type"] == "train_committed"]
     for exp_id, s in zip(ids, spec_dicts, strict=True):
         steps = s["steps"]

@@ -59,8 +59,14 @@ def store(tmp_path: Path) -> AdapterStore:
     return AdapterStore("file://" + str(tmp_path / "store"), cache_dir=tmp_path / "cache")
 
 
-@pytest.fixture
-def memory_store(tmp_path: Path) -> AdapterStore:
+@pytest.fixture(params=["memory", "s3"])
+def memory_store(request: pytest.FixtureRequest, tmp_path: Path) -> AdapterStore:
+    """An object store (no rename: the manifest protocol): fsspec's memory filesystem, and a real
+    S3-compatible server (moto_server)."""
+    if request.param == "s3":
+        s3 = request.getfixturevalue("s3_server")
+        return AdapterStore(s3.url(), cache_dir=tmp_path / "cache", endpoint_url=s3.endpoint_url,
+                            storage_options=s3.storage_options())
     # The memory filesystem is global to the process: give each test its own root.
     return AdapterStore(f"memory://store-{uuid.uuid4().hex}", cache_dir=tmp_path / "cache")
 
