@@ -168,8 +168,8 @@ def dead_letter(client: Any, queue: str, raw: bytes | str, exc: PoisonMessage) -
                 size=size)
 
 
-class Channel(kombu_redis.Channel):
-    """kombu's Redis channel; every raw item is screened before kombu parses it."""
+class _Screening:
+    """Every raw item screened before kombu parses it: mixed into kombu's Redis channels."""
 
     def _screen(self, queue: str, item: bytes | str) -> dict[str, Any] | None:
         """The envelope to deliver, or None when the item was dead-lettered."""
@@ -237,7 +237,21 @@ class Channel(kombu_redis.Channel):
         return super()._deliver_fanout_message(message, exchange)
 
 
+class Channel(_Screening, kombu_redis.Channel):  # type: ignore[misc]
+    """kombu's Redis channel with screening."""
+
+
+class SentinelChannel(_Screening, kombu_redis.SentinelChannel):  # type: ignore[misc]
+    """kombu's Sentinel channel (the primary found through the sentinels) with screening."""
+
+
 class Transport(kombu_redis.Transport):
     """kombu's Redis transport (redis:// and rediss://) with the screening `Channel`."""
 
     Channel = Channel
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport (`redis+sentinel://` URLs) with the screening channel."""
+
+    Channel = SentinelChannel

@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from lorafleet.common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE
+from lorafleet.common.redis_url import kombu_broker, parse_redis_url
 
 TASK_ROLLOUT = "lf.rollout_batch"
 TASK_TRAIN = "lf.train_batch"
@@ -18,18 +19,26 @@ VISIBILITY_TIMEOUT_S = 6 * 3600  # last-resort redelivery; the reaper re-publish
 # kombu's Redis transport with poison isolation: a queue item that is not a valid lorafleet
 # message is dead-lettered before kombu parses it, instead of stopping the worker
 BROKER_TRANSPORT = "lorafleet.common.broker_transport:Transport"
+SENTINEL_TRANSPORT = "lorafleet.common.broker_transport:SentinelTransport"
 
 
 def broker_transport_config(broker_url: str) -> dict[str, Any]:
-    """Select lorafleet's transport for redis:// and rediss:// brokers (kombu's own otherwise).
+    """Select lorafleet's transport for redis://, rediss:// and redis+sentinel:// brokers (kombu's
+    own otherwise). A Sentinel URL becomes kombu's `sentinel://...;sentinel://...` with the master
+    name in the transport options; lorafleet's own URL parameters never reach kombu.
 
     A transport named explicitly bypasses kombu's URL-scheme alias, and with it kombu's TLS
     default for `rediss://` without `ssl_*` parameters, so that default is made explicit here:
     verify the server's certificate, as lorafleet's own Redis clients of the same URL do."""
-    parts = urlsplit(broker_url)
+    target = parse_redis_url(broker_url)
+    if target.is_sentinel:
+        url, options = kombu_broker(target)
+        return {"broker_url": url, "broker_transport": SENTINEL_TRANSPORT,
+                "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S, **options}}
+    parts = urlsplit(target.url)
     if parts.scheme not in ("redis", "rediss"):
-        return {}
-    conf: dict[str, Any] = {"broker_transport": BROKER_TRANSPORT}
+        return {"broker_url": target.url}
+    conf: dict[str, Any] = {"broker_url": target.url, "broker_transport": BROKER_TRANSPORT}
     if parts.scheme == "rediss" and not any(k.startswith("ssl_") for k in parse_qs(parts.query)):
         conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return conf

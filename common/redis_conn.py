@@ -13,20 +13,40 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import redis
+from redis.sentinel import Sentinel
+
+from lorafleet.common.redis_url import parse_redis_url
+from lorafleet.common.replication import ReplicatedRedis
 
 
-def connect(url: str, socket_timeout_s: float = 10.0, connect_timeout_s: float = 5.0) -> redis.Redis:
-    """A client for `redis://`, `rediss://` (TLS) or `unix://` URLs; AUTH from the URL.
+def connect(url: str, socket_timeout_s: float = 10.0, connect_timeout_s: float = 5.0) -> ReplicatedRedis:
+    """A client for `redis://`, `rediss://` (TLS), `unix://` or `redis+sentinel://` URLs (see
+    `lorafleet.common.redis_url`); AUTH from the URL. Writes wait for the URL's `wait_replicas`.
 
     Explicit timeouts: a hung Redis (paused, partitioned) raises `redis.TimeoutError` instead of
     blocking a loop forever; callers retry with `lorafleet.common.retry`. Blocking reads
-    (XREAD BLOCK) must block for less than `socket_timeout_s`."""
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30,
+    (XREAD BLOCK) must block for less than `socket_timeout_s`. A Sentinel client asks the sentinels
+    for the primary on every new connection: after a failover, the first error closes the old
+    connections and the next try reaches the new primary."""
+    target = parse_redis_url(url)
+    opts: dict[str, Any] = dict(decode_responses=True, health_check_interval=30,
                                 socket_timeout=socket_timeout_s, socket_connect_timeout=connect_timeout_s,
                                 socket_keepalive=True)
+    if target.is_sentinel:
+        sentinel_opts = {"socket_timeout": socket_timeout_s, "socket_connect_timeout": connect_timeout_s}
+        if target.sentinel_password:
+            sentinel_opts["password"] = target.sentinel_password
+        sentinels = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_opts)
+        client = sentinels.master_for(target.master, redis_class=ReplicatedRedis, db=target.db,
+                                      username=target.username, password=target.password, **opts)
+    else:
+        client = ReplicatedRedis.from_url(target.url, **opts)
+    client.set_wait_replicas(target.wait_replicas, target.wait_timeout_ms)
+    return client
 
 
 def redis_server_binary() -> str:

@@ -21,7 +21,7 @@ from lorafleet.common.ids import validate_id
 ENV_PREFIX = "LORAFLEET_"
 REDACTED = "***"
 # Query parameters that redis-py and friends accept as credentials.
-_SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "secret", "token"})
+_SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "secret", "token", "sentinel_password"})
 
 
 def _default_cache_dir() -> Path:
@@ -214,6 +214,17 @@ class Settings(BaseSettings):
 
 def redacted(url: str) -> str:
     """`url` with any password (in the userinfo or the query string) replaced by `***`."""
+    if url.startswith("redis+sentinel://"):  # host:port,host:port: no single port to parse
+        scheme_rest = url.split("://", 1)[1]
+        netloc = scheme_rest.split("/", 1)[0]
+        if "@" in netloc:
+            userinfo, hosts = netloc.rsplit("@", 1)
+            user = userinfo.split(":", 1)[0]
+            safe = f"{user}:{REDACTED}@{hosts}" if ":" in userinfo else f"{user}@{hosts}"
+            url = url.replace(netloc, safe, 1)
+        parts = urlsplit(url)
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, _redacted_query(parts.query),
+                           parts.fragment))
     try:
         parts = urlsplit(url)
         password = parts.password
@@ -231,7 +242,10 @@ def redacted(url: str) -> str:
         if port is not None:
             hostport = f"{hostport}:{port}"
         netloc = f"{userinfo}@{hostport}"
-    query = parts.query
+    return urlunsplit((parts.scheme, netloc, parts.path, _redacted_query(parts.query), parts.fragment))
+
+
+def _redacted_query(query: str) -> str:
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         if any(key.lower() in _SECRET_QUERY_KEYS for key, _ in pairs):
@@ -239,4 +253,4 @@ def redacted(url: str) -> str:
                 [(k, REDACTED if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs],
                 safe="*",
             )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return query

@@ -17,9 +17,17 @@ from kombu import Connection, Queue
 from kombu.transport import redis as kombu_redis
 
 from lorafleet.common import dead_letters as dl
-from lorafleet.common.broker_transport import Channel, PoisonMessage, Transport, check_item, is_task_queue
+from lorafleet.common.broker_transport import (
+    Channel,
+    PoisonMessage,
+    SentinelTransport,
+    Transport,
+    check_item,
+    is_task_queue,
+)
 from lorafleet.common.celery_config import (
     BROKER_TRANSPORT,
+    SENTINEL_TRANSPORT,
     TASK_ROLLOUT,
     TASK_TRAIN,
     broker_transport_config,
@@ -314,12 +322,16 @@ def test_kombu_still_has_the_shape_the_overrides_copy():
 
 def test_celery_config_selects_the_transport_for_redis_and_rediss(redis_url):
     assert celery_config(redis_url)["broker_transport"] == BROKER_TRANSPORT
-    assert broker_transport_config("redis://h:6379/0") == {"broker_transport": BROKER_TRANSPORT}
+    assert broker_transport_config("redis://h:6379/0") == {"broker_url": "redis://h:6379/0",
+                                                           "broker_transport": BROKER_TRANSPORT}
+    # lorafleet's own URL parameters never reach kombu
+    assert broker_transport_config("redis://h:6379/0?wait_replicas=1&wait_timeout_ms=5")["broker_url"] == \
+        "redis://h:6379/0"
     tls = broker_transport_config("rediss://:pw@h:6380/0")
-    assert tls == {"broker_transport": BROKER_TRANSPORT,
+    assert tls == {"broker_url": "rediss://:pw@h:6380/0", "broker_transport": BROKER_TRANSPORT,
                    "broker_use_ssl": {"ssl_cert_reqs": ssl.CERT_REQUIRED}}
     assert "broker_use_ssl" not in broker_transport_config("rediss://h:6380/0?ssl_cert_reqs=optional")
-    assert broker_transport_config("memory://") == {}
+    assert broker_transport_config("memory://") == {"broker_url": "memory://"}
     with make_sender(redis_url).connection_for_write() as conn:
         assert conn.get_transport_cls() is Transport
     app = make_sender("rediss://:pw@h.example:6380/1")
@@ -327,6 +339,21 @@ def test_celery_config_selects_the_transport_for_redis_and_rediss(redis_url):
         assert conn.get_transport_cls() is Transport
         assert conn.ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
         assert (conn.hostname, conn.port, conn.virtual_host) == ("h.example", 6380, "1")
+
+
+def test_celery_config_sends_sentinel_urls_through_the_screening_sentinel_transport():
+    conf = celery_config("redis+sentinel://:p%40ss@s1:26379,s2:26380/lorafleet/2?sentinel_password=sp&wait_replicas=1")
+    assert conf["broker_url"] == "sentinel://:p%40ss@s1:26379/2;sentinel://:p%40ss@s2:26380/2"
+    assert conf["broker_transport"] == SENTINEL_TRANSPORT
+    opts = conf["broker_transport_options"]
+    assert opts["master_name"] == "lorafleet" and opts["sentinel_kwargs"] == {"password": "sp"}
+    assert opts["visibility_timeout"] == celery_config("redis://h/0")["broker_transport_options"]["visibility_timeout"]
+    app = make_sender("redis+sentinel://:p%40ss@s1:26379,s2:26380/lorafleet/2")
+    with app.connection_for_write() as conn:
+        cls = conn.get_transport_cls()
+        assert cls is SentinelTransport and issubclass(cls.Channel, kombu_redis.SentinelChannel)
+        assert cls.Channel._brpop_read is Channel._brpop_read  # the same screening as redis://
+        assert (conn.hostname, conn.port, conn.password, conn.virtual_host) == ("s1", 26379, "p@ss", "2")
 
 
 def test_the_workers_own_guard_records_to_the_same_dead_letters(r, monkeypatch):

@@ -1,0 +1,67 @@
+"""Redis URLs: single servers and Sentinel-managed primaries, lorafleet's own parameters
+(wait_replicas, wait_timeout_ms, sentinel_password), and what never reaches a log."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorafleet.common.redis_conn import connect
+from lorafleet.common.redis_url import parse_redis_url
+from lorafleet.common.replication import ReplicatedRedis
+from lorafleet.common.settings import redacted
+
+
+def test_a_sentinel_url_names_its_sentinels_master_db_and_waits_for_one_replica_by_default():
+    t = parse_redis_url("redis+sentinel://:p%40ss@s1:26379,s2,[::1]:26380/lorafleet/3?sentinel_password=sp")
+    assert t.is_sentinel
+    assert t.sentinels == (("s1", 26379), ("s2", 26379), ("::1", 26380))
+    assert (t.master, t.db, t.password, t.sentinel_password) == ("lorafleet", 3, "p@ss", "sp")
+    assert (t.wait_replicas, t.wait_timeout_ms) == (1, 1000)
+    assert parse_redis_url("redis+sentinel://s1/m?wait_replicas=0").wait_replicas == 0
+
+
+def test_a_single_server_waits_for_no_replica_unless_asked_and_keeps_its_own_parameters():
+    t = parse_redis_url("redis://:pw@h:6379/0")
+    assert not t.is_sentinel and t.wait_replicas == 0 and t.url == "redis://:pw@h:6379/0"
+    t = parse_redis_url("rediss://h:6380/1?ssl_cert_reqs=required&wait_replicas=2&wait_timeout_ms=250")
+    assert (t.wait_replicas, t.wait_timeout_ms) == (2, 250)
+    assert t.url == "rediss://h:6380/1?ssl_cert_reqs=required"  # redis-py never sees ours
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("redis+sentinel://s1:26379", "ends with /<master name>"),
+    ("redis+sentinel://s1:26379/m/0/x", "ends with /<master name>"),
+    ("redis+sentinel://s1:26379/m/zero", "database 'zero' is not a number"),
+    ("redis+sentinel://s1:x/m", "the port is not a number"),
+    ("redis+sentinel://s1,,s2/m", "empty entry"),
+    ("redis://h/0?wait_replicas=many", "wait_replicas='many' is not an integer"),
+    ("redis://h/0?wait_replicas=-1", "wait_replicas must be >= 0"),
+    ("redis://h/0?wait_timeout_ms=0", "wait_timeout_ms must be >= 1"),
+])
+def test_a_url_lorafleet_cannot_use_says_what_to_fix(url, message):
+    with pytest.raises(ValueError, match=message):
+        parse_redis_url(url)
+    with pytest.raises(ValueError, match=message):
+        connect(url)
+
+
+def test_no_password_of_a_sentinel_url_reaches_a_log_line():
+    url = "redis+sentinel://user:s3cr3t@s1:26379,s2:26379/lorafleet/0?sentinel_password=t0p&wait_replicas=1"
+    shown = redacted(url)
+    assert "s3cr3t" not in shown and "t0p" not in shown
+    assert shown.startswith("redis+sentinel://user:***@s1:26379,s2:26379/lorafleet/0")
+    assert "wait_replicas=1" in shown  # the rest stays readable
+
+
+def test_connect_to_one_server_without_wait_is_a_plain_client(redis_url):
+    r = connect(redis_url)
+    assert isinstance(r, ReplicatedRedis) and r.wait_replicas == 0
+    assert r.set("lf:test:plain", 1) and r.pipeline().set("lf:test:plain", 2).execute() == [True]
+    # asked to wait for a replica this server does not have: a write is never reported done
+    from lorafleet.common.replication import ReplicationShortfall
+    sep = "&" if "?" in redis_url else "?"
+    strict = connect(f"{redis_url}{sep}wait_replicas=1&wait_timeout_ms=50")
+    with pytest.raises(ReplicationShortfall, match="0 of 1 replica"):
+        strict.set("lf:test:plain", 3)
+    assert strict.get("lf:test:plain") == "3"  # it reached the primary; it is just not confirmed
+    r.delete("lf:test:plain")
