@@ -412,3 +412,89 @@ def test_every_compose_variable_is_in_the_readme_table() -> None:
     for role in MULTI_HOST:
         assert f"docker compose -f ops/compose/{role}.yaml up -d" in section, role
     assert "### Redis failover and managed Redis" in readme
+
+
+def test_redis_role_scripts_replicate_and_fail_over(tmp_path: Path) -> None:
+    """redis.yaml's primary, replica and three Sentinels, run here with the local redis-server
+    (the image's entrypoint and the fixed ports swapped for local ones): passwords off every
+    command line, the replica in sync, the Sentinels agree on the primary; the primary killed -9,
+    a Sentinel promotes the replica; the old primary restarted from its config comes back as a
+    replica of the new one, and a restarted Sentinel still knows the new primary."""
+    import redis
+
+    from lorafleet.common.redis_conn import free_port, redis_server_binary
+
+    services = multi_host("redis")["services"]
+    password, spass = "pw-" + "0123456789abcdef" * 2, "sp-" + "fedcba9876543210" * 2
+    ports = {name: free_port() for name in services}
+    base = {"PATH": f"{Path(redis_server_binary()).parent}:/usr/bin:/bin", "REDIS_HOST": "127.0.0.1",
+            "REDIS_PASSWORD": password, "SENTINEL_PASSWORD": spass, "SENTINEL_DOWN_AFTER_MS": "1000"}
+    procs: dict[str, subprocess.Popen] = {}
+
+    def start(name: str) -> None:
+        script = _compose_text(services[name]["command"][2])
+        script = script.replace("docker-entrypoint.sh redis-server", "redis-server")
+        script = script.replace("/data", str(tmp_path / name))
+        script = script.replace(" 6379 2", f" {ports['redis-primary']} 2")  # the monitor line
+        (tmp_path / name).mkdir(exist_ok=True)
+        env = {**base, "PORT": str(ports[name])}
+        if name == "redis-replica":
+            env["REPLICA_OF"] = f"127.0.0.1 {ports['redis-primary']}"
+        procs[name] = subprocess.Popen(["sh", "-c", script], env=env, cwd=tmp_path / name,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def client(name: str) -> redis.Redis:
+        pw = spass if name.startswith("sentinel") else password
+        return redis.Redis(port=ports[name], password=pw, decode_responses=True, socket_timeout=5)
+
+    def until(check, what: str, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if check():
+                    return
+            except redis.RedisError:
+                pass
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
+
+    def master_of(sentinel: str) -> int:
+        return int(client(sentinel).execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "lorafleet")[1])
+
+    sentinels = [n for n in services if n.startswith("sentinel")]
+    try:
+        for name in services:
+            start(name)
+        until(lambda: client("redis-replica").info("replication")["master_link_status"] == "up",
+              "replica in sync")
+        for name, proc in procs.items():
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_text()
+            assert password not in cmdline and spass not in cmdline, name
+            conf = next((tmp_path / name).glob("*.conf"))
+            assert conf.stat().st_mode & 0o077 == 0, conf  # the passwords are in it: owner only
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=ports["sentinel-1"]).ping()
+        for s in sentinels:
+            until(lambda s=s: master_of(s) == ports["redis-primary"]
+                  and len(client(s).execute_command("SENTINEL", "SENTINELS", "lorafleet")) == 2,
+                  f"{s} knows the primary and its 2 peers")
+        primary = client("redis-primary")
+        primary.set("k", "v")
+        assert primary.wait(1, 1000) == 1
+
+        procs["redis-primary"].kill()
+        procs["redis-primary"].wait()
+        until(lambda: all(master_of(s) == ports["redis-replica"] for s in sentinels), "failover")
+        assert client("redis-replica").info("replication")["role"] == "master"
+        assert client("redis-replica").get("k") == "v"
+        start("redis-primary")  # from its own config: comes back, then is turned into a replica
+        until(lambda: client("redis-primary").info("replication").get("master_link_status") == "up",
+              "old primary follows the new one")
+        assert client("redis-primary").info("replication")["master_port"] == ports["redis-replica"]
+        _stop(procs["sentinel-3"])
+        start("sentinel-3")
+        until(lambda: master_of("sentinel-3") == ports["redis-replica"], "restarted sentinel")
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                _stop(proc)
