@@ -257,3 +257,244 @@ def test_dockerfile_copies_every_file_the_package_build_needs() -> None:
         assert (ROOT / path).is_file(), path
         where = copied_to(instructions, path)
         assert posixpath.join(workdir, path) in where, f"the Dockerfile copies {path} to {where or 'nowhere'}"
+
+
+# ---- several hosts: ops/compose/{redis,s3,control,gpu-node}.yaml (README "Several hosts") ------
+MULTI_HOST = ("redis", "s3", "control", "gpu-node")
+SECRET_VARS = ("REDIS_PASSWORD", "SENTINEL_PASSWORD", "MINIO_ROOT_PASSWORD", "AWS_SECRET_ACCESS_KEY",
+               "FLOWER_BASIC_AUTH", "GRAFANA_PASSWORD")
+
+
+def multi_host(role: str) -> dict:
+    return yaml.safe_load((ROOT / "ops" / "compose" / f"{role}.yaml").read_text())
+
+
+def _env_of(svc: dict) -> dict:
+    env = svc.get("environment", {})
+    return env if isinstance(env, dict) else dict(e.split("=", 1) for e in env)
+
+
+def test_multi_host_files_parse_and_name_their_roles() -> None:
+    files = sorted(p.stem for p in (ROOT / "ops" / "compose").glob("*.yaml"))
+    assert files == sorted(MULTI_HOST)
+    redis_svc = multi_host("redis")["services"]
+    assert {"redis-primary", "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"} == redis_svc.keys()
+    assert {"minio", "minio-init"} == multi_host("s3")["services"].keys()
+    control = multi_host("control")["services"]
+    assert {"scheduler", "api", "flower", "prometheus", "grafana"} == control.keys()
+    assert control["scheduler"]["deploy"]["replicas"] == 2  # leader + standby
+    commands = set(get_command(app).commands)  # type: ignore[attr-defined]
+    for name in ("scheduler", "api", "flower"):
+        assert control[name]["command"][:2] == ["lorafleet", name] and name in commands
+    workers = multi_host("gpu-node")["services"]
+    assert workers and all(re.fullmatch(r"worker-gpu\d+", name) for name in workers)
+    assert len(workers) == 8
+    # every compose path the control host mounts exists (relative to ops/compose/)
+    for svc in control.values():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":", 1)[0]
+            if src.startswith("."):
+                assert (ROOT / "ops" / "compose" / src).exists(), vol
+    assert (ROOT / "ops" / "compose" / control["scheduler"]["build"]["context"] /
+            control["scheduler"]["build"]["dockerfile"]).is_file()
+
+
+def test_gpu_node_workers_share_nothing_and_pin_one_gpu_each() -> None:
+    services = multi_host("gpu-node")["services"]
+    owners: dict[str, str] = {}
+    gpus = []
+    for name, svc in services.items():
+        cmd = svc["command"]
+        assert cmd[:2] == ["lorafleet", "worker"] and cmd[cmd.index("--device") + 1] == "cuda:0"
+        node = cmd[cmd.index("--node") + 1]
+        assert node.startswith("${NODE_NAME:?") and node.endswith(f"-{name.split('-')[1]}"), node
+        (dev,) = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert "count" not in dev, "count: 1 gives every container GPU 0"
+        assert dev["capabilities"] == ["gpu"] and len(dev["device_ids"]) == 1
+        gpus.append(dev["device_ids"][0])
+        for vol in svc.get("volumes", []):
+            src, dest, *mode = vol.rsplit(":", 2 if vol.endswith((":ro", ":rw")) else 1)
+            assert not dest.startswith("/data/store") and dest != "/data", (name, vol)
+            if src.startswith(("/", ".", "$")):  # a host path: read-only models only
+                assert mode == ["ro"] and dest == "/models", (name, vol)
+            else:
+                assert src not in owners, f"{src} shared by {owners[src]} and {name}"
+                owners[src] = name
+                assert dest == _env_of(svc)["LORAFLEET_CACHE_DIR"]
+    assert gpus == [str(i) for i in range(len(services))]
+    assert len(owners) == len(services)  # one cache volume per worker
+    assert "store" not in multi_host("gpu-node").get("volumes", {})
+
+
+@pytest.mark.parametrize("role", ["control", "gpu-node"])
+def test_fleet_roles_use_s3_and_the_sentinel_url(role: str) -> None:
+    for name, svc in multi_host(role)["services"].items():
+        env = _env_of(svc)
+        if "LORAFLEET_REDIS_URL" not in env:
+            assert name in ("prometheus", "grafana"), name
+            continue
+        assert env["LORAFLEET_STORE_URL"].startswith("s3://${S3_BUCKET:?"), name
+        url = env["LORAFLEET_REDIS_URL"]
+        assert url.startswith("redis+sentinel://:${REDIS_PASSWORD:?"), name
+        assert "@${SENTINELS:?" in url and "}/lorafleet/0?" in url, name
+        assert "wait_replicas=" in url and "sentinel_password=${SENTINEL_PASSWORD:?" in url, name
+        assert env["AWS_SECRET_ACCESS_KEY"].startswith("${AWS_SECRET_ACCESS_KEY:?"), name
+        assert "volumes" not in svc or all("store" not in v for v in svc["volumes"]), name
+
+
+def test_redis_role_persists_and_watches_with_three_sentinels() -> None:
+    services = multi_host("redis")["services"]
+    for name in ("redis-primary", "redis-replica"):
+        script = _compose_text(services[name]["command"])
+        assert 'echo "appendonly yes"' in script and 'echo "appendfsync everysec"' in script
+        assert "replica-announce-ip" in script and "masterauth" in script and "requirepass" in script
+        assert services[name]["volumes"][0].endswith(":/data")
+    assert _env_of(services["redis-replica"])["REPLICA_OF"] == "${REDIS_HOST:?set REDIS_HOST} 6379"
+    assert "REPLICA_OF" not in _env_of(services["redis-primary"])
+    sentinels = {n: s for n, s in services.items() if "--sentinel" in _compose_text(s["command"])}
+    assert len(sentinels) == 3
+    ports = set()
+    for svc in sentinels.values():
+        script = _compose_text(svc["command"])
+        (monitor,) = re.findall(r"sentinel monitor (\S+) (\S+) (\d+) (\d+)", script)
+        assert monitor == ("lorafleet", "$REDIS_HOST", "6379", "2")  # master name, quorum 2
+        assert "sentinel auth-pass lorafleet" in script and "sentinel announce-ip" in script
+        ports.add(_env_of(svc)["PORT"])
+    assert ports == {"26379", "26380", "26381"}
+    volumes = [s["volumes"][0].split(":")[0] for s in services.values()]
+    assert len(set(volumes)) == len(volumes) == 5  # every instance its own (writable) config + data
+
+
+def _all_multi_host_texts() -> dict[str, str]:
+    out = {}
+    for role in MULTI_HOST:
+        for name, svc in multi_host(role)["services"].items():
+            out[f"{role} {name}"] = " ".join(
+                _compose_text(svc.get(k, [])) for k in ("command", "entrypoint")) + " " + \
+                _compose_text(svc.get("healthcheck", {}).get("test", []))
+    return out
+
+
+def test_multi_host_no_secret_on_any_command_line() -> None:
+    """Passwords only in environments (from the host's environment: `${VAR:?}`), as config
+    written by shell builtins (printf), or as redis-cli's REDISCLI_AUTH."""
+    for where, text in _all_multi_host_texts().items():
+        assert "--requirepass" not in text and "mc alias set" not in text, where
+        assert not re.search(r"redis-cli\b[^|;&\n]*\s-[au]\b", text), where
+        for flag in ("--basic-auth", "--broker", "--redis-url"):
+            assert flag not in text, (where, flag)
+        rest = re.sub(r"printf '[^']*'(\s|\\)*(\"\$\w+\"\s*)+", "", text)  # a builtin: no argv
+        rest = re.sub(r'REDISCLI_AUTH=\\?"\$\w+\\?"', "", rest)
+        rest = re.sub(r': "\$\{\w+:\?[^}]*\}"', "", rest)  # the checks that they are set
+        rest = re.sub(r"case (\$\w+)+ in", "", rest)
+        assert not re.search(r"\$\{?\w*(PASSWORD|BASIC_AUTH|SECRET)", rest), (where, rest)
+    for role in MULTI_HOST:  # no literal secret anywhere: every secret variable from the host
+        for name, svc in multi_host(role)["services"].items():
+            for key, value in _env_of(svc).items():
+                if key in SECRET_VARS:
+                    assert re.fullmatch(rf"\$\{{{key}:\?[^}}]*\}}", str(value)), (role, name, key)
+                if "PASSWORD" in key or "SECRET" in key or "AUTH" in key:
+                    assert str(value).startswith("${"), (role, name, key)
+                if key.startswith("MC_HOST_"):
+                    assert "${MINIO_ROOT_PASSWORD:?" in value
+
+
+def test_every_compose_variable_is_in_the_readme_table() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Several hosts", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(\w+)` \|", section, re.M))
+    used = set()
+    for role in MULTI_HOST:
+        text = (ROOT / "ops" / "compose" / f"{role}.yaml").read_text()
+        used |= set(re.findall(r"(?<!\$)\$\{(\w+)", text))  # compose's own, not the shell's ($${...})
+    assert used, "no ${VAR} found"
+    assert used <= documented, f"not in the README table: {sorted(used - documented)}"
+    for role in MULTI_HOST:
+        assert f"docker compose -f ops/compose/{role}.yaml up -d" in section, role
+    assert "### Redis failover and managed Redis" in readme
+
+
+def test_redis_role_scripts_replicate_and_fail_over(tmp_path: Path) -> None:
+    """redis.yaml's primary, replica and three Sentinels, run here with the local redis-server
+    (the image's entrypoint and the fixed ports swapped for local ones): passwords off every
+    command line, the replica in sync, the Sentinels agree on the primary; the primary killed -9,
+    a Sentinel promotes the replica; the old primary restarted from its config comes back as a
+    replica of the new one, and a restarted Sentinel still knows the new primary."""
+    import redis
+
+    from lorafleet.common.redis_conn import free_port, redis_server_binary
+
+    services = multi_host("redis")["services"]
+    password, spass = "pw-" + "0123456789abcdef" * 2, "sp-" + "fedcba9876543210" * 2
+    ports = {name: free_port() for name in services}
+    base = {"PATH": f"{Path(redis_server_binary()).parent}:/usr/bin:/bin", "REDIS_HOST": "127.0.0.1",
+            "REDIS_PASSWORD": password, "SENTINEL_PASSWORD": spass, "SENTINEL_DOWN_AFTER_MS": "1000"}
+    procs: dict[str, subprocess.Popen] = {}
+
+    def start(name: str) -> None:
+        script = _compose_text(services[name]["command"][2])
+        script = script.replace("docker-entrypoint.sh redis-server", "redis-server")
+        script = script.replace("/data", str(tmp_path / name))
+        script = script.replace(" 6379 2", f" {ports['redis-primary']} 2")  # the monitor line
+        (tmp_path / name).mkdir(exist_ok=True)
+        env = {**base, "PORT": str(ports[name])}
+        if name == "redis-replica":
+            env["REPLICA_OF"] = f"127.0.0.1 {ports['redis-primary']}"
+        procs[name] = subprocess.Popen(["sh", "-c", script], env=env, cwd=tmp_path / name,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def client(name: str) -> redis.Redis:
+        pw = spass if name.startswith("sentinel") else password
+        return redis.Redis(port=ports[name], password=pw, decode_responses=True, socket_timeout=5)
+
+    def until(check, what: str, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if check():
+                    return
+            except redis.RedisError:
+                pass
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
+
+    def master_of(sentinel: str) -> int:
+        return int(client(sentinel).execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "lorafleet")[1])
+
+    sentinels = [n for n in services if n.startswith("sentinel")]
+    try:
+        for name in services:
+            start(name)
+        until(lambda: client("redis-replica").info("replication")["master_link_status"] == "up",
+              "replica in sync")
+        for name, proc in procs.items():
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_text()
+            assert password not in cmdline and spass not in cmdline, name
+            conf = next((tmp_path / name).glob("*.conf"))
+            assert conf.stat().st_mode & 0o077 == 0, conf  # the passwords are in it: owner only
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=ports["sentinel-1"]).ping()
+        for s in sentinels:
+            until(lambda s=s: master_of(s) == ports["redis-primary"]
+                  and len(client(s).execute_command("SENTINEL", "SENTINELS", "lorafleet")) == 2,
+                  f"{s} knows the primary and its 2 peers")
+        primary = client("redis-primary")
+        primary.set("k", "v")
+        assert primary.wait(1, 1000) == 1
+
+        procs["redis-primary"].kill()
+        procs["redis-primary"].wait()
+        until(lambda: all(master_of(s) == ports["redis-replica"] for s in sentinels), "failover")
+        assert client("redis-replica").info("replication")["role"] == "master"
+        assert client("redis-replica").get("k") == "v"
+        start("redis-primary")  # from its own config: comes back, then is turned into a replica
+        until(lambda: client("redis-primary").info("replication").get("master_link_status") == "up",
+              "old primary follows the new one")
+        assert client("redis-primary").info("replication")["master_port"] == ports["redis-replica"]
+        _stop(procs["sentinel-3"])
+        start("sentinel-3")
+        until(lambda: master_of("sentinel-3") == ports["redis-replica"], "restarted sentinel")
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                _stop(proc)
