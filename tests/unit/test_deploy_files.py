@@ -24,14 +24,18 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_compose_services() -> None:
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     services = compose["services"]
-    assert {"redis", "scheduler", "worker", "flower"} <= services.keys()
+    assert {"redis", "scheduler", "worker-gpu0", "flower"} <= services.keys()
     assert "--appendonly yes" in " ".join(services["redis"]["command"])
-    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["count"] == 1 and "gpu" in devices[0]["capabilities"]
+    workers = sorted(name for name in services if name.startswith("worker"))
+    assert workers == [f"worker-gpu{i}" for i in range(8)]
+    for i, name in enumerate(workers):  # one GPU each, by id: never `count` (GPU 0 for all)
+        [device] = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["device_ids"] == [str(i)] and "count" not in device and "gpu" in device["capabilities"]
+        assert ("profiles" in services[name]) == (i > 0)  # `up -d` starts worker-gpu0 alone
+        assert services[name]["command"] == services["worker-gpu0"]["command"]
     assert "LORAFLEET_FLOWER_BASIC_AUTH" in services["flower"]["environment"]
-    assert "replicas" not in services["worker"].get("deploy", {})  # scaled with --scale
     commands = set(get_command(app).commands)  # type: ignore[attr-defined]
-    for name in ("scheduler", "worker", "flower"):
+    for name in ("scheduler", "worker-gpu0", "flower"):
         cmd = " ".join(services[name]["command"])
         sub = cmd.split("lorafleet ", 1)[1].split()[0]
         assert sub in commands, f"{name}: lorafleet {sub} is not a CLI command"
@@ -447,7 +451,7 @@ def test_redis_role_scripts_replicate_and_fail_over(tmp_path: Path) -> None:
         pw = spass if name.startswith("sentinel") else password
         return redis.Redis(port=ports[name], password=pw, decode_responses=True, socket_timeout=5)
 
-    def until(check, what: str, timeout_s: float = 30) -> None:
+    def until(check, what: str, timeout_s: float = 90) -> None:  # generous: CI runs loaded
         deadline = time.monotonic() + timeout_s
         while True:
             try:
