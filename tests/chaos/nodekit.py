@@ -43,10 +43,11 @@ SHARED_PATH_VARS = frozenset({
 @functools.cache
 def namespaces_available() -> bool:
     """Whether this process may create mount + network namespaces (root, or CAP_SYS_ADMIN)."""
-    if not (shutil.which("unshare") and shutil.which("ip")):
+    if not (shutil.which("unshare") and shutil.which("ip") and shutil.which("nsenter")):
         return False
-    probe = "mount --make-rprivate / && ip link set lo up"
-    return subprocess.run(["unshare", "-mn", "sh", "-c", probe], capture_output=True).returncode == 0
+    with tempfile.TemporaryDirectory() as root:  # the very set-up a node gets, around `true`
+        probe = ["unshare", "-mn", sys.executable, str(RELAY), "node", f"--root={root}", "--", "true"]
+        return subprocess.run(probe, capture_output=True, timeout=60).returncode == 0
 
 
 @dataclass(frozen=True)
