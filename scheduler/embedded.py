@@ -38,10 +38,20 @@ class LocalFleet:
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen([sys.executable, "-m", "lorafleet.scheduler.cli", *args], env=self._env(env),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        argv, penv, cwd = self.launch(name, [sys.executable, "-m", "lorafleet.scheduler.cli", *args],
+                                      self._env(env))
+        # its own session: kill() and stop() signal the process group, i.e. anything it started too
+        proc = subprocess.Popen(argv, env=penv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         self.procs[name] = proc
         return proc
+
+    def launch(self, name: str, argv: list[str],
+               env: dict[str, str]) -> tuple[list[str], dict[str, str], Path | None]:
+        """How process `name` is started: (argv, environment, working directory; None: this one).
+        A subclass may wrap or re-home it, e.g. give every process its own directories and network
+        (tests/chaos/nodekit.py)."""
+        return argv, env, None
 
     def start_worker(self, node: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         return self.spawn(node, ["worker", "--node", node, *self.worker_args], env)

@@ -132,22 +132,32 @@ def test_worker_paused_past_its_lease_is_fenced_out(chaos_fleet, chaos_redis, fl
     assert_exact(client, fleet_env["LORAFLEET_STORE_URL"], ids, sp, model_cache, r)
 
 
-def test_kill_storm(chaos_fleet, chaos_redis, fleet_env, model_cache):
-    """Workers killed -9 at random moments (rollout, train, publish, commit, start-up) and
-    restarted, 8 times, while 4 experiments run."""
-    # kills are not the experiments' fault: a budget the storm cannot spend
-    env = {"LORAFLEET_MAX_ATTEMPTS": "50", "LORAFLEET_TEST_TRAIN_DELAY_S": "0.2"}
-    fleet = chaos_fleet(workers=2, env=env)
-    client, sp, ids = _submit(chaos_redis, fleet_env, 4, steps=24)
-    rng = random.Random(7)
-    kills = 0
-    while kills < 8 and not all(client.get(i).done for i in ids):
+# kills are not the experiments' fault: a budget the storm cannot spend
+STORM_ENV = {"LORAFLEET_MAX_ATTEMPTS": "50", "LORAFLEET_TEST_TRAIN_DELAY_S": "0.2"}
+
+
+def kill_storm(fleet: LocalFleet, client: FleetClient, ids: list[str], kills: int = 8, seed: int = 7) -> int:
+    """Kill -9 a random worker at random moments (rollout, train, publish, commit, start-up) and
+    restart it, `kills` times or until every experiment is done -> the kills made."""
+    rng = random.Random(seed)
+    nodes = sorted(name for name in fleet.procs if name.startswith("w"))
+    made = 0
+    while made < kills and not all(client.get(i).done for i in ids):
         time.sleep(rng.uniform(0.5, 2.5))
-        victim = rng.choice(["w0", "w1"])
+        victim = rng.choice(nodes)
         fleet.kill(victim)
-        kills += 1
+        made += 1
         fleet.start_worker(victim)
-    fleet.wait_for_workers(2, timeout_s=120)
+    fleet.wait_for_workers(len(nodes), timeout_s=120)
+    return made
+
+
+def test_kill_storm(chaos_fleet, chaos_redis, fleet_env, model_cache):
+    """Workers killed -9 at random moments and restarted, 8 times, while 4 experiments run
+    (tests/chaos/test_shared_nothing.py: the same with nothing shared but Redis and S3)."""
+    fleet = chaos_fleet(workers=2, env=STORM_ENV)
+    client, sp, ids = _submit(chaos_redis, fleet_env, 4, steps=24)
+    kills = kill_storm(fleet, client, ids)
     client.wait(ids, timeout_s=600)
     assert kills == 8, f"the run ended after {kills} kills: make it longer"
     assert_exact(client, fleet_env["LORAFLEET_STORE_URL"], ids, sp, model_cache, connect(chaos_redis.url))

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 import yaml
 from peft import PeftModel
@@ -18,6 +19,7 @@ from peft import PeftModel
 from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.keys import Keys
 from lorafleet.scheduler.client import FleetClient
+from lorafleet.scheduler.embedded import LocalFleet
 from lorafleet.workers.tiny_model import load_base_model
 
 pytestmark = pytest.mark.slow
@@ -211,14 +213,14 @@ def test_train_step_runs_right_after_its_rollout_unless_disabled(make_fleet, red
         assert int(r.hget(Keys.experiment(exp_id), "served")) == 3 * 2 * 4 * 4
 
 
-def test_a_worker_that_joins_mid_run_takes_over_half_the_experiments(make_fleet, redis_url, fleet_env,
-                                                                      r) -> None:
-    """Scale-out: experiments already running on w0 are rebalanced onto w1 once it joins; every
-    step still runs exactly once."""
-    # each train step takes >= 0.3 s, so the run outlasts the new worker's start-up (~5-8 s here)
-    fleet = make_fleet(workers=1, env={"LORAFLEET_TORCH_THREADS": "1", "LORAFLEET_TEST_TRAIN_DELAY_S": "0.3"})
-    client = FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"])
-    steps = 40
+# each train step takes >= 0.3 s, so the run outlasts the new worker's start-up (~5-8 s here)
+SCALE_OUT_ENV = {"LORAFLEET_TORCH_THREADS": "1", "LORAFLEET_TEST_TRAIN_DELAY_S": "0.3"}
+
+
+def scale_out(fleet: LocalFleet, client: FleetClient, r: redis.Redis, steps: int = 40) -> dict[str, int]:
+    """4 experiments run on w0 (`fleet`, started with one worker and SCALE_OUT_ENV); w1 joins
+    mid-run and takes over 2 of them within a step or two; every step runs exactly once, and the
+    rebalance flag is cleared -> steps run per node."""
     ids = client.submit_many([spec(f"so{i}", "char_class", {"cls": "digits"}, steps=steps, seed=i)
                               for i in range(4)])
     deadline = time.monotonic() + 300
@@ -241,6 +243,16 @@ def test_a_worker_that_joins_mid_run_takes_over_half_the_experiments(make_fleet,
     # 2 of the 4 experiments move to w1 within a step or two of it joining
     assert by_node.get("w1", 0) >= 2 * (steps - joined_at - 3), (by_node, joined_at)
     assert not r.exists(Keys.rebalance)  # balanced (then done): the flag is cleared
+    return by_node
+
+
+def test_a_worker_that_joins_mid_run_takes_over_half_the_experiments(make_fleet, redis_url, fleet_env,
+                                                                      r) -> None:
+    """Scale-out: experiments already running on w0 are rebalanced onto w1 once it joins; every
+    step still runs exactly once (tests/chaos/test_shared_nothing.py: the same with nothing
+    shared but Redis and S3)."""
+    fleet = make_fleet(workers=1, env=SCALE_OUT_ENV)
+    scale_out(fleet, FleetClient(redis_url, fleet_env["LORAFLEET_STORE_URL"]), r)
 
 
 def test_fleet_with_tiny_residency_budget_equals_in_process_reference(make_fleet, redis_url, fleet_env,
