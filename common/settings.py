@@ -145,6 +145,10 @@ class Settings(BaseSettings):
 
     # ---- client-driven models (the Tinker endpoint) ----------------------------------------
     tinker_base_model: str | None = None  # the name clients pass as base_model (None: base_model)
+    # what get_info tells clients to load the tokenizer from: a hub id or a path that exists where
+    # the clients run (None: the tokenizer directory of a worker, which only a client on the
+    # same machine can read)
+    tinker_tokenizer_id: str | None = None
     tinker_lora_alpha: float = Field(default=32.0, gt=0)
     tinker_max_sample_tokens: int = Field(default=256, ge=1)  # max_tokens when a client gives none
     tinker_session_ttl_s: float = Field(default=600.0, gt=0)  # no heartbeat this long: session over

@@ -202,6 +202,19 @@ def test_get_info_reads_the_tokenizer_dir_workers_publish(
     )
 
 
+def test_get_info_names_the_configured_tokenizer_id_for_clients_on_other_machines(
+    r: redis.Redis, settings: Settings, keys: dict
+) -> None:
+    """A worker's tokenizer dir exists on the worker's machine only: with LORAFLEET_TINKER_TOKENIZER_ID
+    (a hub id, or a path the clients have), get_info names that instead."""
+    _, h = keys["alice"]
+    r.hset(Keys.tk_base_model, mapping={"name": "builtin:tiny-llama", "tokenizer_dir": "/node/cache/tok"})
+    with TestClient(create_app(settings.with_overrides(tinker_tokenizer_id="org/tiny-tokenizer"), r)) as c:
+        _, model_id = _model(c, h, rank=4)
+        info = c.post("/api/v1/get_info", json={"model_id": model_id}, headers=h).json()
+    assert info["model_data"]["tokenizer_id"] == "org/tiny-tokenizer"
+
+
 def test_forward_backward_lands_in_the_op_store_with_the_neutral_payload(
     client: TestClient, keys: dict, r: redis.Redis
 ) -> None:

@@ -159,7 +159,7 @@ def get_info(request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
         "model_data": {
             "arch": facts["arch"] or None,
             "model_name": facts["name"],
-            "tokenizer_id": facts["tokenizer_dir"] or None,
+            "tokenizer_id": settings_of(request).tinker_tokenizer_id or facts["tokenizer_dir"] or None,
         },
     }
 
