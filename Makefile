@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/lorafleet/torch_extensions
 
-.PHONY: setup setup-vllm setup-cookbook test test-fast demo lint bench clean
+.PHONY: setup setup-vllm setup-cookbook test test-slow test-all demo lint bench clean
 
 setup: $(VENV)/.installed
 setup-vllm: $(VENV)/.installed-vllm
@@ -33,11 +33,16 @@ $(VENV)/cookbook-site/.installed: ops/cookbook/requirements.txt $(VENV)/.install
 	$(PY) -m pip install -q --no-deps --target $(VENV)/cookbook-site -r ops/cookbook/requirements.txt
 	touch $@
 
+# `make test`: every test but those marked slow (the chaos suite, long fleet runs): ~6 min on
+# 2 cores. `make test-slow`: those (~17 min). CI (.ci/run) runs both.
 test: setup-vllm setup-cookbook
-	$(PY) -m pytest tests $(PYTEST_ARGS)
-
-test-fast: setup
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup-vllm setup-cookbook
+	$(PY) -m pytest tests -m slow $(PYTEST_ARGS)
+
+test-all: setup-vllm setup-cookbook
+	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/lorafleet run ops/demo/*.yaml --workers 1 --plot rewards.png

@@ -432,7 +432,10 @@ def test_redis_role_scripts_replicate_and_fail_over(tmp_path: Path) -> None:
     password, spass = "pw-" + "0123456789abcdef" * 2, "sp-" + "fedcba9876543210" * 2
     ports = {name: free_port() for name in services}
     base = {"PATH": f"{Path(redis_server_binary()).parent}:/usr/bin:/bin", "REDIS_HOST": "127.0.0.1",
-            "REDIS_PASSWORD": password, "SENTINEL_PASSWORD": spass, "SENTINEL_DOWN_AFTER_MS": "1000"}
+            "REDIS_PASSWORD": password, "SENTINEL_PASSWORD": spass, "SENTINEL_DOWN_AFTER_MS": "1000",
+            # a failed Sentinel election retries after 2 x failover-timeout: 120 s with the
+            # file's 60 s, which a loaded run hit once; the test's own Sentinels retry sooner
+            "SENTINEL_FAILOVER_TIMEOUT_MS": "5000"}
     procs: dict[str, subprocess.Popen] = {}
 
     def start(name: str) -> None:
