@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import redis
+from sentinel_cluster import SentinelCluster
 
 from lorafleet.common.keys import Keys
-from lorafleet.common.redis_conn import free_port
+from lorafleet.common.redis_conn import connect, free_port
 from lorafleet.scheduler.embedded import LocalFleet
 
 pytestmark = pytest.mark.slow
@@ -24,6 +25,21 @@ pytestmark = pytest.mark.slow
 
 def test_broker_page_lists_lorafleet_queues_on_first_open(r: redis.Redis, redis_url: str,
                                                          tmp_path: Path) -> None:
+    _check_broker_page(r, redis_url, tmp_path)
+
+
+def test_broker_page_through_sentinel(tmp_path: Path) -> None:
+    """The same on a Sentinel-managed Redis (`redis+sentinel://`): Flower finds the primary
+    through the sentinels (kombu's Sentinel transport, the master name in its options)."""
+    cluster = SentinelCluster().start()
+    try:
+        url = cluster.url()
+        _check_broker_page(connect(url), url, tmp_path)
+    finally:
+        cluster.stop()
+
+
+def _check_broker_page(r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
     r.sadd(Keys.workers, "n1")
     r.rpush("lf.train", "x")
     fleet = LocalFleet(workers=0, redis_url=redis_url, log_dir=tmp_path / "logs")
