@@ -3,6 +3,7 @@ any process that can reach Redis: a notebook, a CI job, another service."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ from lorafleet.common.settings import Settings
 from lorafleet.common.spec_input import AdmissionLimits
 from lorafleet.common.store_layout import Version
 from lorafleet.scheduler.fleet_status import FleetStatus, read_fleet_status
-from lorafleet.scheduler.registry import ExperimentRegistry
+from lorafleet.scheduler.registry import ExperimentRegistry, UnknownExperimentError
 
 
 class FleetClient:
@@ -119,6 +120,9 @@ class FleetClient:
         validate_id(exp_id, "experiment id")
         if version != "latest" and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
             raise ValueError(f"version must be 'latest' or an int >= 0, got {version!r}")
+        if version == "latest":  # the committed version: the store may hold a lost attempt's newer one
+            with contextlib.suppress(UnknownExperimentError):  # gone from Redis: the store's pointer
+                version = self.get(exp_id).step
         store = AdapterStore.from_settings(self.settings)
         src = store.local_dir(exp_id, version)
         root = Path(dest).resolve()

@@ -59,8 +59,8 @@ def versions(request: Request, key: Key, exp_id: str) -> dict[str, Any]:
 
 
 def _version(rec: ExperimentRecord, version: str) -> int | str:
-    if version == "latest":
-        return "latest"
+    if version == "latest":  # the committed version (Redis), never a lost attempt's newer one
+        return rec.step
     if not re.fullmatch(r"[0-9]{1,18}", version):
         raise ApiError(422, "invalid", "version: must be 'latest' or a non-negative integer", "version",
                        ["path", "version"])

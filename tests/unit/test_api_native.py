@@ -3,6 +3,7 @@ ownership, all-or-nothing submits, JSON errors with field paths, limits as queue
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -261,3 +262,35 @@ def test_gc_is_admin_only_and_keeps_a_tinker_models_named_checkpoints(r: redis.R
         assert store.versions(exp) == [0, 1, 2, 3, 4]  # a dry run deletes nothing
         assert c.post("/v1/gc", headers=admin).json() == {exp: [1, 3]}
     assert store.versions(exp) == [0, 2, 4]
+
+
+def test_latest_is_the_committed_version_not_a_lost_attempts_newer_one(r: redis.Redis, redis_url: str,
+                                                                       tmp_path: Path) -> None:
+    """A worker that published v2 and died before its commit leaves v2 in the store (and the
+    store's `latest` pointer on it) while the experiment is at v1: `latest` in the API's archive
+    and in `download_adapter` (`lorafleet download`) is v1, the committed one."""
+    import tarfile
+
+    import torch
+
+    from lorafleet.common.adapter_store import AdapterStore
+    from lorafleet.common.client_ops import OpStore, client_model_spec
+    from lorafleet.scheduler.client import FleetClient
+
+    settings = _settings(redis_url, tmp_path)
+    exp = OpStore(r, settings).register_model(model_id="s:train:1", owner="", session_id="s",
+                                              spec=client_model_spec(rank=2))
+    store = AdapterStore.from_settings(settings)
+    for v in range(3):
+        store.publish(exp, v, weights={"w": torch.full((2,), float(v))}, adapter_config={"r": 2},
+                      trainer_tensors={}, trainer_meta={"step": v})
+    r.hset(Keys.experiment(exp), "step", 1)
+    assert store.latest_version(exp) == 2  # the store alone would hand out the uncommitted one
+    _, admin = _key(r, "root", admin=True)
+    with TestClient(create_app(settings, r)) as c:
+        res = c.get(f"/v1/experiments/{exp}/versions/latest/archive", headers=admin)
+    assert res.status_code == 200, res.text
+    with tarfile.open(fileobj=io.BytesIO(res.content), mode="r:gz") as tar:
+        assert {Path(n).parent.name for n in tar.getnames()} == {f"{exp}-v1"}
+    out = FleetClient(settings=settings).download_adapter(exp, "latest", dest=tmp_path / "dl")
+    assert out.name == f"{exp}-v1"
