@@ -49,6 +49,26 @@ def connect(url: str, socket_timeout_s: float = 10.0, connect_timeout_s: float =
     return client
 
 
+def connect_async(url: str, socket_timeout_s: float = 10.0, connect_timeout_s: float = 5.0) -> Any:
+    """A `redis.asyncio` client of the same URLs as `connect` (Sentinel included), for readers
+    that wait on an event loop (the API's event streams). It never writes: no WAIT."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+    target = parse_redis_url(url)
+    opts: dict[str, Any] = dict(decode_responses=True, socket_timeout=socket_timeout_s,
+                                socket_connect_timeout=connect_timeout_s, socket_keepalive=True)
+    if not target.is_sentinel:
+        return aioredis.Redis.from_url(target.url, **opts)
+    sentinel_opts: dict[str, Any] = {"socket_timeout": socket_timeout_s,
+                                     "socket_connect_timeout": connect_timeout_s}
+    if target.sentinel_password:
+        sentinel_opts["password"] = target.sentinel_password
+    sentinels = AsyncSentinel(list(target.sentinels), sentinel_kwargs=sentinel_opts)
+    return sentinels.master_for(target.master, db=target.db, username=target.username,
+                                password=target.password, **opts)
+
+
 def redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:

@@ -16,8 +16,9 @@ from fastapi.responses import StreamingResponse
 from lorafleet.common.api_keys import ApiKey
 from lorafleet.common.experiment import TERMINAL
 from lorafleet.common.keys import Keys
+from lorafleet.common.redis_conn import connect_async
 from lorafleet.scheduler.api.auth import current_key
-from lorafleet.scheduler.api.deps import owned, redis_of
+from lorafleet.scheduler.api.deps import owned, redis_of, settings_of
 from lorafleet.scheduler.api.errors import ApiError
 
 router = APIRouter(prefix="/v1")
@@ -44,7 +45,11 @@ def _async_client(request: Request) -> aioredis.Redis:
     request)."""
     app = request.app
     client = getattr(app.state, "redis_async", None)
-    if client is None:
+    settings = settings_of(request)
+    if client is None and settings.redis_url:  # Sentinel included: the primary via the sentinels
+        client = app.state.redis_async = connect_async(settings.redis_url, settings.redis_socket_timeout_s,
+                                                       settings.redis_connect_timeout_s)
+    if client is None:  # an app built around a given client (tests): the same server
         kwargs = dict(redis_of(request).connection_pool.connection_kwargs)
         cls = redis_of(request).connection_pool.connection_class
         pool = aioredis.ConnectionPool(connection_class=_ASYNC_CLASSES.get(cls.__name__, aioredis.Connection),
