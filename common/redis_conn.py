@@ -46,6 +46,7 @@ def connect(url: str, socket_timeout_s: float = 10.0, connect_timeout_s: float =
     else:
         client = ReplicatedRedis.from_url(target.url, **opts)
     client.set_wait_replicas(target.wait_replicas, target.wait_timeout_ms)
+    client.source_url = url  # what an asyncio twin connects to (connect_async)
     return client
 
 

@@ -75,6 +75,7 @@ class ReplicatedRedis(redis.Redis):
     """`redis.Redis` whose writes wait for replicas (`set_wait_replicas`; 0: a plain client)."""
 
     _policy: _Policy | None = None
+    source_url: str | None = None  # the URL `connect` built it from
 
     def set_wait_replicas(self, replicas: int, timeout_ms: int) -> None:
         self._policy = _Policy(replicas, timeout_ms) if replicas > 0 else None

@@ -30,6 +30,18 @@ def redis_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def plain_redis_url(redis_url: str) -> Iterator[str]:
+    """A single Redis server's URL whatever LORAFLEET_TEST_REDIS says: for tests of what is
+    specific to one server (the plain kombu transport, a client without WAIT). A module takes it
+    with `redis_url = plain_redis_url_fixture` (below)."""
+    if not redis_url.startswith("redis+sentinel://"):
+        yield redis_url
+        return
+    with EmbeddedRedis() as url:
+        yield url
+
+
 @pytest.fixture
 def r(redis_url: str) -> Iterator[redis.Redis]:
     """A client of that server, with the database flushed before and after the test."""

@@ -46,8 +46,9 @@ def _async_client(request: Request) -> aioredis.Redis:
     app = request.app
     client = getattr(app.state, "redis_async", None)
     settings = settings_of(request)
-    if client is None and settings.redis_url:  # Sentinel included: the primary via the sentinels
-        client = app.state.redis_async = connect_async(settings.redis_url, settings.redis_socket_timeout_s,
+    url = settings.redis_url or getattr(redis_of(request), "source_url", None)
+    if client is None and url:  # Sentinel included: the primary via the sentinels
+        client = app.state.redis_async = connect_async(url, settings.redis_socket_timeout_s,
                                                        settings.redis_connect_timeout_s)
     if client is None:  # an app built around a given client (tests): the same server
         kwargs = dict(redis_of(request).connection_pool.connection_kwargs)

@@ -73,6 +73,12 @@ def reason(queue: str, raw: bytes | str) -> str:
 
 # ---- the check ----------------------------------------------------------------------------------
 
+
+@pytest.fixture(scope="session")
+def redis_url(plain_redis_url: str) -> str:
+    """One server (also under LORAFLEET_TEST_REDIS=sentinel): these tests are about it."""
+    return plain_redis_url
+
 def test_valid_envelopes_from_the_sender_are_accepted(redis_url, r):
     rollout = {**BATCH, "phase": "rollout", "node": None}
     raws = sent_items(redis_url, r, (TASK_TRAIN, [BATCH], NODE_Q), (TASK_ROLLOUT, [rollout], ROLLOUT_QUEUE),

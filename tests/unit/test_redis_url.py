@@ -11,6 +11,11 @@ from lorafleet.common.replication import ReplicatedRedis
 from lorafleet.common.settings import redacted
 
 
+@pytest.fixture(scope="session")
+def redis_url(plain_redis_url: str) -> str:
+    """One server (also under LORAFLEET_TEST_REDIS=sentinel): these tests are about it."""
+    return plain_redis_url
+
 def test_a_sentinel_url_names_its_sentinels_master_db_and_waits_for_one_replica_by_default():
     t = parse_redis_url("redis+sentinel://:p%40ss@s1:26379,s2,[::1]:26380/lorafleet/3?sentinel_password=sp")
     assert t.is_sentinel
