@@ -33,6 +33,11 @@ class _Policy:
         self.timeout_ms = timeout_ms
         self.writes: frozenset[str] | None = None  # upper-case names of writing commands
 
+    def is_write(self, client: redis.Redis, name: Any) -> bool:
+        if self.writes is None:
+            self.writes = _write_commands(client)
+        return str(name).upper() in self.writes
+
     def check(self, acked: Any, what: str) -> None:
         if int(acked) < self.replicas:
             raise ReplicationShortfall(
@@ -54,11 +59,14 @@ class ReplicatedPipeline(Pipeline):
     """A pipeline that ends with `WAIT`: its writes count only once replicated."""
 
     policy: _Policy
+    _owner: ReplicatedRedis
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
-        if not self.command_stack or self.transaction or self.explicit_transaction:
+        # reads need no replica: a pipeline without a write never waits (nor fails for a replica)
+        writes = any(self.policy.is_write(self._owner, args[0]) for args, _ in self.command_stack)
+        if not writes or self.transaction or self.explicit_transaction:
             out = super().execute(raise_on_error)
-            if out and (self.transaction or self.explicit_transaction):
+            if writes and (self.transaction or self.explicit_transaction):
                 # WAIT is not allowed inside MULTI: a second round trip, on any connection
                 # (WAIT waits for the replication offset the server has reached by then)
                 self.policy.check(redis.Redis.execute_command(self._owner, "WAIT", self.policy.replicas,
@@ -89,18 +97,14 @@ class ReplicatedRedis(redis.Redis):
             return super().pipeline(transaction, shard_hint)
         pipe = ReplicatedPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
         pipe.policy = self._policy
-        pipe._owner = self  # type: ignore[attr-defined]
+        pipe._owner = self
         return pipe
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
         policy = self._policy
-        if policy is None:
+        if policy is None or not policy.is_write(self, args[0]):
             return super().execute_command(*args, **options)
-        if policy.writes is None:
-            policy.writes = _write_commands(self)
         name = str(args[0]).upper()
-        if name not in policy.writes:
-            return super().execute_command(*args, **options)
         # the write and its WAIT on one connection: WAIT counts this connection's writes
         pipe = super().pipeline(transaction=False)
         pipe.execute_command(*args, **options)
@@ -108,3 +112,17 @@ class ReplicatedRedis(redis.Redis):
         result, acked = pipe.execute()
         policy.check(acked, name)
         return result
+
+
+def replication_health(r: redis.Redis) -> dict[str, Any]:
+    """{role, replicas (connected and in sync), wait_replicas, ok}: `ok` False while fewer
+    replicas are connected than writes wait for (every write then raises ReplicationShortfall:
+    steps pause). `role` None where the provider refuses INFO (some managed Redis)."""
+    wait = r.wait_replicas if isinstance(r, ReplicatedRedis) else 0
+    try:
+        info = r.info("replication")
+    except redis.exceptions.ResponseError:
+        return {"role": None, "replicas": None, "wait_replicas": wait, "ok": True}
+    replicas = [v for k, v in info.items() if k.startswith("slave") and k[5:].isdigit()]
+    up = sum(1 for v in replicas if isinstance(v, dict) and v.get("state") == "online")
+    return {"role": info.get("role"), "replicas": up, "wait_replicas": wait, "ok": up >= wait}

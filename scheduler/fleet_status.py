@@ -15,6 +15,7 @@ import redis
 from lorafleet.common.dead_letters import DeadLetters
 from lorafleet.common.keys import NODE_QUEUE_PREFIX, ROLLOUT_QUEUE, TRAIN_QUEUE, Keys
 from lorafleet.common.ready_index import PHASES
+from lorafleet.common.replication import replication_health
 
 
 @dataclass
@@ -28,6 +29,8 @@ class FleetStatus:
     # the backlog by phase: "rollout"/"train" (the `waiting` above, by phase), "ops" (client
     # models with an op ready: the Tinker endpoint) and "samples" (sample requests not yet sent)
     backlog: dict[str, int] = field(default_factory=dict)
+    # the Redis primary's replication: {role, replicas online, wait_replicas, ok}
+    redis: dict[str, Any] = field(default_factory=dict)
     dead_letters: int = 0  # poison payloads taken off the queues, ever
     recent_dead_letters: list[dict[str, Any]] = field(default_factory=list)
 
@@ -48,6 +51,11 @@ class FleetStatus:
         parts = [f"workers: {len(self.workers)} live ({busy} busy)", exps,
                  f"queued messages: {queued_msgs}",
                  f"dead letters: {self.dead_letters}"]
+        red = self.redis
+        if red.get("wait_replicas"):
+            held = "" if red.get("ok") else " (WRITES HELD: steps pause until a replica is back)"
+            parts.append(f"redis: {red.get('replicas')} replica(s) online, "
+                         f"writes wait for {red['wait_replicas']}{held}")
         return " · ".join(parts)
 
 
@@ -91,6 +99,7 @@ def read_fleet_status(r: redis.Redis, recent: int = 5) -> FleetStatus:
         phase = key.removeprefix(Keys.idx_ready_prefix).split(":", 1)[0]
         out.backlog[phase] = out.backlog.get(phase, 0) + ready_counts[i]
     out.backlog["ops"], out.backlog["samples"] = ops_ready, samples
+    out.redis = replication_health(r)
     letters = DeadLetters(r)
     out.dead_letters = letters.count()
     out.recent_dead_letters = letters.recent(recent)

@@ -14,6 +14,7 @@ from lorafleet.common.adapter_import import parse_init_from
 from lorafleet.common.api_keys import ApiKey
 from lorafleet.common.experiment import ExperimentRecord
 from lorafleet.common.keys import Keys
+from lorafleet.common.replication import replication_health
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.spec_input import AdmissionLimits, SpecError, parse_spec
 from lorafleet.scheduler.api.auth import current_key, require_admin
@@ -227,7 +228,12 @@ def healthz() -> dict[str, bool]:
     return {"ok": True}
 
 
-@health.get("/readyz", summary="Redis answers (503 otherwise)")
+@health.get("/readyz", summary="Redis answers, with the replicas its writes wait for (503 otherwise)")
 def readyz(request: Request) -> dict[str, bool]:
-    redis_of(request).ping()  # a RedisError answers 503
+    r = redis_of(request)
+    r.ping()  # a RedisError answers 503
+    health = replication_health(r)
+    if not health["ok"]:  # every write would raise ReplicationShortfall until a replica is back
+        raise ApiError(503, "unavailable", f"Redis: {health['replicas']} replica(s) online, writes wait for "
+                       f"{health['wait_replicas']} (wait_replicas in the Redis URL)")
     return {"ok": True}

@@ -26,7 +26,7 @@ from lorafleet.common.api_keys import ApiKeyStore
 from lorafleet.common.keys import Keys
 from lorafleet.common.protocol import StepProtocol
 from lorafleet.common.redis_conn import connect, free_port
-from lorafleet.common.replication import ReplicationShortfall
+from lorafleet.common.replication import ReplicationShortfall, replication_health
 from lorafleet.scheduler.client import FleetClient
 from lorafleet.scheduler.embedded import LocalFleet
 
@@ -115,6 +115,7 @@ def test_a_write_no_replica_confirmed_is_never_reported_done(cluster: SentinelCl
     primary but cannot be confirmed, so the caller gets ReplicationShortfall (a Redis fault: its
     loop retries), never a success. Once the replica is back, the same writes are confirmed."""
     r = connect(cluster.url(wait_replicas=1, wait_timeout_ms=300))
+    assert replication_health(r) == {"role": "master", "replicas": 1, "wait_replicas": 1, "ok": True}
     incr = r.register_script("return redis.call('INCR', KEYS[1])")
     assert incr(keys=[Keys.fence]) == 1
     replica = cluster.procs["replica"].pid

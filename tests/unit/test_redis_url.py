@@ -69,4 +69,32 @@ def test_connect_to_one_server_without_wait_is_a_plain_client(redis_url):
     with pytest.raises(ReplicationShortfall, match="0 of 1 replica"):
         strict.set("lf:test:plain", 3)
     assert strict.get("lf:test:plain") == "3"  # it reached the primary; it is just not confirmed
-    r.delete("lf:test:plain")
+    assert strict.pipeline(transaction=False).get("lf:test:plain").execute() == ["3"]  # reads never wait
+    with pytest.raises(ReplicationShortfall, match="pipeline of 2"):
+        strict.pipeline(transaction=False).get("lf:test:plain").incr("lf:test:n").execute()
+    with pytest.raises(ReplicationShortfall, match="transaction"):
+        strict.pipeline().incr("lf:test:n").execute()
+    r.delete("lf:test:plain", "lf:test:n")
+
+
+def test_readyz_and_fleet_status_say_when_writes_wait_for_a_missing_replica(redis_url, tmp_path):
+    """wait_replicas=1 on a server without a replica: every write would raise, so /readyz is 503
+    naming the cause and `lorafleet fleet`'s line says writes are held; without it, both are fine."""
+    from fastapi.testclient import TestClient
+
+    from lorafleet.common.settings import Settings
+    from lorafleet.scheduler.api.app import create_app
+    from lorafleet.scheduler.fleet_status import read_fleet_status
+
+    sep = "&" if "?" in redis_url else "?"
+    for url, ready, held in ((redis_url, 200, False), (f"{redis_url}{sep}wait_replicas=1", 503, True)):
+        r = connect(url)
+        settings = Settings(redis_url=url, cache_dir=tmp_path, store_url=str(tmp_path / "store"))
+        with TestClient(create_app(settings, r)) as c:
+            res = c.get("/readyz")
+        assert res.status_code == ready, res.text
+        if held:
+            assert "0 replica(s) online, writes wait for 1" in res.json()["error"]["message"]
+        status = read_fleet_status(r)
+        assert status.redis["replicas"] == 0 and status.redis["ok"] is not held
+        assert ("WRITES HELD" in status.line()) is held
