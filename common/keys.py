@@ -32,6 +32,9 @@ class Keys:
     active = PREFIX + "active"  # set: ids of queued or running experiments
     events = PREFIX + "events"  # stream: commits, completions, failures
     fence = PREFIX + "fence"  # counter: fencing tokens of step claims
+    # counter written right before every WAIT (common/replication.py): makes the WAIT cover every
+    # earlier write of any connection, and a retried write that changed nothing
+    replication_fence = PREFIX + "replication:fence"
     batches = PREFIX + "batches"  # hash: batch id -> JSON of an outstanding batch
     leader = PREFIX + "scheduler:leader"  # string: holder id, with a TTL (the lease)
     leader_epoch = PREFIX + "scheduler:epoch"  # counter: bumped on every leadership change

@@ -33,6 +33,10 @@ def connect(url: str, socket_timeout_s: float = 10.0, connect_timeout_s: float =
     for the primary on every new connection: after a failover, the first error closes the old
     connections and the next try reaches the new primary."""
     target = parse_redis_url(url)
+    if target.wait_replicas and target.wait_timeout_ms >= socket_timeout_s * 1000:
+        # a WAIT that outlasts the socket times out client-side and redis-py re-sends the write
+        raise ValueError(f"Redis URL wait_timeout_ms={target.wait_timeout_ms} must be below the socket "
+                         f"timeout ({socket_timeout_s * 1000:.0f} ms, LORAFLEET_REDIS_SOCKET_TIMEOUT_S)")
     opts: dict[str, Any] = dict(decode_responses=True, health_check_interval=30,
                                 socket_timeout=socket_timeout_s, socket_connect_timeout=connect_timeout_s,
                                 socket_keepalive=True)

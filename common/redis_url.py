@@ -19,7 +19,7 @@ lorafleet's own query parameters, on any of them (stripped before redis-py or ko
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_DEFAULT_PORT = 26379
@@ -88,7 +88,10 @@ def parse_redis_url(url: str) -> RedisTarget:
     wait = _int_param(ours, "wait_replicas", 1 if sentinel else 0, 0)
     timeout = _int_param(ours, "wait_timeout_ms", 1000, 1)
     if not sentinel:
-        plain = urlunsplit((parts.scheme, parts.netloc, parts.path, rest, parts.fragment)) if ours else url
+        # not urlunsplit: it drops the '//' of unix:///path, which redis-py then refuses
+        base, _, _ = url.partition("#")[0].partition("?")
+        fragment = f"#{parts.fragment}" if parts.fragment else ""
+        plain = (base + (f"?{rest}" if rest else "") + fragment) if ours else url
         return RedisTarget(url=plain, wait_replicas=wait, wait_timeout_ms=timeout)
     userinfo, _, hostlist = parts.netloc.rpartition("@")
     username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
@@ -114,7 +117,8 @@ def kombu_broker(target: RedisTarget) -> tuple[str, dict[str, object]]:
     auth = ""
     if target.password:
         auth = f"{quote(target.username or '', safe='')}:{quote(target.password, safe='')}@"
-    url = ";".join(f"sentinel://{auth}{host}:{port}/{target.db}" for host, port in target.sentinels)
+    url = ";".join(f"sentinel://{auth}{f'[{host}]' if ':' in host else host}:{port}/{target.db}"
+                   for host, port in target.sentinels)
     options: dict[str, object] = {"master_name": target.master}
     if target.sentinel_password:
         options["sentinel_kwargs"] = {"password": target.sentinel_password}

@@ -46,7 +46,7 @@ def _async_client(request: Request) -> aioredis.Redis:
     app = request.app
     client = getattr(app.state, "redis_async", None)
     settings = settings_of(request)
-    url = settings.redis_url or getattr(redis_of(request), "source_url", None)
+    url = getattr(redis_of(request), "source_url", None) or settings.redis_url
     if client is None and url:  # Sentinel included: the primary via the sentinels
         client = app.state.redis_async = connect_async(url, settings.redis_socket_timeout_s,
                                                        settings.redis_connect_timeout_s)

@@ -126,9 +126,9 @@ def set_retention(request: Request, key: Key, exp_id: str, body: RetentionBody) 
                "snapshot, v0, or a pinned one)")
 def delete_version(request: Request, key: Key, exp_id: str, version: str) -> dict[str, Any]:
     rec = owned(request, key, exp_id)
-    v = _version(rec, version)
-    if v == "latest":
+    if version == "latest":
         raise ApiError(409, "conflict", "the latest version is never deleted", "version")
+    v = _version(rec, version)
     assert isinstance(v, int)
     store = store_of(request)
     if v not in store.versions(exp_id):

@@ -130,6 +130,12 @@ def test_a_write_no_replica_confirmed_is_never_reported_done(cluster: SentinelCl
         with pytest.raises(ReplicationShortfall, match="pipeline"):
             pipe.execute()
         assert r.get(Keys.fence) == "3"  # reads need no replica; the writes did reach the primary
+        # a write of another connection (no WAIT of its own), then a script of ours that writes
+        # nothing: its WAIT still covers that write (the fence), so it is not confirmed either
+        redis.Redis(port=cluster.primary_port()).set("lf:test:other", 1)
+        noop = r.register_script("return 7")
+        with pytest.raises(ReplicationShortfall, match="EVALSHA"):
+            noop(keys=[], args=[])
     finally:
         os.kill(replica, signal.SIGCONT)
     assert wait_until(lambda: incr(keys=[Keys.fence]), what="the replica confirming again") == 4

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import pytest
+import redis
+from lf_testkit import wait_until
 
 from lorafleet.common.redis_conn import connect
-from lorafleet.common.redis_url import parse_redis_url
+from lorafleet.common.redis_url import kombu_broker, parse_redis_url
 from lorafleet.common.replication import ReplicatedRedis
 from lorafleet.common.settings import redacted
 
@@ -23,6 +25,50 @@ def test_a_sentinel_url_names_its_sentinels_master_db_and_waits_for_one_replica_
     assert (t.master, t.db, t.password, t.sentinel_password) == ("lorafleet", 3, "p@ss", "sp")
     assert (t.wait_replicas, t.wait_timeout_ms) == (1, 1000)
     assert parse_redis_url("redis+sentinel://s1/m?wait_replicas=0").wait_replicas == 0
+
+
+def test_urls_keep_their_shape_for_redis_py_and_kombu():
+    assert parse_redis_url("unix:///tmp/r.sock?db=2&wait_replicas=1").url == "unix:///tmp/r.sock?db=2"
+    assert parse_redis_url("redis://h:1/0?wait_replicas=1#x").url == "redis://h:1/0#x"
+    broker, _ = kombu_broker(parse_redis_url("redis+sentinel://[::1]:26379,h:1/m/2"))
+    assert broker == "sentinel://[::1]:26379/2;sentinel://h:1/2"
+
+
+def test_a_wait_longer_than_the_socket_timeout_is_refused():
+    """It would time out client-side, and redis-py would send the write again."""
+    with pytest.raises(ValueError, match="wait_timeout_ms=3000 must be below the socket timeout"):
+        connect("redis://127.0.0.1:1/0?wait_replicas=1&wait_timeout_ms=3000", socket_timeout_s=2)
+
+
+def test_where_command_is_refused_every_command_waits(tmp_path):
+    """A managed Redis may rename or block COMMAND: then lorafleet cannot tell reads from writes
+    and takes every command as a write (correct; reads then need a replica too)."""
+    import subprocess
+
+    from lorafleet.common.redis_conn import free_port, redis_server_binary
+    from lorafleet.common.replication import ReplicationShortfall
+
+    port = free_port()
+    proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--dir", str(tmp_path), "--rename-command", "COMMAND", ""],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        plain = connect(url)
+        def up() -> bool:
+            try:
+                return bool(plain.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(up, timeout_s=20, what="the server")
+        strict = connect(f"{url}?wait_replicas=1&wait_timeout_ms=50")
+        with pytest.raises(ReplicationShortfall, match="GET"):
+            strict.get("k")
+        assert plain.get("k") is None  # without wait_replicas nothing changes
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_single_server_waits_for_no_replica_unless_asked_and_keeps_its_own_parameters():
