@@ -120,6 +120,7 @@ def kombu_broker(target: RedisTarget) -> tuple[str, dict[str, object]]:
     url = ";".join(f"sentinel://{auth}{f'[{host}]' if ':' in host else host}:{port}/{target.db}"
                    for host, port in target.sentinels)
     options: dict[str, object] = {"master_name": target.master}
-    if target.sentinel_password:
-        options["sentinel_kwargs"] = {"password": target.sentinel_password}
+    if target.sentinel_password:  # given kwargs replace redis-py's default (the socket timeouts)
+        options["sentinel_kwargs"] = {"password": target.sentinel_password, "socket_timeout": 10.0,
+                                      "socket_connect_timeout": 5.0}
     return url, options

@@ -352,7 +352,8 @@ def test_celery_config_sends_sentinel_urls_through_the_screening_sentinel_transp
     assert conf["broker_url"] == "sentinel://:p%40ss@s1:26379/2;sentinel://:p%40ss@s2:26380/2"
     assert conf["broker_transport"] == SENTINEL_TRANSPORT
     opts = conf["broker_transport_options"]
-    assert opts["master_name"] == "lorafleet" and opts["sentinel_kwargs"] == {"password": "sp"}
+    assert opts["master_name"] == "lorafleet" and opts["sentinel_kwargs"]["password"] == "sp"
+    assert opts["sentinel_kwargs"]["socket_timeout"] > 0  # a hung sentinel never blocks forever
     assert opts["visibility_timeout"] == celery_config("redis://h/0")["broker_transport_options"]["visibility_timeout"]
     app = make_sender("redis+sentinel://:p%40ss@s1:26379,s2:26380/lorafleet/2")
     with app.connection_for_write() as conn:
