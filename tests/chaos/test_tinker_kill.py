@@ -51,21 +51,26 @@ def test_kill_9_during_client_ops_loses_nothing(make_fleet, r: redis.Redis, redi
     with api_server(redis_url, env, tmp_path / "api.log") as base:
         client = run_client(base, key, tmp_path / "killed.json", tmp_path / "killed.log")
         kills = 0
+
+        def last_done() -> str | None:  # the newest finished op of any future
+            got = r.xrevrange(Keys.tk_done, count=1)
+            return got[0][0] if got else None
+
+        mark = last_done()
         while client.poll() is None and kills < 4:
-            # wait until some op of the client is running on a worker, then kill both workers
-            deadline = time.time() + 120
-            while client.poll() is None and time.time() < deadline:
-                running = [k for k in r.scan_iter(match=Keys.tk_future("*"))
-                           if r.hget(k, "status") == "running"]
-                if running:
-                    break
+            # an op of the client finished since the last kill (the restarted workers serve it):
+            # progress is kept in Redis, so a loaded machine cannot miss it (a scan for a
+            # running future could, and the client then outran the kills)
+            deadline = time.time() + 180
+            while client.poll() is None and last_done() == mark and time.time() < deadline:
                 time.sleep(0.02)
             if client.poll() is not None:
                 break
-            time.sleep(rng.uniform(0.0, 0.5))
+            time.sleep(rng.uniform(0.0, 0.5))  # inside the next op (0.4 s) or between two
             for w in ("w0", "w1"):
                 fleet.kill(w)
             kills += 1
+            mark = last_done()
             for w in ("w0", "w1"):
                 fleet.start_worker(w)
             fleet.wait_for_workers(2, timeout_s=120)

@@ -30,8 +30,8 @@ def test_benchmark_runs_every_mode_and_modes_agree(tmp_path: Path, model_cache: 
         assert m["makespan_s"] > 0 and m["experiments_per_hour"] > 0 and 0 < m["busy_fraction"] <= 1
     assert res["medians"]["fleet-w1"]["mean_train_batch"] == 2.0  # the two experiments were fused
     # the worker's lf:worker_tasks records were read (1.0 would mean no task seen); start-up
-    # latency dominates a run this short, so the bound is loose
-    assert 0 <= res["medians"]["fleet-w1"]["idle_fraction"] < 0.5
+    # latency dominates a run this short (0.64 in one loaded CI run), so the bound is loose
+    assert 0 <= res["medians"]["fleet-w1"]["idle_fraction"] < 0.9
     # busy/idle per worker come from those records and agree with the run: every task of the
     # worker was recorded before the fleet stopped, the compute measured inside the tasks fits in
     # the task time, which fits in the makespan, and busy + idle = makespan
