@@ -19,8 +19,17 @@ from urllib.parse import quote
 import redis
 from redis.sentinel import Sentinel
 
-from lorafleet.common.redis_url import parse_redis_url
+from lorafleet.common.redis_url import RedisTarget, parse_redis_url
 from lorafleet.common.replication import ReplicatedRedis
+
+
+def _sentinel_kwargs(target: RedisTarget, socket_timeout_s: float,
+                     connect_timeout_s: float) -> dict[str, Any]:
+    """How to talk to the sentinels themselves: the same timeouts, their own password if any."""
+    opts: dict[str, Any] = {"socket_timeout": socket_timeout_s, "socket_connect_timeout": connect_timeout_s}
+    if target.sentinel_password:
+        opts["password"] = target.sentinel_password
+    return opts
 
 
 def connect(url: str, socket_timeout_s: float = 10.0, connect_timeout_s: float = 5.0) -> ReplicatedRedis:
@@ -41,10 +50,8 @@ def connect(url: str, socket_timeout_s: float = 10.0, connect_timeout_s: float =
                                 socket_timeout=socket_timeout_s, socket_connect_timeout=connect_timeout_s,
                                 socket_keepalive=True)
     if target.is_sentinel:
-        sentinel_opts = {"socket_timeout": socket_timeout_s, "socket_connect_timeout": connect_timeout_s}
-        if target.sentinel_password:
-            sentinel_opts["password"] = target.sentinel_password
-        sentinels = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_opts)
+        sentinels = Sentinel(list(target.sentinels),
+                             sentinel_kwargs=_sentinel_kwargs(target, socket_timeout_s, connect_timeout_s))
         client = sentinels.master_for(target.master, redis_class=ReplicatedRedis, db=target.db,
                                       username=target.username, password=target.password, **opts)
     else:
@@ -65,11 +72,8 @@ def connect_async(url: str, socket_timeout_s: float = 10.0, connect_timeout_s: f
                                 socket_connect_timeout=connect_timeout_s, socket_keepalive=True)
     if not target.is_sentinel:
         return aioredis.Redis.from_url(target.url, **opts)
-    sentinel_opts: dict[str, Any] = {"socket_timeout": socket_timeout_s,
-                                     "socket_connect_timeout": connect_timeout_s}
-    if target.sentinel_password:
-        sentinel_opts["password"] = target.sentinel_password
-    sentinels = AsyncSentinel(list(target.sentinels), sentinel_kwargs=sentinel_opts)
+    sentinels = AsyncSentinel(list(target.sentinels),
+                              sentinel_kwargs=_sentinel_kwargs(target, socket_timeout_s, connect_timeout_s))
     return sentinels.master_for(target.master, db=target.db, username=target.username,
                                 password=target.password, **opts)
 
