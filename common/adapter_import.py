@@ -20,12 +20,14 @@ import fsspec
 from pydantic import ValidationError
 
 from lorafleet.common.schemas import ExperimentSpec, LoRASpec
+from lorafleet.common.store_layout import AdapterNotFoundError
 
 if TYPE_CHECKING:
     from lorafleet.common.adapter_store import AdapterStore
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+_MAX_CONFIG_BYTES = 1 << 20  # a PEFT adapter_config.json is a few hundred bytes
 _FORK_RE = re.compile(r"(?P<exp>[A-Za-z0-9_-]{1,128})@v(?P<version>0|[1-9][0-9]{0,17})")
 
 
@@ -77,47 +79,126 @@ def lora_mismatch(given: LoRASpec, found: LoRASpec) -> str | None:
     """Which LoRA field of the spec disagrees with the adapter's config (None: none)."""
     for field in ("rank", "alpha", "target_modules", "use_rslora"):
         a, b = getattr(given, field), getattr(found, field)
-        if (sorted(a) if field == "target_modules" else a) != (sorted(b) if field == "target_modules" else b):
-            return f"train.lora.{field} is {a!r} but the adapter has {b!r}"
+        if field == "target_modules":
+            a, b = sorted(a), sorted(b)
+        if a != b:
+            return (f"{field} {b!r} of the source adapter does not match train.lora.{field} {a!r} "
+                    "(leave train.lora out to take the adapter's)")
     return None
+
+
+def version_span(versions: list[int], most: int = 8) -> str:
+    """`[0, 1, 2, 3, 10]` -> "v0-v3, v10": runs of consecutive versions, at most `most` of them
+    (a long-lived experiment has thousands of versions; a message stays one short line)."""
+    runs: list[tuple[int, int]] = []
+    for v in versions:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], v)
+        else:
+            runs.append((v, v))
+    shown = [f"v{a}" if a == b else f"v{a}-v{b}" for a, b in runs[:most]]
+    if len(runs) > most:
+        shown.append(f"... ({len(versions)} in all)")
+    return ", ".join(shown) or "none"
+
+
+def _admit_fork(src: InitFrom, store: AdapterStore | None, init_optimizer: bool) -> dict[str, Any]:
+    """The adapter config of the fork `src` (raises ValueError saying what to fix)."""
+    assert src.exp_id is not None and src.version is not None
+    exp, version = src.exp_id, src.version
+    if store is None:
+        raise ValueError(f"forks need the adapter store, to check that {exp}@v{version} exists")
+    known = store.versions(exp)
+    if not known:
+        raise ValueError(f"no experiment {exp} in the adapter store: name one of this fleet's "
+                         "experiments and a published version, EXPERIMENT_ID@vK")
+    if version not in known:
+        raise ValueError(f"experiment {exp} has no version {version} in the store "
+                         f"(versions: {version_span(known)})")
+    if init_optimizer:
+        snapshots = store.versions(exp, snapshots_only=True)
+        if version not in snapshots:
+            raise ValueError(f"v{version} of {exp} is not a snapshot (snapshots keep the optimizer "
+                             f"state: {version_span(snapshots)}; fork one of those, or set "
+                             "train.init_optimizer: false to start from the weights alone)")
+    try:
+        return store.adapter_config(exp, version)
+    except AdapterNotFoundError:  # deleted by retention since the listing above
+        raise ValueError(f"v{version} of {exp} was just deleted from the store (retention): "
+                         "fork a newer version") from None
+
+
+def _detail(exc: BaseException) -> str:
+    """An fsspec error as a short line (type and message only: never a file's contents)."""
+    msg = " ".join(str(exc).split())
+    msg = msg if len(msg) <= 160 else msg[:157] + "..."
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+_DIRECTORY_HINT = "a PEFT LoRA adapter directory the workers can read, or an fsspec URL"
+
+
+def _peft_config_bytes(url: str) -> tuple[str | None, bytes]:
+    """(what is wrong with the directory at `url`, or None; the start of its adapter_config.json)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    if not fs.isdir(root):
+        return (f"{url} does not exist ({_DIRECTORY_HINT})" if not fs.exists(root)
+                else f"{url} is a file, not {_DIRECTORY_HINT}"), b""
+    for name in (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE):  # the worker reads both
+        if not fs.isfile(posixpath.join(root, name)):
+            return f"{url} is not a PEFT adapter directory (no {name})", b""
+    with fs.open(posixpath.join(root, PEFT_CONFIG_FILE), "rb") as fh:
+        return None, fh.read(_MAX_CONFIG_BYTES + 1)
+
+
+def _admit_directory(url: str) -> dict[str, Any]:
+    """The adapter config of the PEFT directory at `url` (raises ValueError saying what to fix)."""
+    try:
+        problem, raw = _peft_config_bytes(url)
+    # anything fsspec raises for a URL the user named (no such protocol, its package missing, no
+    # credentials, refused connection) is bad input: one line, never a traceback
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"cannot read {url} ({_DIRECTORY_HINT}): {_detail(exc)}") from None
+    if problem:
+        raise ValueError(problem)
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise ValueError(f"{PEFT_CONFIG_FILE} of {url} is larger than {_MAX_CONFIG_BYTES} bytes")
+    try:
+        config = json.loads(raw)
+    except ValueError:  # its message would quote the file: say only where
+        raise ValueError(f"{PEFT_CONFIG_FILE} of {url} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{PEFT_CONFIG_FILE} of {url} is not a JSON object")
+    return config
 
 
 def resolve_init_from(spec: ExperimentSpec, store: AdapterStore | None) -> ExperimentSpec:
     """`spec` with `train.init_from` checked against what it names (raises ValueError saying
     what to fix): the LoRA shape is taken from the adapter's config unless the spec sets
     `train.lora`, which must then agree; a fork's `step_offset` defaults to its version; a
-    relative directory becomes absolute (workers read it: use a path they can reach, or a URL)."""
+    relative directory becomes absolute (workers read it: use a path they can reach, or a URL).
+    Idempotent: a resolved spec resolves to itself."""
     t = spec.train
     if t.init_from is None:
         return spec
     src = parse_init_from(t.init_from)
     init_from, offset = t.init_from, t.step_offset
     if src.is_fork:
-        assert src.exp_id is not None and src.version is not None
-        if store is None or not store.exists(src.exp_id, src.version):
-            known = store.versions(src.exp_id) if store is not None else []
-            raise ValueError(f"{t.init_from} is not in the store "
-                             f"(published versions of {src.exp_id}: {known})")
-        snapshots = store.versions(src.exp_id, snapshots_only=True)
-        if t.init_optimizer and src.version not in snapshots:
-            raise ValueError(f"{t.init_from} has no optimizer state (versions of {src.exp_id} with it: "
-                             f"{snapshots}); fork one of those, or set train.init_optimizer: false "
-                             "to start from the weights alone")
-        config = store.adapter_config(src.exp_id, src.version)
+        config = _admit_fork(src, store, t.init_optimizer)
         if "step_offset" not in t.model_fields_set:
             offset = src.version
     else:
         assert src.url is not None
         if "://" not in src.url:
             init_from = os.path.abspath(src.url)
-        try:
-            config = read_peft_config(init_from)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read {PEFT_CONFIG_FILE} of {init_from}: {exc}") from None
+        config = _admit_directory(init_from)
     try:
         found = lora_spec_from_peft_config(config)
-    except (KeyError, TypeError, ValueError, ValidationError) as exc:
-        raise ValueError(f"{init_from} is not a usable LoRA adapter: {exc}") from None
+    except KeyError as exc:
+        raise ValueError(f"{init_from} is not a usable LoRA adapter: its {PEFT_CONFIG_FILE} has no "
+                         f"{exc.args[0]!r}") from None
+    except (TypeError, ValueError, ValidationError) as exc:
+        raise ValueError(f"{init_from} is not a usable LoRA adapter: {_detail(exc)}") from None
     lora = found
     if "lora" in t.model_fields_set:
         mismatch = lora_mismatch(t.lora, found)

@@ -22,8 +22,9 @@ from rich.live import Live
 from rich.table import Table
 
 from lorafleet.common.experiment import ExperimentRecord, UnknownExperimentError
+from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.settings import Settings, redacted
-from lorafleet.common.spec_input import AdmissionLimits, SpecError, parse_spec
+from lorafleet.common.spec_input import AdmissionLimits, SpecError
 from lorafleet.scheduler import cli_services
 
 
@@ -120,10 +121,6 @@ def settings(**flags: Any) -> Settings:
     return s
 
 
-def _limits() -> AdmissionLimits:
-    return AdmissionLimits.from_settings(settings())
-
-
 def _client(redis_url: str | None):
     from lorafleet.scheduler.client import FleetClient
 
@@ -152,14 +149,35 @@ RedisOpt = Annotated[str | None, typer.Option(
     "--redis-url", help="redis:// or rediss:// URL (default: LORAFLEET_REDIS_URL)")]
 
 
-@app.command()
-def validate(specs: list[Path]) -> None:
-    """Check spec files without submitting anything."""
-    for path in specs:
-        try:
-            parse_spec(_read_spec(path), _limits(), base_dir=path.parent)
+def _admitted(paths: list[Path], redis_url: str | None = None, api_port: int | None = None
+              ) -> list[ExperimentSpec]:
+    """Each spec file through `admit_spec`, the admission check every submit makes (a fork or
+    `init_from` is checked against the adapter store of the settings with these flags: the
+    store, not Redis, holds the versions); the first bad one is exit 2, naming its file."""
+    from lorafleet.common.adapter_store import AdapterStore
+    from lorafleet.scheduler.registry import admit_spec
+
+    global _store_used
+    raws = [_read_spec(path) for path in paths]
+    s = settings(redis_url=redis_url, api_port=api_port)
+    store = AdapterStore.from_settings(s)
+    out = []
+    _store_used = True  # an OSError now is the store's: `_fail` names it
+    for path, raw in zip(paths, raws, strict=True):
+        try:  # a relative dataset path is relative to its spec file
+            out.append(admit_spec(raw, AdmissionLimits.from_settings(s), store, base_dir=path.parent))
         except SpecError as exc:
             raise _bad_input(f"{path}: {exc}") from None
+    _store_used = False
+    return out
+
+
+@app.command()
+def validate(specs: list[Path]) -> None:
+    """Check spec files without submitting anything: every check `submit` makes, forks and
+    `init_from` included (against LORAFLEET_STORE_URL; Redis is not needed)."""
+    for path in specs:
+        _admitted([path])
         typer.echo(f"{path}: ok")
 
 
@@ -167,14 +185,12 @@ def validate(specs: list[Path]) -> None:
 def submit(specs: list[Path], redis_url: RedisOpt = None) -> None:
     """Validate and enqueue experiments; prints one id per spec. Nothing is enqueued unless
     every spec is valid."""
-    texts = [_read_spec(p) for p in specs]
-    parsed = []
-    for path, text in zip(specs, texts, strict=True):
-        try:  # a relative dataset path is relative to its spec file
-            parsed.append(parse_spec(text, _limits(), base_dir=path.parent))
-        except SpecError as exc:
-            raise _bad_input(f"{path}: {exc}") from None
-    for exp_id in _client(redis_url).submit_many(parsed):
+    parsed = _admitted(specs, redis_url)
+    try:
+        ids = _client(redis_url).submit_many(parsed)
+    except SpecError as exc:  # changed since checked (a version deleted meanwhile)
+        raise _bad_input(str(exc)) from None
+    for exp_id in ids:
         typer.echo(exp_id)
 
 
@@ -352,12 +368,7 @@ def run(specs: list[Path], workers: int = 1, redis_url: RedisOpt = None,
     experiments to the end with progress, print a summary, plot rewards, shut everything down."""
     from lorafleet.scheduler.embedded_run import run_embedded
 
-    parsed = []
-    for path in specs:
-        try:
-            parsed.append(parse_spec(_read_spec(path), _limits(), base_dir=path.parent))
-        except SpecError as exc:
-            raise _bad_input(f"{path}: {exc}") from None
+    parsed = _admitted(specs, redis_url, api_port)  # before anything starts
     s = settings(redis_url=redis_url, api_port=api_port)
     ok = run_embedded(parsed, workers, s, plot_out, log_dir, timeout, s.api_port if with_api else None)
     raise typer.Exit(code=0 if ok else 1)

@@ -45,6 +45,11 @@ class FleetClient:
         """Validate and enqueue; returns the experiment id. Raises `SpecError` on bad input."""
         return self.registry.submit(spec)
 
+    def validate(self, spec: ExperimentSpec | dict[str, Any] | str | bytes) -> ExperimentSpec:
+        """Every check `submit` makes (a fork or `init_from` against this client's store),
+        enqueuing nothing; returns the spec as it would run. Raises `SpecError` on bad input."""
+        return self.registry.admit(spec)
+
     def submit_many(self, specs: Sequence[ExperimentSpec | dict[str, Any] | str | bytes]) -> list[str]:
         """Validate all, then enqueue all at once (one transaction): they start together, in the
         same first batch. Raises `SpecError` naming the bad spec, with nothing enqueued."""

@@ -9,6 +9,7 @@ field and what is allowed.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,25 @@ from lorafleet.common.spec_input import AdmissionLimits, SpecError, SpecInput, p
 
 if TYPE_CHECKING:
     from lorafleet.common.adapter_store import AdapterStore
+
+
+def admit_spec(data: SpecInput, limits: AdmissionLimits, store: AdapterStore | None,
+               base_dir: str | os.PathLike[str] | None = None) -> ExperimentSpec:
+    """The one admission check of a spec, for every path in: `submit` and `validate` of the CLI,
+    `FleetClient` and the HTTP API, and `lorafleet run`. `parse_spec` (schema, limits, env,
+    reward, dataset), then `train.init_from` resolved against what it names: a fork must be a
+    published version in `store` (a snapshot unless `init_optimizer: false`), a directory a
+    PEFT LoRA adapter whose shape agrees with `train.lora`. Writes nothing, needs no Redis; every
+    error is a one-line `SpecError` naming the field. Idempotent: an admitted spec admits as is."""
+    spec = parse_spec(data, limits, base_dir=base_dir)
+    try:
+        spec = resolve_init_from(spec, store)
+    except ValueError as exc:
+        raise SpecError(f"train.init_from: {exc}") from None
+    if spec.train.lora.rank > limits.max_lora_rank:
+        raise SpecError(f"train.init_from: the adapter's rank {spec.train.lora.rank} exceeds the fleet "
+                        f"limit max_lora_rank={limits.max_lora_rank} (LORAFLEET_MAX_LORA_RANK)")
+    return spec
 
 
 class ExperimentRegistry:
@@ -47,7 +67,7 @@ class ExperimentRegistry:
         parsed = []
         for i, data in enumerate(specs):
             try:
-                parsed.append(self._admit(parse_spec(data, self.limits)))
+                parsed.append(self.admit(data))
             except SpecError as exc:
                 if len(specs) == 1:
                     raise
@@ -71,16 +91,9 @@ class ExperimentRegistry:
         pipe.execute()
         return [rec.id for rec in records]
 
-    def _admit(self, spec: ExperimentSpec) -> ExperimentSpec:
-        """The spec with `train.init_from` resolved against what it names."""
-        try:
-            spec = resolve_init_from(spec, self.store)
-        except ValueError as exc:
-            raise SpecError(f"train.init_from: {exc}") from None
-        if spec.train.lora.rank > self.limits.max_lora_rank:
-            raise SpecError(f"train.init_from: the adapter's rank {spec.train.lora.rank} exceeds the fleet "
-                            f"limit max_lora_rank={self.limits.max_lora_rank} (LORAFLEET_MAX_LORA_RANK)")
-        return spec
+    def admit(self, data: SpecInput) -> ExperimentSpec:
+        """What `submit` checks, writing nothing (`admit_spec` with this fleet's limits and store)."""
+        return admit_spec(data, self.limits, self.store)
 
     def get(self, exp_id: str) -> ExperimentRecord:
         if not is_valid_id(exp_id):
