@@ -20,7 +20,7 @@ import fsspec
 from pydantic import ValidationError
 
 from lorafleet.common.schemas import ExperimentSpec, LoRASpec
-from lorafleet.common.store_layout import AdapterNotFoundError
+from lorafleet.common.store_layout import AdapterNotFoundError, AdapterStoreError
 
 if TYPE_CHECKING:
     from lorafleet.common.adapter_store import AdapterStore
@@ -103,15 +103,26 @@ def version_span(versions: list[int], most: int = 8) -> str:
 
 
 def _admit_fork(src: InitFrom, store: AdapterStore | None, init_optimizer: bool) -> dict[str, Any]:
-    """The adapter config of the fork `src` (raises ValueError saying what to fix)."""
+    """The adapter config of the fork `src` (raises ValueError saying what to fix; a store that
+    cannot be read raises `AdapterStoreError`: the fleet's problem, not the spec's)."""
     assert src.exp_id is not None and src.version is not None
     exp, version = src.exp_id, src.version
     if store is None:
         raise ValueError(f"forks need the adapter store, to check that {exp}@v{version} exists")
+    try:
+        return _fork_config(store, exp, version, init_optimizer)
+    except (ValueError, AdapterStoreError):
+        raise
+    # an object store's client raises its own errors (no credentials, endpoint down)
+    except Exception as exc:  # noqa: BLE001
+        raise AdapterStoreError(f"cannot read the adapter store: {_detail(exc)}") from exc
+
+
+def _fork_config(store: AdapterStore, exp: str, version: int, init_optimizer: bool) -> dict[str, Any]:
     known = store.versions(exp)
     if not known:
-        raise ValueError(f"no experiment {exp} in the adapter store: name one of this fleet's "
-                         "experiments and a published version, EXPERIMENT_ID@vK")
+        raise ValueError(f"no experiment {exp} in the adapter store (it has no published version): "
+                         "name one of this fleet's experiments and a published version, EXPERIMENT_ID@vK")
     if version not in known:
         raise ValueError(f"experiment {exp} has no version {version} in the store "
                          f"(versions: {version_span(known)})")
@@ -139,16 +150,24 @@ _DIRECTORY_HINT = "a PEFT LoRA adapter directory the workers can read, or an fss
 
 
 def _peft_config_bytes(url: str) -> tuple[str | None, bytes]:
-    """(what is wrong with the directory at `url`, or None; the start of its adapter_config.json)."""
+    """(what is wrong with the directory at `url`, or None; the start of its adapter_config.json).
+    The config is opened directly, as the worker will: an http(s) directory need not be listable."""
     fs, root = fsspec.core.url_to_fs(url)
-    if not fs.isdir(root):
-        return (f"{url} does not exist ({_DIRECTORY_HINT})" if not fs.exists(root)
-                else f"{url} is a file, not {_DIRECTORY_HINT}"), b""
-    for name in (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE):  # the worker reads both
-        if not fs.isfile(posixpath.join(root, name)):
-            return f"{url} is not a PEFT adapter directory (no {name})", b""
-    with fs.open(posixpath.join(root, PEFT_CONFIG_FILE), "rb") as fh:
-        return None, fh.read(_MAX_CONFIG_BYTES + 1)
+    try:
+        with fs.open(posixpath.join(root, PEFT_CONFIG_FILE), "rb") as fh:
+            raw = fh.read(_MAX_CONFIG_BYTES + 1)
+    except (FileNotFoundError, NotADirectoryError) as exc:  # say which: no such path, a file, no config
+        cause = exc.__cause__
+        if cause is not None and not isinstance(cause, FileNotFoundError):
+            raise cause from None  # fsspec's http reads a refused connection as "not found": it is not
+        if not fs.exists(root):
+            return f"{url} does not exist ({_DIRECTORY_HINT})", b""
+        if fs.isfile(root):
+            return f"{url} is a file, not {_DIRECTORY_HINT}", b""
+        return f"{url} is not a PEFT adapter directory (no {PEFT_CONFIG_FILE})", b""
+    if not fs.exists(posixpath.join(root, PEFT_WEIGHTS_FILE)):  # the worker reads it too
+        return f"{url} is not a PEFT adapter directory (no {PEFT_WEIGHTS_FILE})", b""
+    return None, raw
 
 
 def _admit_directory(url: str) -> dict[str, Any]:

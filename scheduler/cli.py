@@ -160,9 +160,9 @@ def _admitted(paths: list[Path], redis_url: str | None = None, api_port: int | N
     global _store_used
     raws = [_read_spec(path) for path in paths]
     s = settings(redis_url=redis_url, api_port=api_port)
+    _store_used = True  # an OSError now is the store's: `_fail` names it
     store = AdapterStore.from_settings(s)
     out = []
-    _store_used = True  # an OSError now is the store's: `_fail` names it
     for path, raw in zip(paths, raws, strict=True):
         try:  # a relative dataset path is relative to its spec file
             out.append(admit_spec(raw, AdmissionLimits.from_settings(s), store, base_dir=path.parent))

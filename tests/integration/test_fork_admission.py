@@ -95,7 +95,8 @@ def _written(r) -> set[str]:
     return set(r.keys("lf:*")) - {Keys.replication_fence}
 
 
-def test_cli_validate_and_submit_refuse_each_bad_init_from_in_the_same_line(tmp_path, redis_url, r, store):
+def test_cli_validate_and_submit_refuse_bad_init_froms_in_one_line_and_take_good_forks(
+        tmp_path, redis_url, r, store):
     env = {"LORAFLEET_STORE_URL": store.url, "LORAFLEET_CACHE_DIR": str(tmp_path / "cache")}
     for i, (train, needle) in enumerate(_cases(tmp_path)):
         path = tmp_path / f"bad{i}.yaml"
@@ -108,10 +109,7 @@ def test_cli_validate_and_submit_refuse_each_bad_init_from_in_the_same_line(tmp_
     out = _cli("run", str(path), "--redis-url", redis_url, "--log-dir", str(tmp_path / "logs"), env=env)
     assert "train.init_from: " in _one_line(out) and not (tmp_path / "logs").exists()
     assert not _written(r)
-
-
-def test_cli_validates_and_submits_a_good_fork(tmp_path, redis_url, r, store):
-    env = {"LORAFLEET_STORE_URL": store.url, "LORAFLEET_CACHE_DIR": str(tmp_path / "cache")}
+    # a good fork still validates and submits
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump({**BASE, "train": {"init_from": f"{SRC}@v10"}}))
     weights_only = tmp_path / "weights-only.yaml"  # a version without optimizer state, weights alone
