@@ -12,9 +12,9 @@ import json
 import os
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import fsspec
 from pydantic import ValidationError
@@ -24,6 +24,10 @@ from lorafleet.common.store_layout import AdapterNotFoundError, AdapterStoreErro
 
 if TYPE_CHECKING:
     from lorafleet.common.adapter_store import AdapterStore
+
+    # where forks are looked up: the store, or a function that opens it (called only for a fork,
+    # so a spec without one never depends on the store being reachable)
+    StoreSource: TypeAlias = AdapterStore | Callable[[], AdapterStore] | None
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -102,11 +106,13 @@ def version_span(versions: list[int], most: int = 8) -> str:
     return ", ".join(shown) or "none"
 
 
-def _admit_fork(src: InitFrom, store: AdapterStore | None, init_optimizer: bool) -> dict[str, Any]:
+def _admit_fork(src: InitFrom, store: StoreSource, init_optimizer: bool) -> dict[str, Any]:
     """The adapter config of the fork `src` (raises ValueError saying what to fix; a store that
     cannot be read raises `AdapterStoreError`: the fleet's problem, not the spec's)."""
     assert src.exp_id is not None and src.version is not None
     exp, version = src.exp_id, src.version
+    if callable(store):
+        store = store()
     if store is None:
         raise ValueError(f"forks need the adapter store, to check that {exp}@v{version} exists")
     try:
@@ -191,12 +197,13 @@ def _admit_directory(url: str) -> dict[str, Any]:
     return config
 
 
-def resolve_init_from(spec: ExperimentSpec, store: AdapterStore | None) -> ExperimentSpec:
+def resolve_init_from(spec: ExperimentSpec, store: StoreSource) -> ExperimentSpec:
     """`spec` with `train.init_from` checked against what it names (raises ValueError saying
     what to fix): the LoRA shape is taken from the adapter's config unless the spec sets
     `train.lora`, which must then agree; a fork's `step_offset` defaults to its version; a
     relative directory becomes absolute (workers read it: use a path they can reach, or a URL).
-    Idempotent: a resolved spec resolves to itself."""
+    `store` may be a function that opens it: only a fork calls it. Idempotent: a resolved spec
+    resolves to itself."""
     t = spec.train
     if t.init_from is None:
         return spec

@@ -160,12 +160,23 @@ def _admitted(paths: list[Path], redis_url: str | None = None, api_port: int | N
     global _store_used
     raws = [_read_spec(path) for path in paths]
     s = settings(redis_url=redis_url, api_port=api_port)
-    _store_used = True  # an OSError now is the store's: `_fail` names it
-    store = AdapterStore.from_settings(s)
+    opened: list[AdapterStore] = []
+
+    def store() -> AdapterStore:  # opened for the first fork only: other specs need no store
+        global _store_used
+        if not opened:
+            _store_used = True  # an OSError now is the store's: `_fail` names it
+            try:
+                opened.append(AdapterStore.from_settings(s))
+            except (ImportError, ValueError) as exc:  # an unknown protocol, or its package missing
+                raise _bad_input(f"LORAFLEET_STORE_URL {redacted(s.resolved_store_url)}: {exc}") from None
+        return opened[0]
+
     out = []
+    limits = AdmissionLimits.from_settings(s)
     for path, raw in zip(paths, raws, strict=True):
         try:  # a relative dataset path is relative to its spec file
-            out.append(admit_spec(raw, AdmissionLimits.from_settings(s), store, base_dir=path.parent))
+            out.append(admit_spec(raw, limits, store, base_dir=path.parent))
         except SpecError as exc:
             raise _bad_input(f"{path}: {exc}") from None
     _store_used = False

@@ -25,15 +25,17 @@ from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.spec_input import AdmissionLimits, SpecError, SpecInput, parse_spec
 
 if TYPE_CHECKING:
+    from lorafleet.common.adapter_import import StoreSource
     from lorafleet.common.adapter_store import AdapterStore
 
 
-def admit_spec(data: SpecInput, limits: AdmissionLimits, store: AdapterStore | None,
+def admit_spec(data: SpecInput, limits: AdmissionLimits, store: StoreSource,
                base_dir: str | os.PathLike[str] | None = None) -> ExperimentSpec:
     """The one admission check of a spec, for every path in: `submit` and `validate` of the CLI,
     `FleetClient` and the HTTP API, and `lorafleet run`. `parse_spec` (schema, limits, env,
     reward, dataset), then `train.init_from` resolved against what it names: a fork must be a
-    published version in `store` (a snapshot unless `init_optimizer: false`), a directory a
+    published version in `store` (a snapshot unless `init_optimizer: false`; `store` may be a
+    function that opens it, called only for a fork), a directory a
     PEFT LoRA adapter whose shape agrees with `train.lora`. Writes nothing, needs no Redis; every
     error is a one-line `SpecError` naming the field. Idempotent: an admitted spec admits as is."""
     spec = parse_spec(data, limits, base_dir=base_dir)

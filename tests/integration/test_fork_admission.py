@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.api_keys import ApiKeyStore
 from lorafleet.common.keys import Keys
+from lorafleet.common.redis_conn import free_port
 from lorafleet.common.settings import Settings
 from lorafleet.common.spec_input import SpecError
 from lorafleet.scheduler.api.app import create_app
@@ -123,6 +124,26 @@ def test_cli_validate_and_submit_refuse_bad_init_froms_in_one_line_and_take_good
     client = FleetClient(redis_url, store.url)
     assert [client.get(i).spec.train.step_offset for i in ids] == [10, 7]
     assert client.get(ids[0]).spec.train.lora.rank == 4  # the shape is the source's
+
+
+def test_validate_needs_the_store_for_a_fork_only_and_says_when_it_cannot_reach_it(tmp_path):
+    """`validate` checks forks against the adapter store (LORAFLEET_STORE_URL), never Redis: a
+    store it cannot reach is exit 1 naming the store, like every command that cannot reach a
+    service; a spec without a fork does not open the store at all."""
+    env = {"LORAFLEET_STORE_URL": f"ftp://127.0.0.1:{free_port()}/store",  # nothing listens there
+           "LORAFLEET_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    fork = tmp_path / "fork.yaml"
+    fork.write_text(yaml.safe_dump({**BASE, "train": {"init_from": f"{SRC}@v10"}}))
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(BASE))
+    out = _cli("validate", str(plain), env=env)
+    assert out.returncode == 0 and out.stdout == f"{plain}: ok\n", out
+    out = _cli("validate", str(fork), env=env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith(f"error: adapter store {env['LORAFLEET_STORE_URL']}: ") and "refused" in line, line
+    out = _cli("validate", str(fork), env={**env, "LORAFLEET_STORE_URL": "nosuch://x/store"})
+    assert _one_line(out) == "error: LORAFLEET_STORE_URL nosuch://x/store: Protocol not known: nosuch"
 
 
 def test_the_python_client_validates_like_it_submits(tmp_path, redis_url, r, store):
