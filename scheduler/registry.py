@@ -35,9 +35,9 @@ def admit_spec(data: SpecInput, limits: AdmissionLimits, store: StoreSource,
     `FleetClient` and the HTTP API, and `lorafleet run`. `parse_spec` (schema, limits, env,
     reward, dataset), then `train.init_from` resolved against what it names: a fork must be a
     published version in `store` (a snapshot unless `init_optimizer: false`; `store` may be a
-    function that opens it, called only for a fork), a directory a
-    PEFT LoRA adapter whose shape agrees with `train.lora`. Writes nothing, needs no Redis; every
-    error is a one-line `SpecError` naming the field. Idempotent: an admitted spec admits as is."""
+    function that opens it, called only for a fork), a directory a PEFT LoRA adapter whose shape
+    agrees with `train.lora`. Writes nothing, needs no Redis; every error is a one-line
+    `SpecError` naming the field. Idempotent: an admitted spec admits as is."""
     spec = parse_spec(data, limits, base_dir=base_dir)
     try:
         spec = resolve_init_from(spec, store)

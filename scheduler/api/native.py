@@ -16,13 +16,12 @@ from lorafleet.common.experiment import ExperimentRecord
 from lorafleet.common.keys import Keys
 from lorafleet.common.replication import replication_health
 from lorafleet.common.schemas import ExperimentSpec
-from lorafleet.common.spec_input import AdmissionLimits, SpecError
+from lorafleet.common.spec_input import AdmissionLimits, SpecError, parse_spec
 from lorafleet.scheduler.api.auth import current_key, require_admin
-from lorafleet.scheduler.api.deps import owned, redis_of, registry_of, settings_of, spec_error, store_of
+from lorafleet.scheduler.api.deps import owned, redis_of, registry_of, settings_of, spec_error
 from lorafleet.scheduler.api.errors import ApiError
 from lorafleet.scheduler.client import collect_garbage
 from lorafleet.scheduler.fleet_status import read_fleet_status
-from lorafleet.scheduler.registry import admit_spec
 
 router = APIRouter(prefix="/v1")
 health = APIRouter()  # at the root: load balancers and compose probe these
@@ -99,7 +98,8 @@ def _validated(request: Request, key: ApiKey, body: dict[str, Any]) -> tuple[lis
                            details[0]["field"], details[0]["loc"]) from None
         _check_local_paths(model, key, request, loc)  # before parse_spec reads any file it names
         try:
-            spec = admit_spec(data, limits, store_of(request))  # what submit checks, forks included
+            spec = parse_spec(data, limits)
+            spec = registry_of(request).admit(spec)  # every check submit makes: forks, init_from
         except SpecError as exc:
             raise spec_error(exc, 400, loc) from None
         out.append(spec)
