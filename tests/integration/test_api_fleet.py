@@ -88,8 +88,9 @@ def test_submit_and_watch_through_the_api(make_fleet, redis_url: str, fleet_env:
         # /metrics agrees with the fleet's own record; it needs an operator credential
         assert httpx.get(f"{base}/metrics").status_code == 401
         assert http.get("/metrics").status_code == 403  # a tenant's key
-        admin = subprocess.run([sys.executable, "-m", "lorafleet.scheduler.cli", "keys", "create", "--name", "ops",
-                                "--admin", "--redis-url", redis_url], capture_output=True, text=True, timeout=60)
+        admin = subprocess.run([sys.executable, "-m", "lorafleet.scheduler.cli", "keys", "create", "--name",
+                                "ops", "--admin", "--redis-url", redis_url], capture_output=True, text=True,
+                               timeout=60)
         assert admin.returncode == 0, admin.stderr
         admin_key = admin.stdout.strip().splitlines()[-1]
         text = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {admin_key}"}).text

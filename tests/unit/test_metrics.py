@@ -171,7 +171,8 @@ def test_tinker_series_count_futures_sessions_ops_and_fused_steps(r: redis.Redis
     assert _sample(after, "lorafleet_fused_batch_adapters_count") == 2
 
 
-def test_metrics_need_the_scrape_token_or_an_admin_key(r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+def test_metrics_need_the_scrape_token_or_an_admin_key(r: redis.Redis, redis_url: str,
+                                                       tmp_path: Path) -> None:
     """/metrics lists every experiment of every tenant: no credential or a wrong one is 401, a
     tenant's key 403; the metrics token or an admin key read it."""
     from lorafleet.common.api_keys import ApiKeyStore
@@ -200,7 +201,8 @@ def test_metrics_need_the_scrape_token_or_an_admin_key(r: redis.Redis, redis_url
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200  # stay open
 
 
-def test_metrics_without_a_configured_token_are_closed(r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+def test_metrics_without_a_configured_token_are_closed(r: redis.Redis, redis_url: str,
+                                                       tmp_path: Path) -> None:
     """No LORAFLEET_METRICS_TOKEN: any bearer is refused (never open); an admin key still reads."""
     from lorafleet.common.api_keys import ApiKeyStore
 
