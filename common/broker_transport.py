@@ -18,12 +18,17 @@ redelivery and the rest are kombu's own code, untouched).
 Which items are screened how:
 
 * lorafleet task queues (`lf.rollout`, `lf.train`, `lf.node.*`, and Celery's default `celery`
-  queue, which lorafleet never uses): the full check, down to the `BatchMessage` in the body;
+  queue, which lorafleet never uses): the full check: every header and property (only those
+  lorafleet's sender writes, each of its type and size: `common/message_screen.py`; Celery reads
+  them in the worker's main process, where a `timelimit` of "soon" stopped the worker), down to
+  the `BatchMessage` in the body; and the delivery bound (`_count_delivery`: a message delivered
+  `max_deliveries` times without an ack is dead-lettered instead of being delivered again);
 * any other queue a lorafleet Celery app consumes (e.g. the reply queues of `celery inspect`):
   only what kombu itself needs to build a `Message` without raising.
 
 The transport is selected by `lorafleet.common.celery_config.celery_config` for `redis://` and
-`rediss://` URLs (TLS is the same kombu transport). Torch-free: workers and the scheduler use it.
+`rediss://` URLs (TLS is the same kombu transport), with the broker transport option
+`max_deliveries` (LORAFLEET_MAX_DELIVERIES). Torch-free: workers and the scheduler use it.
 """
 
 from __future__ import annotations
