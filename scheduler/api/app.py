@@ -75,11 +75,8 @@ class BodyLimit:
                 raise
             await self._too_large(scope, receive, send)
 
-    def _message(self) -> str:
-        return f"request body is larger than the limit of {self.limit} bytes (LORAFLEET_API_MAX_BODY_BYTES)"
-
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path, msg = scope.get("path", ""), self._message()
+        path, msg = scope.get("path", ""), str(_TooLarge(self.limit).detail)
         body = {"error": msg, "category": "user"} if path.startswith(TINKER_PREFIX) \
             else error_body("payload_too_large", msg)
         # the rest of the body is never read: the connection cannot carry another request
