@@ -80,8 +80,9 @@ def _need(cond: bool, reason: str, detail: str) -> None:
 
 
 def _json(raw: bytes | str) -> object:
-    if len(raw) > MAX_ITEM_BYTES:  # str: characters, at least as strict as bytes
-        raise PoisonMessage("too_large", f"{len(raw)} bytes, over the limit of {MAX_ITEM_BYTES}")
+    size = len(raw.encode("utf-8", "surrogatepass")) if isinstance(raw, str) else len(raw)
+    if size > MAX_ITEM_BYTES:  # before parsing: a 20 MB field is never decoded, logged or kept whole
+        raise PoisonMessage("too_large", f"{size} bytes, over the limit of {MAX_ITEM_BYTES}")
     if isinstance(raw, bytes | bytearray | memoryview):
         try:
             text = bytes(raw).decode("utf-8")
