@@ -18,12 +18,17 @@ redelivery and the rest are kombu's own code, untouched).
 Which items are screened how:
 
 * lorafleet task queues (`lf.rollout`, `lf.train`, `lf.node.*`, and Celery's default `celery`
-  queue, which lorafleet never uses): the full check, down to the `BatchMessage` in the body;
+  queue, which lorafleet never uses): the full check: every header and property (only those
+  lorafleet's sender writes, each of its type and size: `common/message_screen.py`; Celery reads
+  them in the worker's main process, where a `timelimit` of "soon" stopped the worker), down to
+  the `BatchMessage` in the body; and the delivery bound (`_count_delivery`: a message delivered
+  `max_deliveries` times without an ack is dead-lettered instead of being delivered again);
 * any other queue a lorafleet Celery app consumes (e.g. the reply queues of `celery inspect`):
   only what kombu itself needs to build a `Message` without raising.
 
 The transport is selected by `lorafleet.common.celery_config.celery_config` for `redis://` and
-`rediss://` URLs (TLS is the same kombu transport). Torch-free: workers and the scheduler use it.
+`rediss://` URLs (TLS is the same kombu transport), with the broker transport option
+`max_deliveries` (LORAFLEET_MAX_DELIVERIES). Torch-free: workers and the scheduler use it.
 """
 
 from __future__ import annotations
@@ -42,23 +47,26 @@ from lorafleet.common.celery_config import TASK_OPS, TASK_ROLLOUT, TASK_SAMPLE, 
 from lorafleet.common.dead_letters import DeadLetters
 from lorafleet.common.keys import NODE_QUEUE_PREFIX, ROLLOUT_QUEUE, TRAIN_QUEUE
 from lorafleet.common.logging import get_logger
+from lorafleet.common.message_screen import (
+    DELIVERIES_HEADER,
+    MAX_ITEM_BYTES,
+    PoisonMessage,
+    deliveries,
+    screen_headers,
+    screen_properties,
+    shown,
+)
 from lorafleet.common.messages import BatchMessage, SampleMessage
 
 log = get_logger("lorafleet.broker")
 
 LORAFLEET_TASKS = frozenset({TASK_ROLLOUT, TASK_TRAIN, TASK_OPS, TASK_SAMPLE})
+DEFAULT_MAX_DELIVERIES = 5  # LORAFLEET_MAX_DELIVERIES: deliveries of one message before it is dead-lettered
+__all__ = ["PoisonMessage", "check_item", "dead_letter", "is_task_queue", "Channel", "SentinelChannel",
+           "Transport", "SentinelTransport"]
 CELERY_DEFAULT_QUEUE = "celery"
 CONTENT_TYPE = "application/json"
 _EMBED_LINKS = ("callbacks", "errbacks", "chain", "chord")
-
-
-class PoisonMessage(Exception):
-    """A raw queue item that is not a valid lorafleet message; `reason` is a short code."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def is_task_queue(queue: str) -> bool:
@@ -72,6 +80,9 @@ def _need(cond: bool, reason: str, detail: str) -> None:
 
 
 def _json(raw: bytes | str) -> object:
+    size = len(raw.encode("utf-8", "surrogatepass")) if isinstance(raw, str) else len(raw)
+    if size > MAX_ITEM_BYTES:  # before parsing: a 20 MB field is never decoded, logged or kept whole
+        raise PoisonMessage("too_large", f"{size} bytes, over the limit of {MAX_ITEM_BYTES}")
     if isinstance(raw, bytes | bytearray | memoryview):
         try:
             text = bytes(raw).decode("utf-8")
@@ -106,7 +117,7 @@ def _envelope(payload: object) -> dict[str, Any]:
     body, encoding = payload["body"], props.get("body_encoding")
     _need(body is None or isinstance(body, str), "not_envelope", "body is not a string")
     _need(encoding is None or (isinstance(encoding, str) and encoding.lower() in ("base64", "utf-8")),
-          "not_envelope", f"unknown body_encoding {encoding!r}")
+          "not_envelope", f"unknown body_encoding {shown(encoding)}")
     for key in ("content-type", "content-encoding"):
         _need(payload.get(key) is None or isinstance(payload[key], str), "not_envelope",
               f"{key} is not a string")
@@ -117,13 +128,13 @@ def _task_body(payload: dict[str, Any]) -> BatchMessage | SampleMessage:
     """The one BatchMessage (SampleMessage for lf.sample_batch) a lorafleet task message carries
     (Celery task protocol 2)."""
     _need(payload.get("content-type") == CONTENT_TYPE, "content_type",
-          f"content-type {payload.get('content-type')!r}, not {CONTENT_TYPE}")
+          f"content-type {shown(payload.get('content-type'))}, not {CONTENT_TYPE}")
     _need((payload.get("content-encoding") or "utf-8").lower() == "utf-8", "content_type",
-          f"content-encoding {payload.get('content-encoding')!r}, not utf-8")
+          f"content-encoding {shown(payload.get('content-encoding'))}, not utf-8")
     headers = payload["headers"] or {}
-    task = headers.get("task")
-    _need(isinstance(task, str) and task in LORAFLEET_TASKS, "unknown_task", f"task {task!r}")
-    _need(isinstance(headers.get("id"), str) and bool(headers["id"]), "bad_body", "no task id")
+    screen_headers(headers, LORAFLEET_TASKS)
+    screen_properties(payload["properties"])
+    task = headers["task"]
     body = payload["body"] or ""
     if (payload["properties"].get("body_encoding") or "utf-8").lower() == "base64":
         try:
@@ -171,10 +182,15 @@ def dead_letter(client: Any, queue: str, raw: bytes | str, exc: PoisonMessage) -
 class _Screening:
     """Every raw item screened before kombu parses it: mixed into kombu's Redis channels."""
 
+    max_deliveries = DEFAULT_MAX_DELIVERIES  # broker transport option `max_deliveries`
+
     def _screen(self, queue: str, item: bytes | str) -> dict[str, Any] | None:
         """The envelope to deliver, or None when the item was dead-lettered."""
         try:
-            return check_item(queue, item)
+            payload = check_item(queue, item)
+            if is_task_queue(queue):
+                self._count_delivery(payload)
+            return payload
         except PoisonMessage as exc:
             poison = exc
         except Exception as exc:  # whatever the check trips on, kombu would have tripped on too
@@ -182,6 +198,22 @@ class _Screening:
         with self.conn_or_acquire() as client:  # the broker's own server and database
             dead_letter(client, queue, item, poison)
         return None
+
+    def _count_delivery(self, payload: dict[str, Any]) -> None:
+        """Count this delivery in the message itself, or refuse the delivery past the bound.
+
+        A message whose handling kills the worker process (or that Celery cannot take) comes back:
+        kombu restores it from its unacked hash (a killed pool child's reject, the visibility
+        timeout, the restore at shutdown). The count is written into the payload before kombu
+        stores that payload in the unacked hash, so every restore brings it back with the count
+        it had, and no per-message key has to live (and expire) in Redis."""
+        headers = payload["headers"]
+        done = deliveries(headers)
+        if done >= self.max_deliveries:
+            raise PoisonMessage("delivery_limit", f"delivered {done} times without being acknowledged "
+                                f"(each delivery ended its worker process: LORAFLEET_MAX_DELIVERIES="
+                                f"{self.max_deliveries})")
+        headers[DELIVERIES_HEADER] = done + 1
 
     # kombu 5.x `Channel._brpop_read`, with `loads(bytes_to_str(item))` replaced by `_screen`
     # (tests/unit/test_dead_letters.py checks that the kombu method still has that shape).
@@ -240,9 +272,13 @@ class _Screening:
 class Channel(_Screening, kombu_redis.Channel):  # type: ignore[misc]
     """kombu's Redis channel with screening."""
 
+    from_transport_options = (*kombu_redis.Channel.from_transport_options, "max_deliveries")
+
 
 class SentinelChannel(_Screening, kombu_redis.SentinelChannel):  # type: ignore[misc]
     """kombu's Sentinel channel (the primary found through the sentinels) with screening."""
+
+    from_transport_options = (*kombu_redis.SentinelChannel.from_transport_options, "max_deliveries")
 
 
 class Transport(kombu_redis.Transport):

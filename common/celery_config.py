@@ -44,7 +44,14 @@ def broker_transport_config(broker_url: str) -> dict[str, Any]:
     return conf
 
 
-def celery_config(broker_url: str) -> dict[str, Any]:
+def celery_config(broker_url: str, max_deliveries: int | None = None) -> dict[str, Any]:
+    """The Celery settings of a lorafleet app on `broker_url`; `max_deliveries` (workers:
+    LORAFLEET_MAX_DELIVERIES) bounds how often the screening transport hands one message to Celery
+    before it dead-letters it instead (None: the transport's default)."""
+    transport = broker_transport_config(broker_url)
+    options = {"visibility_timeout": VISIBILITY_TIMEOUT_S, **transport.pop("broker_transport_options", {})}
+    if max_deliveries is not None:
+        options["max_deliveries"] = max_deliveries
     return {
         "broker_url": broker_url,
         "result_backend": None,
@@ -67,12 +74,12 @@ def celery_config(broker_url: str) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,  # structlog writes its own lines to stderr
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        "broker_transport_options": options,
         "task_default_queue": TRAIN_QUEUE,
         "task_create_missing_queues": True,
         "task_routes": {TASK_ROLLOUT: {"queue": ROLLOUT_QUEUE}, TASK_TRAIN: {"queue": TRAIN_QUEUE},
                         TASK_SAMPLE: {"queue": ROLLOUT_QUEUE}},
-        **broker_transport_config(broker_url),
+        **transport,
     }
 
 

@@ -84,7 +84,7 @@ return ARGV[1]
 CLAIM_OPS = render(_LIB + """
 local exp_id = ARGV[4]
 local e = redis.call('HMGET', KEYS[2], '$status', '$step', '$spec_json')
-if e[1] ~= 'running' then return {0, 'experiment_' .. tostring(e[1])} end
+if e[1] ~= 'running' then return {0, e[1] and ('experiment_' .. e[1]) or 'unknown_experiment'} end
 local m = redis.call('HMGET', KEYS[1], 'op_seq', 'token', 'lease_until', 'claim_owner', 'claim_n')
 local op_seq = tonumber(m[1] or 0)
 if op_seq ~= tonumber(ARGV[3]) then return {0, 'stale'} end

@@ -10,9 +10,14 @@ newest `MAX_RECORDS`) and INCR of `Keys.dead_letter_count` (every payload ever d
 A record is a JSON object:
 
     queue             the queue the payload was taken off (e.g. "lf.node.w0")
-    reason            a short code: not_utf8, not_json, not_envelope, content_type, unknown_task,
-                      bad_body, invalid_batch, unreadable (the check itself failed on it)
-    detail            what exactly was wrong (bounded text)
+    reason            a short stable code: too_large (over MAX_ITEM_BYTES), not_utf8, not_json,
+                      not_envelope, content_type, unknown_task, header_<name> (a header of
+                      the wrong type or value), header_unknown (one lorafleet never sends),
+                      property_<name>, property_unknown, bad_body, invalid_batch,
+                      delivery_limit (delivered LORAFLEET_MAX_DELIVERIES times, never acked),
+                      unreadable (the check itself failed on it); see common/message_screen.py
+    detail            what exactly was wrong, one line (bounded text; quoted values are cut to
+                      message_screen.SHOWN_CHARS characters)
     at                epoch seconds (float) when it was dead-lettered
     by                "<host>:<pid>" of the process that caught it
     size              length of the raw payload in bytes

@@ -42,14 +42,34 @@ end
 _INDEX = index_lua.INDEX_LUA  # the indexes' entries and `reindex` (common/index_lua.py)
 
 # Every refusal is counted per experiment and reason (`lf:refusals:<id>`): a stale or duplicate
-# message, a zombie's late commit. Used inside scripts below.
+# message, a zombie's late commit. The reasons are stable names (REFUSAL_REASONS, documented in
+# the README): an experiment that is not running is `experiment_<its status>`, one that does not
+# exist (HMGET answers false) `unknown_experiment`. Used inside scripts below.
 _REFUSE = """
 local function refuse(refusals, kind, reason)
   redis.call('HINCRBY', refusals, kind .. ':' .. reason, 1)
   redis.call('PEXPIRE', refusals, $task_ttl_ms)
   return reason
 end
+local function not_running(status)
+  if not status then return 'unknown_experiment' end
+  return 'experiment_' .. status
+end
 """
+
+# What `lf:refusals:<id>` and `lorafleet_refused_total{reason}` count, as "<claim|commit>:<reason>".
+REFUSAL_REASONS = {
+    "unknown_experiment": "the experiment does not exist (deleted, or a message naming no experiment)",
+    "experiment_queued": "the experiment is not running yet",
+    "experiment_completed": "the experiment had already finished",
+    "experiment_failed": "the experiment had failed",
+    "experiment_cancelled": "the experiment had been cancelled",
+    "stale": "the experiment had moved past this step (a duplicate or late message)",
+    "future": "the message is for a step the experiment has not reached",
+    "committed": "the step was committed already (a duplicate delivery)",
+    "claimed": "another worker holds a live claim on the step (claims only)",
+    "lease_lost": "the worker's claim expired or was taken over before it committed (commits only)",
+}
 
 # Where a message's (step, phase) stands against the experiment's: 'ok', 'stale' (the
 # experiment moved past it) or 'future' (a message for a step that has not been reached).
@@ -67,7 +87,7 @@ end
 # retry after a lost reply must not orphan the claim).
 CLAIM = render(_NOW + _CLAIM_TASK + _REFUSE + _POSITION + """
 local e = redis.call('HMGET', KEYS[2], '$status', '$step', '$phase')
-if e[1] ~= 'running' then return {0, refuse(KEYS[4], 'claim', 'experiment_' .. tostring(e[1]))} end
+if e[1] ~= 'running' then return {0, refuse(KEYS[4], 'claim', not_running(e[1]))} end
 local pos = position(e[2], e[3], ARGV[3], ARGV[4])
 if pos ~= 'ok' then return {0, refuse(KEYS[4], 'claim', pos)} end
 local s = redis.call('HMGET', KEYS[1], 'status', 'lease_until', 'owner', 'batch', 'token')
@@ -112,7 +132,7 @@ local function fence(task, exp, refusals, token, step, phase)
     return refuse(refusals, 'commit', (s[1] == 'committed' and 'committed' or 'lease_lost'))
   end
   local e = redis.call('HMGET', exp, '$status', '$step', '$phase')
-  if e[1] ~= 'running' then return refuse(refusals, 'commit', 'experiment_' .. tostring(e[1])) end
+  if e[1] ~= 'running' then return refuse(refusals, 'commit', not_running(e[1])) end
   local pos = position(e[2], e[3], step, phase)
   if pos ~= 'ok' then return refuse(refusals, 'commit', pos) end
   return 'ok'

@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     max_batch_rows: int = Field(default=512, ge=1)  # sequences per fused batch
     unclaimed_timeout_s: float = Field(default=60.0, gt=0)  # published, never claimed: publish again
     max_attempts: int = Field(default=3, ge=1)  # poison cap per task
+    # deliveries of one Celery message (each ended its worker process unacked) before the broker
+    # transport dead-letters it instead of delivering it again (common/broker_transport.py)
+    max_deliveries: int = Field(default=5, ge=1, le=1000)
 
     # ---- HTTP API (`lorafleet api`, scheduler/api/) -----------------------------------------
     api_host: str = "127.0.0.1"
@@ -142,6 +145,11 @@ class Settings(BaseSettings):
     api_retrieve_hold_s: float = Field(default=25.0, gt=0)  # long-poll of retrieve_future (SDK: 45 s)
     metrics_finished_ttl_s: float = Field(default=600.0, ge=0)  # finished experiments leave /metrics
     metrics_max_experiments: int = Field(default=500, ge=1)  # per-experiment series cap
+    # the scrape credential of GET /metrics (Authorization: Bearer <token>); an admin API key is
+    # accepted too. Neither: /metrics answers 401 (it is never open)
+    metrics_token: str | None = Field(default=None, min_length=16)
+    # per-experiment series (experiment ids and names as labels); off: fleet-wide series only
+    metrics_per_experiment: bool = True
 
     # ---- client-driven models (the Tinker endpoint) ----------------------------------------
     tinker_base_model: str | None = None  # the name clients pass as base_model (None: base_model)
@@ -202,6 +210,8 @@ class Settings(BaseSettings):
         if data.get("store_url"):
             data["store_url"] = redacted(data["store_url"])
         data["store_options"] = {k: "***" for k in data.get("store_options") or {}}  # credentials
+        if data.get("metrics_token"):
+            data["metrics_token"] = "***"
         return data
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
@@ -212,6 +222,8 @@ class Settings(BaseSettings):
                 yield name, redacted(value)
             elif name == "store_options" and isinstance(value, dict):  # may hold credentials
                 yield name, {k: "***" for k in value}
+            elif name == "metrics_token" and value:
+                yield name, "***"
             else:
                 yield name, value
 

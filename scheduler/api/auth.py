@@ -34,3 +34,6 @@ def current_key(request: Request) -> ApiKey:
 def require_admin(key: ApiKey) -> None:
     if not key.admin:
         raise ApiError(403, "forbidden", "this needs an admin key")
+
+
+presented_credential = _presented  # the credential a request carries (also /metrics' scrape check)

@@ -1,6 +1,13 @@
 """Prometheus `/metrics`: fleet series read from Redis on every scrape (identical on every
 replica: dashboards take `max without(instance)`), plus this replica's HTTP requests.
 
+A scrape needs a credential (`scrape_credential`): the bearer token LORAFLEET_METRICS_TOKEN, or
+an admin API key. Nothing presented or an unknown credential: 401; an ordinary (tenant) key: 403,
+since the series describe every tenant's work. With neither configured /metrics is closed, never
+open. Per-experiment series (experiment ids and names as labels) are exported only with
+`metrics_per_experiment` (on by default: the Grafana dashboard plots them, and whoever scrapes is
+an operator; turn it off where the Prometheus readers are a wider audience).
+
 Fleet gauges come from the indexes and heartbeats (`scheduler/fleet_status.py`); counters and
 histograms from what the commit paths write (`common/prom_writes.py`). Per-experiment series are
 bounded: queued and running experiments, plus those finished within METRICS_FINISHED_TTL_S,
@@ -8,6 +15,7 @@ at most METRICS_MAX_EXPERIMENTS (the most recently committed)."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 from collections import Counter
@@ -15,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client import Counter as PromCounter
@@ -24,11 +32,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lorafleet.common.api_keys import ApiKeyStore
 from lorafleet.common.experiment import TERMINAL
 from lorafleet.common.keys import Keys
 from lorafleet.common.prom_writes import ADAPTER_BUCKETS, BUCKETS, FUSED_ADAPTERS, TIMINGS, TINKER_OPS
 from lorafleet.common.ready_index import PHASES
 from lorafleet.common.settings import Settings
+from lorafleet.scheduler.api.auth import presented_credential
+from lorafleet.scheduler.api.errors import ApiError
 from lorafleet.scheduler.fleet_status import read_fleet_status
 
 router = APIRouter()
@@ -97,7 +108,8 @@ class FleetCollector(Collector):
         yield from self._counters()
         yield from self._histograms()
         yield from self._tinker()
-        yield from self._last(rows)
+        if self.settings.metrics_per_experiment:
+            yield from self._last(rows)
 
     def _backlog(self, backing_off: int) -> Iterator[Metric]:
         r = self.r
@@ -255,7 +267,28 @@ def metrics_registry(r: redis.Redis, settings: Settings) -> CollectorRegistry:
     return registry
 
 
-@router.get("/metrics", summary="Prometheus exposition (fleet series from Redis, this replica's HTTP)",
-            responses={200: {"content": {"text/plain": {}}}}, response_class=Response)
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="lorafleet metrics"'}
+
+
+def scrape_credential(request: Request) -> None:
+    """Admit a scrape: the metrics token (compared in constant time) or an admin API key."""
+    presented = presented_credential(request)
+    if presented is None:
+        raise ApiError(401, "unauthenticated", "a scrape credential is required: Authorization: Bearer "
+                       "<LORAFLEET_METRICS_TOKEN> or an admin API key", headers=_CHALLENGE)
+    token = request.app.state.settings.metrics_token
+    if token and hmac.compare_digest(presented.encode(), token.encode()):
+        return
+    key = ApiKeyStore(request.app.state.redis).verify(presented)
+    if key is None:
+        raise ApiError(401, "unauthenticated", "unknown scrape credential", headers=_CHALLENGE)
+    if not key.admin:
+        raise ApiError(403, "forbidden", "/metrics needs LORAFLEET_METRICS_TOKEN or an admin key")
+
+
+@router.get("/metrics", summary="Prometheus exposition (fleet series from Redis, this replica's HTTP); "
+            "Authorization: Bearer <LORAFLEET_METRICS_TOKEN> or an admin API key",
+            responses={200: {"content": {"text/plain": {}}}}, response_class=Response,
+            dependencies=[Depends(scrape_credential)])
 def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)

@@ -85,8 +85,15 @@ def test_submit_and_watch_through_the_api(make_fleet, redis_url: str, fleet_env:
         assert res.status_code == 200 and res.json()["deleted"] == [1]
         assert http.get(f"/v1/experiments/{exp}/versions").json()["versions"] == [0, 2, 3]
         assert http.get(f"/v1/experiments/{exp}/versions/1/archive").status_code == 404
-        # /metrics agrees with the fleet's own record
-        text = httpx.get(f"{base}/metrics").text
+        # /metrics agrees with the fleet's own record; it needs an operator credential
+        assert httpx.get(f"{base}/metrics").status_code == 401
+        assert http.get("/metrics").status_code == 403  # a tenant's key
+        admin = subprocess.run([sys.executable, "-m", "lorafleet.scheduler.cli", "keys", "create", "--name",
+                                "ops", "--admin", "--redis-url", redis_url], capture_output=True, text=True,
+                               timeout=60)
+        assert admin.returncode == 0, admin.stderr
+        admin_key = admin.stdout.strip().splitlines()[-1]
+        text = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {admin_key}"}).text
         assert _sample(text, "lorafleet_redis_up") == 1
         assert _sample(text, "lorafleet_steps_committed_total", phase="train") == 3
         assert _sample(text, "lorafleet_steps_committed_total", phase="rollout") == 3

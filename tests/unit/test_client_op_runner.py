@@ -67,7 +67,8 @@ class Host:
 
     def run(self, *exps: str) -> dict[str, bool]:
         items = [BatchItem(exp_id=e, step=int(self.r.hget(Keys.tk_model(e), "op_seq") or 0)) for e in exps]
-        return self.runner.run(BatchMessage(batch_id=f"b-{exps}", phase="ops", epoch=0, items=tuple(items)))
+        batch_id = ("b-" + "-".join(exps))[:64]  # an id, as the scheduler's batch ids are
+        return self.runner.run(BatchMessage(batch_id=batch_id, phase="ops", epoch=0, items=tuple(items)))
 
 
 class CountingEngine(TorchRolloutEngine):

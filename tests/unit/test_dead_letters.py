@@ -142,7 +142,7 @@ def test_valid_envelopes_that_are_not_lorafleet_messages(envelope):
     assert reason(NODE_Q, variant(headers__task="celery.ping")) == "unknown_task"
     assert reason(NODE_Q, variant(headers__task="os.system")) == "unknown_task"
     assert reason(NODE_Q, variant(headers={})) == "unknown_task"  # task protocol 1 is not spoken
-    assert reason(NODE_Q, variant(headers__id=None)) == "bad_body"
+    assert reason(NODE_Q, variant(headers__id=None)) == "header_id"
     assert reason(NODE_Q, variant(body="%%%not base64")) == "bad_body"
     assert reason(NODE_Q, variant(body=base64.b64encode(b"\xff").decode())) == "bad_body"
     assert reason(NODE_Q, variant(body=base64.b64encode(b"not json").decode())) == "bad_body"

@@ -505,3 +505,20 @@ def test_redis_role_scripts_replicate_and_fail_over(tmp_path: Path) -> None:
         for proc in procs.values():
             if proc.poll() is None:
                 _stop(proc)
+
+
+@pytest.mark.parametrize("compose_file", ["compose.yaml", "ops/compose/control.yaml"])
+def test_prometheus_scrapes_with_the_metrics_token_from_a_secret(compose_file: str) -> None:
+    """/metrics needs a credential: Prometheus sends the API's LORAFLEET_METRICS_TOKEN as a bearer
+    token read from a file (a compose secret from METRICS_TOKEN), never written in its config."""
+    prom = yaml.safe_load((ROOT / "ops" / "prometheus" / "prometheus.yml").read_text())
+    [job] = [j for j in prom["scrape_configs"] if j["job_name"] == "lorafleet"]
+    auth = job["authorization"]
+    assert auth == {"type": "Bearer", "credentials_file": "/run/secrets/metrics_token"}
+    assert "credentials" not in auth and "bearer_token" not in job
+    compose = yaml.safe_load((ROOT / compose_file).read_text())
+    services = compose["services"]
+    assert services["prometheus"]["secrets"] == ["metrics_token"]
+    assert compose["secrets"]["metrics_token"] == {"environment": "METRICS_TOKEN"}
+    token = _env_of(services["api"])["LORAFLEET_METRICS_TOKEN"]
+    assert re.fullmatch(r"\$\{METRICS_TOKEN:\?[^}]+\}", token), token  # from the host, required

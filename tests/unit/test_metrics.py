@@ -23,8 +23,14 @@ SPEC = {"name": "m", "env": "char_class", "env_args": {"cls": "digits"}, "steps"
         "prompts_per_step": 2, "group_size": 2}
 
 
+TOKEN = "scrape-token-0123456789abcdef"
+SCRAPE = {"Authorization": f"Bearer {TOKEN}"}
+
+
 def _app(r: redis.Redis, redis_url: str, tmp_path: Path, **kw) -> TestClient:
-    return TestClient(create_app(Settings(redis_url=redis_url, store_url=str(tmp_path / "s"), **kw), r))
+    """The API with a metrics token; its client scrapes with it."""
+    settings = Settings(redis_url=redis_url, store_url=str(tmp_path / "s"), **{"metrics_token": TOKEN, **kw})
+    return TestClient(create_app(settings, r), headers=SCRAPE)
 
 
 def _exported(text: str) -> set[str]:
@@ -163,3 +169,66 @@ def test_tinker_series_count_futures_sessions_ops_and_fused_steps(r: redis.Redis
     assert _sample(after, "lorafleet_fused_batch_adapters_bucket", le="2.0") == 2
     assert _sample(after, "lorafleet_fused_batch_adapters_sum") == 3
     assert _sample(after, "lorafleet_fused_batch_adapters_count") == 2
+
+
+def test_metrics_need_the_scrape_token_or_an_admin_key(r: redis.Redis, redis_url: str,
+                                                       tmp_path: Path) -> None:
+    """/metrics lists every experiment of every tenant: no credential or a wrong one is 401, a
+    tenant's key 403; the metrics token or an admin key read it."""
+    from lorafleet.common.api_keys import ApiKeyStore
+
+    [exp] = ExperimentRegistry(r).submit_many([SPEC])
+    r.hset(Keys.prom_last, exp, json.dumps({"step": 1, "reward": 0.5, "at": 1}))
+    _, tenant = ApiKeyStore(r).create("tenant")
+    _, admin = ApiKeyStore(r).create("ops", admin=True)
+    with _app(r, redis_url, tmp_path) as c:
+        c.headers.clear()
+        none = c.get("/metrics")
+        assert none.status_code == 401 and exp not in none.text
+        assert none.headers["www-authenticate"].startswith("Bearer")
+        for wrong in (TOKEN[:-1], TOKEN + "x", "", "Bearer", TOKEN.upper()):
+            res = c.get("/metrics", headers={"Authorization": f"Bearer {wrong}"})
+            assert res.status_code == 401 and exp not in res.text, wrong
+        assert c.get("/metrics", headers={"Authorization": TOKEN}).status_code == 401  # no scheme
+        for h in ({"X-API-Key": tenant}, {"Authorization": f"Bearer {tenant}"}):
+            res = c.get("/metrics", headers=h)
+            assert res.status_code == 403 and exp not in res.text
+        for h in (SCRAPE, {"Authorization": f"bearer {TOKEN}"}, {"X-API-Key": admin},
+                  {"Authorization": f"Bearer {admin}"}):
+            res = c.get("/metrics", headers=h)
+            assert res.status_code == 200, h
+            assert _sample(res.text, "lorafleet_experiment_step", experiment=exp) == 1
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200  # stay open
+
+
+def test_metrics_without_a_configured_token_are_closed(r: redis.Redis, redis_url: str,
+                                                       tmp_path: Path) -> None:
+    """No LORAFLEET_METRICS_TOKEN: any bearer is refused (never open); an admin key still reads."""
+    from lorafleet.common.api_keys import ApiKeyStore
+
+    _, admin = ApiKeyStore(r).create("ops", admin=True)
+    with _app(r, redis_url, tmp_path, metrics_token=None) as c:
+        c.headers.clear()
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers=SCRAPE).status_code == 401
+        assert c.get("/metrics", headers={"Authorization": "Bearer None"}).status_code == 401
+        assert c.get("/metrics", headers={"X-API-Key": admin}).status_code == 200
+
+
+def test_per_experiment_series_are_optional(r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    [exp] = ExperimentRegistry(r).submit_many([{**SPEC, "name": "secret-project"}])
+    r.hset(Keys.prom_last, exp, json.dumps({"step": 1, "reward": 0.5, "at": 1}))
+    with _app(r, redis_url, tmp_path, metrics_per_experiment=False) as c:
+        text = c.get("/metrics").text
+    assert exp not in text and "secret-project" not in text
+    assert _sample(text, "lorafleet_experiments", state="queued", kind="rl") == 1  # fleet series stay
+
+
+def test_a_short_metrics_token_is_refused() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="metrics_token"):
+        Settings(metrics_token="short")
+    assert "scrape-token" not in repr(Settings(metrics_token=TOKEN))
+    assert Settings(metrics_token=TOKEN).safe_dump()["metrics_token"] == "***"
