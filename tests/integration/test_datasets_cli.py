@@ -54,7 +54,7 @@ def test_submit_resolves_the_dataset_against_the_spec_file(tmp_path: Path, redis
 @pytest.mark.parametrize(
     ("dataset", "content", "needle"),
     [
-        ({"path": "missing.jsonl"}, None, "dataset: dataset {dir}/missing.jsonl: no such file or directory"),
+        ({"path": "missing.jsonl"}, None, "dataset.path: {dir}/missing.jsonl: no such file or directory"),
         ({"path": "d.jsonl"}, '{"prompt": "x", "answer": 1}\n{"q": 1}\n',
          "dataset: {dir}/d.jsonl row 1 (line 2): missing field 'prompt'"),
         ({"path": "d.jsonl", "answer_field": "sol"}, '{"prompt": "x", "answer": 1}\n',
