@@ -122,6 +122,9 @@ def failure(exc: BaseException) -> str:
         if isinstance(e, TimeoutError):
             return "timed out"
     if isinstance(exc, FileNotFoundError):
+        cause = exc.__cause__  # fsspec's http `info` turns every failure into FileNotFoundError(url)
+        if cause is not None and not isinstance(cause, FileNotFoundError):
+            return failure(cause)
         return "no such file or directory"
     if isinstance(exc, IsADirectoryError):
         return "is a directory"
@@ -174,7 +177,9 @@ class JsonlFile:
         self.starts, self.lengths = array("q"), array("I")
         self.jump_rows, self.jump_lines = array("q"), array("q")  # where blank lines shift numbering
         line, pos, start, nonblank = 0, 0, 0, False  # the line being read: its start, content seen
-        with fs.open(file.path, "rb") as f:
+        http = "http" in fs_protocols(fs)
+        # over http one streamed GET (block_size=0), not a Range request per block
+        with fs.open(file.path, "rb", **({"block_size": 0} if http else {})) as f:
             while True:
                 chunk = f.read(CHUNK_BYTES)
                 if not chunk:
@@ -197,6 +202,10 @@ class JsonlFile:
                 pos += len(chunk)
         if nonblank:  # a last line without a newline
             self._add(start, pos, line + 1, max_rows, limits)
+        if http and self.starts and len(fs.cat_file(file.path, start=0, end=1)) != 1:
+            raise DatasetError(f"{file.shown}: the server ignores HTTP Range requests, which reading rows "
+                               "by offset needs; serve the file from one that answers them (object "
+                               "stores and common web servers do)")
 
     def _add(self, start: int, end: int, line: int, max_rows: int, limits: DatasetLimits) -> None:
         row = len(self.starts)
@@ -231,10 +240,16 @@ class JsonlFile:
             data = self.fs.cat_file(self.file.path, start=start, end=start + self.lengths[i])
         except Exception as exc:  # noqa: BLE001 - any fsspec error: this row cannot be read
             raise DatasetRowError(f"{self.where(i)}: cannot read: {failure(exc)}") from None
+        if len(data) != self.lengths[i]:  # the file changed since it was indexed, or a bad server
+            raise DatasetRowError(f"{self.where(i)}: cannot read: got {len(data)} bytes of {self.lengths[i]}")
         try:
             return json.loads(data)
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: positions, never content
             raise DatasetRowError(f"{self.where(i)}: not valid JSON: {_json_problem(exc)}") from None
+
+
+def fs_protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
 def _json_problem(exc: ValueError) -> str:

@@ -56,6 +56,7 @@ from lorafleet.common.dataset_files import (
     file_version,
     first_jsonl_rows,
     first_parquet_rows,
+    fs_protocols,
     pyarrow_parquet,
 )
 from lorafleet.common.http_guard import http_storage_options
@@ -330,7 +331,7 @@ def _count_rows(fs: fsspec.AbstractFileSystem, file: DataFile, limits: DatasetLi
         pq = pyarrow_parquet()
         with fs.open(file.path, "rb") as f:
             return int(pq.ParquetFile(f).metadata.num_rows)
-    if not set(_protocols_of(fs)) & set(LOCAL_PROTOCOLS) or file.size < 2 * limits.max_rows:
+    if not set(fs_protocols(fs)) & set(LOCAL_PROTOCOLS) or file.size < 2 * limits.max_rows:
         return 0  # remote, or too small to hold more rows than the limit (a row is >= 2 bytes: "{}")
     lines = 0
     with fs.open(file.path, "rb") as f:
@@ -339,10 +340,6 @@ def _count_rows(fs: fsspec.AbstractFileSystem, file: DataFile, limits: DatasetLi
     if lines + 1 <= limits.max_rows:
         return lines
     return len(JsonlFile(fs, file, limits, limits.max_rows))
-
-
-def _protocols_of(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
-    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
 def check_dataset(spec: DatasetSpec, chat: bool, needs_answer: bool, rows: int = CHECK_ROWS,
