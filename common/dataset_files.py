@@ -115,6 +115,8 @@ def failure(exc: BaseException) -> str:
         if name in ("NoCredentialsError", "PartialCredentialsError"):
             return ("no credentials for S3: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
                     "AWS_PROFILE) where the API and the workers run")
+        if name == "ProfileNotFound":
+            return f"no credentials for S3: {e}"
         if isinstance(e, PermissionError):
             return "permission denied"
         if isinstance(e, ConnectionRefusedError):

@@ -354,8 +354,8 @@ def check_dataset(spec: DatasetSpec, chat: bool, needs_answer: bool, rows: int =
         try:
             total_rows += _count_rows(fs, file, limits)
             if total_rows > limits.max_rows:
-                raise DatasetError(f"{spec.path}: more than {limits.max_rows} rows, over the limit "
-                                   f"{limits.rows_limit()}")
+                raise DatasetError(f"{spec.path}: the dataset has more than {limits.max_rows} rows, over "
+                                   f"the limit {limits.rows_limit()}")
             for where, row in reader(fs, file, rows):
                 problem = row_problem(row, spec, chat, needs_answer)
                 if problem is not None:
