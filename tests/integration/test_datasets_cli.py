@@ -175,3 +175,25 @@ def test_lorafleet_run_of_the_math_example(tmp_path: Path, redis_url: str, r, fl
     assert [m["step"] for m in metrics] == list(range(8))
     assert all(0.0 <= m["reward_mean"] <= 1.0 for m in metrics)
     assert (tmp_path / "rewards.png").is_file()
+
+
+@pytest.mark.slow
+def test_workers_load_datasets_within_their_own_limits(make_fleet, redis_url: str, r, tmp_path: Path) -> None:
+    """The limits reach where workers load datasets: a dataset the submitting process admitted
+    (its limits are the defaults) but that is over the workers' LORAFLEET_MAX_DATASET_ROWS fails
+    that experiment alone, naming the limit; one within it completes on the same fleet."""
+    make_fleet(workers=1, env={"LORAFLEET_MAX_DATASET_ROWS": "3"})
+    paths = {}
+    for name, n in (("fits", 3), ("over", 4)):
+        paths[name] = tmp_path / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": f"#### {i + 1}"}) + "\n"
+                                       for i in range(n)))
+    client = FleetClient(redis_url)
+    ids = {name: client.submit({"name": name, "dataset": {"path": str(path)}, "steps": 2,
+                                "reward": {"fn": "numeric_match"}, "prompts_per_step": 2, "group_size": 2})
+           for name, path in paths.items()}
+    states = {name: s for name, s in zip(ids, client.wait(list(ids.values()), timeout_s=300), strict=True)}
+    assert states["fits"].status == "completed", states["fits"].error
+    assert states["over"].status == "failed"
+    limit = "the dataset has more than 3 rows, over the limit max_dataset_rows=3 (LORAFLEET_MAX_DATASET_ROWS)"
+    assert limit in (states["over"].error or ""), states["over"].error
