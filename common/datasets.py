@@ -170,6 +170,12 @@ def canonical_row(row: Mapping[str, Any], spec: DatasetSpec) -> dict[str, Any]:
     return out
 
 
+def _field_names(row: Mapping[str, Any]) -> list[str]:
+    """Up to 12 of a row's field names (each cut to 40 characters): what a message may show of a
+    row. Never its values."""
+    return [str(name)[:40] for name in sorted(row, key=str)[:12]]
+
+
 def row_problem(row: Any, spec: DatasetSpec, chat: bool, needs_answer: bool) -> str | None:
     """Why `row` cannot be used, or None."""
     if not isinstance(row, Mapping):
@@ -187,11 +193,12 @@ def row_problem(row: Any, spec: DatasetSpec, chat: bool, needs_answer: bool) -> 
             return (f"has {spec.messages_field!r} but no {spec.prompt_field!r}: chat messages need "
                     "prompt_format: chat")
         wanted = f"{spec.prompt_field!r} or {spec.messages_field!r}" if chat else repr(spec.prompt_field)
-        return f"missing field {wanted} (fields: {sorted(row)[:12]})"
+        return f"missing field {wanted} (fields: {_field_names(row)})"
     elif not isinstance(prompt, str):
         return f"field {spec.prompt_field!r} must be text, got {type(prompt).__name__}"
     if needs_answer and row.get(spec.answer_field) is None:
-        return f"missing field {spec.answer_field!r} (the reward needs an answer; fields: {sorted(row)[:12]})"
+        return (f"missing field {spec.answer_field!r} (the reward needs an answer; "
+                f"fields: {_field_names(row)})")
     return None
 
 
