@@ -16,6 +16,7 @@ what went wrong without echoing file contents.
 from __future__ import annotations
 
 import json
+import threading
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
@@ -152,22 +153,26 @@ class ByteLRU:
     def __init__(self, budget: int) -> None:
         self.budget, self.used = budget, 0
         self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()  # a worker may draw rows of one dataset from two threads
 
     def get(self, key: Any) -> Any:
-        hit = self._items.get(key)
-        if hit is None:
-            return None
-        self._items.move_to_end(key)
-        return hit[0]
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is None:
+                return None
+            self._items.move_to_end(key)
+            return hit[0]
 
     def put(self, key: Any, value: Any, nbytes: int) -> None:
         if nbytes > self.budget:
             return
-        self._items[key] = (value, nbytes)
-        self.used += nbytes
-        while self.used > self.budget:
-            _, (_, dropped) = self._items.popitem(last=False)
-            self.used -= dropped
+        with self._lock:
+            old = self._items.pop(key, None)
+            self.used += nbytes - (old[1] if old is not None else 0)
+            self._items[key] = (value, nbytes)
+            while self.used > self.budget:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.used -= dropped
 
 
 class JsonlFile:

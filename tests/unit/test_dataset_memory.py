@@ -217,3 +217,24 @@ def test_the_cache_is_bounded_in_bytes_least_recently_used_first(tmp_path: Path,
     with pytest.raises(DatasetError, match=r"index needs 1200 bytes, over the limit dataset_cache_bytes=1000 "
                                            r"\(LORAFLEET_DATASET_CACHE_BYTES\)"):
         load_dataset(paths[0], DatasetLimits(cache_bytes=1000))
+
+
+def test_rows_from_s3_are_read_by_range_and_equal_the_file(s3_server, monkeypatch) -> None:
+    """A real S3 API (moto's server): JSONL rows come by ranged GETs, Parquet row groups on demand."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    import s3fs
+
+    s3 = s3fs.S3FileSystem(endpoint_url=s3_server.endpoint_url, skip_instance_cache=True)
+    base = s3_server.url("datasets")
+    rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
+    s3.pipe(f"{base}/train.jsonl", FIXTURE.read_bytes())
+    table = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), table, row_group_size=50)
+    s3.pipe(f"{base}/train.parquet", table.getvalue().to_pybytes())
+    for url in (f"{base}/train.jsonl", f"{base}/train.parquet"):
+        parse_spec(spec_of(url), AdmissionLimits())
+        ds = load_dataset(url)
+        assert [ds.raw_row(i) for i in range(len(ds))] == rows, url
+    assert "over the limit max_dataset_bytes=1000" in refused(f"{base}/train.jsonl",
+                                                              AdmissionLimits(max_dataset_bytes=1000))
