@@ -149,8 +149,9 @@ def describe_http_failure(exc: BaseException) -> str | None:
         seen.add(id(e))
         if isinstance(e, AddressRefused | ResponseTooLarge):
             return str(e)
-        if "refused" in str(e) and ": refused" in str(e) and "address " in str(e):
-            return str(e)[str(e).index("address "):]  # aiohappyeyeballs joined several attempts
+        text = str(e)
+        if isinstance(e, OSError) and text.endswith(": refused") and "address " in text:
+            return text[text.index("address "):]  # aiohappyeyeballs joined several attempts' errors
         if isinstance(e, aiohttp.ClientResponseError):
             return f"HTTP {e.status} {e.message}".strip()
         if isinstance(e, aiohttp.TooManyRedirects):
