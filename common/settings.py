@@ -68,6 +68,17 @@ class Settings(BaseSettings):
     max_tokens_per_step: int = Field(default=1_048_576, ge=1)  # rows x max_new_tokens
     max_steps: int = Field(default=100_000, ge=1)
     max_lora_rank: int = Field(default=256, ge=1)
+    # datasets: all files of one together (refused at submit by their listed size, without a read,
+    # and at load), and their rows; a process's cached dataset indexes (rows are read by offset,
+    # never a whole file), least recently used dropped over it
+    max_dataset_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    max_dataset_rows: int = Field(default=10_000_000, gt=0)
+    dataset_cache_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    # http(s) datasets (common/http_guard.py): loopback, private, link-local, multicast, reserved
+    # addresses are refused unless this is set (test fleets on a private network); per request
+    http_allow_private: bool = False
+    http_connect_timeout_s: float = Field(default=10.0, gt=0)
+    http_timeout_s: float = Field(default=300.0, gt=0)
 
     # ---- worker ----------------------------------------------------------------------------
     node: str = "node0"  # its queue is lf.node.<node>

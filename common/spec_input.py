@@ -24,8 +24,9 @@ from pydantic import ValidationError
 from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node
 
-from lorafleet.common.datasets import DatasetError, check_dataset, resolve_path
+from lorafleet.common.datasets import DatasetError, DatasetLimits, check_dataset, resolve_path
 from lorafleet.common.envs import get_env
+from lorafleet.common.http_guard import HttpPolicy
 from lorafleet.common.rewards import make_reward
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.settings import ENV_PREFIX, Settings
@@ -54,12 +55,29 @@ class AdmissionLimits:
     max_tokens_per_step: int = _default("max_tokens_per_step")
     max_steps: int = _default("max_steps")
     max_lora_rank: int = _default("max_lora_rank")
+    max_dataset_bytes: int = _default("max_dataset_bytes")
+    max_dataset_rows: int = _default("max_dataset_rows")
+    # how a dataset named by an http(s) URL is fetched at submit (common/http_guard.py)
+    http_allow_private: bool = bool(Settings.model_fields["http_allow_private"].default)
+    http_connect_timeout_s: float = float(Settings.model_fields["http_connect_timeout_s"].default)
+    http_timeout_s: float = float(Settings.model_fields["http_timeout_s"].default)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AdmissionLimits:
         return cls(max_spec_bytes=settings.max_spec_bytes, max_rows_per_step=settings.max_rows_per_step,
                    max_tokens_per_step=settings.max_tokens_per_step, max_steps=settings.max_steps,
-                   max_lora_rank=settings.max_lora_rank)
+                   max_lora_rank=settings.max_lora_rank, max_dataset_bytes=settings.max_dataset_bytes,
+                   max_dataset_rows=settings.max_dataset_rows, http_allow_private=settings.http_allow_private,
+                   http_connect_timeout_s=settings.http_connect_timeout_s,
+                   http_timeout_s=settings.http_timeout_s)
+
+    def dataset_limits(self) -> DatasetLimits:
+        """The limits a dataset is checked against at submit."""
+        return DatasetLimits(max_bytes=self.max_dataset_bytes, max_rows=self.max_dataset_rows,
+                             http=HttpPolicy(allow_private=self.http_allow_private,
+                                             connect_timeout_s=self.http_connect_timeout_s,
+                                             timeout_s=self.http_timeout_s,
+                                             max_response_bytes=self.max_dataset_bytes))
 
     def violations(self, spec: ExperimentSpec) -> list[str]:
         """One message per limit `spec` exceeds, naming the limit and its setting."""
@@ -204,14 +222,15 @@ def parse_spec(data: SpecInput, limits: AdmissionLimits,
         path = resolve_path(spec.dataset.path, base_dir)
         if path != spec.dataset.path:
             spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"path": path})})
-    check_task(spec)
+    check_task(spec, limits)
     return spec
 
 
-def check_task(spec: ExperimentSpec) -> None:
+def check_task(spec: ExperimentSpec, limits: AdmissionLimits | None = None) -> None:
     """What a worker will need, checked without torch: the env and its args; or the reward fn
-    and its args, and the dataset (readable, its first rows with the mapped fields: the prompt,
-    and the answer when the reward reads one). Errors are `SpecError`s naming the file and row."""
+    and its args, and the dataset (readable, within the fleet's dataset limits, its first rows with
+    the mapped fields: the prompt, and the answer when the reward reads one). Errors are
+    `SpecError`s naming the field, and the file and row."""
     if spec.env is not None:
         try:
             get_env(spec.env, spec.env_args)
@@ -224,9 +243,10 @@ def check_task(spec: ExperimentSpec) -> None:
     except ValueError as exc:
         raise SpecError(f"reward: {exc}") from None
     try:
-        check_dataset(spec.dataset, spec.prompt_format == "chat", reward.needs_answer)
-    except DatasetError as exc:
-        raise SpecError(f"dataset: {' '.join(str(exc).split())}") from None
+        check_dataset(spec.dataset, spec.prompt_format == "chat", reward.needs_answer,
+                      limits=(limits or AdmissionLimits()).dataset_limits())
+    except DatasetError as exc:  # the field to fix: dataset.path (the file), dataset (a row)
+        raise SpecError(f"{exc.field}: {' '.join(str(exc).split())}") from None
 
 
 def _shown(value: Any) -> str:

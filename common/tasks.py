@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from lorafleet.common.datasets import Dataset, indices_for_step, load_dataset
+from lorafleet.common.datasets import DEFAULT_LIMITS, Dataset, DatasetLimits, indices_for_step, load_dataset
 from lorafleet.common.envs import RewardEnv, get_env
 from lorafleet.common.rewards import Reward, make_reward
 from lorafleet.common.schemas import ExperimentSpec
@@ -98,13 +98,13 @@ class DatasetTask:
     experiment's epochs (`datasets.indices_for_step`, seeded by train.seed); a row that cannot be
     used raises `DatasetRowError` naming its file and row."""
 
-    def __init__(self, spec: ExperimentSpec, dataset: Dataset | None = None, reward: Reward | None = None
-                 ) -> None:
+    def __init__(self, spec: ExperimentSpec, dataset: Dataset | None = None, reward: Reward | None = None,
+                 limits: DatasetLimits = DEFAULT_LIMITS) -> None:
         if spec.dataset is None or spec.reward is None:
             raise ValueError("a dataset task needs a spec with dataset and reward")
         self.spec = spec
         self.reward_fn = reward if reward is not None else make_reward(spec.reward)
-        self.dataset = dataset if dataset is not None else load_dataset(spec.dataset.path)
+        self.dataset = dataset if dataset is not None else load_dataset(spec.dataset.path, limits)
         self.label = f"reward {spec.reward.fn!r}"
 
     def draw(self, step: int) -> list[TaskPrompt]:
@@ -125,14 +125,16 @@ class DatasetTask:
         return self.reward_fn(str(prompt), completion, getattr(prompt, "row", _NO_ROW))
 
 
-def make_task(spec: ExperimentSpec, env: RewardEnv | None = None) -> Task:
-    """The task of `spec` (`env` overrides its registered env: tests, benchmarks). Raises
-    ValueError for an unknown env or reward fn, bad args, or a dataset that cannot be read."""
+def make_task(spec: ExperimentSpec, env: RewardEnv | None = None,
+              dataset_limits: DatasetLimits = DEFAULT_LIMITS) -> Task:
+    """The task of `spec` (`env` overrides its registered env: tests, benchmarks); a dataset is
+    loaded within `dataset_limits` (the worker's, from its Settings). Raises ValueError for an
+    unknown env or reward fn, bad args, or a dataset that cannot be read."""
     if env is not None:
         return EnvTask(env, spec)
     if spec.env is not None:
         return EnvTask(get_env(spec.env, spec.env_args), spec)
-    return DatasetTask(spec)
+    return DatasetTask(spec, limits=dataset_limits)
 
 
 def as_task(spec: ExperimentSpec, source: Task | RewardEnv) -> Task:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
+from lorafleet.common.datasets import DEFAULT_LIMITS, DatasetLimits
 from lorafleet.common.envs import RewardEnv
 from lorafleet.common.logging import bound_context, get_logger
 from lorafleet.common.protocol import StepItem
@@ -82,20 +83,23 @@ class _Plan:
 
 class RLStepPipeline:
     def __init__(self, trainer: FusedTrainStep, tokenizer: Any, engine: RolloutEngine, adapters: AdapterHost,
-                 envs: Mapping[str, RewardEnv] | None = None, train_delay_s: float = 0.0) -> None:
+                 envs: Mapping[str, RewardEnv] | None = None, train_delay_s: float = 0.0,
+                 dataset_limits: DatasetLimits = DEFAULT_LIMITS) -> None:
         self.trainer = trainer
         self.tokenizer = tokenizer
         self.engine = engine
         self.adapters = adapters
         self.envs = dict(envs or {})  # exp id -> an env object overriding the spec's (tests, benches)
         self.train_delay_s = train_delay_s  # fault injection: widens the train step's window
+        self.dataset_limits = dataset_limits  # the worker's (Settings): bytes, rows, cache, http guard
         param = next(trainer.model.model.parameters())
         self.device, self.loss_dtype = param.device, loss_dtype(param.dtype)
 
     def task(self, item: StepItem) -> Task:
         """The experiment's task: its env (or the override in `envs`), or its dataset (read once
-        per process: `common/datasets.py` caches it) with its reward function."""
-        return make_task(item.spec, self.envs.get(item.exp_id))
+        per process within the worker's limits: `common/datasets.py` caches it) with its reward
+        function."""
+        return make_task(item.spec, self.envs.get(item.exp_id), self.dataset_limits)
 
     # ---- rollout ---------------------------------------------------------------------------
     def rollout(self, items: Sequence[StepItem]) -> RolloutOutput:

@@ -34,6 +34,7 @@ import redis
 import torch
 
 from lorafleet.common.adapter_store import AdapterStore
+from lorafleet.common.datasets import DatasetLimits
 from lorafleet.common.keys import STREAM_MAXLEN, Keys
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import BatchMessage
@@ -109,7 +110,8 @@ class WorkerRuntime(WorkerLiveness):
         self.adapters = ResidentAdapters(self.store, trainer, settings.base_model, settings.max_resident,
                                          self.vllm, snapshots)
         self.pipeline = RLStepPipeline(trainer, self.tokenizer, engine, self.adapters,
-                                       train_delay_s=settings.test_train_delay_s)
+                                       train_delay_s=settings.test_train_delay_s,
+                                       dataset_limits=DatasetLimits.from_settings(settings))
         self.overlap = PublishAhead(self.adapters, self.pipeline)
         self.claims: dict[tuple[str, int, str], int] = {}  # (exp, step, phase) -> fencing token
         self._lock = threading.Lock()

@@ -161,7 +161,7 @@ def test_relative_paths_resolve_against_base_dir_or_the_cwd(tmp_path: Path, monk
 # ---- checks at submit -----------------------------------------------------------------------
 def test_unreadable_or_unknown_datasets_are_spec_errors_naming_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.jsonl"
-    assert f"dataset: dataset {missing}: no such file or directory" in refused(spec_of(missing))
+    assert f"dataset.path: {missing}: no such file or directory" in refused(spec_of(missing))
     csv = tmp_path / "rows.csv"
     csv.write_text("prompt,answer\n")
     assert "unknown format" in refused(spec_of(csv))
@@ -170,10 +170,10 @@ def test_unreadable_or_unknown_datasets_are_spec_errors_naming_the_file(tmp_path
     assert "has no .jsonl" in refused(spec_of(empty_dir))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
-    assert f"dataset {empty}: has no rows" in refused(spec_of(empty))
+    assert f"dataset.path: {empty}: has no rows" in refused(spec_of(empty))
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 not really")
-    assert f"dataset file {broken}: cannot read" in refused(spec_of(broken))
+    assert f"dataset.path: {broken}: cannot read" in refused(spec_of(broken))
     assert "cannot open" in refused(spec_of("nosuchproto://bucket/train.jsonl"))
 
 
@@ -227,13 +227,13 @@ def test_only_the_first_rows_of_a_jsonl_file_are_read_at_submit(tmp_path: Path) 
 # ---- the cache ------------------------------------------------------------------------------
 def test_a_dataset_is_read_once_per_process_until_it_changes(tmp_path: Path, monkeypatch) -> None:
     reads: list[str] = []
-    real = datasets._read_file
+    real = datasets._index_file
 
-    def counting(fs, file):
+    def counting(fs, file, *args):
         reads.append(file.path)
-        return real(fs, file)
+        return real(fs, file, *args)
 
-    monkeypatch.setattr(datasets, "_read_file", counting)
+    monkeypatch.setattr(datasets, "_index_file", counting)
     path = write_jsonl(tmp_path / "train.jsonl", ROWS)
     spec = parse_spec(spec_of(path), LIMITS)
     assert reads == []  # the submit check does not read the whole file
