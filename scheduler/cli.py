@@ -364,9 +364,11 @@ def run(specs: list[Path], workers: int = 1, redis_url: RedisOpt = None,
 
 
 def _add_subcommands() -> None:
+    from lorafleet.scheduler.cli_datasets import datasets_app
     from lorafleet.scheduler.cli_keys import keys_app
 
     app.add_typer(keys_app, name="keys", help="API keys of the HTTP API (`lorafleet api`)")
+    app.add_typer(datasets_app, name="datasets", help="uploaded datasets (specs: dataset: {id: ds-...})")
 
 
 _add_subcommands()
