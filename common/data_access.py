@@ -27,7 +27,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
 
 from lorafleet.common.adapter_import import parse_init_from
@@ -37,7 +37,6 @@ from lorafleet.common.keys import Keys
 if TYPE_CHECKING:
     import redis
 
-    from lorafleet.common.api_keys import ApiKey
     from lorafleet.common.schemas import DatasetSpec, ExperimentSpec
     from lorafleet.common.settings import Settings
 
@@ -190,6 +189,14 @@ def split_prefixes(text: str | None) -> tuple[str, ...]:
     return tuple(p.strip() for p in (text or "").split(",") if p.strip())
 
 
+class Caller(Protocol):
+    """What the policy needs of an API key (common/api_keys.ApiKey)."""
+
+    id: str
+    admin: bool
+    allowed_data_urls: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class DataAccessPolicy:
     """The policy for one caller; `trusted` (an admin key, an operator) allows everything."""
@@ -202,7 +209,7 @@ class DataAccessPolicy:
     r: redis.Redis | None = None  # where ownership is looked up
 
     @classmethod
-    def for_key(cls, settings: Settings, key: ApiKey, r: redis.Redis) -> DataAccessPolicy:
+    def for_key(cls, settings: Settings, key: Caller, r: redis.Redis) -> DataAccessPolicy:
         return cls(trusted=key.admin, owner=key.id,
                    allowed_prefixes=split_prefixes(settings.allowed_data_urls) + key.allowed_data_urls,
                    store_url=settings.resolved_store_url, cache_dir=str(settings.cache_dir), r=r)

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from lorafleet.common.dataset_store import DatasetInUseError, DatasetRecord, DatasetUploadError
+from lorafleet.scheduler.client import FleetClient
 
 datasets_app = typer.Typer(no_args_is_help=True, help=__doc__)
 
@@ -20,17 +21,18 @@ RedisOpt = Annotated[str | None, typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
-def _client(redis_url: str | None):  # noqa: ANN202 - FleetClient, imported lazily like cli.py does
-    from lorafleet.scheduler import cli
-
-    cli._store_used = True  # an OSError from here on is the adapter store's
-    return cli._client(redis_url)
-
-
 def _bad_input(msg: str) -> typer.Exit:
-    from lorafleet.scheduler.cli import _bad_input as bad
+    typer.echo("error: " + " ".join(msg.split()), err=True)
+    return typer.Exit(code=2)
 
-    return bad(msg)
+
+def _client(redis_url: str | None) -> FleetClient:
+    from lorafleet.common.settings import Settings
+
+    try:
+        return FleetClient.from_settings(Settings().with_overrides(redis_url=redis_url))
+    except ValueError as exc:  # no Redis URL, or an invalid one
+        raise _bad_input(str(exc)) from None
 
 
 def _line(rec: DatasetRecord) -> str:

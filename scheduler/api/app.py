@@ -16,9 +16,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lorafleet.common.redis_conn import connect
 from lorafleet.common.settings import Settings
 from lorafleet.common.store_layout import AdapterNotFoundError, AdapterStoreError
+from lorafleet.scheduler.api.deps import DATASETS_PATH
 from lorafleet.scheduler.api.errors import ApiError, error_body
-
-UPLOAD_PATH = "/v1/datasets"  # scheduler/api/datasets.py: streamed under its own limit
 
 TINKER_PREFIX = "/api/v1"
 
@@ -41,7 +40,7 @@ class BodyLimit:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (scope.get("path") == UPLOAD_PATH and scope.get("method") == "POST"):
+        if scope["type"] != "http" or (scope.get("path") == DATASETS_PATH and scope.get("method") == "POST"):
             # a dataset upload is streamed to disk under its own limit (LORAFLEET_MAX_DATASET_BYTES)
             await self.app(scope, receive, send)
             return

@@ -20,8 +20,8 @@ from lorafleet.common.dataset_store import (
     store_upload,
     too_large,
 )
-from lorafleet.scheduler.api.app import UPLOAD_PATH  # BodyLimit leaves this body to the route
 from lorafleet.scheduler.api.auth import current_key
+from lorafleet.scheduler.api.deps import DATASETS_PATH as UPLOAD_PATH
 from lorafleet.scheduler.api.deps import redis_of, settings_of
 from lorafleet.scheduler.api.errors import ApiError
 

@@ -19,6 +19,7 @@ from lorafleet.common.spec_input import AdmissionLimits, SpecError
 from lorafleet.scheduler.api.errors import ApiError
 from lorafleet.scheduler.registry import ExperimentRegistry
 
+DATASETS_PATH = "/v1/datasets"  # uploads: app.BodyLimit leaves this body to the route's own limit
 _FIELD_PREFIX = re.compile(
     r"^(?:spec #\d+ of \d+: )?(?:invalid spec: )?([A-Za-z_][A-Za-z0-9_.]*|--dataset): ")
 
