@@ -83,7 +83,9 @@ def normalise(url: str, field: str) -> NormalUrl:
         raise DataAccessError(field, "API keys name data by an allowed URL, an uploaded dataset id "
                                      "or an owned experiment id; server paths need an admin key")
     if "::" in url:
-        raise DataAccessError(field, "chained URLs (a::b) are not allowed for API keys")
+        # fsspec reads '::' anywhere as a chain (an IPv6 literal like [::1] included)
+        raise DataAccessError(field, "URLs with '::' (chained URLs a::b, IPv6 literals) are not allowed "
+                                     "for API keys")
     if any(ord(c) < 0x21 or c in "\\\x7f" for c in url):
         raise DataAccessError(field, "the URL has whitespace, control characters or backslashes")
     scheme, rest = url.split("://", 1)
