@@ -111,7 +111,8 @@ def check_rows(path: str | Path, fmt: Format, max_rows: int) -> int:
                 try:
                     row = json.loads(line)
                 except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-                    raise DatasetUploadError(f"line {line_no}: not valid JSON: {exc}") from None
+                    why = exc.msg if isinstance(exc, json.JSONDecodeError) else "it is not UTF-8 text"
+                    raise DatasetUploadError(f"line {line_no}: not valid JSON ({why})") from None
                 if not isinstance(row, dict):
                     raise DatasetUploadError(f"line {line_no}: a row must be a JSON object, "
                                              f"got {type(row).__name__}")

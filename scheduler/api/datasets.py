@@ -21,11 +21,10 @@ from lorafleet.common.dataset_store import (
     too_large,
 )
 from lorafleet.scheduler.api.auth import current_key
-from lorafleet.scheduler.api.deps import DATASETS_PATH as UPLOAD_PATH
-from lorafleet.scheduler.api.deps import redis_of, settings_of
+from lorafleet.scheduler.api.deps import DATASETS_PATH, redis_of, settings_of
 from lorafleet.scheduler.api.errors import ApiError
 
-router = APIRouter(prefix="/v1")
+router = APIRouter()
 Key = Annotated[ApiKey, Depends(current_key)]
 UPLOAD_TYPES = ("application/x-ndjson", "application/jsonl", "application/vnd.apache.parquet",
                 "application/octet-stream")
@@ -48,7 +47,7 @@ def _visible(request: Request, key: ApiKey, ds_id: str) -> DatasetRecord:
     return rec
 
 
-@router.post(UPLOAD_PATH, status_code=201, summary="Upload a JSONL or Parquet dataset (the body)",
+@router.post(DATASETS_PATH, status_code=201, summary="Upload a JSONL or Parquet dataset (the body)",
              openapi_extra={"requestBody": {"required": True, "content": {
                  t: {"schema": {"type": "string", "format": "binary"}} for t in UPLOAD_TYPES}}})
 async def upload(request: Request, key: Key,
@@ -83,18 +82,18 @@ async def upload(request: Request, key: Key,
     return rec.view()
 
 
-@router.get(UPLOAD_PATH, summary="The key's datasets (every dataset: admin)")
+@router.get(DATASETS_PATH, summary="The key's datasets (every dataset: admin)")
 def list_datasets(request: Request, key: Key) -> dict[str, list[dict[str, Any]]]:
     store = datasets_of(request)
     return {"datasets": [rec.view() for rec in store.list(None if key.admin else key.id)]}
 
 
-@router.get(UPLOAD_PATH + "/{ds_id}", summary="One dataset")
+@router.get(DATASETS_PATH + "/{ds_id}", summary="One dataset")
 def get_dataset(request: Request, key: Key, ds_id: str) -> dict[str, Any]:
     return _visible(request, key, ds_id).view()
 
 
-@router.delete(UPLOAD_PATH + "/{ds_id}", summary="Delete a dataset (409 while a queued or running "
+@router.delete(DATASETS_PATH + "/{ds_id}", summary="Delete a dataset (409 while a queued or running "
                "experiment uses it)")
 def delete_dataset(request: Request, key: Key, ds_id: str) -> dict[str, Any]:
     _visible(request, key, ds_id)
