@@ -33,6 +33,7 @@ from urllib.parse import unquote, urlsplit
 from lorafleet.common.adapter_import import parse_init_from
 from lorafleet.common.ids import is_valid_id
 from lorafleet.common.keys import Keys
+from lorafleet.common.schemas import DATASET_ID_PATTERN
 
 if TYPE_CHECKING:
     import redis
@@ -267,7 +268,7 @@ class DataAccessPolicy:
 
     def check_extend_dataset(self, value: str, field: str = "dataset") -> None:
         """`extend`'s new dataset: an uploaded dataset's id or a URL."""
-        if value.startswith("ds-") and "://" not in value:
+        if re.fullmatch(DATASET_ID_PATTERN, value):
             self.check_dataset_id(value, field)
         else:
             self.check_url(value, field)

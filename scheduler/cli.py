@@ -22,6 +22,7 @@ from rich.live import Live
 from rich.table import Table
 
 from lorafleet.common.experiment import ExperimentRecord, UnknownExperimentError
+from lorafleet.common.schemas import DATASET_ID_PATTERN
 from lorafleet.common.settings import Settings, redacted
 from lorafleet.common.spec_input import AdmissionLimits, SpecError, parse_spec
 from lorafleet.scheduler import cli_services
@@ -276,10 +277,11 @@ def gc(redis_url: RedisOpt = None, dry_run: Annotated[bool, typer.Option("--dry-
 
 @app.command()
 def extend(exp_id: str, steps: Annotated[int, typer.Option(help="steps to add")],
-           dataset: Annotated[str | None, typer.Option(help="a new prompt dataset (path or URL)")] = None,
+           dataset: Annotated[str | None, typer.Option(
+               help="a new prompt dataset (path, URL or uploaded ds-... id)")] = None,
            redis_url: RedisOpt = None) -> None:
     """Continue an experiment for more steps from its last version, keeping its history."""
-    if dataset is not None and "://" not in dataset:
+    if dataset is not None and "://" not in dataset and not re.fullmatch(DATASET_ID_PATTERN, dataset):
         dataset = str(Path(dataset).resolve())
     try:
         rec = _client(redis_url).extend(exp_id, steps, dataset)

@@ -9,6 +9,7 @@ field and what is allowed.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from lorafleet.common.experiment import ExperimentRecord, UnknownExperimentError
 from lorafleet.common.ids import is_valid_id, new_id
 from lorafleet.common.keys import STREAM_MAXLEN, Keys
 from lorafleet.common.protocol import StepProtocol
-from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.common.schemas import DATASET_ID_PATTERN, ExperimentSpec
 from lorafleet.common.spec_input import AdmissionLimits, SpecError, SpecInput, parse_spec
 
 if TYPE_CHECKING:
@@ -147,7 +148,7 @@ class ExperimentRegistry:
                 raise SpecError(f"--dataset: experiment {exp_id} draws its prompts from env "
                                 f"{data.get('env')!r}, not a dataset")
             # an uploaded dataset by its id (ds-...), else a path or URL: the other one goes
-            ref = {"id": dataset} if dataset.startswith("ds-") and "://" not in dataset else {"path": dataset}
+            ref = {"id": dataset} if re.fullmatch(DATASET_ID_PATTERN, dataset) else {"path": dataset}
             kept = {k: v for k, v in data["dataset"].items() if k not in ("id", "path")}
             data["dataset"] = {**kept, **ref}
         # the fleet's limits apply to the new length too
