@@ -126,8 +126,12 @@ def submit(request: Request, key: Key, body: Annotated[dict[str, Any], Body()]) 
     return {"ids": ids, "status": "queued", "reason": ""}
 
 
-def _view(rec: ExperimentRecord) -> dict[str, Any]:
-    return rec.summary()
+def _view(rec: ExperimentRecord, key: ApiKey) -> dict[str, Any]:
+    out = rec.summary()
+    dataset = out["spec"].get("dataset") or {}
+    if dataset.get("id") and not key.admin:  # where the fleet stores an upload is not the tenant's
+        dataset["path"] = None
+    return out
 
 
 @router.get("/experiments", response_model=ExperimentList, summary="The key's experiments (all: admin)")
@@ -154,7 +158,7 @@ def list_experiments(request: Request, key: Key,
             if h:
                 rec = ExperimentRecord.from_hash(exp_id, h)
                 if status is None or rec.status == status:
-                    out.append(_view(rec))
+                    out.append(_view(rec, key))
                     if len(out) == limit:
                         break
     return {"experiments": out, "next_cursor": str(pos)}
@@ -162,7 +166,7 @@ def list_experiments(request: Request, key: Key,
 
 @router.get("/experiments/{exp_id}", summary="One experiment")
 def get_experiment(request: Request, key: Key, exp_id: str) -> dict[str, Any]:
-    return _view(owned(request, key, exp_id))
+    return _view(owned(request, key, exp_id), key)
 
 
 @router.post("/experiments/{exp_id}/cancel", summary="Cancel (409 when already finished)")
@@ -186,7 +190,7 @@ def extend(request: Request, key: Key, exp_id: str, body: ExtendBody) -> dict[st
         except DataAccessError as exc:
             raise access_error(exc) from None
     try:
-        return _view(registry_of(request).extend(exp_id, body.steps, body.dataset))
+        return _view(registry_of(request).extend(exp_id, body.steps, body.dataset), key)
     except SpecError as exc:
         raise spec_error(exc) from None
 

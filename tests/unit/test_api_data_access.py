@@ -189,3 +189,30 @@ def test_key_prefixes_are_checked_at_creation(r: redis.Redis) -> None:
             ApiKeyStore(r).create("k", allowed_data_urls=[bad])
     key, _ = ApiKeyStore(r).create("k", allowed_data_urls=["s3://b/team/"])
     assert ApiKeyStore(r).get(key.id).allowed_data_urls == ("s3://b/team/",)
+
+
+def test_tinker_paths_name_only_the_keys_own_models(env: dict, r: redis.Redis) -> None:
+    """load_weights (into a model, or a new one: create_training_client_from_state) and
+    weights_info take tinker:// paths of the key's own models only; another key's is unknown."""
+    client = env["client"]
+    a, b = _key(r, "a"), _key(r, "b")
+
+    def session(h: dict[str, str]) -> str:
+        res = client.post("/api/v1/create_session", json={"tags": [], "sdk_version": "0.38.0",
+                                                          "type": "create_session"}, headers=h)
+        return str(res.json()["session_id"])
+
+    sid_a, sid_b = session(a), session(b)
+    res = client.post("/api/v1/create_model", headers=a, json={
+        "session_id": sid_a, "model_seq_id": 0, "base_model": "builtin:tiny-llama",
+        "lora_config": {"rank": 4}, "type": "create_model"})
+    assert res.status_code == 200, res.text
+    path = f"tinker://{res.json()['model_id']}/weights/ckpt"
+    for body in ({"path": path, "model_id": "m", "seq_id": 1},
+                 {"path": path, "session_id": sid_b, "model_seq_id": 0, "base_model": "builtin:tiny-llama"}):
+        res = client.post("/api/v1/load_weights", json=body, headers=b)
+        assert res.status_code == 404 and "unknown model" in res.json()["error"], res.text
+    res = client.post("/api/v1/weights_info", json={"tinker_path": path}, headers=b)
+    assert res.status_code == 404
+    res = client.post("/api/v1/weights_info", json={"tinker_path": path}, headers=a)  # A's own, not saved yet
+    assert res.status_code == 404 and "unknown checkpoint" in res.json()["error"]

@@ -81,7 +81,9 @@ def test_upload_use_and_isolation(make_client, r: redis.Redis, tmp_path: Path) -
     assert res.status_code == 201, res.text
     [exp] = res.json()["ids"]
     spec = client.get(f"/v1/experiments/{exp}", headers=a).json()["spec"]
-    assert spec["dataset"]["id"] == ds["id"] and spec["dataset"]["path"].endswith(f".datasets/{sha}.jsonl")
+    assert spec["dataset"] == {**spec["dataset"], "id": ds["id"], "path": None}  # the store is not shown
+    spec = client.get(f"/v1/experiments/{exp}", headers=admin).json()["spec"]
+    assert spec["dataset"]["path"].endswith(f".datasets/{sha}.jsonl")
     assert r.hget(Keys.experiment(exp), "env") == f"exact_match@{ds['id']}"
     # both path and id: give exactly one
     both = {**SPEC, "dataset": {"id": ds["id"], "path": "s3://x/y.jsonl"}}
