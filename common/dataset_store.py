@@ -42,6 +42,7 @@ from lorafleet.common.settings import ENV_PREFIX, Settings
 from lorafleet.common.store_objects import object_store_options
 
 DATASETS_DIR = ".datasets"
+UPLOADS_SUBDIR = "uploads"  # under the cache dir: uploads being received and checked
 OPERATOR = "operator"  # the owner of datasets uploaded through Redis (FleetClient, CLI)
 LOCK_TTL_MS = 600_000  # a crashed uploader's lock on an object expires after this
 LOCK_WAIT_S = 120.0
@@ -146,12 +147,15 @@ class UploadSpool:
     """An upload's bytes streamed to a temporary file, hashed and counted as they come: over
     `max_bytes` it stops at once (413) and keeps nothing."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, directory: str | Path | None = None) -> None:
         self.max_bytes = max_bytes
         self.sha = hashlib.sha256()
         self.size = 0
         self.head = b""
-        self._fh = tempfile.NamedTemporaryFile(prefix="lorafleet-upload-", delete=False)  # noqa: SIM115
+        if directory is not None:  # on disk: a tmpfs /tmp would hold the upload in memory
+            os.makedirs(directory, exist_ok=True)
+        self._fh = tempfile.NamedTemporaryFile(prefix="lorafleet-upload-", dir=directory,  # noqa: SIM115
+                                               delete=False)
         self.path = self._fh.name
 
     def write(self, chunk: bytes) -> None:
@@ -258,8 +262,19 @@ class DatasetStore:
             self._check_quota(owner, size, quota, None)
         with self._blob_lock(sha256_hex):
             self._write_object(path, rec)
-            self._register(rec, quota)
+            try:
+                self._register(rec, quota)
+            except BaseException:  # over the quota after all (a concurrent upload): keep nothing
+                self._remove_unnamed(rec)
+                raise
         return rec
+
+    def _remove_unnamed(self, rec: DatasetRecord) -> None:
+        """Remove the record's object if no record names it (call with its blob lock held)."""
+        if not self.r.scard(Keys.dataset_blob(rec.sha256)):
+            fs, root = self._filesystem()
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(posixpath.join(root, DATASETS_DIR, self._object_name(rec.sha256, rec.format)))
 
     def _check_quota(self, owner: str, size: int, quota: Quota, pipe: Any) -> None:
         reader = pipe if pipe is not None else self.r
@@ -359,8 +374,5 @@ class DatasetStore:
                         break
                     except redis.WatchError:
                         continue
-            if not self.r.scard(Keys.dataset_blob(rec.sha256)):
-                fs, root = self._filesystem()
-                with contextlib.suppress(FileNotFoundError):
-                    fs.rm_file(posixpath.join(root, DATASETS_DIR, self._object_name(rec.sha256, rec.format)))
+            self._remove_unnamed(rec)
         return rec

@@ -14,7 +14,14 @@ from typing import Any
 
 from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.client_ops import OpStore
-from lorafleet.common.dataset_store import OPERATOR, DatasetRecord, DatasetStore, UploadSpool, store_upload
+from lorafleet.common.dataset_store import (
+    OPERATOR,
+    UPLOADS_SUBDIR,
+    DatasetRecord,
+    DatasetStore,
+    UploadSpool,
+    store_upload,
+)
 from lorafleet.common.experiment import TERMINAL, ExperimentRecord
 from lorafleet.common.ids import validate_id
 from lorafleet.common.keys import Keys
@@ -76,7 +83,7 @@ class FleetClient:
         operator; returns its record (`.id` is what specs name). Checked row by row first:
         raises `DatasetUploadError` (a ValueError) naming the bad line, or the cap it is over
         (LORAFLEET_MAX_DATASET_BYTES, LORAFLEET_MAX_DATASET_ROWS); nothing is stored then."""
-        spool = UploadSpool(self.settings.max_dataset_bytes)
+        spool = UploadSpool(self.settings.max_dataset_bytes, self.settings.cache_dir / UPLOADS_SUBDIR)
         try:
             if isinstance(source, bytes):
                 spool.write(source)

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lorafleet.common.api_keys import ApiKey
 from lorafleet.common.dataset_store import (
+    UPLOADS_SUBDIR,
     DatasetRecord,
     DatasetStore,
     DatasetUploadError,
@@ -60,7 +61,7 @@ async def upload(request: Request, key: Key,
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise ApiError(413, "payload_too_large", too_large(limit))
-    spool = UploadSpool(limit)
+    spool = UploadSpool(limit, settings.cache_dir / UPLOADS_SUBDIR)
     try:
         async for chunk in request.stream():
             spool.write(chunk)

@@ -183,12 +183,25 @@ def test_allowed_urls(url: str) -> None:
                    store_url="s3://team/store", cache_dir="/c")
 
 
-def test_key_prefixes_are_checked_at_creation(r: redis.Redis) -> None:
+def test_key_prefixes_are_checked_at_creation(r: redis.Redis, redis_url: str) -> None:
+    from typer.testing import CliRunner
+
+    from lorafleet.scheduler.cli import app
+
     for bad in ("file:///etc/", "/srv/data", "simplecache::s3://b/", "s3://b/../c/"):
         with pytest.raises(ValueError, match="allowed data URL"):
             ApiKeyStore(r).create("k", allowed_data_urls=[bad])
     key, _ = ApiKeyStore(r).create("k", allowed_data_urls=["s3://b/team/"])
     assert ApiKeyStore(r).get(key.id).allowed_data_urls == ("s3://b/team/",)
+    runner = CliRunner()
+    res = runner.invoke(app, ["keys", "create", "--name", "t", "--allow-data-url", "s3://b/t/",
+                              "--allow-data-url", "https://data.example.org/t/", "--redis-url", redis_url])
+    assert res.exit_code == 0, res.output
+    made = ApiKeyStore(r).verify(res.stdout.strip().splitlines()[-1])
+    assert made is not None and made.allowed_data_urls == ("s3://b/t/", "https://data.example.org/t/")
+    res = runner.invoke(app, ["keys", "create", "--name", "t", "--allow-data-url", "file:///etc/",
+                              "--redis-url", redis_url])
+    assert res.exit_code == 2 and "file://" in res.output
 
 
 def test_tinker_paths_name_only_the_keys_own_models(env: dict, r: redis.Redis) -> None:

@@ -49,6 +49,9 @@ def _key(r: redis.Redis, name: str, **kw) -> dict[str, str]:
 
 
 def _stored(tmp_path: Path) -> list[str]:
+    """The store's dataset objects, after checking no upload left a temporary file behind."""
+    spooled = tmp_path / "cache" / "uploads"
+    assert not spooled.exists() or not list(spooled.iterdir())
     root = tmp_path / "store" / ".datasets"
     return sorted(p.name for p in root.iterdir()) if root.exists() else []
 
