@@ -61,7 +61,8 @@ def test_datasets_cli(tmp_path: Path, redis_url: str, r: redis.Redis) -> None:
                          (("upload", str(data), "--format", "csv"), "--format"),
                          (("rm", "ds-000000000000"), "no dataset"), (("rm", "../x"), "no dataset")]:
         out = cli("datasets", *args, env=env)
-        assert out.returncode == 2 and out.stderr.count("\n") == 1 and needle in out.stderr, (args, out.stderr)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, (args, out.stderr)
+        assert needle in out.stderr, (args, out.stderr)
     out = cli("datasets", "upload", str(data), env={**env, "LORAFLEET_MAX_DATASET_BYTES": "10"})
     assert out.returncode == 2 and "LORAFLEET_MAX_DATASET_BYTES" in out.stderr
     assert FleetClient(redis_url).list_datasets() == []
