@@ -175,7 +175,11 @@ def submit(specs: list[Path], redis_url: RedisOpt = None) -> None:
             parsed.append(parse_spec(text, _limits(), base_dir=path.parent))
         except SpecError as exc:
             raise _bad_input(f"{path}: {exc}") from None
-    for exp_id in _client(redis_url).submit_many(parsed):
+    try:  # what needs the fleet is checked there: an uploaded dataset's id, a fork's version
+        ids = _client(redis_url).submit_many(parsed)
+    except SpecError as exc:
+        raise _bad_input(str(exc)) from None
+    for exp_id in ids:
         typer.echo(exp_id)
 
 

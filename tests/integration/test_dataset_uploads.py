@@ -53,6 +53,8 @@ def test_datasets_cli(tmp_path: Path, redis_url: str, r: redis.Redis) -> None:
     FleetClient(redis_url).cancel(exp)
     out = cli("datasets", "rm", ds_id, env=env)
     assert out.returncode == 0 and cli("datasets", "list", env=env).stdout == ""
+    out = cli("submit", str(spec), env=env)  # the id is gone
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and f"no dataset '{ds_id}'" in out.stderr
     # bad input: one line, exit 2, nothing stored
     bad = tmp_path / "bad.jsonl"
     bad.write_text(ROWS + "[1]\n")
