@@ -180,3 +180,30 @@ def test_extend_onto_an_uploaded_dataset(make_client, r: redis.Redis) -> None:
     assert res.status_code == 200, res.text
     assert res.json()["spec"]["dataset"]["id"] == second
     assert client.delete(f"/v1/datasets/{second}", headers=a).status_code == 409
+
+
+def test_a_dataset_deleted_while_a_spec_is_submitted_starts_nothing(r: redis.Redis, tmp_path: Path) -> None:
+    """Submit resolves the id, then the dataset is deleted before the experiment is written: the
+    submit's transaction sees it (WATCH) and refuses, so no experiment runs on deleted bytes."""
+    from lorafleet.common.adapter_store import AdapterStore
+    from lorafleet.common.dataset_store import OPERATOR, DatasetStore, UploadSpool, store_upload
+    from lorafleet.common.spec_input import SpecError
+    from lorafleet.scheduler.registry import ExperimentRegistry
+
+    store_url = f"file://{tmp_path}/store"
+    datasets = DatasetStore(r, store_url)
+    spool = UploadSpool(1 << 20)
+    spool.write(ROWS)
+    ds = store_upload(datasets, spool, owner=OPERATOR, name="d", fmt=None, max_rows=100, quota=None)
+    registry = ExperimentRegistry(r, store=AdapterStore(store_url))
+    admit = registry._admit
+
+    def admit_then_lose_it(spec):  # the spec is resolved and checked; then the delete lands
+        out = admit(spec)
+        datasets.delete(ds.id)  # nothing uses it yet: the delete goes through
+        return out
+
+    registry._admit = admit_then_lose_it  # type: ignore[method-assign]
+    with pytest.raises(SpecError, match="dataset.id"):
+        registry.submit(_spec(ds.id))
+    assert r.zcard(Keys.experiments) == 0 and _stored(tmp_path) == []
