@@ -207,3 +207,24 @@ def test_a_dataset_deleted_while_a_spec_is_submitted_starts_nothing(r: redis.Red
     with pytest.raises(SpecError, match="dataset.id"):
         registry.submit(_spec(ds.id))
     assert r.zcard(Keys.experiments) == 0 and _stored(tmp_path) == []
+
+
+def test_uploads_on_an_object_store(r: redis.Redis, s3_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On S3 the object is one PUT under the store's prefix, readable where workers read it."""
+    from lorafleet.common.dataset_store import OPERATOR, DatasetStore, UploadSpool, store_upload
+    from lorafleet.common.datasets import clear_cache, load_dataset
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    datasets = DatasetStore(r, s3_server.url(), storage_options=s3_server.storage_options(),
+                            endpoint_url=s3_server.endpoint_url)
+    spool = UploadSpool(1 << 20)
+    spool.write(ROWS)
+    ds = store_upload(datasets, spool, owner=OPERATOR, name="d", fmt=None, max_rows=100, quota=None)
+    url = datasets.url_of(ds.id)
+    assert url == f"{datasets.store_url}/.datasets/{ds.sha256}.jsonl"
+    clear_cache()
+    assert len(load_dataset(url)) == 5
+    datasets.delete(ds.id)
+    fs, _ = datasets._filesystem()
+    assert not fs.exists(url)
