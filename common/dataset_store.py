@@ -277,9 +277,11 @@ class DatasetStore:
                 fs.rm_file(posixpath.join(root, DATASETS_DIR, self._object_name(rec.sha256, rec.format)))
 
     def _check_quota(self, owner: str, size: int, quota: Quota, pipe: Any) -> None:
-        reader = pipe if pipe is not None else self.r
-        ids = reader.zrange(Keys.owner_datasets(owner), 0, -1)
-        used = sum(int(reader.hget(Keys.dataset(i), "bytes") or 0) for i in ids)
+        ids = (pipe if pipe is not None else self.r).zrange(Keys.owner_datasets(owner), 0, -1)
+        sizes = self.r.pipeline(transaction=False)  # records never change: read them in one trip
+        for ds_id in ids:
+            sizes.hget(Keys.dataset(ds_id), "bytes")
+        used = sum(int(b or 0) for b in sizes.execute()) if ids else 0
         if len(ids) + 1 > quota.max_datasets:
             raise DatasetUploadError(f"this key keeps at most {quota.max_datasets} datasets "
                                      f"({ENV_PREFIX}MAX_DATASETS_PER_KEY): delete some first", 409)
