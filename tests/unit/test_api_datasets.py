@@ -164,6 +164,11 @@ def test_caps_are_413_and_quotas_409(make_client, r: redis.Redis, tmp_path: Path
     assert r.zcard(Keys.datasets) == 1
     admin = _key(r, "root", admin=True)  # operators have no quota
     assert client.post("/v1/datasets", content=rows5[:18], headers=admin).status_code == 201
+    client = make_client(max_dataset_bytes_per_key=len(ROWS) + 10)
+    b = _key(r, "b")
+    assert client.post("/v1/datasets", content=ROWS, headers=b).status_code == 201
+    res = client.post("/v1/datasets", content=rows5, headers=b)
+    assert res.status_code == 409 and "LORAFLEET_MAX_DATASET_BYTES_PER_KEY" in res.json()["error"]["message"]
 
 
 def test_extend_onto_an_uploaded_dataset(make_client, r: redis.Redis) -> None:
