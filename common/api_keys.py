@@ -9,13 +9,16 @@ The key id is public: it is the `owner` recorded on every experiment the key sub
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
 
+from lorafleet.common.data_access import DataAccessError, normalise
 from lorafleet.common.ids import is_valid_id
 from lorafleet.common.keys import Keys
 
@@ -33,6 +36,9 @@ class ApiKey:
     created: int  # ms
     revoked: bool
     last_used: int = 0  # ms, 0: never
+    # URL prefixes this key may read data under, besides the fleet's LORAFLEET_ALLOWED_DATA_URLS
+    # (common/data_access.py)
+    allowed_data_urls: tuple[str, ...] = ()
 
 
 def _sha256(plaintext: str) -> str:
@@ -48,7 +54,18 @@ def _from_hash(key_id: str, h: dict[str, str]) -> ApiKey:
                   max_experiments=_opt_int(h.get("max_experiments")),
                   max_queued_ops=_opt_int(h.get("max_queued_ops")),
                   created=int(h.get("created", 0)), revoked=h.get("revoked") == "1",
-                  last_used=int(h.get("last_used", 0) or 0))
+                  last_used=int(h.get("last_used", 0) or 0),
+                  allowed_data_urls=tuple(json.loads(h.get("allowed_data_urls") or "[]")))
+
+
+def _checked_prefix(prefix: str) -> str:
+    """A prefix a key may be given: one the data-access policy can ever match (never file://,
+    a chained URL, a bare path, ...)."""
+    try:
+        normalise(prefix, "allowed data URL")
+    except DataAccessError as exc:
+        raise ValueError(f"{exc} (got {prefix[:80]!r})") from None
+    return prefix
 
 
 class ApiKeyStore:
@@ -61,20 +78,24 @@ class ApiKeyStore:
         self.r = r
 
     def create(self, name: str, admin: bool = False, max_experiments: int | None = None,
-               max_queued_ops: int | None = None) -> tuple[ApiKey, str]:
-        """A new key and its plaintext (returned only here)."""
+               max_queued_ops: int | None = None,
+               allowed_data_urls: Sequence[str] = ()) -> tuple[ApiKey, str]:
+        """A new key and its plaintext (returned only here). `allowed_data_urls`: URL prefixes
+        the key may read data under (each checked by the data-access policy's rules)."""
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
             raise ValueError("key name must be 1-200 characters")
         for label, limit in (("max_experiments", max_experiments), ("max_queued_ops", max_queued_ops)):
             if limit is not None and (not isinstance(limit, int) or limit < 1):
                 raise ValueError(f"{label} must be a positive integer, got {limit!r}")
+        prefixes = [_checked_prefix(p) for p in allowed_data_urls]
         key_id = "k" + uuid.uuid4().hex[:15]
         plaintext = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         created = int(time.time() * 1000)
         fields = {"name": name, "sha256": _sha256(plaintext), "admin": "1" if admin else "0",
                   "max_experiments": "" if max_experiments is None else str(max_experiments),
                   "max_queued_ops": "" if max_queued_ops is None else str(max_queued_ops),
-                  "created": str(created), "revoked": "0", "last_used": "0"}
+                  "created": str(created), "revoked": "0", "last_used": "0",
+                  "allowed_data_urls": json.dumps(prefixes)}
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(Keys.api_key(key_id), mapping=fields)
         pipe.set(Keys.api_key_by_hash(fields["sha256"]), key_id)

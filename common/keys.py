@@ -116,6 +116,29 @@ class Keys:
     def owner_experiments(key_id: str) -> str:
         return f"{PREFIX}owner:{key_id}:exps"  # zset: experiment id -> submit time (ms)
 
+    # ---- uploaded datasets (`common/dataset_store.py`); bytes in the store under .datasets/ -----
+    datasets = PREFIX + "datasets"  # zset: dataset id -> created (ms)
+
+    @staticmethod
+    def dataset(ds_id: str) -> str:
+        return f"{PREFIX}dataset:{ds_id}"  # hash: owner, name, sha256, format, bytes, rows, created
+
+    @staticmethod
+    def dataset_experiments(ds_id: str) -> str:
+        return f"{PREFIX}dataset:{ds_id}:exps"  # set: experiments submitted with the dataset
+
+    @staticmethod
+    def owner_datasets(owner: str) -> str:
+        return f"{PREFIX}owner:{owner}:datasets"  # zset: dataset id -> created (ms)
+
+    @staticmethod
+    def dataset_blob(sha256_hex: str) -> str:
+        return f"{PREFIX}dataset_blob:{sha256_hex}"  # set: dataset ids whose bytes are this object
+
+    @staticmethod
+    def dataset_blob_lock(sha256_hex: str) -> str:
+        return f"{PREFIX}dataset_blob:{sha256_hex}:lock"  # string with TTL: writing or removing it
+
     # ---- Prometheus counters and histograms written where the events happen (`/metrics`) -----
     prom_counters = PREFIX + "prom:counters"  # hash: "<name>|<label>=<value>,..." -> count
     prom_last = PREFIX + "prom:last"  # hash: experiment id -> JSON {step, reward, finished_at}

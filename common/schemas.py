@@ -25,6 +25,7 @@ KNOWN_TARGET_MODULES = frozenset(
 
 # Strict numbers without bounds (fields with bounds say `strict=True` in their `Field`).
 StrictFloat = Annotated[float, Strict()]
+DATASET_ID_PATTERN = r"^ds-[0-9a-f]{12}$"  # an uploaded dataset (common/ids.new_id("ds"))
 # Decoding: stop strings and extra stop token ids of an experiment (workers/rollout.py).
 MAX_NEW_TOKENS = 131_072  # the model's context is the real bound, checked at run time
 MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS, MAX_STOP_TOKEN_IDS = 8, 64, 16
@@ -147,12 +148,23 @@ class DatasetSpec(StrictModel):
     is resolved at submit: against the spec file's directory in the CLI, the current directory in
     Python) or any fsspec URL. Each row has a text `prompt` or chat `messages` ([{role,
     content}]), an optional `answer` and any other fields; the *_field names map the file's own
-    names onto these."""
+    names onto these.
 
-    path: str = Field(..., min_length=1, max_length=4096)
+    Or `id`: a dataset uploaded to the fleet (`POST /v1/datasets`, `lorafleet datasets upload`),
+    named `ds-...`. Give exactly one of `path` or `id`; at submit the id is resolved and `path`
+    set to its stored object (a submitted spec then has both; `common/dataset_store.py`)."""
+
+    path: str | None = Field(None, min_length=1, max_length=4096)
+    id: str | None = Field(None, pattern=DATASET_ID_PATTERN, description="an uploaded dataset (ds-...)")
     prompt_field: str = Field("prompt", min_length=1, max_length=128)
     messages_field: str = Field("messages", min_length=1, max_length=128)
     answer_field: str = Field("answer", min_length=1, max_length=128)
+
+    @model_validator(mode="after")
+    def _path_or_id(self) -> DatasetSpec:
+        if self.path is None and self.id is None:
+            raise ValueError("give dataset.path (a file or URL) or dataset.id (an uploaded dataset)")
+        return self
 
 
 class RewardSpec(StrictModel):
@@ -237,7 +249,10 @@ class ExperimentSpec(StrictModel):
         if self.env is not None:
             return self.env
         assert self.dataset is not None and self.reward is not None
-        base = self.dataset.path.rstrip("/").rsplit("/", 1)[-1] or self.dataset.path
+        if self.dataset.id is not None:
+            return f"{self.reward.fn}@{self.dataset.id}"
+        path = self.dataset.path or ""
+        base = path.rstrip("/").rsplit("/", 1)[-1] or path
         return f"{self.reward.fn}@{base}"[:128]
 
     @field_validator("name")

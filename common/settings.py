@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "pretty"] = "auto"
     log_level: str = "INFO"
     max_spec_bytes: int = Field(default=65536, gt=0)
+    max_dataset_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    max_dataset_rows: int = Field(default=10_000_000, gt=0)
     # None: under cache_dir, so DeepSpeed's JIT builds survive across runs without config.
     torch_extensions_dir: Path | None = None
     # Redis faults: every client has explicit timeouts (a hung Redis raises instead of blocking
@@ -154,6 +156,12 @@ class Settings(BaseSettings):
     api_default_max_experiments: int = Field(default=16, ge=1)  # running at once, per key
     api_default_max_queued_ops: int = Field(default=256, ge=1)  # Tinker ops waiting, per key
     api_retrieve_hold_s: float = Field(default=25.0, gt=0)  # long-poll of retrieve_future (SDK: 45 s)
+    # data an ordinary API key may name besides its uploads and its own experiments: URLs under
+    # these comma-separated prefixes (e.g. "s3://team-bucket/datasets/"); common/data_access.py
+    allowed_data_urls: str = ""
+    # uploads (POST /v1/datasets) per API key: how many datasets and how many bytes in all
+    max_datasets_per_key: int = Field(default=100, ge=1)
+    max_dataset_bytes_per_key: int = Field(default=4 * 1024 * 1024 * 1024, ge=1)
     metrics_finished_ttl_s: float = Field(default=600.0, ge=0)  # finished experiments leave /metrics
     metrics_max_experiments: int = Field(default=500, ge=1)  # per-experiment series cap
     # the scrape credential of GET /metrics (Authorization: Bearer <token>); an admin API key is

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from lorafleet.common.datasets import DatasetError, DatasetLimits, check_dataset
 from lorafleet.common.envs import get_env
 from lorafleet.common.http_guard import HttpPolicy
 from lorafleet.common.rewards import make_reward
-from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.common.schemas import DatasetSpec, ExperimentSpec
 from lorafleet.common.settings import ENV_PREFIX, Settings
 
 # A spec is 5 levels deep (spec > train > optimizer > betas > value); 32 leaves room for env
@@ -184,11 +185,12 @@ SpecInput = ExperimentSpec | dict[str, Any] | str | bytes
 
 
 def parse_spec(data: SpecInput, limits: AdmissionLimits,
-               base_dir: str | os.PathLike[str] | None = None) -> ExperimentSpec:
+               base_dir: str | os.PathLike[str] | None = None,
+               datasets: DatasetResolver | None = None) -> ExperimentSpec:
     """A spec from a model, a dict, or YAML/JSON text, within the fleet's `limits`; every error
     is a `SpecError`. A relative local `dataset.path` is made absolute against `base_dir` (the
     CLI passes the spec file's directory; default: the current directory), and the dataset is
-    checked (`check_task`)."""
+    checked (`check_task`). `datasets` resolves `dataset.id` (the registry's DatasetStore)."""
     if isinstance(data, ExperimentSpec):
         spec = data
     else:
@@ -219,11 +221,31 @@ def parse_spec(data: SpecInput, limits: AdmissionLimits,
     if over:
         raise SpecError("; ".join(over))
     if spec.dataset is not None:
-        path = resolve_path(spec.dataset.path, base_dir)
-        if path != spec.dataset.path:
-            spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"path": path})})
+        spec = spec.model_copy(update={"dataset": _resolved_dataset(spec.dataset, datasets, base_dir)})
     check_task(spec, limits)
     return spec
+
+
+DatasetResolver = Callable[[str], str]  # an uploaded dataset's id -> its URL; LookupError: none
+
+
+def _resolved_dataset(ds: DatasetSpec, datasets: DatasetResolver | None,
+                      base_dir: str | os.PathLike[str] | None) -> DatasetSpec:
+    """`dataset.id` resolved to its stored object (left as it is without a resolver: the
+    registry resolves it at submit); a relative local path made absolute."""
+    if ds.id is not None:
+        if datasets is None:
+            return ds
+        try:
+            url = datasets(ds.id)
+        except LookupError:
+            raise SpecError(f"dataset.id: no dataset {ds.id!r} (see `lorafleet datasets list`)") from None
+        if ds.path is not None and ds.path != url:  # a resolved spec (extend) has the same path
+            raise SpecError("dataset: give exactly one of path (a file or URL) or id (an uploaded dataset)")
+        return ds.model_copy(update={"path": url})
+    assert ds.path is not None  # the schema's rule
+    path = resolve_path(ds.path, base_dir)
+    return ds if path == ds.path else ds.model_copy(update={"path": path})
 
 
 def check_task(spec: ExperimentSpec, limits: AdmissionLimits | None = None) -> None:
@@ -242,11 +264,17 @@ def check_task(spec: ExperimentSpec, limits: AdmissionLimits | None = None) -> N
         reward = make_reward(spec.reward)
     except ValueError as exc:
         raise SpecError(f"reward: {exc}") from None
+    if spec.dataset.path is None:  # an uploaded dataset's id, not resolved yet: checked at submit
+        return
     try:
         check_dataset(spec.dataset, spec.prompt_format == "chat", reward.needs_answer,
                       limits=(limits or AdmissionLimits()).dataset_limits())
     except DatasetError as exc:  # the field to fix: dataset.path (the file), dataset (a row)
-        raise SpecError(f"{exc.field}: {' '.join(str(exc).split())}") from None
+        msg, field = str(exc), exc.field
+        if spec.dataset.id is not None:  # the id its owner knows, not where the fleet stores it
+            msg = msg.replace(spec.dataset.path, spec.dataset.id)
+            field = "dataset.id" if field == "dataset.path" else field
+        raise SpecError(f"{field}: {' '.join(msg.split())}") from None
 
 
 def _shown(value: Any) -> str:

@@ -22,7 +22,7 @@ from rich.live import Live
 from rich.table import Table
 
 from lorafleet.common.experiment import ExperimentRecord, UnknownExperimentError
-from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.common.schemas import DATASET_ID_PATTERN, ExperimentSpec
 from lorafleet.common.settings import Settings, redacted
 from lorafleet.common.spec_input import AdmissionLimits, SpecError
 from lorafleet.scheduler import cli_services
@@ -303,10 +303,11 @@ def gc(redis_url: RedisOpt = None, dry_run: Annotated[bool, typer.Option("--dry-
 
 @app.command()
 def extend(exp_id: str, steps: Annotated[int, typer.Option(help="steps to add")],
-           dataset: Annotated[str | None, typer.Option(help="a new prompt dataset (path or URL)")] = None,
+           dataset: Annotated[str | None, typer.Option(
+               help="a new prompt dataset (path, URL or uploaded ds-... id)")] = None,
            redis_url: RedisOpt = None) -> None:
     """Continue an experiment for more steps from its last version, keeping its history."""
-    if dataset is not None and "://" not in dataset:
+    if dataset is not None and "://" not in dataset and not re.fullmatch(DATASET_ID_PATTERN, dataset):
         dataset = str(Path(dataset).resolve())
     try:
         rec = _client(redis_url).extend(exp_id, steps, dataset)
@@ -386,9 +387,11 @@ def run(specs: list[Path], workers: int = 1, redis_url: RedisOpt = None,
 
 
 def _add_subcommands() -> None:
+    from lorafleet.scheduler.cli_datasets import datasets_app
     from lorafleet.scheduler.cli_keys import keys_app
 
     app.add_typer(keys_app, name="keys", help="API keys of the HTTP API (`lorafleet api`)")
+    app.add_typer(datasets_app, name="datasets", help="uploaded datasets (specs: dataset: {id: ds-...})")
 
 
 _add_subcommands()

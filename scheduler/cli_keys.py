@@ -34,7 +34,7 @@ def _store(redis_url: str | None) -> ApiKeyStore:
 def _summary(key: ApiKey) -> dict:
     return {"id": key.id, "name": key.name, "admin": key.admin, "max_experiments": key.max_experiments,
             "max_queued_ops": key.max_queued_ops, "created": key.created, "revoked": key.revoked,
-            "last_used": key.last_used}
+            "last_used": key.last_used, "allowed_data_urls": list(key.allowed_data_urls)}
 
 
 @keys_app.command("create")
@@ -48,12 +48,16 @@ def create(name: Annotated[str, typer.Option(help="who or what the key is for")]
            max_queued_ops: Annotated[int | None, typer.Option(
                help="Tinker ops waiting (more are held); "
                     "default LORAFLEET_API_DEFAULT_MAX_QUEUED_OPS")] = None,
+           allow_data_url: Annotated[list[str] | None, typer.Option(
+               "--allow-data-url", help="a URL prefix the key may read data under, besides "
+                                        "LORAFLEET_ALLOWED_DATA_URLS (repeatable), e.g. s3://bucket/team-a/")]
+           = None,
            redis_url: RedisOpt = None) -> None:
     """Create a key and print it ONCE (only its sha256 is stored: a lost key cannot be shown again)."""
     store = _store(redis_url)
     try:
         key, plaintext = store.create(name, admin=admin, max_experiments=max_experiments,
-                                      max_queued_ops=max_queued_ops)
+                                      max_queued_ops=max_queued_ops, allowed_data_urls=allow_data_url or ())
     except ValueError as exc:
         raise _bad_input(str(exc)) from None
     role = "admin" if key.admin else "user"
@@ -71,6 +75,8 @@ def list_keys(redis_url: RedisOpt = None, as_json: Annotated[bool, typer.Option(
     for k in keys:
         limits = (f"max_experiments={k.max_experiments or 'default'} "
                   f"max_queued_ops={k.max_queued_ops or 'default'}")
+        if k.allowed_data_urls:
+            limits += " data=" + ",".join(k.allowed_data_urls)
         typer.echo(f"{k.id}  {k.name}  {'admin' if k.admin else 'user'}  {limits}"
                    f"{'  REVOKED' if k.revoked else ''}")
 

@@ -14,6 +14,14 @@ from typing import Any
 
 from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.client_ops import OpStore
+from lorafleet.common.dataset_store import (
+    OPERATOR,
+    UPLOADS_SUBDIR,
+    DatasetRecord,
+    DatasetStore,
+    UploadSpool,
+    store_upload,
+)
 from lorafleet.common.experiment import TERMINAL, ExperimentRecord
 from lorafleet.common.ids import validate_id
 from lorafleet.common.keys import Keys
@@ -66,9 +74,43 @@ class FleetClient:
 
     def extend(self, exp_id: str, steps: int, dataset: str | None = None) -> ExperimentRecord:
         """Continue an experiment for `steps` more steps (a completed one runs again from its
-        last version), optionally on a new `dataset` path or URL; raises `SpecError` for a
+        last version), optionally on a new `dataset` (path, URL or uploaded id); raises `SpecError` for a
         failed/cancelled one, a bad count or an unreadable dataset."""
         return self.registry.extend(exp_id, steps, dataset)
+
+    # ---- uploaded datasets (common/dataset_store.py): specs name them `dataset: {id: ds-...}` --
+    def _datasets(self) -> DatasetStore:
+        return DatasetStore.from_settings(self.r, self.settings)
+
+    def upload_dataset(self, source: str | os.PathLike[str] | bytes, name: str | None = None,
+                       fmt: str | None = None) -> DatasetRecord:
+        """Upload a JSONL or Parquet file (a local path, or its bytes) as a dataset owned by the
+        operator; returns its record (`.id` is what specs name). Checked row by row first:
+        raises `DatasetUploadError` (a ValueError) naming the bad line, or the cap it is over
+        (LORAFLEET_MAX_DATASET_BYTES, LORAFLEET_MAX_DATASET_ROWS); nothing is stored then."""
+        spool = UploadSpool(self.settings.max_dataset_bytes, self.settings.cache_dir / UPLOADS_SUBDIR)
+        try:
+            if isinstance(source, bytes):
+                spool.write(source)
+            else:
+                with open(source, "rb") as fh:
+                    while chunk := fh.read(1 << 20):
+                        spool.write(chunk)
+        except BaseException:
+            spool.discard()
+            raise
+        shown = name or ("dataset" if isinstance(source, bytes) else Path(source).name)
+        return store_upload(self._datasets(), spool, owner=OPERATOR, name=shown, fmt=fmt,
+                            max_rows=self.settings.max_dataset_rows, quota=None)
+
+    def list_datasets(self, owner: str | None = None) -> list[DatasetRecord]:
+        """Every uploaded dataset (only `owner`'s: an API key id, or "operator")."""
+        return self._datasets().list(owner)
+
+    def delete_dataset(self, ds_id: str) -> DatasetRecord:
+        """Delete an uploaded dataset: `LookupError` if there is none, `DatasetInUseError` (a
+        ValueError) while a queued or running experiment uses it."""
+        return self._datasets().delete(ds_id)
 
     def metrics(self, exp_id: str) -> list[dict[str, Any]]:
         """One dict per committed step: reward stats, loss, grad norm, timings, worker."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -17,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from lorafleet.common.adapter_import import resolve_init_from
+from lorafleet.common.dataset_store import DatasetStore
 from lorafleet.common.experiment import ExperimentRecord, UnknownExperimentError
 from lorafleet.common.ids import is_valid_id, new_id
 from lorafleet.common.keys import STREAM_MAXLEN, Keys
 from lorafleet.common.protocol import StepProtocol
-from lorafleet.common.schemas import ExperimentSpec
-from lorafleet.common.spec_input import AdmissionLimits, SpecError, SpecInput, parse_spec
+from lorafleet.common.schemas import DATASET_ID_PATTERN, ExperimentSpec
+from lorafleet.common.spec_input import AdmissionLimits, DatasetResolver, SpecError, SpecInput, parse_spec
 
 if TYPE_CHECKING:
     from lorafleet.common.adapter_import import StoreSource
@@ -30,7 +32,8 @@ if TYPE_CHECKING:
 
 
 def admit_spec(data: SpecInput, limits: AdmissionLimits, store: StoreSource,
-               base_dir: str | os.PathLike[str] | None = None) -> ExperimentSpec:
+               base_dir: str | os.PathLike[str] | None = None,
+               datasets: DatasetResolver | None = None) -> ExperimentSpec:
     """The one admission check of a spec, for every path in: `submit` and `validate` of the CLI,
     `FleetClient` and the HTTP API, and `lorafleet run`. `parse_spec` (schema, limits, env,
     reward, dataset), then `train.init_from` resolved against what it names: a fork must be a
@@ -38,7 +41,7 @@ def admit_spec(data: SpecInput, limits: AdmissionLimits, store: StoreSource,
     function that opens it, called only for a fork), a directory a PEFT LoRA adapter whose shape
     agrees with `train.lora`. Writes nothing, needs no Redis; every error is a one-line
     `SpecError` naming the field. Idempotent: an admitted spec admits as is."""
-    spec = parse_spec(data, limits, base_dir=base_dir)
+    spec = parse_spec(data, limits, base_dir=base_dir, datasets=datasets)
     try:
         spec = resolve_init_from(spec, store)
     except ValueError as exc:
@@ -54,6 +57,8 @@ class ExperimentRegistry:
                  store: AdapterStore | None = None) -> None:
         self.r = r
         self.store = store  # where `train.init_from: ID@vK` forks are looked up
+        # where `dataset: {id: ds-...}` is resolved (uploads live in the same store)
+        self.datasets = DatasetStore(r, store.url) if store is not None else None
         self.limits = limits or AdmissionLimits()  # the fleet's: AdmissionLimits.from_settings
         self.protocol = StepProtocol(r)
 
@@ -78,7 +83,29 @@ class ExperimentRegistry:
         records = [ExperimentRecord.new(new_id(spec.name[:48]), spec, now) for spec in parsed]
         for rec in records:
             rec.owner = owner
-        pipe = self.r.pipeline(transaction=True)
+        uses = {rec.id: rec.spec.dataset.id for rec in records
+                if rec.spec.dataset is not None and rec.spec.dataset.id is not None}
+        with self.r.pipeline(transaction=True) as pipe:
+            try:
+                self._write_new(pipe, records, uses, owner, now)
+            except redis.WatchError:  # a dataset's record changed meanwhile: deleted, most likely
+                raise SpecError("dataset.id: the dataset was deleted while the spec was submitted") from None
+        return [rec.id for rec in records]
+
+    def _resolver(self) -> Any:
+        return self.datasets.url_of if self.datasets is not None else None
+
+    def _write_new(self, pipe: Any, records: list[ExperimentRecord], uses: dict[str, str], owner: str,
+                   now: int) -> None:
+        """The new experiments in one transaction. Those submitted with an uploaded dataset are
+        recorded as its users, unless the dataset was deleted since it was resolved (WATCH: a
+        delete refuses while users are active, `DatasetStore.delete`)."""
+        if uses:
+            pipe.watch(*(Keys.dataset(ds) for ds in set(uses.values())))
+            gone = [ds for ds in sorted(set(uses.values())) if not pipe.exists(Keys.dataset(ds))]
+            if gone:
+                raise SpecError(f"dataset.id: no dataset {gone[0]!r} (deleted while submitting)")
+        pipe.multi()
         for rec in records:
             pipe.hset(Keys.experiment(rec.id), mapping=rec.to_hash())
             pipe.zadd(Keys.experiments, {rec.id: now})
@@ -90,12 +117,13 @@ class ExperimentRegistry:
             pipe.sadd(Keys.idx_waiting, rec.id)
             pipe.xadd(Keys.events, {"type": "submitted", "exp": rec.id}, maxlen=STREAM_MAXLEN,
                       approximate=True)
+            if rec.id in uses:
+                pipe.sadd(Keys.dataset_experiments(uses[rec.id]), rec.id)
         pipe.execute()
-        return [rec.id for rec in records]
 
     def admit(self, data: SpecInput) -> ExperimentSpec:
         """What `submit` checks, writing nothing (`admit_spec` with this fleet's limits and store)."""
-        return admit_spec(data, self.limits, self.store)
+        return admit_spec(data, self.limits, self.store, datasets=self._resolver())
 
     def get(self, exp_id: str) -> ExperimentRecord:
         if not is_valid_id(exp_id):
@@ -135,8 +163,14 @@ class ExperimentRegistry:
             if not data.get("dataset"):
                 raise SpecError(f"--dataset: experiment {exp_id} draws its prompts from env "
                                 f"{data.get('env')!r}, not a dataset")
-            data["dataset"] = {**data["dataset"], "path": dataset}
-        spec = parse_spec(data, self.limits)  # the fleet's limits apply to the new length too
+            # an uploaded dataset by its id (ds-...), else a path or URL: the other one goes
+            ref = {"id": dataset} if re.fullmatch(DATASET_ID_PATTERN, dataset) else {"path": dataset}
+            kept = {k: v for k, v in data["dataset"].items() if k not in ("id", "path")}
+            data["dataset"] = {**kept, **ref}
+        # the fleet's limits apply to the new length too
+        spec = parse_spec(data, self.limits, datasets=self._resolver())
+        if spec.dataset is not None and spec.dataset.id is not None:  # a user of it from now on
+            self.r.sadd(Keys.dataset_experiments(spec.dataset.id), exp_id)
         if not self.protocol.extend(exp_id, steps, spec.model_dump_json()):
             raise SpecError(f"experiment {exp_id} finished meanwhile ({self.get(exp_id).status})")
         return self.get(exp_id)

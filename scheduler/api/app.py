@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lorafleet.common.redis_conn import connect
 from lorafleet.common.settings import Settings
 from lorafleet.common.store_layout import AdapterNotFoundError, AdapterStoreError
+from lorafleet.scheduler.api.deps import DATASETS_PATH
 from lorafleet.scheduler.api.errors import ApiError, error_body
 
 TINKER_PREFIX = "/api/v1"
@@ -43,7 +44,8 @@ class BodyLimit:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (scope.get("path") == DATASETS_PATH and scope.get("method") == "POST"):
+            # a dataset upload is streamed to disk under its own limit (LORAFLEET_MAX_DATASET_BYTES)
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
@@ -99,6 +101,7 @@ def _field_of(loc: tuple[Any, ...]) -> tuple[str | None, list[Any]]:
 
 def create_app(settings: Settings, redis: redis.Redis | None = None) -> FastAPI:
     """The app; `redis` (decode_responses=True) defaults to a client of settings.redis_url."""
+    from lorafleet.scheduler.api.datasets import router as datasets_router
     from lorafleet.scheduler.api.events import router as events_router
     from lorafleet.scheduler.api.metrics import HttpMetrics, metrics_registry
     from lorafleet.scheduler.api.metrics import router as metrics_router
@@ -114,6 +117,7 @@ def create_app(settings: Settings, redis: redis.Redis | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.redis = redis if redis is not None else connect(settings.require_redis_url())
     app.include_router(native_router)
+    app.include_router(datasets_router)
     app.include_router(versions_router)
     app.include_router(events_router)
     app.include_router(health)

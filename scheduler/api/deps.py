@@ -11,6 +11,7 @@ from fastapi import Request
 
 from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.api_keys import ApiKey
+from lorafleet.common.data_access import DataAccessError
 from lorafleet.common.experiment import ExperimentRecord, UnknownExperimentError
 from lorafleet.common.ids import is_valid_id
 from lorafleet.common.settings import Settings
@@ -18,6 +19,7 @@ from lorafleet.common.spec_input import AdmissionLimits, SpecError
 from lorafleet.scheduler.api.errors import ApiError
 from lorafleet.scheduler.registry import ExperimentRegistry
 
+DATASETS_PATH = "/v1/datasets"  # uploads: app.BodyLimit leaves this body to the route's own limit
 _FIELD_PREFIX = re.compile(
     r"^(?:spec #\d+ of \d+: )?(?:invalid spec: )?([A-Za-z_][A-Za-z0-9_.]*|--dataset): ")
 
@@ -51,6 +53,12 @@ def owned(request: Request, key: ApiKey, exp_id: str) -> ExperimentRecord:
     if not key.admin and rec.owner != key.id:
         raise ApiError(404, "not_found", f"no experiment {exp_id!r}", "id")
     return rec
+
+
+def access_error(exc: DataAccessError, loc_prefix: list[Any] | None = None) -> ApiError:
+    """A refusal of the data-access policy: 403 (404 for an id that is not the caller's)."""
+    code = {403: "forbidden", 404: "not_found"}.get(exc.status, "invalid_spec")
+    return ApiError(exc.status, code, str(exc), exc.field, (loc_prefix or []) + exc.field.split("."))
 
 
 def spec_error(exc: SpecError, status: int = 400, loc_prefix: list[Any] | None = None) -> ApiError:

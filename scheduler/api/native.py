@@ -10,15 +10,16 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from lorafleet.common.adapter_import import parse_init_from
 from lorafleet.common.api_keys import ApiKey
+from lorafleet.common.data_access import DataAccessError, DataAccessPolicy
+from lorafleet.common.dataset_store import DatasetStore
 from lorafleet.common.experiment import ExperimentRecord
 from lorafleet.common.keys import Keys
 from lorafleet.common.replication import replication_health
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.spec_input import AdmissionLimits, SpecError, parse_spec
 from lorafleet.scheduler.api.auth import current_key, require_admin
-from lorafleet.scheduler.api.deps import owned, redis_of, registry_of, settings_of, spec_error
+from lorafleet.scheduler.api.deps import access_error, owned, redis_of, registry_of, settings_of, spec_error
 from lorafleet.scheduler.api.errors import ApiError
 from lorafleet.scheduler.client import collect_garbage
 from lorafleet.scheduler.fleet_status import read_fleet_status
@@ -38,7 +39,8 @@ class SubmitResult(BaseModel):
 
 class ExtendBody(BaseModel):
     steps: int = Field(..., ge=1, le=10**9, description="steps to add")
-    dataset: str | None = Field(None, min_length=1, max_length=4096, description="a new prompt dataset URL")
+    dataset: str | None = Field(None, min_length=1, max_length=4096,
+                                description="a new prompt dataset: an uploaded dataset id (ds-...) or a URL")
 
 
 class ExperimentList(BaseModel):
@@ -57,27 +59,18 @@ def _specs_of(body: dict[str, Any]) -> tuple[list[Any], bool]:
     return [body], False
 
 
-def _check_local_paths(spec: ExperimentSpec, key: ApiKey, request: Request, loc: list[Any]) -> None:
-    """A non-admin key may not name the server's files (dataset, init_from) nor fork another
-    key's experiment: only URLs and its own experiments."""
-    if key.admin:
-        return
-    if spec.dataset is not None and "://" not in spec.dataset.path:
-        raise ApiError(403, "forbidden", "dataset.path: API keys may only name datasets by URL "
-                       "(server paths need an admin key)", "dataset.path", loc + ["dataset", "path"])
-    init_from = spec.train.init_from
-    if init_from is None:
-        return
+def policy_of(request: Request, key: ApiKey) -> DataAccessPolicy:
+    """The data-access policy of `key` (common/data_access.py): admins are trusted."""
+    return DataAccessPolicy.for_key(settings_of(request), key, redis_of(request))
+
+
+def _check_data_access(spec: ExperimentSpec, key: ApiKey, request: Request, loc: list[Any]) -> None:
+    """Everything the spec names (dataset, init_from) must be data the key may read: checked
+    before parse_spec opens any of it. 403 for a URL it may not name, 404 for an id not its own."""
     try:
-        src = parse_init_from(init_from)
-    except ValueError as exc:
-        raise ApiError(400, "invalid_spec", f"train.init_from: {exc}", "train.init_from",
-                       loc + ["train", "init_from"]) from None
-    if src.is_fork:
-        owned(request, key, src.exp_id or "")  # 404 unless the key's own
-    elif src.url is not None and "://" not in src.url:
-        raise ApiError(403, "forbidden", "train.init_from: API keys may only name a PEFT directory by URL",
-                       "train.init_from", loc + ["train", "init_from"])
+        policy_of(request, key).check_spec(spec)
+    except DataAccessError as exc:
+        raise access_error(exc, loc) from None
 
 
 def _validated(request: Request, key: ApiKey, body: dict[str, Any]) -> tuple[list[ExperimentSpec], bool]:
@@ -96,9 +89,10 @@ def _validated(request: Request, key: ApiKey, body: dict[str, Any]) -> tuple[lis
                         "loc": ["body", *loc, *e["loc"]], "message": e["msg"]} for e in exc.errors()]
             raise ApiError(422, "invalid", "; ".join(f"{d['field']}: {d['message']}" for d in details),
                            details[0]["field"], details[0]["loc"]) from None
-        _check_local_paths(model, key, request, loc)  # before parse_spec reads any file it names
+        _check_data_access(model, key, request, loc)  # before parse_spec reads any file it names
         try:
-            spec = parse_spec(data, limits)
+            spec = parse_spec(data, limits, datasets=DatasetStore.from_settings(
+                redis_of(request), settings_of(request)).url_of)
             spec = registry_of(request).admit(spec)  # every check submit makes: forks, init_from
         except SpecError as exc:
             raise spec_error(exc, 400, loc) from None
@@ -133,8 +127,12 @@ def submit(request: Request, key: Key, body: Annotated[dict[str, Any], Body()]) 
     return {"ids": ids, "status": "queued", "reason": ""}
 
 
-def _view(rec: ExperimentRecord) -> dict[str, Any]:
-    return rec.summary()
+def _view(rec: ExperimentRecord, key: ApiKey) -> dict[str, Any]:
+    out = rec.summary()
+    dataset = out["spec"].get("dataset") or {}
+    if dataset.get("id") and not key.admin:  # where the fleet stores an upload is not the tenant's
+        dataset["path"] = None
+    return out
 
 
 @router.get("/experiments", response_model=ExperimentList, summary="The key's experiments (all: admin)")
@@ -161,7 +159,7 @@ def list_experiments(request: Request, key: Key,
             if h:
                 rec = ExperimentRecord.from_hash(exp_id, h)
                 if status is None or rec.status == status:
-                    out.append(_view(rec))
+                    out.append(_view(rec, key))
                     if len(out) == limit:
                         break
     return {"experiments": out, "next_cursor": str(pos)}
@@ -169,7 +167,7 @@ def list_experiments(request: Request, key: Key,
 
 @router.get("/experiments/{exp_id}", summary="One experiment")
 def get_experiment(request: Request, key: Key, exp_id: str) -> dict[str, Any]:
-    return _view(owned(request, key, exp_id))
+    return _view(owned(request, key, exp_id), key)
 
 
 @router.post("/experiments/{exp_id}/cancel", summary="Cancel (409 when already finished)")
@@ -187,10 +185,13 @@ def extend(request: Request, key: Key, exp_id: str, body: ExtendBody) -> dict[st
     if rec.status not in ("queued", "running", "completed"):
         raise ApiError(409, "conflict", f"experiment {exp_id} is {rec.status}: only queued, running or "
                        "completed experiments can be extended")
-    if body.dataset is not None and "://" not in body.dataset and not key.admin:
-        raise ApiError(403, "forbidden", "dataset: API keys may only name datasets by URL", "dataset")
+    if body.dataset is not None:
+        try:
+            policy_of(request, key).check_extend_dataset(body.dataset)
+        except DataAccessError as exc:
+            raise access_error(exc) from None
     try:
-        return _view(registry_of(request).extend(exp_id, body.steps, body.dataset))
+        return _view(registry_of(request).extend(exp_id, body.steps, body.dataset), key)
     except SpecError as exc:
         raise spec_error(exc) from None
 

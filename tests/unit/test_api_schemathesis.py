@@ -74,5 +74,6 @@ def test_schema_lists_the_native_routes(fuzz_env) -> None:
             "/v1/experiments/{exp_id}/events", "/v1/events", "/v1/experiments/{exp_id}/versions",
             "/v1/experiments/{exp_id}/versions/{version}/archive", "/v1/experiments/{exp_id}/retention",
             "/v1/experiments/{exp_id}/versions/{version}", "/v1/fleet", "/v1/validate", "/healthz",
+            "/v1/datasets", "/v1/datasets/{ds_id}",
             "/readyz"} <= paths
 

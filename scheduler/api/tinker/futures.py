@@ -40,7 +40,7 @@ PROTOBUF = "application/x-protobuf"
 
 def _resolve_model(request: Request, key: ApiKey, model_path: Any, base_model: Any) -> dict[str, str]:
     if model_path is not None:
-        record, _, version = parse_path(request, key, model_path)
+        record, _, version = parse_path(request, key, model_path, "model_path")
         return {"exp": record.id, "version": str(version), "model_path": model_path}
     allowed = base_model_name(settings_of(request))
     if base_model is not None and base_model != allowed:

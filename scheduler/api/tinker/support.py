@@ -18,6 +18,7 @@ from fastapi.routing import APIRoute
 
 from lorafleet.common.api_keys import ApiKey
 from lorafleet.common.client_ops import OpStore
+from lorafleet.common.data_access import DataAccessError, DataAccessPolicy
 from lorafleet.common.experiment import ExperimentRecord
 from lorafleet.common.keys import Keys
 from lorafleet.common.settings import Settings
@@ -137,8 +138,16 @@ def model_record(request: Request, key: ApiKey, model_id: Any) -> ExperimentReco
     return record
 
 
-def parse_path(request: Request, key: ApiKey, path: Any) -> tuple[ExperimentRecord, str, int]:
-    """`tinker://<model_id>/(weights|sampler_weights)/<name>` -> (record, "<kind>/<name>", version)."""
+def parse_path(request: Request, key: ApiKey, path: Any,
+               field: str = "path") -> tuple[ExperimentRecord, str, int]:
+    """`tinker://<model_id>/(weights|sampler_weights)/<name>` -> (record, "<kind>/<name>", version).
+    Only the key's own models (another key's answers 404); any other URL goes through the
+    data-access policy first (403 for what the key may not name, common/data_access.py)."""
+    if isinstance(path, str) and not path.startswith("tinker://"):
+        try:
+            DataAccessPolicy.for_key(settings_of(request), key, rds(request)).check_url(path, field)
+        except DataAccessError as e:
+            raise TinkerError(e.status, str(e)) from None
     m = PATH_RE.match(path) if isinstance(path, str) else None
     if m is None:
         raise TinkerError(400, f"not a checkpoint path: {path!r} (tinker://<model_id>/weights/<name>)")

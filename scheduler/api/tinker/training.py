@@ -166,7 +166,7 @@ def get_info(request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
 
 @router.post("/weights_info")
 def weights_info(request: Request, key: Key, raw: RawBody = None) -> dict[str, Any]:
-    record, _, _ = parse_path(request, key, body_dict(raw).get("tinker_path"))
+    record, _, _ = parse_path(request, key, body_dict(raw).get("tinker_path"), "tinker_path")
     return _info(request, record)
 
 
