@@ -72,6 +72,9 @@ class DatasetLimits:
     max_rows: int = 10_000_000  # LORAFLEET_MAX_DATASET_ROWS
     cache_bytes: int = 512 * _MIB  # LORAFLEET_DATASET_CACHE_BYTES: a process's cached indexes
     http: HttpPolicy = HttpPolicy()
+    # the store's S3 endpoint (LORAFLEET_STORE_ENDPOINT_URL): uploaded datasets live in the store,
+    # and an S3-compatible store is reached there, not at AWS
+    s3_endpoint_url: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DatasetLimits:
@@ -80,7 +83,8 @@ class DatasetLimits:
                    http=HttpPolicy(allow_private=settings.http_allow_private,
                                    connect_timeout_s=settings.http_connect_timeout_s,
                                    timeout_s=settings.http_timeout_s,
-                                   max_response_bytes=settings.max_dataset_bytes))
+                                   max_response_bytes=settings.max_dataset_bytes),
+                   s3_endpoint_url=settings.store_endpoint_url)
 
     @property
     def group_cache_bytes(self) -> int:

@@ -61,6 +61,7 @@ from lorafleet.common.dataset_files import (
 )
 from lorafleet.common.http_guard import http_storage_options
 from lorafleet.common.schemas import DatasetSpec
+from lorafleet.common.store_objects import S3_PROTOCOLS, object_store_options
 
 __all__ = ["DataFile", "Dataset", "DatasetError", "DatasetLimits", "DatasetRowError", "canonical_row",
            "check_dataset", "clear_cache", "indices_for_step", "list_files", "load_dataset",
@@ -115,6 +116,9 @@ def open_filesystem(url: str, limits: DatasetLimits = DEFAULT_LIMITS
         if protocols and protocols[0] in HTTP_PROTOCOLS and "::" not in url:
             from fsspec.implementations.http import HTTPFileSystem
             return HTTPFileSystem(**guarded), url
+        if protocols and protocols[0] in S3_PROTOCOLS and "::" not in url:  # endpoint as the store's
+            opts = object_store_options(protocols[0], None, limits.s3_endpoint_url)
+            return fsspec.core.url_to_fs(url, **opts)
         kwargs = {p: guarded for p in HTTP_PROTOCOLS if p in protocols}  # per-layer options of a chain
         return fsspec.core.url_to_fs(url, **kwargs)
     except Exception as exc:  # noqa: BLE001 - unknown protocols, missing packages, failed connections

@@ -62,6 +62,7 @@ class AdmissionLimits:
     http_allow_private: bool = bool(Settings.model_fields["http_allow_private"].default)
     http_connect_timeout_s: float = float(Settings.model_fields["http_connect_timeout_s"].default)
     http_timeout_s: float = float(Settings.model_fields["http_timeout_s"].default)
+    s3_endpoint_url: str | None = None  # the store's (uploaded datasets live in the store)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AdmissionLimits:
@@ -70,7 +71,7 @@ class AdmissionLimits:
                    max_lora_rank=settings.max_lora_rank, max_dataset_bytes=settings.max_dataset_bytes,
                    max_dataset_rows=settings.max_dataset_rows, http_allow_private=settings.http_allow_private,
                    http_connect_timeout_s=settings.http_connect_timeout_s,
-                   http_timeout_s=settings.http_timeout_s)
+                   http_timeout_s=settings.http_timeout_s, s3_endpoint_url=settings.store_endpoint_url)
 
     def dataset_limits(self) -> DatasetLimits:
         """The limits a dataset is checked against at submit."""
@@ -78,7 +79,8 @@ class AdmissionLimits:
                              http=HttpPolicy(allow_private=self.http_allow_private,
                                              connect_timeout_s=self.http_connect_timeout_s,
                                              timeout_s=self.http_timeout_s,
-                                             max_response_bytes=self.max_dataset_bytes))
+                                             max_response_bytes=self.max_dataset_bytes),
+                             s3_endpoint_url=self.s3_endpoint_url)
 
     def violations(self, spec: ExperimentSpec) -> list[str]:
         """One message per limit `spec` exceeds, naming the limit and its setting."""
