@@ -201,14 +201,14 @@ def test_a_dataset_deleted_while_a_spec_is_submitted_starts_nothing(r: redis.Red
     spool.write(ROWS)
     ds = store_upload(datasets, spool, owner=OPERATOR, name="d", fmt=None, max_rows=100, quota=None)
     registry = ExperimentRegistry(r, store=AdapterStore(store_url))
-    admit = registry._admit
+    admit = registry.admit
 
     def admit_then_lose_it(spec):  # the spec is resolved and checked; then the delete lands
         out = admit(spec)
         datasets.delete(ds.id)  # nothing uses it yet: the delete goes through
         return out
 
-    registry._admit = admit_then_lose_it  # type: ignore[method-assign]
+    registry.admit = admit_then_lose_it  # type: ignore[method-assign]
     with pytest.raises(SpecError, match="dataset.id"):
         registry.submit(_spec(ds.id))
     assert r.zcard(Keys.experiments) == 0 and _stored(tmp_path) == []
