@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/lorafleet/torch_extensions
 
-.PHONY: setup setup-vllm setup-cookbook test test-slow test-all demo lint bench clean
+.PHONY: setup setup-vllm setup-cookbook test test-slow test-all test-stress demo lint bench clean
 
 setup: $(VENV)/.installed
 setup-vllm: $(VENV)/.installed-vllm
@@ -43,6 +43,12 @@ test-slow: setup-vllm setup-cookbook
 
 test-all: setup-vllm setup-cookbook
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# `make test-stress`: `make test` beside a CPU hog on every core (ops/scripts/cpu_hog.py: one
+# busy process per core, ended when pytest ends, pass, fail or Ctrl-C). Tests with a fixed
+# wall-clock margin or a race fail here first; run it before resolving a timing issue.
+test-stress: setup-vllm setup-cookbook
+	$(PY) ops/scripts/cpu_hog.py -- $(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/lorafleet run ops/demo/*.yaml --workers 1 --plot rewards.png

@@ -197,14 +197,34 @@ def micro_batches(batch: FusedBatch, max_tokens: int | None) -> list[FusedBatch]
     every micro-batch gets its own layout; one adapter's rows may span several micro-batches.
     Rows without an adapter train nothing and are dropped. `max_tokens=None`: one micro-batch.
     """
-    row_adapter = [None] * batch.layout.num_rows  # (B,) adapter of each row
-    for seg in batch.layout.segments:
-        row_adapter[seg.start:seg.end] = [seg.adapter] * seg.size
+    row_adapter, lengths = row_adapters(batch.layout), row_lengths(batch)
+    return [take_rows(batch, group, row_adapter, lengths)
+            for group in micro_batch_groups(batch, max_tokens, row_adapter, lengths)]
+
+
+def row_adapters(layout: BatchLayout) -> list[str | None]:
+    """(B,) the adapter of each row."""
+    out: list[str | None] = [None] * layout.num_rows
+    for seg in layout.segments:
+        out[seg.start:seg.end] = [seg.adapter] * seg.size
+    return out
+
+
+def row_lengths(batch: FusedBatch) -> list[int]:
+    """(B,) real tokens per row; checks that the rows are right-padded."""
     lengths_t = batch.attention_mask.sum(dim=1)  # (B,) real tokens per row
     positions = torch.arange(batch.attention_mask.shape[1], device=lengths_t.device)  # (T,)
     if not torch.equal(positions[None, :] < lengths_t[:, None], batch.attention_mask.bool()):
         raise ValueError("micro-batching needs right-padded rows (as `collate` makes them)")
-    lengths = lengths_t.tolist()
+    return lengths_t.tolist()
+
+
+def micro_batch_groups(batch: FusedBatch, max_tokens: int | None,
+                       row_adapter: Sequence[str | None] | None = None,
+                       lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """`micro_batches`' plan: the batch rows of each micro-batch, in batch order."""
+    row_adapter = row_adapters(batch.layout) if row_adapter is None else row_adapter
+    lengths = row_lengths(batch) if lengths is None else lengths
     rows = [i for i in range(len(lengths)) if row_adapter[i] is not None]
     groups: list[list[int]] = []
     for i in sorted(rows, key=lambda i: -lengths[i]):  # stable: ties keep batch order
@@ -213,28 +233,64 @@ def micro_batches(batch: FusedBatch, max_tokens: int | None) -> list[FusedBatch]
             groups[-1].append(i)
         else:
             groups.append([i])
-    out = []
     for group in groups:
         group.sort()  # back to batch order: adapter-major, each adapter one contiguous block
-        idx = torch.tensor(group, device=batch.input_ids.device)
-        w = max(lengths[i] for i in group)  # trim padding to this micro-batch's longest row
+    return groups
 
-        def cut(t: torch.Tensor | None, idx: torch.Tensor = idx, w: int = w) -> torch.Tensor | None:
-            return None if t is None else t[idx, :w]  # (b, w): client tensors, aligned with ids
 
-        out.append(FusedBatch(
-            layout=BatchLayout.from_row_adapters([row_adapter[i] for i in group]),
-            input_ids=batch.input_ids[idx, :w],  # (b, w)
-            attention_mask=batch.attention_mask[idx, :w],  # (b, w)
-            loss_mask=batch.loss_mask[idx, :w - 1],  # (b, w-1)
-            advantages=batch.advantages[idx],  # (b,)
-            old_logprobs=None if batch.old_logprobs is None else batch.old_logprobs[idx, :w - 1],
-            targets=cut(batch.targets),
-            token_weights=cut(batch.token_weights),
-            token_advantages=cut(batch.token_advantages),
-            sampling_logprobs=cut(batch.sampling_logprobs),
-            row_op=None if batch.row_op is None else batch.row_op[idx],
-            row_ids=None if batch.row_ids is None else batch.row_ids[idx],
-            op_keys=batch.op_keys,
-        ))
+def take_rows(batch: FusedBatch, group: Sequence[int], row_adapter: Sequence[str | None],
+              lengths: Sequence[int]) -> FusedBatch:
+    """The micro-batch of `batch`'s rows `group` (in batch order), trimmed to its longest row."""
+    idx = torch.tensor(list(group), device=batch.input_ids.device)
+    w = max(lengths[i] for i in group)  # trim padding to this micro-batch's longest row
+
+    def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[idx, :w]  # (b, w): client tensors, aligned with ids
+
+    return FusedBatch(
+        layout=BatchLayout.from_row_adapters([row_adapter[i] for i in group]),
+        input_ids=batch.input_ids[idx, :w],  # (b, w)
+        attention_mask=batch.attention_mask[idx, :w],  # (b, w)
+        loss_mask=batch.loss_mask[idx, :w - 1],  # (b, w-1)
+        advantages=batch.advantages[idx],  # (b,)
+        old_logprobs=None if batch.old_logprobs is None else batch.old_logprobs[idx, :w - 1],
+        targets=cut(batch.targets),
+        token_weights=cut(batch.token_weights),
+        token_advantages=cut(batch.token_advantages),
+        sampling_logprobs=cut(batch.sampling_logprobs),
+        row_op=None if batch.row_op is None else batch.row_op[idx],
+        row_ids=None if batch.row_ids is None else batch.row_ids[idx],
+        op_keys=batch.op_keys,
+    )
+
+
+def planned_micro_batches(batch: FusedBatch, max_tokens: int | None,
+                          chunk_tokens: int) -> tuple[list[FusedBatch], dict[str, dict]]:
+    """`micro_batches`, and per adapter the shapes its rows ran in (`step_layouts`)."""
+    row_adapter, lengths = row_adapters(batch.layout), row_lengths(batch)
+    groups = micro_batch_groups(batch, max_tokens, row_adapter, lengths)
+    return ([take_rows(batch, g, row_adapter, lengths) for g in groups],
+            step_layouts(batch, groups, chunk_tokens, row_adapter, lengths))
+
+
+def step_layouts(batch: FusedBatch, groups: Sequence[Sequence[int]], chunk_tokens: int,
+                 row_adapter: Sequence[str | None], lengths: Sequence[int]) -> dict[str, dict]:
+    """Per adapter, the shapes its rows ran in: what a replay needs to redo its arithmetic bit
+    for bit (workers/replay.py). An adapter's float results depend on its micro-batches' widths,
+    on its rows' places in them (the GEMM kernels round the last M % 4 rows of a matrix their own
+    way; logprob chunks start at fixed flat positions), on whether any row is padded (the
+    attention mask is skipped when none is) and on how its rows were split; never on the other
+    rows' values. Each micro-batch: [rows, width, offset of the adapter's first row, padded 0/1,
+    the adapter's rows in it as indices into its own rows]."""
+    out: dict[str, dict] = {}
+    for group in groups:
+        width = max(lengths[i] for i in group)
+        padded = int(any(lengths[i] < width for i in group))
+        for seg in BatchLayout.from_row_adapters([row_adapter[i] for i in group]).segments:
+            if seg.adapter is None:
+                continue
+            first = batch.layout.rows_of(seg.adapter).start
+            rows = [group[j] - first for j in range(seg.start, seg.end)]
+            entry = out.setdefault(seg.adapter, {"chunk": chunk_tokens, "micro_batches": []})
+            entry["micro_batches"].append([len(group), width, seg.start, padded, rows])
     return out

@@ -2,7 +2,9 @@
 
 A published version is a plain PEFT checkpoint (vLLM and `PeftModel.from_pretrained` load it
 unchanged) plus trainer metadata (step count, spec); a snapshot version also holds the AdamW
-moments, which with the replay log (workers/replay.py) make resuming any version exact.
+moments, which with the replay log (workers/replay.py) make resuming any version exact. A
+version made by a fused step also records the shapes the adapter's rows ran in
+(`step_layout`), so that the replay redoes that step bit for bit.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def new_version(fused: FusedTrainStep, name: str, version: int, base_model: str 
         tensors, meta = fused.trainer_state(name)
     else:
         tensors, meta = None, fused.trainer_meta(name)
+    ran = fused.step_layouts.get(name)  # the step that made this version, if `step` made it
+    if ran is not None and ran[0] == meta["step"]:
+        meta = {**meta, "step_layout": ran[1]}
     return NewVersion(name, version, fused.model.peft_state_dict(name),
                       fused.model.peft_config(name, base_model), tensors, {**meta, "snapshot": snapshot})
 

@@ -19,7 +19,7 @@ import math
 import torch
 
 from lorafleet.common.schemas import AdapterTrainSpec
-from lorafleet.workers.batch import FusedBatch, micro_batches
+from lorafleet.workers.batch import FusedBatch, planned_micro_batches
 from lorafleet.workers.client_step import ClientOpsMixin
 from lorafleet.workers.losses import chunked_token_logprobs, token_loss
 from lorafleet.workers.multilora.model import MultiLoRAModel
@@ -60,6 +60,9 @@ class FusedTrainStep(ClientOpsMixin):
         self.backend = make_backend(backend, hf)
         self.specs: dict[str, AdapterTrainSpec] = {}
         self.steps: dict[str, int] = {}
+        # adapter -> (its step count after its last `step`, the shapes its rows ran in): published
+        # with the version, so that a replay can redo the step bit for bit (workers/replay.py)
+        self.step_layouts: dict[str, tuple[int, dict]] = {}
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -110,6 +113,7 @@ class FusedTrainStep(ClientOpsMixin):
         del groups[next(i for i, g in enumerate(groups) if g is group)]  # not list.remove: == on tensors
         self.model.remove_adapter(name)
         del self.specs[name], self.steps[name]
+        self.step_layouts.pop(name, None)
 
     def _group(self, name: str) -> dict:
         return next(g for g in self.optimizer.param_groups if g.get("adapter") == name)
@@ -126,7 +130,10 @@ class FusedTrainStep(ClientOpsMixin):
         return {"step": self.steps[name], "spec": self.specs[name].model_dump(mode="json")}
 
     # ---- the step -------------------------------------------------------------------------
-    def step(self, batch: FusedBatch) -> dict[str, AdapterStepResult]:
+    def step(self, batch: FusedBatch, micro: list[FusedBatch] | None = None) -> dict[str, AdapterStepResult]:
+        """One optimizer step of every adapter in `batch`, in micro-batches of at most
+        `tokens_per_microbatch` tokens, or in the given `micro` ones (a replay: the shapes the
+        original step ran in; `batch` then only gives each adapter's token count)."""
         present = batch.layout.adapters
         unknown = [a for a in present if a not in self.specs]
         if unknown:
@@ -137,20 +144,25 @@ class FusedTrainStep(ClientOpsMixin):
         for name in present:
             self.drop_grads(name)
         try:
-            results = self._step(batch, present)
+            results = self._step(batch, present, micro)
         finally:
             self._restore_grads(stash)
         for name in present:  # stepped: nothing of this batch stays pending
             self.drop_grads(name)
         return results
 
-    def _step(self, batch: FusedBatch, present: list[str]) -> dict[str, AdapterStepResult]:
+    def _step(self, batch: FusedBatch, present: list[str],
+              micro: list[FusedBatch] | None) -> dict[str, AdapterStepResult]:
         self.model.model.train()  # enables activation checkpointing, if configured, and dropout
         # each adapter's denominator: its trained tokens over the WHOLE batch
         counts = {a: int(batch.loss_mask[batch.layout.rows_of(a)].sum().item()) for a in present}
         totals = {a: 0.0 for a in present}  # reported loss: sum of the micro-batch parts
         skipped: set[str] = set()  # a non-finite part anywhere skips the adapter's whole step
-        for mb in micro_batches(batch, self.tokens_per_microbatch):
+        layouts: dict[str, dict] = {}
+        if micro is None:
+            micro, layouts = planned_micro_batches(batch, self.tokens_per_microbatch,
+                                                   self.logprob_chunk_tokens)
+        for mb in micro:
             with self.model.slot.use(mb.layout):  # open through backward (checkpointing re-runs)
                 parts = self._micro_losses(mb, counts)
                 values = torch.stack([p.detach() for p in parts.values()]).tolist()  # one sync
@@ -173,6 +185,8 @@ class FusedTrainStep(ClientOpsMixin):
         for name, r in results.items():
             if r.stepped:
                 self.steps[name] += 1
+                if name in layouts:
+                    self.step_layouts[name] = (self.steps[name], layouts[name])
                 results[name] = AdapterStepResult(**{**r.__dict__, "step": self.steps[name]})
         return results
 

@@ -6,11 +6,19 @@ also has the AdamW moments. The log is the committed trajectories in Redis: COMM
 them from the last snapshot on and drops them when the next snapshot commits.
 
 To hold version v: load the newest snapshot s <= v (weights, moments, step count), then run the
-train steps s..v-1 again on this adapter alone, each from its committed trajectory. A train step
-is a deterministic function of (weights, moments, trajectory), and a solo step equals the fused
-step it replaces (tests/unit/test_fused_step.py), so the moments rebuilt are the uninterrupted
-run's. The weights are then set to the published version v's: those are what was committed and
-sampled from, and in float64 they equal the replayed ones (tests/unit/test_replay.py).
+train steps s..v-1 again on this adapter alone, each from its committed trajectory and from the
+committed weights of the version it started from.
+
+Bit for bit, not "to rounding": AdamW divides by sqrt of the second moment, so where that is
+tiny a 1e-16 difference in a gradient becomes a visible difference in the update (3.4e-9 after
+a few steps was seen). A step's float results for one adapter depend on the shapes its rows ran
+in (micro-batch widths, row offsets, whether any row was padded, how its rows were split, the
+logprob chunk size), never on the other adapters' values (tests/unit/test_replay.py measures
+both). Every version a fused step made records those shapes (`step_layout` in its trainer
+meta, `workers/batch.py:step_layouts`); the replay runs each step in them, with full-length
+placeholder rows where the co-tenants' rows were. Same torch build, CPU kind and thread count
+-> the same bits. Versions without the record (older releases) are replayed in a solo layout:
+weights exact (they are reset to each committed version), moments to rounding only.
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ import torch
 from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.logging import get_logger
 from lorafleet.common.schemas import AdapterTrainSpec
-from lorafleet.workers.batch import collate
+from lorafleet.workers.batch import FusedBatch, TrainRow, collate
 from lorafleet.workers.checkpoints import load_adapter
 from lorafleet.workers.fused_step import FusedTrainStep
+from lorafleet.workers.multilora.layout import BatchLayout
 from lorafleet.workers.rl import Trajectory, train_rows
 
 log = get_logger("lorafleet.replay")
@@ -59,23 +68,85 @@ def load_with_replay(store: AdapterStore, trainer: FusedTrainStep, exp_id: str, 
         trainer.remove_adapter(exp_id)
         raise ReplayError(f"{exp_id}: replay log lacks the trajectories of steps {missing} "
                           f"(snapshot v{snap}, wanted v{version})")
+    try:
+        drift, recorded = _replay(store, trainer, exp_id, steps, raw, pad_id)
+    except Exception:
+        trainer.remove_adapter(exp_id)  # nothing half-rebuilt stays
+        raise
+    log.info("adapter rebuilt from snapshot and replay log", experiment_id=exp_id, snapshot=snap,
+             version=version, replayed=len(steps), layouts_recorded=recorded, max_weight_drift=drift)
+    return snap
+
+
+def _replay(store: AdapterStore, trainer: FusedTrainStep, exp_id: str, steps: list[int],
+            raw: list[str | None], pad_id: int) -> tuple[float, int]:
+    """Run `steps` again -> (largest |replayed - committed| weight, steps whose layout was recorded)."""
     param = next(p for _, p in trainer.model.parameters_of(exp_id))
     dtype = torch.float64 if param.dtype == torch.float64 else torch.float32  # as the pipeline
+    drift, recorded = 0.0, 0
     for step, text in zip(steps, raw, strict=True):
-        traj = Trajectory.from_json(json.loads(text))  # type: ignore[arg-type]
-        batch = collate(train_rows(traj, exp_id), pad_id, dtype, adapter_order=[exp_id])
-        result = trainer.step(batch.to(param.device, dtype))[exp_id]
+        made = store.load(exp_id, step + 1)  # the committed result of this step, and its shapes
+        rows = train_rows(Trajectory.from_json(json.loads(text)), exp_id)  # type: ignore[arg-type]
+        batch = collate(rows, pad_id, dtype, adapter_order=[exp_id]).to(param.device, dtype)
+        layout = made.trainer_meta.get("step_layout")
+        chunk = trainer.logprob_chunk_tokens
+        micro = None
+        if layout is not None:
+            micro = [mb.to(param.device, dtype)
+                     for mb in layout_micro_batches(rows, exp_id, layout, pad_id, dtype)]
+            trainer.logprob_chunk_tokens = int(layout["chunk"])  # chunk starts shift the GEMM tails
+            recorded += 1
+        try:
+            result = trainer.step(batch, micro)[exp_id]
+        finally:
+            trainer.logprob_chunk_tokens = chunk
         if not result.stepped:  # a committed step always stepped: the log does not match
-            trainer.remove_adapter(exp_id)
             raise ReplayError(f"{exp_id}: replaying step {step} did not step ({result.skipped_reason})")
-    committed = store.load(exp_id, version)
-    with torch.no_grad():  # the committed weights (what was sampled from); moments from the replay
-        params = dict(trainer.model.parameters_of(exp_id))
-        drift = 0.0
-        for key, p in params.items():
-            w = committed.weights[key].to(p.device, p.dtype)
-            drift = max(drift, float((w - p).abs().max()))
-            p.copy_(w)
-    log.info("adapter rebuilt from snapshot and replay log", experiment_id=exp_id, snapshot=snap,
-             version=version, replayed=len(steps), max_weight_drift=drift)
-    return snap
+        with torch.no_grad():  # the committed weights (what was sampled from, what step+1 starts from)
+            for key, p in trainer.model.parameters_of(exp_id):
+                w = made.weights[key].to(p.device, p.dtype)
+                drift = max(drift, float((w - p).abs().max()))
+                p.copy_(w)
+    return drift, recorded
+
+
+def layout_micro_batches(rows: Sequence[TrainRow], exp_id: str, layout: dict, pad_id: int,
+                         dtype: torch.dtype) -> list[FusedBatch]:
+    """`exp_id`'s `rows` in the micro-batches a recorded step ran them in (`step_layouts`):
+    same widths, same offsets, the same padded-or-not; placeholder rows (pad tokens, full length,
+    nothing trained) where other adapters' rows were. One placeholder is cut to one token where
+    the original had a padded row and this adapter's rows are all full: the attention mask is
+    then built the same way."""
+    seen: list[int] = []
+    out = []
+    for n_rows, width, offset, padded, idx in layout["micro_batches"]:
+        mine = collate([rows[i] for i in idx], pad_id, dtype, adapter_order=[exp_id])
+        n, w = mine.input_ids.shape
+        own_padding = w < width or bool((mine.attention_mask == 0).any())
+        fits = w <= width and offset + n <= n_rows and own_padding <= padded
+        if not fits or (padded > own_padding and n == n_rows):  # padded, yet no row to pad
+            raise ReplayError(f"{exp_id}: the recorded step layout does not fit the logged rows")
+        seen += idx
+        here = slice(offset, offset + n)
+        input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+        input_ids[here, :w] = mine.input_ids
+        attention = torch.ones((n_rows, width), dtype=torch.long)
+        attention[here] = 0
+        attention[here, :w] = mine.attention_mask
+        if padded and not own_padding:
+            attention[0 if offset > 0 else offset + n, 1:] = 0
+        loss_mask = torch.zeros((n_rows, width - 1), dtype=dtype)
+        loss_mask[here, :w - 1] = mine.loss_mask
+        advantages = torch.zeros(n_rows, dtype=dtype)
+        advantages[here] = mine.advantages
+        old = None
+        if mine.old_logprobs is not None:
+            old = torch.zeros((n_rows, width - 1), dtype=dtype)
+            old[here, :w - 1] = mine.old_logprobs
+        sizes = [(None, offset), (exp_id, n), (None, n_rows - offset - n)]
+        out.append(FusedBatch(BatchLayout.from_sizes([s for s in sizes if s[1] > 0]), input_ids, attention,
+                              loss_mask, advantages, old))
+    if sorted(seen) != list(range(len(rows))):
+        raise ReplayError(f"{exp_id}: the recorded step layout covers rows {sorted(seen)}, "
+                          f"the log has {len(rows)}")
+    return out

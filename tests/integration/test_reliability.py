@@ -89,7 +89,7 @@ def test_same_train_message_delivered_twice_concurrently_commits_once(make_fleet
         reasons = {t: refusals(logs / f"{node}.log", t) for t, node in ((first, "w0"), (dup, "w1"))}
         return {t: rs for t, rs in reasons.items() if rs}
 
-    refused = wait_until(refused_deliveries, timeout_s=10, what="the losing delivery's 'not claimed' line")
+    refused = wait_until(refused_deliveries, timeout_s=60, what="the losing delivery's 'not claimed' line")
     assert len(refused) == 1, refused
     assert next(iter(refused.values())) in (["claimed"], ["committed"]), refused
     assert r.hget(Keys.task(exp, 0, "train"), "claims") == "1"
@@ -103,7 +103,7 @@ def test_same_train_message_delivered_twice_concurrently_commits_once(make_fleet
     late = publish("train", "b-train", node_queue("w1"), TASK_TRAIN)
     done = wait_finished(r, [late], what="the late redelivery to finish")
     assert (done[late]["node"], done[late]["kind"], done[late]["outcome"]) == ("w1", "train", "ok")
-    late_refused = wait_until(lambda: refusals(logs / "w1.log", late), timeout_s=10,
+    late_refused = wait_until(lambda: refusals(logs / "w1.log", late), timeout_s=60,
                               what="the late delivery's 'not claimed' line")
     assert late_refused in (["stale"], ["committed"]), late_refused  # the step had moved on
     assert r.llen(node_queue("w1")) == 0
@@ -151,7 +151,8 @@ def test_worker_killed_mid_train_step_loses_nothing(make_fleet, redis_url, fleet
     client2.wait([exp2], timeout_s=300)
     assert [x["reward_mean"] for x in client2.metrics(exp2)] == [x["reward_mean"] for x in m]
     clean = _final_weights(store2, exp2)
-    # float64 and identical seeds: only the fused batch shapes differ -> rounding-level agreement
+    # float64, identical seeds, the experiment alone in both runs, and a recovered step redone
+    # bit for bit (workers/replay.py): equal in practice; 1e-9 as everywhere (README, Faults)
     assert max((clean[k] - killed_run[k]).abs().max().item() for k in clean) < 1e-9
 
 

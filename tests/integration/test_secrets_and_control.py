@@ -132,7 +132,7 @@ def test_flower_app_picks_up_nodes_that_register_later(secret_redis) -> None:
     app = make_app(server.url, refresh_s=0.1)
     assert [q.name for q in app.conf.task_queues] == ["lf.rollout", "lf.train"]
     connect(server.url).sadd(Keys.workers, "b", "a", "../bad")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a safety net: refreshed every 0.1 s
     while len(app.conf.task_queues) < 4:
         assert time.monotonic() < deadline, app.conf.task_queues
         time.sleep(0.05)

@@ -88,7 +88,7 @@ def test_experiment_faults_use_the_attempt_budget_with_backoff_infrastructure_fa
     beat(r, "n0")
     [a] = h.submit(1)
     p = StepProtocol(r)
-    backoff = Backoff(base_ms=400, cap_ms=10_000)
+    backoff = Backoff(base_ms=2000, cap_ms=10_000)  # > a loaded machine's gap between two lines
 
     def attempt(reason: str, count: bool) -> int:
         [sent] = h.tick()
@@ -105,7 +105,7 @@ def test_experiment_faults_use_the_attempt_budget_with_backoff_infrastructure_fa
     assert rec.attempts == 1 and rec.not_before <= int(r.time()[0]) * 1000 + 1000
     assert attempt("reward raised", True) == 1  # second: backs off base_ms
     assert h.tick() == []  # backing off: not published
-    time.sleep(0.45)
+    time.sleep(2.05)
     assert attempt("reward raised again", True) == 2  # third: the budget is spent
     rec = h.rec(a)
     assert rec.status == "failed" and rec.error == "reward raised again (gave up after 3 attempts)"

@@ -170,12 +170,13 @@ def test_two_writers_of_one_version_the_first_manifest_wins_whole(
     outcome: list[object] = []
     thread = threading.Thread(target=lambda: outcome.append(_try(slow, _nv(1, seed=1))))
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # a safety net, as the join below
     while len(s3_store.fs.find(_vdir(s3_store, 1))) < 4:  # the slow writer's objects are there
         assert time.monotonic() < deadline
         time.sleep(0.05)
     [fast] = s3_store.publish_many([_nv(1, seed=2)])
-    thread.join(30)
+    thread.join(120)
+    assert not thread.is_alive()
     assert fast == _vdir(s3_store, 1)
     assert isinstance(outcome[0], VersionExistsError)  # If-None-Match: the manifest was there
     assert s3_store.same_content(_nv(1, seed=2)) and not s3_store.same_content(_nv(1, seed=1))

@@ -326,9 +326,12 @@ def test_expired_lease_is_republished_and_counted_until_the_poison_cap(r):
     [a] = h.submit(1)
     w0 = FakeWorker(r, "n0")
     [sent] = h.tick()
-    w0.claim(sent, lease_ms=SHORT_MS)  # the worker stops renewing (stuck, or dead with its node key alive)
+    # the worker stops renewing (stuck, or dead with its node key alive); a 2 s lease, not
+    # SHORT_MS: "still valid" is checked right after the claim, and a loaded machine can take
+    # more than 300 ms between two lines
+    w0.claim(sent, lease_ms=2000)
     assert h.tick() == []  # lease still valid: nothing to do
-    time.sleep(LAPSE_S)
+    time.sleep(2.1)
 
     assert h.tick() == []  # reaped; n0 is suspect for the rest of this tick (it was the only node)
     rec = h.rec(a)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from lf_testkit import wait_until
 from tinker_kit import serve
 
 from lorafleet.common.api_keys import ApiKeyStore
@@ -50,8 +50,10 @@ class HandWorker:
                                      "elementwise_loss": [0.5] * len(d["tokens"])}
                                     for d in op.payload.get("data", [])]}
                 results.append(OpResult(op.request_id, True, body))
-            assert self.store.commit(m, results, m.version)
+            # recorded before the commit: the commit makes the results visible, and the client
+            # may read them (and the test check `ran`) before this thread runs another line
             self.ran.append(m.exp_id)
+            assert self.store.commit(m, results, m.version)
 
 
 def test_a_second_session_over_the_limit_waits_until_the_first_closes(
@@ -67,6 +69,23 @@ def test_a_second_session_over_the_limit_waits_until_the_first_closes(
     r.sadd(Keys.workers, "n1")
     hand = HandWorker(r)
     leader = Scheduler(r, hand, settings)
+    ticks = [0]  # leader ticks so far: "not dispatched" is checked after ticks, not after a sleep
+    real_tick = leader.tick
+
+    def counted_tick() -> None:
+        real_tick()
+        ticks[0] += 1
+
+    leader.tick = counted_tick  # type: ignore[method-assign]
+    enqueued: dict[str, threading.Event] = {}  # exp id -> set once an op of it is in the store
+    real_enqueue = OpStore.enqueue
+
+    def noted_enqueue(self: OpStore, exp_id: str, *args: Any, **kwargs: Any) -> str:
+        out = real_enqueue(self, exp_id, *args, **kwargs)
+        enqueued.setdefault(exp_id, threading.Event()).set()
+        return out
+
+    monkeypatch.setattr(OpStore, "enqueue", noted_enqueue)
     stop = threading.Event()
     t = threading.Thread(target=leader.run, args=(stop,), daemon=True)
     t.start()
@@ -77,20 +96,22 @@ def test_a_second_session_over_the_limit_waits_until_the_first_closes(
             first = tinker.ServiceClient(base_url=url, api_key=plaintext)
             second = tinker.ServiceClient(base_url=url, api_key=plaintext)
             tc1 = first.create_lora_training_client(base_model="builtin:tiny-llama", rank=2).result()
-            done = tc1.forward_backward([datum], "cross_entropy").result(timeout=30)
+            done = tc1.forward_backward([datum], "cross_entropy").result(timeout=120)
             assert done.metrics == {"loss:sum": 1.5}
             tc2 = second.create_lora_training_client(base_model="builtin:tiny-llama", rank=2).result()
             exp2 = OpStore(r).exp_for_model(tc2.model_id)
             assert exp2 is not None
             pending = tc2.forward_backward([datum], "cross_entropy")  # accepted, not refused
-            time.sleep(1.5)  # many leader ticks: the op is not dispatched
-            assert exp2 not in hand.ran
+            wait_until(lambda: exp2 in enqueued, timeout_s=120, what="the second session's op stored")
+            seen = ticks[0]
+            wait_until(lambda: ticks[0] >= seen + 10, timeout_s=120, what="10 leader ticks")
+            assert exp2 not in hand.ran  # 10 ticks with the op waiting: it is not dispatched
             reason = ClientCapacity(r, 16).waiting_reason(exp2)
             assert reason is not None and "max_experiments=1" in reason
-            first.close("success").result(timeout=30)  # the first session ends: its slot frees
-            assert pending.result(timeout=30).metrics == {"loss:sum": 1.5}
+            first.close("success").result(timeout=120)  # the first session ends: its slot frees
+            assert pending.result(timeout=120).metrics == {"loss:sum": 1.5}
             assert exp2 in hand.ran
-            second.close("success").result(timeout=30)
+            second.close("success").result(timeout=120)
     finally:
         stop.set()
         t.join(timeout=10)

@@ -134,8 +134,14 @@ class MultiLoRALinear(nn.Module):
                 if p > 0 and self.training:
                     xi = F.dropout(xi, p)
                 a, b = self.lora_A[seg.adapter], self.lora_B[seg.adapter]
-                # same operation order as peft's Linear: base + B(A(x)) * scaling
-                deltas.append((xi @ a.T) @ b.T * self.scaling[seg.adapter])
+                # same operation order as peft's Linear: base + B(A(x)) * scaling, as one slice
+                # of `_uniform_delta`'s bmm: a (rows, in) @ (in, r) mm and a bmm slice round
+                # their backward differently (MKL), and replay (workers/replay.py) is only
+                # bit-exact if an adapter's numbers do not depend on which path its batch took
+                x3 = xi.reshape(1, -1, self.in_features)  # (1, S*T, in)
+                h = torch.bmm(x3, a.T.unsqueeze(0))  # (1, S*T, r)
+                delta = torch.bmm(h, b.T.unsqueeze(0)) * self.scaling[seg.adapter]  # (1, S*T, out)
+                deltas.append(delta.view(*xi.shape[:-1], self.out_features))
             else:
                 deltas.append(y.new_zeros((seg.size, *y.shape[1:])))
         return y + torch.cat(deltas, dim=0)
