@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import tarfile
@@ -67,11 +68,26 @@ def _version(rec: ExperimentRecord, version: str) -> int | str:
     return int(version)
 
 
+def _without_layout(state: Any) -> Any:
+    """A version's trainer state as its owner may see it: `step_layout` (the fused step's
+    micro-batch shapes, kept for a bit-exact replay) also counts the co-tenants' rows."""
+    if isinstance(state, dict):
+        state.pop("step_layout", None)
+    return state
+
+
 def _tarball(directory: Any, arcname: str) -> IO[bytes]:
     spool = tempfile.SpooledTemporaryFile(max_size=64 << 20)  # noqa: SIM115 (returned, closed by the reader)
     with tarfile.open(fileobj=spool, mode="w:gz") as tar:
         for f in sorted(directory.iterdir()):
-            if f.is_file() and not f.is_symlink():
+            if not f.is_file() or f.is_symlink():
+                continue
+            if f.name == "trainer_state.json":  # without step_layout: it counts co-tenants' rows
+                data = json.dumps(_without_layout(json.loads(f.read_bytes()))).encode()
+                info = tarfile.TarInfo(f"{arcname}/{f.name}")
+                info.size, info.mtime = len(data), int(f.stat().st_mtime)
+                tar.addfile(info, io.BytesIO(data))
+            else:
                 tar.add(f, arcname=f"{arcname}/{f.name}")
     spool.seek(0)
     return spool

@@ -77,7 +77,14 @@ def test_submit_and_watch_through_the_api(make_fleet, redis_url: str, fleet_env:
             names = {Path(n).name for n in tar.getnames()}
             config = json.load(tar.extractfile(next(m for m in tar.getmembers()
                                                     if m.name.endswith("adapter_config.json"))))
+            state = json.load(tar.extractfile(next(m for m in tar.getmembers()
+                                                   if m.name.endswith("trainer_state.json"))))
         assert {"adapter_config.json", "adapter_model.safetensors"} <= names
+        # the fused step's layout (kept for a bit-exact replay) counts co-tenants' rows: not shown
+        assert "step_layout" not in state and state, state
+        store_dir = Path(fleet_env["LORAFLEET_STORE_URL"].removeprefix("file://"))
+        store_state = json.loads((store_dir / exp / "v3" / "trainer_state.json").read_text())
+        assert "step_layout" in store_state  # it is in the store: the archive removed it
         assert config["r"] == 4
         assert http.delete(f"/v1/experiments/{exp}/versions/3").status_code == 409  # the committed one
         assert http.delete(f"/v1/experiments/{exp}/versions/0").status_code == 409  # the starting point
