@@ -26,6 +26,8 @@ from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.settings import Settings, redacted
 from lorafleet.common.spec_input import AdmissionLimits, SpecError
 from lorafleet.scheduler import cli_services
+from lorafleet.scheduler.cli_keys import keys_app
+from lorafleet.scheduler.cli_models import models_app
 
 
 class _App(typer.Typer):
@@ -385,13 +387,8 @@ def run(specs: list[Path], workers: int = 1, redis_url: RedisOpt = None,
     raise typer.Exit(code=0 if ok else 1)
 
 
-def _add_subcommands() -> None:
-    from lorafleet.scheduler.cli_keys import keys_app
-
-    app.add_typer(keys_app, name="keys", help="API keys of the HTTP API (`lorafleet api`)")
-
-
-_add_subcommands()
+app.add_typer(keys_app, name="keys", help="API keys of the HTTP API (`lorafleet api`)")
+app.add_typer(models_app, name="models", help="pretrained built-in models: list, prepare")
 
 
 def main() -> None:  # pragma: no cover
