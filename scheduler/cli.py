@@ -26,6 +26,9 @@ from lorafleet.common.schemas import DATASET_ID_PATTERN, ExperimentSpec
 from lorafleet.common.settings import Settings, redacted
 from lorafleet.common.spec_input import AdmissionLimits, SpecError
 from lorafleet.scheduler import cli_services
+from lorafleet.scheduler.cli_datasets import datasets_app
+from lorafleet.scheduler.cli_keys import keys_app
+from lorafleet.scheduler.cli_models import models_app
 
 
 class _App(typer.Typer):
@@ -386,15 +389,9 @@ def run(specs: list[Path], workers: int = 1, redis_url: RedisOpt = None,
     raise typer.Exit(code=0 if ok else 1)
 
 
-def _add_subcommands() -> None:
-    from lorafleet.scheduler.cli_datasets import datasets_app
-    from lorafleet.scheduler.cli_keys import keys_app
-
-    app.add_typer(keys_app, name="keys", help="API keys of the HTTP API (`lorafleet api`)")
-    app.add_typer(datasets_app, name="datasets", help="uploaded datasets (specs: dataset: {id: ds-...})")
-
-
-_add_subcommands()
+app.add_typer(keys_app, name="keys", help="API keys of the HTTP API (`lorafleet api`)")
+app.add_typer(datasets_app, name="datasets", help="uploaded datasets (specs: dataset: {id: ds-...})")
+app.add_typer(models_app, name="models", help="pretrained built-in models: list, prepare")
 
 
 def main() -> None:  # pragma: no cover

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.settings import Settings
+from lorafleet.scheduler.cli_models import prepare_base_model
 from lorafleet.scheduler.client import FleetClient
 from lorafleet.scheduler.embedded import LocalFleet
 from lorafleet.scheduler.plots import plot_rewards
@@ -20,6 +21,8 @@ def run_embedded(specs: list[ExperimentSpec], workers: int, settings: Settings, 
                  log_dir: Path, timeout_s: float, api_port: int | None = None) -> bool:
     redis_url = settings.redis_url
     console = Console()
+    if prepare_base_model(settings.base_model, settings.cache_dir) != 0:  # its error is printed
+        return False
     console.print(f"starting {'local Redis, ' if not redis_url else ''}{workers} worker(s) and a "
                   f"scheduler (logs in {log_dir}/) ...")
     t0 = time.monotonic()

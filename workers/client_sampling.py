@@ -36,6 +36,7 @@ from lorafleet.common.client_ops import OpResult, OpStore, SampleJob
 from lorafleet.common.keys import Keys
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messages import SampleMessage
+from lorafleet.common.models import packaged_model
 from lorafleet.common.settings import Settings
 from lorafleet.workers.leases import renewing
 from lorafleet.workers.multilora.layout import BatchLayout
@@ -217,8 +218,9 @@ class ClientSampler:
 
 def tokenizer_dir(settings: Settings, tokenizer: Any, model_path: Path) -> Path:
     """A directory `AutoTokenizer.from_pretrained` reads: the model's own, or for a built-in model
-    the tokenizer saved under the cache dir (a client on the same machine can load it)."""
-    if not settings.base_model.startswith(BUILTIN_PREFIX):
+    the tokenizer saved under the cache dir (a client on the same machine can load it). A
+    packaged built-in (`builtin:smollm2-135m-instruct`) is a full model directory: its own."""
+    if not settings.base_model.startswith(BUILTIN_PREFIX) or packaged_model(settings.base_model):
         return Path(model_path)
     dest = Path(settings.cache_dir) / "tokenizers" / settings.base_model[len(BUILTIN_PREFIX):]
     if not (dest / "tokenizer_config.json").is_file():  # written aside, then renamed: workers race

@@ -1,6 +1,7 @@
 """The built-in tiny base models: small Llama, Qwen2, Qwen3 or Mistral causal LMs with a character
 tokenizer, built locally and deterministically (no model hub is reachable):
-`builtin:<tiny|small>-<llama|qwen2|qwen3|mistral>`.
+`builtin:<tiny|small>-<llama|qwen2|qwen3|mistral>`. The pretrained built-ins
+(`builtin:smollm2-135m-instruct`) are common/models.py, converted by workers/model_prep.py.
 
 head_dim is 32 so that vLLM can load them. The lm_head is initialised with std hidden**-0.5
 (not the config's initializer_range 0.02): the final RMSNorm gives the last hidden state a norm
@@ -37,6 +38,8 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
+from lorafleet.common.models import PACKAGED_MODELS, packaged_model
 
 BUILTIN_PREFIX = "builtin:"
 BUILD_VERSION = 2  # bump when the recipe changes: cached builds are rebuilt (2: lm_head std)
@@ -135,16 +138,24 @@ def build_model_dir(dest: Path, arch: Arch = "llama", size: str = "tiny", seed: 
 
 def resolve_model_dir(name: str, cache_dir: Path | None = None) -> Path:
     """`builtin:tiny-llama`, `builtin:small-qwen3`, ... -> a local directory (built once, under
-    a name that carries BUILD_VERSION); anything else is taken as a local model directory."""
+    a name that carries BUILD_VERSION); `builtin:smollm2-135m-instruct` -> its prepared directory
+    (converted on first use); anything else is taken as a local model directory."""
     if not name.startswith(BUILTIN_PREFIX):
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{name!r} is not a model directory (no config.json)")
         return path
+    if packaged_model(name) is not None:  # a pretrained model converted once from its wheel
+        if cache_dir is None:
+            raise ValueError(f"preparing {name!r} needs a cache_dir (settings.cache_dir)")
+        from lorafleet.workers.model_prep import prepare
+
+        return prepare(name, Path(cache_dir))
     size, _, arch = name[len(BUILTIN_PREFIX):].partition("-")
     if size not in SIZES or arch not in ARCHS:
         raise ValueError(
-            f"unknown built-in model {name!r}; use builtin:<{'|'.join(SIZES)}>-<{'|'.join(ARCHS)}>"
+            f"unknown built-in model {name!r}; use builtin:<{'|'.join(SIZES)}>-<{'|'.join(ARCHS)}> "
+            f"or one of {', '.join(m.builtin_name for m in PACKAGED_MODELS.values())}"
         )
     if cache_dir is None:
         raise ValueError(f"building {name!r} needs a cache_dir (settings.cache_dir)")

@@ -21,6 +21,7 @@ from lorafleet.common.client_ops import OpStore
 from lorafleet.common.data_access import DataAccessError, DataAccessPolicy
 from lorafleet.common.experiment import ExperimentRecord
 from lorafleet.common.keys import Keys
+from lorafleet.common.models import is_prepared, model_dir, packaged_model
 from lorafleet.common.settings import Settings
 from lorafleet.scheduler.api.auth import current_key
 from lorafleet.scheduler.api.errors import ApiError
@@ -186,6 +187,11 @@ def base_model_facts(request: Request) -> dict[str, Any]:
         facts["max_context"] = int(facts["max_context"] or 0)
         return facts
     base = settings.base_model
+    if packaged_model(base) is not None:  # a pretrained built-in: its prepared dir, once prepared
+        prepared = model_dir(settings.cache_dir, base)
+        if not is_prepared(prepared):
+            return facts
+        base = str(prepared)
     if base.startswith("builtin:"):
         size, _, arch = base[len("builtin:") :].partition("-")
         builds = sorted(glob.glob(str(Path(settings.cache_dir) / "models" / f"{size}-{arch}-v*")))
