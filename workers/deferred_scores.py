@@ -64,7 +64,7 @@ class DeferredScores:
                 out = self._redis(lambda: self.protocol.give_up(
                     item, "rollout", reason, True, self.settings.max_attempts, self.backoff))
                 log.warning("experiment failed" if out == 2 else "attempt given up",
-                            experiment_id=item.exp_id, step=item.step, phase="rollout", reason=reason, counted=True)
+                            experiment_id=item.exp_id, step=item.step, phase="rollout", reason=reason)
                 return
             commit = RolloutCommit(item, traj.to_json(), {**summary, **extra, "score_deferred": True})
             [ok] = self._redis(lambda: self.protocol.commit_rollouts([commit]))
