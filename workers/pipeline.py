@@ -81,6 +81,15 @@ class RolloutOutput:
     seconds: float = 0.0
     pending: dict[str, PendingScore] = field(default_factory=dict)  # scoring still running
 
+    def settle(self) -> None:
+        """Wait for every pending scoring (in-process runs, which have no co-tenants to spare)."""
+        for exp_id, pending in list(self.pending.items()):
+            try:
+                self.trajectories[exp_id], self.summaries[exp_id] = pending.resolve()
+            except RewardError as exc:
+                self.failed[exp_id] = str(exc)
+            del self.pending[exp_id]
+
     def settled(self) -> set[str]:
         """The experiments this rollout has an answer for (or will: pending)."""
         return self.trajectories.keys() | self.failed.keys() | self.pending.keys()
