@@ -153,7 +153,7 @@ def _read_exactly(f: BinaryIO, n: int) -> bytes:
 
 
 class ScoringPool:
-    """`processes` scoring processes (started on first use), fed from one queue: jobs of
+    """`processes` scoring processes (started with the pool), fed from one queue: jobs of
     different experiments run at once, each up to its own deadline."""
 
     def __init__(self, processes: int = 2, python: str = sys.executable) -> None:
@@ -161,6 +161,7 @@ class ScoringPool:
         self._tasks: queue.Queue[_Task | None] = queue.Queue()
         self._closed = False
         self.killed = 0  # processes killed at a deadline (tests, logs)
+        self.start_error = ""  # why the last process could not start
         self._slots = [threading.Thread(target=self._serve, name=f"lorafleet-score-{i}", daemon=True)
                        for i in range(processes)]
         for t in self._slots:
@@ -180,18 +181,25 @@ class ScoringPool:
         for _ in self._slots:
             self._tasks.put(None)
 
+    def _start(self) -> _Child | None:
+        try:
+            return _Child(self.python)
+        except (OSError, EOFError, TimeoutError, ValueError) as exc:
+            self.start_error = repr(exc)
+            return None
+
     def _serve(self) -> None:
-        child: _Child | None = None
+        # each slot starts its process at once (and a replacement right after a kill), so a step
+        # never waits for a process's imports while the slot was idle
+        child = self._start()
         try:
             while (task := self._tasks.get()) is not None:
                 if not task.future.set_running_or_notify_cancel():
                     continue
                 if child is None or child.proc.poll() is not None:
-                    try:
-                        child = _Child(self.python)
-                    except (OSError, EOFError, TimeoutError, ValueError) as exc:
-                        child = None
-                        task.future.set_exception(RuntimeError(f"no scoring process: {exc!r}"))
+                    child = self._start()
+                    if child is None:
+                        task.future.set_exception(RuntimeError(f"no scoring process: {self.start_error}"))
                         continue
                 started = time.perf_counter()
                 try:
@@ -199,13 +207,14 @@ class ScoringPool:
                     answer = child.receive(task.deadline_s - (time.perf_counter() - started))
                 except TimeoutError:
                     child.kill()  # the only way to stop a reward inside C code
-                    child, self.killed = None, self.killed + 1
+                    self.killed += 1
                     task.future.set_exception(ScoreTimeout(task.deadline_s))
+                    child = self._start()
                     continue
                 except (OSError, EOFError, ValueError) as exc:
                     child.kill()
-                    child = None
                     task.future.set_exception(RuntimeError(f"the scoring process failed: {exc!r}"))
+                    child = self._start()
                     continue
                 seconds = time.perf_counter() - started
                 if answer[0] == "ok":
@@ -240,7 +249,7 @@ def _child_main(answer_fd: int) -> None:
     os.dup2(2, 1)  # a print in reward code goes to stderr, never into the frames
     requests = sys.stdin.buffer
     cache: dict[str, Any] = {}
-    import lorafleet.common.tasks  # noqa: F401 - the registries and pydantic, before "ready"
+    import lorafleet.common.rewards  # noqa: F401 - the registries and pydantic, before "ready"
 
     _send(answers, ["ready"])
     while True:

@@ -123,3 +123,16 @@ def test_the_pipeline_leaves_slow_scoring_pending_and_fails_it_at_the_budget(mod
         assert cause in out.failed["fast"]
     finally:
         pipe.scorer.close()
+
+
+def test_score_s_reaches_the_prometheus_histograms(r) -> None:
+    """A committed train step's metrics carry its rollout's score_s (the summary is merged into
+    them): /metrics serves it as lorafleet_score_seconds."""
+    from lorafleet.common.keys import Keys
+    from lorafleet.common.prom_writes import TIMINGS, record
+    from lorafleet.scheduler.api.metrics import HISTOGRAMS
+
+    assert TIMINGS["lorafleet_score_seconds"] == "score_s" and "lorafleet_score_seconds" in HISTOGRAMS
+    record(r, trains=[("e1", 0, {"score_s": 0.2, "train_s": 1.0})])
+    hist = r.hgetall(Keys.prom_histogram("lorafleet_score_seconds"))
+    assert hist["|count"] == "1" and float(hist["|sum"]) == 0.2
