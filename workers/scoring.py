@@ -153,11 +153,15 @@ def _read_exactly(f: BinaryIO, n: int) -> bytes:
 
 
 class ScoringPool:
-    """`processes` scoring processes (started with the pool), fed from one queue: jobs of
-    different experiments run at once, each up to its own deadline."""
+    """`processes` scoring processes, fed from one queue: jobs of different experiments run at
+    once, each up to its own deadline."""
 
-    def __init__(self, processes: int = 2, python: str = sys.executable) -> None:
+    def __init__(self, processes: int = 2, python: str = sys.executable, eager: bool = False) -> None:
+        """`eager`: start the processes now; else each on its slot's first job (a worker whose
+        experiments never need the pool never starts one). Start-up is never counted against a
+        job's deadline, and a killed process's replacement is started at once."""
         self.python = python
+        self.eager = eager
         self._tasks: queue.Queue[_Task | None] = queue.Queue()
         self._closed = False
         self.killed = 0  # processes killed at a deadline (tests, logs)
@@ -189,9 +193,7 @@ class ScoringPool:
             return None
 
     def _serve(self) -> None:
-        # each slot starts its process at once (and a replacement right after a kill), so a step
-        # never waits for a process's imports while the slot was idle
-        child = self._start()
+        child = self._start() if self.eager else None
         try:
             while (task := self._tasks.get()) is not None:
                 if not task.future.set_running_or_notify_cancel():

@@ -3,9 +3,9 @@ scoring pool (a spec's regex, plugins: `workers/scoring.py`), for one experiment
 
     python -m lorafleet.ops.bench.scoring [--samples 16] [--repeat 200] [--out ops/bench/results/scoring.json]
 
-Rows: median seconds per step's scoring; the pool's cold start (a process's imports, paid once per
-process, started with the pool and never counted against a job's deadline) and a step after a
-kill (the replacement process is started at once).
+Rows: median seconds per step's scoring; the pool's first job (a process's imports, paid once per
+process on its first job and never counted against a job's deadline) and a step after a kill
+(the replacement process is started at once).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> int:
                         [("p", {}, TEXT)] * n)
         t0 = time.perf_counter()
         pool.submit(fast, 60).result()
-        rows["pool: cold start + first step"] = time.perf_counter() - t0
+        rows["pool: first job (process start)"] = time.perf_counter() - t0
         rows["pool: regex_match (warm)"] = median_s(lambda: pool.submit(fast, 60).result(), a.repeat)
         hostile = ScoreJob({"fn": "regex_match", "args": {"pattern": HOSTILE}}, None, {},
                            [("p", {}, "a" * 40)] * n)
