@@ -97,7 +97,7 @@ class RolloutOutput:
 
 def over_budget(label: str, step: int, budget_s: float, seconds: float, killed: bool) -> str:
     """The cause an experiment fails with when its scoring outlasts the budget."""
-    what = "its scoring process was killed" if killed else "its co-tenants were not held up"
+    what = "its scoring process was killed" if killed else "scored in the worker process"
     return (f"scoring took longer than LORAFLEET_SCORE_BUDGET_S={budget_s:g} s ({label}) on step "
             f"{step}: score_s={seconds:.3f}; {what}")
 

@@ -24,7 +24,8 @@ from lorafleet.scheduler.client import FleetClient
 pytestmark = pytest.mark.slow
 
 HOSTILE = r"(?s)^(.|.){0,20}(?=[\x00])"
-BUDGET_S = 1.5
+# under the 1 s timeout of one regex call: the budget, not a call's timeout, ends the scoring
+BUDGET_S = 0.8
 ENV = {"LORAFLEET_SCORE_BUDGET_S": str(BUDGET_S), "LORAFLEET_MAX_ATTEMPTS": "2"}
 
 
