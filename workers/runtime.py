@@ -121,7 +121,8 @@ class WorkerRuntime(WorkerLiveness):
         self._stop = threading.Event()
         self.name = f"{settings.node}:{os.getpid()}"
         self.busy = False
-        self.deferred = DeferredScores(self.protocol, settings, self.name, self.backoff, self._redis)
+        self.deferred = DeferredScores(self.protocol, settings, self.backoff, self._redis, self.claims,
+                                       self._lock)
         self.client = ClientWork(self, trainer)  # client-driven models (issue 13): ops and samples
         self._swept_at = 0.0
         self._sweep_store()
@@ -185,6 +186,8 @@ class WorkerRuntime(WorkerLiveness):
             cause = f"infrastructure fault: {exc!r}" if infra else f"batch failed on {self.name}: {exc!r}"
             reason = f"step {{step}} {batch.phase}: {cause}"
             for item in batch.items:
+                if (item.exp_id, item.step, batch.phase) in self.deferred.held:
+                    continue  # its rollout is still being scored, and committed on its own
                 with contextlib.suppress(redis.RedisError):  # else its lease expires
                     self._give_up(item, batch.phase, reason.format(step=item.step), count=not infra,
                                   retry=False)
@@ -192,7 +195,8 @@ class WorkerRuntime(WorkerLiveness):
         finally:
             with self._lock:
                 for key in keys:
-                    self.claims.pop(key, None)
+                    if key not in self.deferred.held:  # still scoring: the claim goes on
+                        self.claims.pop(key, None)
             self.busy = False
 
     def _give_up(self, item: StepItem, phase: str, reason: str, count: bool = True,
