@@ -32,16 +32,16 @@ def pool():
 
 
 def test_a_job_past_its_deadline_is_killed_and_the_pool_keeps_serving(pool: ScoringPool) -> None:
-    slow = pool.submit(ScoreJob(HOSTILE_REWARD, None, {}, [("p", {}, TEXT)] * 30), deadline_s=0.5)
-    # queued behind it on the only process: its deadline counts from its own start, so the other
-    # job's slowness does not fail it
+    slow = pool.submit(ScoreJob(HOSTILE_REWARD, None, {}, [("p", {}, TEXT)] * 60), deadline_s=2.0)
+    # queued behind it on the only process, longer than its own deadline: that counts from its
+    # own start, so the other job's slowness does not fail it
     queued = pool.submit(ScoreJob({"fn": "regex_match", "args": {"pattern": "a{3}"}}, None, {},
-                                  [("p", {}, TEXT), ("p", {}, "ab")]), deadline_s=0.5)
-    with pytest.raises(ScoreTimeout, match="deadline of 0.5 s"):
+                                  [("p", {}, TEXT), ("p", {}, "ab")]), deadline_s=1.0)
+    with pytest.raises(ScoreTimeout, match="deadline of 2 s"):
         slow.result(timeout=120)
     assert queued.result(timeout=120)[0] == [1.0, 0.0]
     assert pool.killed == 1
-    after = pool.submit(ScoreJob({"fn": "contains"}, None, {}, [("p", {"answer": "a"}, TEXT)]), deadline_s=5)
+    after = pool.submit(ScoreJob({"fn": "contains"}, None, {}, [("p", {"answer": "a"}, TEXT)]), deadline_s=30)
     assert after.result(timeout=120)[0] == [1.0]
     assert pool.killed == 1
 
@@ -101,19 +101,22 @@ def test_the_pipeline_leaves_slow_scoring_pending_and_fails_it_at_the_budget(mod
     hf, tok = load_model(model_cache, torch.float32)
     runner = LocalRunner(MultiLoRAModel(hf), tok)
     fast = spec(env="char_class", env_args={"cls": "digits"}, prompts_per_step=2, group_size=2)
-    reward = {**HOSTILE_REWARD, "format_regex": HOSTILE, "format_weight": 0.5}
-    hostile = spec(dataset={"path": str(data)}, reward=reward, prompts_per_step=4, group_size=4,
+    # ~0.1 s a call, far under the per-call timeout; 64 calls, far over the budget
+    milder = HOSTILE.replace("20", "18")
+    reward = {"fn": "regex_match", "args": {"pattern": milder}, "format_regex": milder, "format_weight": 0.5}
+    hostile = spec(dataset={"path": str(data)}, reward=reward, prompts_per_step=4, group_size=8,
                    max_new_tokens=48, temperature=1.0)
     runner.add("fast", fast)
     runner.add("hostile", hostile)
     pipe = runner.pipeline
-    pipe.scorer, pipe.score_budget_s = ScoringPool(processes=1), 0.5
+    # the batch waits at most half its generation time: far under the budget
+    pipe.scorer, pipe.score_budget_s = ScoringPool(processes=1), 3.0
     try:
         out = pipe.rollout([runner._item("fast"), runner._item("hostile")])
-        assert "fast" in out.trajectories and 0 <= out.summaries["fast"]["score_s"] <= 0.5
+        assert "fast" in out.trajectories and 0 <= out.summaries["fast"]["score_s"] <= 3.0
         assert "hostile" in out.pending  # the batch did not wait for it
-        with pytest.raises(RewardError, match=r"scoring took longer than LORAFLEET_SCORE_BUDGET_S=0.5 s "
-                                              r"\(reward 'regex_match'\) on step 0: score_s=0\.5"):
+        with pytest.raises(RewardError, match=r"scoring took longer than LORAFLEET_SCORE_BUDGET_S=3 s "
+                                              r"\(reward 'regex_match'\) on step 0: score_s=3\.000"):
             out.pending["hostile"].resolve()
         assert pipe.scorer.killed == 1
         # a budget that even in-process scoring exceeds fails it too, with the same cause
