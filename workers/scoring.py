@@ -249,6 +249,9 @@ def _scorer(job: ScoreJob, cache: dict[str, Any]) -> Any:
 def _child_main(answer_fd: int) -> None:
     answers = os.fdopen(answer_fd, "wb", buffering=0)
     os.dup2(2, 1)  # a print in reward code goes to stderr, never into the frames
+    # a notch below the worker: on a busy CPU a slow reward yields to the batch's generation and
+    # training, which its co-tenants wait for (its own deadline is wall time, so it only slows itself)
+    os.nice(5)
     requests = sys.stdin.buffer
     cache: dict[str, Any] = {}
     import lorafleet.common.rewards  # noqa: F401 - the registries and pydantic, before "ready"
