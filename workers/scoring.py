@@ -26,6 +26,7 @@ import os
 import pickle
 import queue
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -252,6 +253,10 @@ def _child_main(answer_fd: int) -> None:
     # a notch below the worker: on a busy CPU a slow reward yields to the batch's generation and
     # training, which its co-tenants wait for (its own deadline is wall time, so it only slows itself)
     os.nice(5)
+    # the worker's process group may be signalled as a whole (a supervisor's SIGTERM, a ^C): this
+    # process ends with its worker (stdin closes), not before it with a half-scored job
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     requests = sys.stdin.buffer
     cache: dict[str, Any] = {}
     import lorafleet.common.rewards  # noqa: F401 - the registries and pydantic, before "ready"
