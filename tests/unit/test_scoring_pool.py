@@ -19,7 +19,9 @@ from lorafleet.workers.rl import RewardError
 from lorafleet.workers.scoring import ScoreFailed, ScoreJob, ScoreTimeout, ScoringPool, needs_pool
 from tests.lf_testkit import load_model
 
-HOSTILE = r"(?s)^(.|.){0,20}(?=[\x00])"  # ~0.2 s a call on 40 characters: never the per-call timeout
+# the issue's pattern with {0,18}: ~0.1 s a call on 40 characters (C code, not interruptible by a
+# thread), a tenth of the 1 s per-call timeout even on a loaded machine; 60 calls pass any deadline here
+HOSTILE = r"(?s)^(.|.){0,18}(?=[\x00])"
 HOSTILE_REWARD = {"fn": "regex_match", "args": {"pattern": HOSTILE}}
 TEXT = "a" * 40
 
@@ -54,20 +56,28 @@ def test_a_raising_reward_names_its_sample(pool: ScoringPool) -> None:
     assert err.value.index == 2 and "no answer" in err.value.error
 
 
+def install_reward_plugin(where: Path, name: str, source: str, monkeypatch) -> None:
+    """A real installed distribution (a dist-info directory) registering reward `name` as
+    `lf_<name>_reward:<name>`, on the path of this process and of the pool's children."""
+    module = f"lf_{name}_reward"
+    (where / f"{module}.py").write_text(textwrap.dedent(source))
+    dist = where / f"{module}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[lorafleet.rewards]\n{name} = {module}:{name}\n")
+    monkeypatch.syspath_prepend(str(where))
+    monkeypatch.setenv("PYTHONPATH", f"{where}:{os.environ.get('PYTHONPATH', '')}")
+
+
 def test_a_plugin_that_prints_cannot_corrupt_the_answers(tmp_path: Path, monkeypatch) -> None:
-    (tmp_path / "lf_noisy_reward.py").write_text(textwrap.dedent("""
+    install_reward_plugin(tmp_path, "noisy", """
         import sys
 
         def noisy(prompt, completion, row):
             print("x" * 100000)  # more than a pipe holds, on the child's stdout
             sys.stdout.flush()
             return 0.25
-    """))
-    dist = tmp_path / "lf_noisy_reward-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: lf-noisy-reward\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[lorafleet.rewards]\nnoisy = lf_noisy_reward:noisy\n")
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+    """, monkeypatch)
     p = ScoringPool(processes=1)
     try:
         job = ScoreJob({"fn": "noisy"}, None, {}, [("p", {}, "a")] * 3)
@@ -93,30 +103,33 @@ def test_only_rewards_that_may_be_slow_go_to_the_pool(tmp_path: Path) -> None:
     assert needs_pool(spec(**ds, reward={"fn": "exact_match", "format_weight": 0.1, "format_regex": "x"}))
 
 
-def test_the_pipeline_leaves_slow_scoring_pending_and_fails_it_at_the_budget(model_cache: Path,
-                                                                            tmp_path: Path) -> None:
+def test_the_pipeline_leaves_slow_scoring_pending_and_fails_it_at_the_budget(
+        model_cache: Path, tmp_path: Path, monkeypatch) -> None:
+    install_reward_plugin(tmp_path, "stuck", """
+        import time
+
+        def stuck(prompt, completion, row):  # never returns: only the budget ends it
+            while True:
+                time.sleep(0.05)
+    """, monkeypatch)
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(f'{{"prompt": "say something {i}"}}\n' for i in range(4)))
     clear_cache()
     hf, tok = load_model(model_cache, torch.float32)
     runner = LocalRunner(MultiLoRAModel(hf), tok)
     fast = spec(env="char_class", env_args={"cls": "digits"}, prompts_per_step=2, group_size=2)
-    # ~0.1 s a call, far under the per-call timeout; 64 calls, far over the budget
-    milder = HOSTILE.replace("20", "18")
-    reward = {"fn": "regex_match", "args": {"pattern": milder}, "format_regex": milder, "format_weight": 0.5}
-    hostile = spec(dataset={"path": str(data)}, reward=reward, prompts_per_step=4, group_size=8,
-                   max_new_tokens=48, temperature=1.0)
+    hostile = spec(dataset={"path": str(data)}, reward={"fn": "stuck"}, prompts_per_step=2, group_size=2)
     runner.add("fast", fast)
     runner.add("hostile", hostile)
     pipe = runner.pipeline
-    # the batch waits at most half its generation time: far under the budget
-    pipe.scorer, pipe.score_budget_s = ScoringPool(processes=1), 3.0
+    pipe.scorer, pipe.score_budget_s = ScoringPool(processes=1), 1.0
     try:
         out = pipe.rollout([runner._item("fast"), runner._item("hostile")])
-        assert "fast" in out.trajectories and 0 <= out.summaries["fast"]["score_s"] <= 3.0
+        assert "fast" in out.trajectories and 0 <= out.summaries["fast"]["score_s"] <= 1.0
         assert "hostile" in out.pending  # the batch did not wait for it
-        with pytest.raises(RewardError, match=r"scoring took longer than LORAFLEET_SCORE_BUDGET_S=3 s "
-                                              r"\(reward 'regex_match'\) on step 0: score_s=3\.000"):
+        with pytest.raises(RewardError, match=r"scoring took longer than LORAFLEET_SCORE_BUDGET_S=1 s "
+                                              r"\(reward 'stuck'\) on step 0: score_s=1\.000; its scoring "
+                                              r"process was killed"):
             out.pending["hostile"].resolve()
         assert pipe.scorer.killed == 1
         # a budget that even in-process scoring exceeds fails it too, with the same cause
