@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # histogram name -> the train commit metric it observes (each item of a batch carries the
 # batch's time: these are per experiment-step observations of how long its batch took)
-TIMINGS = {"lorafleet_train_seconds": "train_s", "lorafleet_publish_seconds": "publish_s"}
+TIMINGS = {"lorafleet_train_seconds": "train_s", "lorafleet_publish_seconds": "publish_s",
+           "lorafleet_score_seconds": "score_s"}  # score_s: one experiment's reward scoring
 # adapters (client models) per fused client-op step (`OpStore.record_fused_step`)
 FUSED_ADAPTERS = "lorafleet_fused_batch_adapters"
 ADAPTER_BUCKETS: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)

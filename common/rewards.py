@@ -16,8 +16,10 @@ object is either
 
 A reward function that raises fails its experiment alone (`workers/rl.py` `score`), with the
 exception, the step and the row in the error. User regexes (`regex_match`, `format_regex`) run
-with a timeout (the `regex` package), so a catastrophic pattern fails its experiment instead of
-hanging a worker.
+with a timeout per call (the `regex` package), so a catastrophic pattern fails its experiment
+instead of hanging a worker. Many calls each under that timeout can still add up: on a worker,
+a spec's regexes and plugin rewards are scored in child processes (`workers/scoring.py`) under a
+per-experiment, per-step budget (`LORAFLEET_SCORE_BUDGET_S`), apart from the batch's co-tenants.
 """
 
 from __future__ import annotations

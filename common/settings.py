@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     # then keep claiming the batch's next rollout while nothing else waits, up to this long per
     # Celery task (0: the scheduler publishes every rollout)
     chain_rollouts_s: float = Field(default=30.0, ge=0)
+    # an experiment's reward scoring per step: past it the step's attempt fails with the cause
+    # (counted, as a reward that raises). Rewards that may be slow (a spec's regex, a plugin env or
+    # reward) are scored in child processes, killed at the budget; co-tenants never wait for them
+    score_budget_s: float = Field(default=10.0, gt=0)
     test_train_delay_s: float = Field(default=0.0, ge=0)  # fault injection: widens the step window
     test_snapshot_delay_s: float = Field(default=0.0, ge=0)  # fault injection: a snapshot's files
     # stay staged (written, not yet renamed into place) this long

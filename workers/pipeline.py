@@ -19,7 +19,9 @@ the worker retries the whole batch.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,8 +35,9 @@ from lorafleet.common.retry import is_infra_fault
 from lorafleet.common.tasks import Task, TaskPrompt, make_task
 from lorafleet.workers.batch import TrainRow, collate
 from lorafleet.workers.fused_step import FusedTrainStep
-from lorafleet.workers.rl import RewardError, Trajectory, make_requests, score, train_rows
-from lorafleet.workers.rollout import RolloutEngine, RolloutRequest, check_context
+from lorafleet.workers.rl import RewardError, Trajectory, completion_texts, make_requests, score, train_rows
+from lorafleet.workers.rollout import RolloutEngine, RolloutRequest, Sample, check_context
+from lorafleet.workers.scoring import ScoreFailed, ScoreTimeout, ScoringPool, job_of, needs_pool
 
 log = get_logger("lorafleet.pipeline")
 
@@ -58,11 +61,46 @@ def loss_dtype(model_dtype: torch.dtype) -> torch.dtype:
 
 
 @dataclass
+class PendingScore:
+    """An experiment whose scoring was still running in the pool when its batch moved on.
+    `resolve()` waits for it (the pool ends it by the budget) -> (trajectory, summary), or
+    raises `RewardError` (the reward raised, or scoring ran past the budget)."""
+
+    item: StepItem
+    future: Future
+    finish: Callable[[Future], tuple[Trajectory, dict[str, Any]]]
+
+    def resolve(self) -> tuple[Trajectory, dict[str, Any]]:
+        return self.finish(self.future)
+
+
+@dataclass
 class RolloutOutput:
     trajectories: dict[str, Trajectory] = field(default_factory=dict)
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # reward stats, timings
     failed: dict[str, str] = field(default_factory=dict)  # exp id -> reason
     seconds: float = 0.0
+    pending: dict[str, PendingScore] = field(default_factory=dict)  # scoring still running
+
+    def settle(self) -> None:
+        """Wait for every pending scoring (in-process runs, which have no co-tenants to spare)."""
+        for exp_id, pending in list(self.pending.items()):
+            try:
+                self.trajectories[exp_id], self.summaries[exp_id] = pending.resolve()
+            except RewardError as exc:
+                self.failed[exp_id] = str(exc)
+            del self.pending[exp_id]
+
+    def settled(self) -> set[str]:
+        """The experiments this rollout has an answer for (or will: pending)."""
+        return self.trajectories.keys() | self.failed.keys() | self.pending.keys()
+
+
+def over_budget(label: str, step: int, budget_s: float, seconds: float, killed: bool) -> str:
+    """The cause an experiment fails with when its scoring outlasts the budget."""
+    what = "its scoring process was killed" if killed else "scored in the worker process"
+    return (f"scoring took longer than LORAFLEET_SCORE_BUDGET_S={budget_s:g} s ({label}) on step "
+            f"{step}: score_s={seconds:.3f}; {what}")
 
 
 @dataclass
@@ -84,8 +122,14 @@ class _Plan:
 class RLStepPipeline:
     def __init__(self, trainer: FusedTrainStep, tokenizer: Any, engine: RolloutEngine, adapters: AdapterHost,
                  envs: Mapping[str, RewardEnv] | None = None, train_delay_s: float = 0.0,
-                 dataset_limits: DatasetLimits = DEFAULT_LIMITS) -> None:
+                 dataset_limits: DatasetLimits = DEFAULT_LIMITS,
+                 scorer: ScoringPool | None = None, score_budget_s: float | None = None) -> None:
+        """`scorer`: where rewards that may be slow (a spec's regex, a plugin) are scored, each
+        experiment's job concurrently and killed at `score_budget_s`; None: everything is scored
+        in this process. `score_budget_s`: an experiment's scoring time per step (None: no limit)."""
         self.trainer = trainer
+        self.scorer = scorer
+        self.score_budget_s = score_budget_s
         self.tokenizer = tokenizer
         self.engine = engine
         self.adapters = adapters
@@ -125,22 +169,66 @@ class RLStepPipeline:
             plans.append(_Plan(item, task, prompts, requests))
         samples = self.engine.generate([r for p in plans for r in p.requests])  # ONE batched generate
         out.seconds = time.perf_counter() - t0
-        pos = 0
-        for p in plans:
+        pos, pooled = 0, []
+        for p in plans:  # slow-capable rewards go to the pool first: they run while the rest is scored
             mine, pos = samples[pos:pos + len(p.requests)], pos + len(p.requests)
+            base = {"rollout_s": out.seconds, "rollout_batch": len(plans)}
+            if self.scorer is not None and p.item.exp_id not in self.envs and needs_pool(p.item.spec):
+                texts = completion_texts(mine, self.tokenizer)
+                future = self.scorer.submit(job_of(p.item.spec, p.prompts, texts), self._budget())
+                pooled.append(PendingScore(p.item, future, self._finisher(p, mine, base)))
+                continue
+            t_score = time.perf_counter()
             try:
                 traj = score(p.item.spec, p.task, p.prompts, mine, self.tokenizer, p.item.step)
+                score_s = time.perf_counter() - t_score
+                budget = self.score_budget_s
+                if budget is not None and score_s > budget:
+                    raise RewardError(over_budget(p.task.label, p.item.step, budget, score_s, False))
             except RewardError as exc:
                 out.failed[p.item.exp_id] = str(exc)
                 continue
             out.trajectories[p.item.exp_id] = traj
-            out.summaries[p.item.exp_id] = {
-                "reward_mean": traj.reward_mean, "reward_std": traj.reward_std,
-                "reward_min": traj.reward_min, "reward_max": traj.reward_max,
-                "rollout_s": out.seconds, "rollout_batch": len(plans),
-                "rollout_tokens": sum(len(s.completion_ids) for s in traj.samples),
-                "truncated_frac": sum(s.truncated for s in traj.samples) / len(traj.samples)}
+            out.summaries[p.item.exp_id] = _summary(traj, base, score_s)
+        if pooled:  # a short join: fast pooled rewards ride with their batch, slow ones go on alone
+            wait_futures([q.future for q in pooled], timeout=self._join_s(out.seconds))
+        for q in pooled:
+            if not q.future.done():
+                out.pending[q.item.exp_id] = q
+                continue
+            try:
+                out.trajectories[q.item.exp_id], out.summaries[q.item.exp_id] = q.resolve()
+            except RewardError as exc:
+                out.failed[q.item.exp_id] = str(exc)
         return out
+
+    def _budget(self) -> float:
+        return self.score_budget_s if self.score_budget_s is not None else float("inf")
+
+    def _join_s(self, generate_s: float) -> float:
+        """How long a batch waits for its pooled scoring before leaving it pending: half the
+        generation time (at least 50 ms), so a co-tenant's step is held up by at most that."""
+        return min(self._budget(), max(0.05, 0.5 * generate_s))
+
+    def _finisher(self, p: _Plan, mine: Sequence[Sequence[Sample]], base: dict[str, Any]
+                  ) -> Callable[[Future], tuple[Trajectory, dict[str, Any]]]:
+        def finish(future: Future) -> tuple[Trajectory, dict[str, Any]]:
+            step = p.item.step
+            try:
+                rewards, score_s = future.result()
+            except ScoreTimeout as exc:
+                cause = over_budget(p.task.label, step, self._budget(), exc.seconds, True)
+                raise RewardError(cause) from None
+            except ScoreFailed as exc:
+                prompt = p.prompts[exc.index // p.item.spec.group_size] if exc.index >= 0 else None
+                where = getattr(prompt, "where", "")
+                at = f" at {where}" if where else ""
+                raise RewardError(f"{p.task.label} raised on step {step}{at}: {exc.error}") from None
+            except RuntimeError as exc:  # the pool could not run it: this experiment's attempt alone
+                raise RewardError(f"{p.task.label} could not be scored on step {step}: {exc}") from None
+            traj = score(p.item.spec, p.task, p.prompts, mine, self.tokenizer, step, rewards=rewards)
+            return traj, _summary(traj, base, score_s)
+        return finish
 
     # ---- train -----------------------------------------------------------------------------
     def train(self, items: Sequence[StepItem], trajectories: Mapping[str, Trajectory | None],
@@ -196,3 +284,11 @@ class RLStepPipeline:
         for item in stepped:  # the batch's publish time, on each of its items (as train_s)
             out.metrics[item.exp_id]["publish_s"] = publish_s
         return out
+
+
+def _summary(traj: Trajectory, base: dict[str, Any], score_s: float) -> dict[str, Any]:
+    """A rollout's summary: reward stats, the batch's generation time, this experiment's scoring."""
+    return {"reward_mean": traj.reward_mean, "reward_std": traj.reward_std,
+            "reward_min": traj.reward_min, "reward_max": traj.reward_max, **base, "score_s": score_s,
+            "rollout_tokens": sum(len(s.completion_ids) for s in traj.samples),
+            "truncated_frac": sum(s.truncated for s in traj.samples) / len(traj.samples)}

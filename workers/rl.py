@@ -124,6 +124,24 @@ class Trajectory:
         return cls(**{**d, "samples": samples})
 
 
+def completion_texts(samples_per_request: Sequence[Sequence[Sample]], tokenizer: Any) -> list[list[str]]:
+    """The text a reward scores per sample: the completion decoded without its stop token (eos,
+    one of stop_token_ids), cut before a stop string (vLLM's text)."""
+    out = []
+    for group in samples_per_request:
+        texts = []
+        for s in group:
+            ids = list(s.completion_ids)
+            if ids and ids[-1] in (tokenizer.eos_token_id, s.stop_reason):
+                ids = ids[:-1]  # the stop token is not text
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            if isinstance(s.stop_reason, str) and s.stop_reason in text:
+                text = text[:text.index(s.stop_reason)]
+            texts.append(text)
+        out.append(texts)
+    return out
+
+
 def score(
     spec: ExperimentSpec,
     task: Task | RewardEnv,
@@ -131,35 +149,38 @@ def score(
     samples_per_request: Sequence[Sequence[Sample]],
     tokenizer: Any,
     step: int,
+    rewards: Sequence[float] | None = None,
 ) -> Trajectory:
     """Rewards (completion decoded without its eos) and GRPO advantages per prompt group. A
     reward that raises or leaves [0, 1] is a `RewardError` naming the task, the step and, for a
-    dataset, the row."""
+    dataset, the row. `rewards`: computed elsewhere (the scoring pool, `workers/scoring.py`), one
+    per sample in order; then the task is not called, only the range is checked."""
     task = as_task(spec, task)
     if len(prompts) != len(samples_per_request):
         raise ValueError(f"{len(prompts)} prompts but {len(samples_per_request)} sample groups")
+    texts = completion_texts(samples_per_request, tokenizer) if rewards is None else None
+    given = iter(rewards) if rewards is not None else None
     flat: list[Sample] = []
-    rewards: list[float] = []
-    for prompt, group in zip(prompts, samples_per_request, strict=True):
+    scores: list[float] = []
+    for gi, (prompt, group) in enumerate(zip(prompts, samples_per_request, strict=True)):
         if len(group) != spec.group_size:
             raise ValueError(f"expected {spec.group_size} samples per prompt, got {len(group)}")
-        for s in group:
-            ids = list(s.completion_ids)
-            if ids and ids[-1] in (tokenizer.eos_token_id, s.stop_reason):
-                ids = ids[:-1]  # the stop token (eos, one of stop_token_ids) is not text
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            if isinstance(s.stop_reason, str) and s.stop_reason in text:  # vLLM's text: cut before it
-                text = text[:text.index(s.stop_reason)]
+        for si, s in enumerate(group):
             where = getattr(prompt, "where", "")
             at = f" at {where}" if where else ""
-            try:
-                r = float(task.reward(prompt, text))
-            except Exception as e:
-                raise RewardError(f"{task.label} raised on step {step}{at}: {e!r}") from e
+            if given is not None:
+                r = float(next(given))
+            else:
+                assert texts is not None
+                try:
+                    r = float(task.reward(prompt, texts[gi][si]))
+                except Exception as e:
+                    raise RewardError(f"{task.label} raised on step {step}{at}: {e!r}") from e
             if not (math.isfinite(r) and 0.0 <= r <= 1.0):
                 raise RewardError(f"{task.label} returned reward {r!r} outside [0, 1]{at}")
             flat.append(s)
-            rewards.append(r)
+            scores.append(r)
+    rewards = scores
     advantages = group_advantages(rewards, spec.group_size)
     samples = [ScoredSample(list(s.prompt_ids), list(s.completion_ids), list(s.logprobs), r, a,
                             truncated=s.truncated)

@@ -51,6 +51,7 @@ from lorafleet.common.retention import doomed_versions, retention_of
 from lorafleet.common.retry import Outage, is_infra_fault, retry_redis
 from lorafleet.common.settings import Settings
 from lorafleet.workers.client_work import ClientWork
+from lorafleet.workers.deferred_scores import DeferredScores
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.liveness import WorkerLiveness
 from lorafleet.workers.multilora.model import MultiLoRAModel
@@ -59,6 +60,7 @@ from lorafleet.workers.publish_ahead import PublishAhead
 from lorafleet.workers.residency import ResidentAdapters, SnapshotPolicy
 from lorafleet.workers.rl import Trajectory
 from lorafleet.workers.rollout import TorchRolloutEngine
+from lorafleet.workers.scoring import ScoringPool
 from lorafleet.workers.tiny_model import load_base_model
 
 log = get_logger("lorafleet.worker")
@@ -109,15 +111,20 @@ class WorkerRuntime(WorkerLiveness):
                                    self._replay_log, self.tokenizer.pad_token_id)
         self.adapters = ResidentAdapters(self.store, trainer, settings.base_model, settings.max_resident,
                                          self.vllm, snapshots)
+        # rewards that may be slow are scored in child processes with the budget as deadline
+        self.scorer = ScoringPool()
         self.pipeline = RLStepPipeline(trainer, self.tokenizer, engine, self.adapters,
                                        train_delay_s=settings.test_train_delay_s,
-                                       dataset_limits=DatasetLimits.from_settings(settings))
+                                       dataset_limits=DatasetLimits.from_settings(settings),
+                                       scorer=self.scorer, score_budget_s=settings.score_budget_s)
         self.overlap = PublishAhead(self.adapters, self.pipeline)
         self.claims: dict[tuple[str, int, str], int] = {}  # (exp, step, phase) -> fencing token
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.name = f"{settings.node}:{os.getpid()}"
         self.busy = False
+        self.deferred = DeferredScores(self.protocol, settings, self.backoff, self._redis, self.claims,
+                                       self._lock)
         self.client = ClientWork(self, trainer)  # client-driven models (issue 13): ops and samples
         self._swept_at = 0.0
         self._sweep_store()
@@ -134,6 +141,7 @@ class WorkerRuntime(WorkerLiveness):
     def close(self) -> None:
         self.client.close()
         self.overlap.close()
+        self.scorer.close()
         if self.vllm is not None:
             self.vllm.close()
         self._stop.set()
@@ -180,6 +188,8 @@ class WorkerRuntime(WorkerLiveness):
             cause = f"infrastructure fault: {exc!r}" if infra else f"batch failed on {self.name}: {exc!r}"
             reason = f"step {{step}} {batch.phase}: {cause}"
             for item in batch.items:
+                if (item.exp_id, item.step, batch.phase) in self.deferred.held:
+                    continue  # its rollout is still being scored, and committed on its own
                 with contextlib.suppress(redis.RedisError):  # else its lease expires
                     self._give_up(item, batch.phase, reason.format(step=item.step), count=not infra,
                                   retry=False)
@@ -187,7 +197,8 @@ class WorkerRuntime(WorkerLiveness):
         finally:
             with self._lock:
                 for key in keys:
-                    self.claims.pop(key, None)
+                    if key not in self.deferred.held:  # still scoring: the claim goes on
+                        self.claims.pop(key, None)
             self.busy = False
 
     def _give_up(self, item: StepItem, phase: str, reason: str, count: bool = True,
@@ -257,14 +268,18 @@ class WorkerRuntime(WorkerLiveness):
     def _rollout(self, batch: ClaimedBatch) -> ClaimedBatch | None:
         items = self._by_id(batch.items)
         out = batch.ahead
-        if out is None or not items.keys() <= out.trajectories.keys() | out.failed.keys():
+        if out is None or not items.keys() <= out.settled():
             out = self.pipeline.rollout(batch.items)
         else:  # generated ahead for every claimed item; items not claimed are dropped
             out = RolloutOutput({e: t for e, t in out.trajectories.items() if e in items},
                                 {e: m for e, m in out.summaries.items() if e in items},
-                                {e: f for e, f in out.failed.items() if e in items}, out.seconds)
+                                {e: f for e, f in out.failed.items() if e in items}, out.seconds,
+                                {e: p for e, p in out.pending.items() if e in items})
         for exp_id, reason in out.failed.items():
             self._give_up(items[exp_id], "rollout", f"step {items[exp_id].step} rollout: {reason}")
+        for exp_id, pending in out.pending.items():  # still scoring: committed alone, when done
+            pending.item = items[exp_id]  # this claim's token (a rollout generated ahead has none)
+            self.deferred.add(pending, {"rollout_worker": self.name, "rollout_batch_id": batch.batch_id})
         commits = [RolloutCommit(item, out.trajectories[e].to_json(),
                                  {**out.summaries[e], "rollout_worker": self.name,
                                   "rollout_batch_id": batch.batch_id})
