@@ -18,10 +18,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "FleetClient": "lorafleet.scheduler.client",
-    "ExperimentRecord": "lorafleet.common.experiment",
+    "ExperimentRecord": "lorafleet.common.state.experiment",
     "ExperimentSpec": "lorafleet.common.schemas",
     "SpecError": "lorafleet.common.spec_input",
-    "UnknownExperimentError": "lorafleet.common.experiment",
+    "UnknownExperimentError": "lorafleet.common.state.experiment",
     "Settings": "lorafleet.common.settings",
 }
 
@@ -29,10 +29,10 @@ __all__ = ["ExperimentRecord", "ExperimentSpec", "FleetClient", "Settings", "Spe
            "UnknownExperimentError"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lorafleet.common.experiment import ExperimentRecord, UnknownExperimentError
     from lorafleet.common.schemas import ExperimentSpec
     from lorafleet.common.settings import Settings
     from lorafleet.common.spec_input import SpecError
+    from lorafleet.common.state.experiment import ExperimentRecord, UnknownExperimentError
     from lorafleet.scheduler.client import FleetClient
 
 

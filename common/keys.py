@@ -32,7 +32,7 @@ class Keys:
     active = PREFIX + "active"  # set: ids of queued or running experiments
     events = PREFIX + "events"  # stream: commits, completions, failures
     fence = PREFIX + "fence"  # counter: fencing tokens of step claims
-    # counter written right before every WAIT (common/replication.py): makes the WAIT cover every
+    # counter written right before every WAIT (common/redis/replication.py): makes the WAIT cover every
     # earlier write of any connection, and a retried write that changed nothing
     replication_fence = PREFIX + "replication:fence"
     batches = PREFIX + "batches"  # hash: batch id -> JSON of an outstanding batch
@@ -47,7 +47,7 @@ class Keys:
 
     experiment_prefix = PREFIX + "exp:"  # + experiment id (Lua scripts that read hashes by id)
 
-    # Indexes of the experiment hashes (`common/ready_index.py`): what the scheduler and the
+    # Indexes of the experiment hashes (`common/state/ready_index.py`): what the scheduler and the
     # workers look for, so that their cost per step does not grow with the number of experiments.
     # Each is a pure function of the hashes' fields, rewritten by every Lua script that changes
     # those fields (and by the submit transaction), in the same atomic step; the leader rebuilds
@@ -101,7 +101,7 @@ class Keys:
     def worker(node: str) -> str:
         return f"{PREFIX}worker:{node}"  # string with TTL: heartbeat JSON of a live worker
 
-    # ---- HTTP API access (`common/api_keys.py`): only the sha256 of a key is ever stored ------
+    # ---- HTTP API access (`scheduler/api/keys.py`): only the sha256 of a key is ever stored ------
     api_keys = PREFIX + "apikeys"  # zset: key id -> created (ms)
 
     @staticmethod
@@ -116,7 +116,7 @@ class Keys:
     def owner_experiments(key_id: str) -> str:
         return f"{PREFIX}owner:{key_id}:exps"  # zset: experiment id -> submit time (ms)
 
-    # ---- uploaded datasets (`common/dataset_store.py`); bytes in the store under .datasets/ -----
+    # ---- uploaded datasets (`common/data/uploads.py`); bytes in the store under .datasets/ -----
     datasets = PREFIX + "datasets"  # zset: dataset id -> created (ms)
 
     @staticmethod
@@ -147,7 +147,7 @@ class Keys:
     def prom_histogram(name: str) -> str:
         return f"{PREFIX}prom:hist:{name}"  # hash: "<labels>|<le>" -> count, "<labels>|sum" -> sum
 
-    # ---- client-driven models (the Tinker endpoint; `common/client_ops.py`). Payloads and
+    # ---- client-driven models (the Tinker endpoint; `common/tinker/op_store.py`). Payloads and
     # results are JSON text (OpStore uses a decode_responses=True client) ------------------------
     tk_done = PREFIX + "tk:done"  # stream: request id, status of every finished future (wakeups)
     tk_ready = PREFIX + "tk:ready"  # set: client models whose next op is present, nothing in flight
@@ -199,7 +199,7 @@ class Keys:
     def tk_checkpoints(exp_id: str) -> str:
         return f"{PREFIX}tk:ckpt:{exp_id}"  # hash: "weights/<n>", "sampler_weights/<n>" -> JSON
 
-    # ---- client-op protocol bookkeeping (`common/client_ops_lua.py`) ---------------------------
+    # ---- client-op protocol bookkeeping (`common/tinker/op_lua.py`) ---------------------------
     tk_inflight = PREFIX + "tk:inflight"  # set: client models with a published or claimed ops batch
     tk_held_owners = PREFIX + "tk:held_owners"  # set: API key ids with held (rate-limited) futures
 
@@ -224,7 +224,7 @@ class Keys:
     def tk_session_models(session_id: str) -> str:
         return f"{PREFIX}tk:session:{session_id}:models"  # set: experiment ids of the session's models
 
-    # ---- client models' lifecycle (`scheduler/client_capacity.py`, session expiry) ----------
+    # ---- client models' lifecycle (`scheduler/tinker/capacity.py`, session expiry) ----------
     # zset: client models over their owner's max_experiments -> created (ms); their ops wait
     tk_waiting = PREFIX + "tk:waiting"
     tk_sessions = PREFIX + "tk:sessions"  # zset: active Tinker session id -> last heartbeat (ms)

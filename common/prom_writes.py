@@ -1,5 +1,5 @@
 """Prometheus counters and histograms kept in Redis, written where the events happen (the
-commit paths of `common/protocol.py`), read by the `/metrics` collector of every API replica
+commit paths of `common/state/protocol.py`), read by the `/metrics` collector of every API replica
 (`scheduler/api/metrics.py`), so each replica exports the same fleet-wide series.
 
 Formats (`common/keys.py`): `Keys.prom_counters` hash "<name>|<k>=<v>,..." -> count;

@@ -109,7 +109,7 @@ class LossSpec(StrictModel):
 
 
 class RetentionSpec(StrictModel):
-    """Which published versions stay (`common/retention.py`); a field left out takes the fleet's."""
+    """Which published versions stay (`common/store/retention.py`); a field left out takes the fleet's."""
 
     keep_last: int | None = Field(None, strict=True, ge=1, description="newest committed versions kept")
     keep_every: int | None = Field(None, strict=True, ge=0, description="also keep every N-th (0: none)")
@@ -123,7 +123,7 @@ class AdapterTrainSpec(StrictModel):
     loss: LossSpec = LossSpec()
     seed: int = Field(0, strict=True, ge=0, lt=2**63)
     # continual learning: start from a PEFT adapter directory/URL or EXPERIMENT_ID@vK of this
-    # store (a fork) instead of the seed's fresh adapter (`common/adapter_import.py`)
+    # store (a fork) instead of the seed's fresh adapter (`common/store/adapter_import.py`)
     init_from: str | None = Field(None, min_length=1, max_length=1024)
     init_optimizer: bool = Field(True, strict=True, description="a fork also takes the AdamW state")
     # added to the step number wherever it seeds sampling: a fork of vK gets K, so with the same
@@ -152,7 +152,7 @@ class DatasetSpec(StrictModel):
 
     Or `id`: a dataset uploaded to the fleet (`POST /v1/datasets`, `lorafleet datasets upload`),
     named `ds-...`. Give exactly one of `path` or `id`; at submit the id is resolved and `path`
-    set to its stored object (a submitted spec then has both; `common/dataset_store.py`)."""
+    set to its stored object (a submitted spec then has both; `common/data/uploads.py`)."""
 
     path: str | None = Field(None, min_length=1, max_length=4096)
     id: str | None = Field(None, pattern=DATASET_ID_PATTERN, description="an uploaded dataset (ds-...)")
@@ -169,7 +169,7 @@ class DatasetSpec(StrictModel):
 
 class RewardSpec(StrictModel):
     """A verifiable reward of a dataset's rows: a registered reward function (entry points
-    "lorafleet.rewards"; built-ins in `common/rewards.py`) with its args, optionally mixed with a
+    "lorafleet.rewards"; built-ins in `common/tasks/rewards.py`) with its args, optionally mixed with a
     format reward: reward = (1 - format_weight) * fn + format_weight * [format_regex matches]."""
 
     fn: str = Field(..., min_length=1, max_length=64)
@@ -189,7 +189,7 @@ class ExperimentSpec(StrictModel):
     (`env`), or prompts from a `dataset` scored by a verifiable `reward`."""
 
     name: str = Field(..., min_length=1, max_length=64)
-    # "client": a client-driven model (the Tinker endpoint, `common/client_ops.py`): its loop runs
+    # "client": a client-driven model (the Tinker endpoint, `common/tinker/op_store.py`): its loop runs
     # on the client, so it has neither env nor dataset; only its adapter (train.lora, seed) matters
     kind: Literal["rl", "client"] = "rl"
     env: str | None = Field(None, min_length=1, max_length=64, description="registered reward env")

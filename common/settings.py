@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     max_dataset_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     max_dataset_rows: int = Field(default=10_000_000, gt=0)
     dataset_cache_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
-    # http(s) datasets (common/http_guard.py): loopback, private, link-local, multicast, reserved
+    # http(s) datasets (common/data/http_guard.py): loopback, private, link-local, multicast, reserved
     # addresses are refused unless this is set (test fleets on a private network); per request
     http_allow_private: bool = False
     http_connect_timeout_s: float = Field(default=10.0, gt=0)
@@ -148,7 +148,7 @@ class Settings(BaseSettings):
     unclaimed_timeout_s: float = Field(default=60.0, gt=0)  # published, never claimed: publish again
     max_attempts: int = Field(default=3, ge=1)  # poison cap per task
     # deliveries of one Celery message (each ended its worker process unacked) before the broker
-    # transport dead-letters it instead of delivering it again (common/broker_transport.py)
+    # transport dead-letters it instead of delivering it again (common/messaging/broker_transport.py)
     max_deliveries: int = Field(default=5, ge=1, le=1000)
 
     # ---- HTTP API (`lorafleet api`, scheduler/api/) -----------------------------------------
@@ -161,7 +161,7 @@ class Settings(BaseSettings):
     api_default_max_queued_ops: int = Field(default=256, ge=1)  # Tinker ops waiting, per key
     api_retrieve_hold_s: float = Field(default=25.0, gt=0)  # long-poll of retrieve_future (SDK: 45 s)
     # data an ordinary API key may name besides its uploads and its own experiments: URLs under
-    # these comma-separated prefixes (e.g. "s3://team-bucket/datasets/"); common/data_access.py
+    # these comma-separated prefixes (e.g. "s3://team-bucket/datasets/"); common/data/access.py
     allowed_data_urls: str = ""
     # uploads (POST /v1/datasets) per API key: how many datasets and how many bytes in all
     max_datasets_per_key: int = Field(default=100, ge=1)

@@ -25,12 +25,12 @@ from pydantic import ValidationError
 from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node
 
-from lorafleet.common.datasets import DatasetError, DatasetLimits, check_dataset, resolve_path
-from lorafleet.common.envs import get_env
-from lorafleet.common.http_guard import HttpPolicy
-from lorafleet.common.rewards import make_reward
+from lorafleet.common.data.datasets import DatasetError, DatasetLimits, check_dataset, resolve_path
+from lorafleet.common.data.http_guard import HttpPolicy
 from lorafleet.common.schemas import DatasetSpec, ExperimentSpec
 from lorafleet.common.settings import ENV_PREFIX, Settings
+from lorafleet.common.tasks.envs import get_env
+from lorafleet.common.tasks.rewards import make_reward
 
 # A spec is 5 levels deep (spec > train > optimizer > betas > value); 32 leaves room for env
 # arguments without letting a hostile document recurse the composer or pydantic.
@@ -58,7 +58,7 @@ class AdmissionLimits:
     max_lora_rank: int = _default("max_lora_rank")
     max_dataset_bytes: int = _default("max_dataset_bytes")
     max_dataset_rows: int = _default("max_dataset_rows")
-    # how a dataset named by an http(s) URL is fetched at submit (common/http_guard.py)
+    # how a dataset named by an http(s) URL is fetched at submit (common/data/http_guard.py)
     http_allow_private: bool = bool(Settings.model_fields["http_allow_private"].default)
     http_connect_timeout_s: float = float(Settings.model_fields["http_connect_timeout_s"].default)
     http_timeout_s: float = float(Settings.model_fields["http_timeout_s"].default)

@@ -21,10 +21,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from lorafleet.common.experiment import ExperimentRecord, UnknownExperimentError
 from lorafleet.common.schemas import DATASET_ID_PATTERN, ExperimentSpec
 from lorafleet.common.settings import Settings, redacted
 from lorafleet.common.spec_input import AdmissionLimits, SpecError
+from lorafleet.common.state.experiment import ExperimentRecord, UnknownExperimentError
 from lorafleet.scheduler import cli_services
 from lorafleet.scheduler.cli_datasets import datasets_app
 from lorafleet.scheduler.cli_keys import keys_app
@@ -64,7 +64,7 @@ def _bad_input(msg: str) -> typer.Exit:
 
 
 def _store_error(exc: BaseException) -> bool:
-    from lorafleet.common.store_layout import AdapterStoreError
+    from lorafleet.common.store.layout import AdapterStoreError
 
     return isinstance(exc, AdapterStoreError)
 
@@ -157,7 +157,7 @@ def _admitted(paths: list[Path], redis_url: str | None = None, api_port: int | N
     """Each spec file through `admit_spec`, the admission check every submit makes (a fork or
     `init_from` is checked against the adapter store of the settings with these flags: the
     store, not Redis, holds the versions); the first bad one is exit 2, naming its file."""
-    from lorafleet.common.adapter_store import AdapterStore
+    from lorafleet.common.store.adapter_store import AdapterStore
     from lorafleet.scheduler.registry import admit_spec
 
     global _store_used
@@ -348,7 +348,7 @@ def download(exp_id: str, version: str = "latest", dest: Path = Path("."),
              redis_url: RedisOpt = None) -> None:
     """Copy a published PEFT checkpoint of an experiment to DEST."""
     from lorafleet.common.ids import validate_id
-    from lorafleet.common.store_layout import AdapterNotFoundError
+    from lorafleet.common.store.layout import AdapterNotFoundError
 
     try:
         validate_id(exp_id, "experiment id")

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from lorafleet.common.dataset_store import DatasetInUseError, DatasetRecord, DatasetUploadError
+from lorafleet.common.data.uploads import DatasetInUseError, DatasetRecord, DatasetUploadError
 from lorafleet.scheduler.client import FleetClient
 
 datasets_app = typer.Typer(no_args_is_help=True, help=__doc__)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from lorafleet.common.api_keys import ApiKey, ApiKeyStore
+from lorafleet.scheduler.api.keys import ApiKey, ApiKeyStore
 
 keys_app = typer.Typer(no_args_is_help=True, help=__doc__)
 
@@ -22,7 +22,7 @@ def _bad_input(msg: str) -> typer.Exit:
 
 
 def _store(redis_url: str | None) -> ApiKeyStore:
-    from lorafleet.common.redis_conn import connect
+    from lorafleet.common.redis.connection import connect
     from lorafleet.common.settings import Settings
 
     url = Settings().with_overrides(redis_url=redis_url).redis_url

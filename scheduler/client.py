@@ -12,9 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.client_ops import OpStore
-from lorafleet.common.dataset_store import (
+from lorafleet.common.data.uploads import (
     OPERATOR,
     UPLOADS_SUBDIR,
     DatasetRecord,
@@ -22,15 +20,17 @@ from lorafleet.common.dataset_store import (
     UploadSpool,
     store_upload,
 )
-from lorafleet.common.experiment import TERMINAL, ExperimentRecord
 from lorafleet.common.ids import validate_id
 from lorafleet.common.keys import Keys
-from lorafleet.common.redis_conn import connect
-from lorafleet.common.retention import doomed_versions, retention_of
+from lorafleet.common.redis.connection import connect
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.settings import Settings
 from lorafleet.common.spec_input import AdmissionLimits
-from lorafleet.common.store_layout import Version
+from lorafleet.common.state.experiment import TERMINAL, ExperimentRecord
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.store.layout import Version
+from lorafleet.common.store.retention import doomed_versions, retention_of
+from lorafleet.common.tinker.op_store import OpStore
 from lorafleet.scheduler.fleet_status import FleetStatus, read_fleet_status
 from lorafleet.scheduler.registry import ExperimentRegistry, UnknownExperimentError
 
@@ -78,7 +78,7 @@ class FleetClient:
         failed/cancelled one, a bad count or an unreadable dataset."""
         return self.registry.extend(exp_id, steps, dataset)
 
-    # ---- uploaded datasets (common/dataset_store.py): specs name them `dataset: {id: ds-...}` --
+    # ---- uploaded datasets (common/data/uploads.py): specs name them `dataset: {id: ds-...}` --
     def _datasets(self) -> DatasetStore:
         return DatasetStore.from_settings(self.r, self.settings)
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from lorafleet.common.keys import Keys
-from lorafleet.common.redis_conn import EmbeddedRedis, connect
+from lorafleet.common.redis.connection import EmbeddedRedis, connect
 
 
 class LocalFleet:

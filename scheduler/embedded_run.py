@@ -29,8 +29,8 @@ def run_embedded(specs: list[ExperimentSpec], workers: int, settings: Settings, 
     with LocalFleet(workers=workers, redis_url=redis_url, log_dir=log_dir, api_port=api_port) as fleet:
         console.print(f"fleet ready in {time.monotonic() - t0:.1f}s")
         if api_port is not None:
-            from lorafleet.common.api_keys import ApiKeyStore
-            from lorafleet.common.redis_conn import connect
+            from lorafleet.common.redis.connection import connect
+            from lorafleet.scheduler.api.keys import ApiKeyStore
 
             fleet.wait_for_api(api_port)
             _, key = ApiKeyStore(connect(fleet.redis_url)).create("lorafleet run", admin=True)

@@ -12,10 +12,10 @@ from typing import Any
 
 import redis
 
-from lorafleet.common.dead_letters import DeadLetters
 from lorafleet.common.keys import NODE_QUEUE_PREFIX, ROLLOUT_QUEUE, TRAIN_QUEUE, Keys
-from lorafleet.common.ready_index import PHASES
-from lorafleet.common.replication import replication_health
+from lorafleet.common.messaging.dead_letters import DeadLetters
+from lorafleet.common.redis.replication import replication_health
+from lorafleet.common.state.ready_index import PHASES
 
 
 @dataclass
@@ -60,7 +60,7 @@ class FleetStatus:
 
 
 def read_fleet_status(r: redis.Redis, recent: int = 5) -> FleetStatus:
-    """From the experiment indexes (common/ready_index.py): O(nodes), not O(experiments)."""
+    """From the experiment indexes (common/state/ready_index.py): O(nodes), not O(experiments)."""
     out = FleetStatus()
     pipe = r.pipeline(transaction=False)
     pipe.smembers(Keys.workers)

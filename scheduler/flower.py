@@ -6,7 +6,7 @@ by this module's `app`) and the basic-auth credentials as FLOWER_BASIC_AUTH (Flo
 options from FLOWER_* variables). `ps` and /proc/<pid>/cmdline, readable by every local user,
 show neither; /proc/<pid>/environ is readable only by the same user and root.
 
-Workers run without remote control (common/celery_config.py), so Flower cannot ask them which
+Workers run without remote control (common/messaging/celery_config.py), so Flower cannot ask them which
 queues they consume: `app` names lorafleet's queues itself (`lf.rollout`, `lf.train` and the
 `lf.node.<node>` of every node that ever registered in Redis, re-read every QUEUE_REFRESH_S),
 which Flower's Broker page and /api/queues/length then list with their lengths. Torch-free.
@@ -19,8 +19,8 @@ import threading
 import time
 from typing import Any
 
-from lorafleet.common.celery_config import celery_config
 from lorafleet.common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE, Keys, node_queue
+from lorafleet.common.messaging.celery_config import celery_config
 
 QUEUE_REFRESH_S = 15.0
 # a broker URL from any of these would override the fleet's (celery reads them at start-up)
@@ -57,7 +57,7 @@ def make_app(redis_url: str, refresh_s: float | None = QUEUE_REFRESH_S) -> Any: 
     from celery import Celery
     from kombu import Queue
 
-    from lorafleet.common.redis_conn import connect
+    from lorafleet.common.redis.connection import connect
 
     conf = celery_config(redis_url)
     # kombu's own Redis transport: Flower picks its queue-length client by the broker URL's

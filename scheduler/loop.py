@@ -21,17 +21,17 @@ from typing import Any, Protocol
 import redis
 from kombu.exceptions import OperationalError
 
-from lorafleet.common.celery_config import TASK_ROLLOUT, TASK_TRAIN
-from lorafleet.common.experiment import SCHEDULING_FIELDS, ExperimentRecord
 from lorafleet.common.keys import Keys, node_queue
 from lorafleet.common.logging import get_logger
-from lorafleet.common.messages import BatchItem, BatchMessage
-from lorafleet.common.protocol import Backoff, StepProtocol
-from lorafleet.common.ready_index import PHASES, ReadyIndex, member_id, ready_member
-from lorafleet.common.retry import Outage
+from lorafleet.common.messaging.celery_config import TASK_ROLLOUT, TASK_TRAIN
+from lorafleet.common.messaging.messages import BatchItem, BatchMessage
+from lorafleet.common.redis.retry import Outage
 from lorafleet.common.settings import Settings
-from lorafleet.scheduler.client_dispatch import ClientDispatch
+from lorafleet.common.state.experiment import SCHEDULING_FIELDS, ExperimentRecord
+from lorafleet.common.state.protocol import Backoff, StepProtocol
+from lorafleet.common.state.ready_index import PHASES, ReadyIndex, member_id, ready_member
 from lorafleet.scheduler.owner_limits import activatable
+from lorafleet.scheduler.tinker.dispatch import ClientDispatch
 
 log = get_logger("lorafleet.scheduler")
 
@@ -136,7 +136,7 @@ class Scheduler:
         return need
 
     # ---- one tick ----------------------------------------------------------------------------
-    # A tick reads the indexes (common/ready_index.py), never every experiment: live workers,
+    # A tick reads the indexes (common/state/ready_index.py), never every experiment: live workers,
     # in-flight ids, per live node its load and ready counts, and the head of a ready zset that
     # an idle node can be sent: O(batch + nodes), whatever waits. Experiments to place (new, or
     # of a dead node) or to move (rebalancing) are read once, when they are placed or moved.
@@ -401,8 +401,8 @@ class Scheduler:
 
 
 def run_scheduler(settings: Settings) -> None:
-    from lorafleet.common.celery_config import make_sender
-    from lorafleet.common.redis_conn import connect
+    from lorafleet.common.messaging.celery_config import make_sender
+    from lorafleet.common.redis.connection import connect
 
     url = settings.require_redis_url()
     r = connect(url, settings.redis_socket_timeout_s, settings.redis_connect_timeout_s)

@@ -17,18 +17,18 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from lorafleet.common.adapter_import import resolve_init_from
-from lorafleet.common.dataset_store import DatasetStore
-from lorafleet.common.experiment import ExperimentRecord, UnknownExperimentError
+from lorafleet.common.data.uploads import DatasetStore
 from lorafleet.common.ids import is_valid_id, new_id
 from lorafleet.common.keys import STREAM_MAXLEN, Keys
-from lorafleet.common.protocol import StepProtocol
 from lorafleet.common.schemas import DATASET_ID_PATTERN, ExperimentSpec
 from lorafleet.common.spec_input import AdmissionLimits, DatasetResolver, SpecError, SpecInput, parse_spec
+from lorafleet.common.state.experiment import ExperimentRecord, UnknownExperimentError
+from lorafleet.common.state.protocol import StepProtocol
+from lorafleet.common.store.adapter_import import resolve_init_from
 
 if TYPE_CHECKING:
-    from lorafleet.common.adapter_import import StoreSource
-    from lorafleet.common.adapter_store import AdapterStore
+    from lorafleet.common.store.adapter_import import StoreSource
+    from lorafleet.common.store.adapter_store import AdapterStore
 
 
 def admit_spec(data: SpecInput, limits: AdmissionLimits, store: StoreSource,
@@ -112,7 +112,7 @@ class ExperimentRegistry:
             pipe.sadd(Keys.active, rec.id)
             if owner:
                 pipe.zadd(Keys.owner_experiments(owner), {rec.id: now})
-            # the indexes of a queued experiment (common/ready_index.py), in the same transaction
+            # the indexes of a queued experiment (common/state/ready_index.py), in the same transaction
             pipe.sadd(Keys.idx_queued, rec.id)
             pipe.sadd(Keys.idx_waiting, rec.id)
             pipe.xadd(Keys.events, {"type": "submitted", "exp": rec.id}, maxlen=STREAM_MAXLEN,

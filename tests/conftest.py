@@ -9,7 +9,7 @@ import pytest
 import redis
 from s3_server import S3Server, moto_s3
 
-from lorafleet.common.redis_conn import EmbeddedRedis, connect
+from lorafleet.common.redis.connection import EmbeddedRedis, connect
 
 
 @pytest.fixture(scope="session")

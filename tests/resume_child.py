@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lf_testkit import SPECS, STEPS, load_model, run_fused
 
-from lorafleet.common.adapter_store import AdapterStore
+from lorafleet.common.store.adapter_store import AdapterStore
 from lorafleet.workers.checkpoints import load_adapter, publish_adapter
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.multilora.model import MultiLoRAModel

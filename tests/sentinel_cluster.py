@@ -16,7 +16,7 @@ from pathlib import Path
 
 import redis
 
-from lorafleet.common.redis_conn import free_port, redis_server_binary
+from lorafleet.common.redis.connection import free_port, redis_server_binary
 
 MASTER = "lorafleet"
 

@@ -20,11 +20,17 @@ from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutting_down
 from pydantic import BaseModel, ValidationError
 
-from lorafleet.common.celery_config import TASK_OPS, TASK_ROLLOUT, TASK_SAMPLE, TASK_TRAIN, celery_config
-from lorafleet.common.dead_letters import DeadLetters
 from lorafleet.common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE, node_queue
 from lorafleet.common.logging import bound_context, configure_logging, get_logger
-from lorafleet.common.messages import BatchMessage, SampleMessage
+from lorafleet.common.messaging.celery_config import (
+    TASK_OPS,
+    TASK_ROLLOUT,
+    TASK_SAMPLE,
+    TASK_TRAIN,
+    celery_config,
+)
+from lorafleet.common.messaging.dead_letters import DeadLetters
+from lorafleet.common.messaging.messages import BatchMessage, SampleMessage
 from lorafleet.common.settings import Settings
 
 log = get_logger("lorafleet.worker")
@@ -82,7 +88,7 @@ def _load_runtime(**_: object) -> None:
     global _runtime
     assert _settings is not None
     configure_logging(_settings.log_format, _settings.log_level)
-    from lorafleet.common.redis_conn import connect
+    from lorafleet.common.redis.connection import connect
     from lorafleet.workers.runtime import WorkerRuntime
 
     if _settings.device.startswith("cuda"):
@@ -107,7 +113,7 @@ def _close_runtime(**_: object) -> None:
 def _message(body: object, queue: str = "", kind: type[BaseModel] = BatchMessage) -> Any:
     """The batch of a task's body, or None: a malformed message is dropped (acked), never crashes.
 
-    The broker transport (lorafleet.common.broker_transport) dead-letters invalid messages before
+    The broker transport (lorafleet.common.messaging.broker_transport) dead-letters invalid messages before
     they reach a task; this is the second line, and records what it drops in the same place."""
     try:
         return kind.model_validate(body)

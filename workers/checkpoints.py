@@ -9,10 +9,10 @@ version made by a fused step also records the shapes the adapter's rows ran in
 
 from __future__ import annotations
 
-from lorafleet.common.adapter_import import parse_init_from, read_peft_config, read_peft_weights_bytes
-from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.schemas import AdapterTrainSpec
-from lorafleet.common.store_layout import AdapterCheckpoint, NewVersion, Version, VersionExistsError
+from lorafleet.common.store.adapter_import import parse_init_from, read_peft_config, read_peft_weights_bytes
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.store.layout import AdapterCheckpoint, NewVersion, Version, VersionExistsError
 from lorafleet.workers.fused_step import FusedTrainStep
 
 

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 from lorafleet.common.logging import get_logger
-from lorafleet.common.protocol import Backoff, RolloutCommit, StepProtocol
 from lorafleet.common.settings import Settings
+from lorafleet.common.state.protocol import Backoff, RolloutCommit, StepProtocol
 from lorafleet.workers.pipeline import PendingScore
 from lorafleet.workers.rl import RewardError
 

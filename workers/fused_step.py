@@ -20,11 +20,11 @@ import torch
 
 from lorafleet.common.schemas import AdapterTrainSpec
 from lorafleet.workers.batch import FusedBatch, planned_micro_batches
-from lorafleet.workers.client_step import ClientOpsMixin
 from lorafleet.workers.losses import chunked_token_logprobs, token_loss
 from lorafleet.workers.multilora.model import MultiLoRAModel
 from lorafleet.workers.step_backends import BackendName, decoder_hidden_states, make_backend
 from lorafleet.workers.step_types import AccumulateResult, AdamParams, AdapterStepResult, OpOutput
+from lorafleet.workers.tinker.step import ClientOpsMixin
 
 __all__ = ["AccumulateResult", "AdamParams", "AdapterStepResult", "FusedTrainStep", "OpOutput"]
 

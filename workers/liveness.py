@@ -11,8 +11,8 @@ import redis
 
 from lorafleet.common.keys import Keys
 from lorafleet.common.logging import get_logger
-from lorafleet.common.protocol import StepItem
-from lorafleet.common.retry import Outage
+from lorafleet.common.redis.retry import Outage
+from lorafleet.common.state.protocol import StepItem
 
 log = get_logger("lorafleet.worker")
 

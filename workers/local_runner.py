@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.envs import RewardEnv
-from lorafleet.common.protocol import StepItem
 from lorafleet.common.schemas import ExperimentSpec
-from lorafleet.common.tasks import make_task
+from lorafleet.common.state.protocol import StepItem
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.tasks.envs import RewardEnv
+from lorafleet.common.tasks.task import make_task
 from lorafleet.workers.checkpoints import init_adapter
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.multilora.model import MultiLoRAModel

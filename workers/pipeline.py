@@ -12,7 +12,7 @@ Failures belong to one experiment: a reward env or function that raises, a datas
 read or a bad row, a chat prompt on a model without a chat template, an adapter that cannot be
 loaded, a non-finite loss or gradient fails that experiment's attempt (reported in `failed`) and its
 co-tenants carry on with exactly the update they would have had alone. Infrastructure faults
-(the store or Redis: `lorafleet.common.retry.INFRA_ERRORS`) are nobody's: they propagate, and
+(the store or Redis: `lorafleet.common.redis.retry.INFRA_ERRORS`) are nobody's: they propagate, and
 the worker retries the whole batch.
 """
 
@@ -27,12 +27,12 @@ from typing import Any, Protocol
 
 import torch
 
-from lorafleet.common.datasets import DEFAULT_LIMITS, DatasetLimits
-from lorafleet.common.envs import RewardEnv
+from lorafleet.common.data.datasets import DEFAULT_LIMITS, DatasetLimits
 from lorafleet.common.logging import bound_context, get_logger
-from lorafleet.common.protocol import StepItem
-from lorafleet.common.retry import is_infra_fault
-from lorafleet.common.tasks import Task, TaskPrompt, make_task
+from lorafleet.common.redis.retry import is_infra_fault
+from lorafleet.common.state.protocol import StepItem
+from lorafleet.common.tasks.envs import RewardEnv
+from lorafleet.common.tasks.task import Task, TaskPrompt, make_task
 from lorafleet.workers.batch import TrainRow, collate
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.rl import RewardError, Trajectory, completion_texts, make_requests, score, train_rows
@@ -141,7 +141,7 @@ class RLStepPipeline:
 
     def task(self, item: StepItem) -> Task:
         """The experiment's task: its env (or the override in `envs`), or its dataset (read once
-        per process within the worker's limits: `common/datasets.py` caches it) with its reward
+        per process within the worker's limits: `common/data/datasets.py` caches it) with its reward
         function."""
         return make_task(item.spec, self.envs.get(item.exp_id), self.dataset_limits)
 

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from lorafleet.common.protocol import StepItem
+from lorafleet.common.state.protocol import StepItem
 from lorafleet.workers.pipeline import RLStepPipeline, RolloutOutput
 from lorafleet.workers.residency import ResidentAdapters
 

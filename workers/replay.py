@@ -28,9 +28,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.logging import get_logger
 from lorafleet.common.schemas import AdapterTrainSpec
+from lorafleet.common.store.adapter_store import AdapterStore
 from lorafleet.workers.batch import FusedBatch, TrainRow, collate
 from lorafleet.workers.checkpoints import load_adapter
 from lorafleet.workers.fused_step import FusedTrainStep

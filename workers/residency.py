@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.logging import get_logger
-from lorafleet.common.protocol import StepItem
-from lorafleet.common.store_layout import NewVersion, VersionExistsError
+from lorafleet.common.state.protocol import StepItem
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.store.layout import NewVersion, VersionExistsError
 from lorafleet.workers.checkpoints import (
     init_adapter,
     load_adapter,
@@ -58,7 +58,7 @@ class ResidentAdapters:
         self.last_snapshot: dict[str, tuple[int, float]] = {}  # exp id -> (version, monotonic time)
         self.snapshotted: set[str] = set()  # of the last publish: who got their AdamW state written
         # never evicted: client models whose accumulated gradients live only in memory (their
-        # replay from the gradlog is the fallback, not the plan: workers/client_ops.py)
+        # replay from the gradlog is the fallback, not the plan: workers/tinker/op_runner.py)
         self.held: set[str] = set()
 
     def __len__(self) -> int:

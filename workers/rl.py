@@ -1,6 +1,6 @@
 """The RL step logic shared by the fleet workers and by in-process runs.
 
-One RL step of an experiment: prompts from its task (an env, or dataset rows: `common/tasks.py`)
+One RL step of an experiment: prompts from its task (an env, or dataset rows: `common/tasks/task.py`)
 -> rollout requests -> samples -> rewards -> GRPO group-relative advantages -> train rows -> one
 fused optimizer step. Every random choice is a function of (experiment seed, step, index) alone,
 so a retried or re-placed step makes the same prompts and draws the same samples whatever worker
@@ -16,10 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lorafleet.common.envs import RewardEnv
 from lorafleet.common.schemas import ExperimentSpec
-from lorafleet.common.tasks import Task, TaskPrompt, as_task
-from lorafleet.common.tasks import step_rng as step_rng  # re-exported: the prompts' seeds live there
+from lorafleet.common.tasks.envs import RewardEnv
+from lorafleet.common.tasks.task import Task, TaskPrompt, as_task
+from lorafleet.common.tasks.task import step_rng as step_rng  # re-exported: the prompts' seeds live there
 from lorafleet.workers.batch import TrainRow
 from lorafleet.workers.rollout import RolloutRequest, Sample
 

@@ -33,12 +33,13 @@ from typing import Any
 import redis
 import torch
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.datasets import DatasetLimits
+from lorafleet.common.data.datasets import DatasetLimits
 from lorafleet.common.keys import STREAM_MAXLEN, Keys
 from lorafleet.common.logging import get_logger
-from lorafleet.common.messages import BatchMessage
-from lorafleet.common.protocol import (
+from lorafleet.common.messaging.messages import BatchMessage
+from lorafleet.common.redis.retry import Outage, is_infra_fault, retry_redis
+from lorafleet.common.settings import Settings
+from lorafleet.common.state.protocol import (
     Backoff,
     ChainNext,
     Outcome,
@@ -47,10 +48,8 @@ from lorafleet.common.protocol import (
     StepProtocol,
     TrainCommit,
 )
-from lorafleet.common.retention import doomed_versions, retention_of
-from lorafleet.common.retry import Outage, is_infra_fault, retry_redis
-from lorafleet.common.settings import Settings
-from lorafleet.workers.client_work import ClientWork
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.store.retention import doomed_versions, retention_of
 from lorafleet.workers.deferred_scores import DeferredScores
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.liveness import WorkerLiveness
@@ -61,6 +60,7 @@ from lorafleet.workers.residency import ResidentAdapters, SnapshotPolicy
 from lorafleet.workers.rl import Trajectory
 from lorafleet.workers.rollout import TorchRolloutEngine
 from lorafleet.workers.scoring import ScoringPool
+from lorafleet.workers.tinker.work import ClientWork
 from lorafleet.workers.tiny_model import load_base_model
 
 log = get_logger("lorafleet.worker")

@@ -37,9 +37,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from lorafleet.common.envs import BUILTIN_ENVS
-from lorafleet.common.rewards import BUILTIN_REWARDS
 from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.common.tasks.envs import BUILTIN_ENVS
+from lorafleet.common.tasks.rewards import BUILTIN_REWARDS
 
 _HEADER = struct.Struct(">Q")
 _START_TIMEOUT_S = 120.0  # a loaded machine may take long to import pydantic and the registries
@@ -232,9 +232,9 @@ class ScoringPool:
 # ---- the child process ---------------------------------------------------------------------
 def _scorer(job: ScoreJob, cache: dict[str, Any]) -> Any:
     """(prompt, row, completion) -> reward, built once per distinct reward or env spec."""
-    from lorafleet.common.envs import get_env
-    from lorafleet.common.rewards import make_reward
     from lorafleet.common.schemas import RewardSpec
+    from lorafleet.common.tasks.envs import get_env
+    from lorafleet.common.tasks.rewards import make_reward
 
     key = json.dumps([job.reward, job.env, job.env_args], sort_keys=True, default=str)
     if key not in cache:
@@ -259,7 +259,7 @@ def _child_main(answer_fd: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     requests = sys.stdin.buffer
     cache: dict[str, Any] = {}
-    import lorafleet.common.rewards  # noqa: F401 - the registries and pydantic, before "ready"
+    import lorafleet.common.tasks.rewards  # noqa: F401 - the registries and pydantic, before "ready"
 
     _send(answers, ["ready"])
     while True:

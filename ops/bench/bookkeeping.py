@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lorafleet.common.keys import Keys
-from lorafleet.common.redis_conn import connect
+from lorafleet.common.redis.connection import connect
 from lorafleet.scheduler.client import FleetClient
 from lorafleet.scheduler.embedded import LocalFleet
 

@@ -7,7 +7,7 @@ back to back, then waits for the optim_step's future (the SDK's `fb_async`, `opt
 worker, one scheduler; tiny model, float32) per setting: `LORAFLEET_CLIENT_CHAIN_WAIT_MS=0`
 ("off": every step goes through the leader: op arrival -> wake -> `ops_linger_ms` -> publish ->
 Celery delivery) and the default 50 ("on": the worker claims the next step right after the
-commit, `workers/client_chain.py`). Each run is a new client model: one warm-up step, then
+commit, `workers/tinker/chain.py`). Each run is a new client model: one warm-up step, then
 --steps timed steps; the table gives the median of --runs runs.
 
 Run: `python ops/bench/client_chain.py [--steps 20] [--runs 5] [--out ops/bench/results/client_chain.json]`.
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from lorafleet.common.client_ops import OpStore, client_model_spec
-from lorafleet.common.redis_conn import connect
+from lorafleet.common.redis.connection import connect
+from lorafleet.common.tinker.op_store import OpStore, client_model_spec
 from lorafleet.scheduler.embedded import LocalFleet
 
 OPTIM = {"learning_rate": 0.01, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.0,

@@ -40,8 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fused_step import make_rows  # noqa: E402  (the house rows: a quarter prompt, the rest trained)
 
-from lorafleet.common.adapter_store import AdapterStore  # noqa: E402
 from lorafleet.common.schemas import AdapterTrainSpec, ExperimentSpec, LoRASpec  # noqa: E402
+from lorafleet.common.store.adapter_store import AdapterStore  # noqa: E402
 from lorafleet.workers.batch import collate, micro_batches  # noqa: E402
 from lorafleet.workers.checkpoints import publish_adapters  # noqa: E402
 from lorafleet.workers.fused_step import FusedTrainStep  # noqa: E402

@@ -41,7 +41,7 @@ from typing import Any
 import psutil
 
 from lorafleet.common.keys import Keys
-from lorafleet.common.redis_conn import connect
+from lorafleet.common.redis.connection import connect
 from lorafleet.scheduler.client import FleetClient
 from lorafleet.scheduler.embedded import LocalFleet
 

@@ -2,7 +2,7 @@
 `WAIT` in the same round trip and returns only once a replica has it.
 
 Method. A primary and one replica (`redis-server --replicaof`) on localhost, no persistence. The
-client is `lorafleet.common.redis_conn.connect` on the primary's URL with `wait_replicas=0` (off)
+client is `lorafleet.common.redis.connection.connect` on the primary's URL with `wait_replicas=0` (off)
 and `=1`. Each op is what a worker does per item of a batch, through the step protocol's own
 scripts: a claim (CLAIM: INCR of the fence + HSET of the task, in a pipeline of `batch` items) and
 a heartbeat-style single write (SET). Each configuration runs `--ops` ops, `--repeats` times,
@@ -26,8 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from lorafleet.common.keys import Keys
-from lorafleet.common.protocol_lua import CLAIM
-from lorafleet.common.redis_conn import EmbeddedRedis, connect, free_port, redis_server_binary
+from lorafleet.common.redis.connection import EmbeddedRedis, connect, free_port, redis_server_binary
+from lorafleet.common.state.protocol_lua import CLAIM
 
 
 def start_replica(primary_port: int) -> subprocess.Popen[bytes]:

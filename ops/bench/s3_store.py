@@ -28,8 +28,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.store_layout import NewVersion
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.store.layout import NewVersion
 
 HIDDEN, INTER, LAYERS = 896, 4864, 24
 SHAPES = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (128, HIDDEN), "v_proj": (128, HIDDEN),

@@ -21,9 +21,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.common.envs import get_env
-from lorafleet.common.rewards import make_reward
 from lorafleet.common.schemas import RewardSpec
+from lorafleet.common.tasks.envs import get_env
+from lorafleet.common.tasks.rewards import make_reward
 from lorafleet.workers.scoring import ScoreJob, ScoreTimeout, ScoringPool
 
 TEXT = "The answer is 42, so #### 42"  # ~ a tiny model's 48-token completion in characters

@@ -43,8 +43,8 @@ def child_main(spec_json: str, dtype: str, store_url: str, cache_dir: Path) -> i
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    from lorafleet.common.adapter_store import AdapterStore
     from lorafleet.common.schemas import ExperimentSpec
+    from lorafleet.common.store.adapter_store import AdapterStore
     from lorafleet.workers.checkpoints import publish_adapter
     from lorafleet.workers.local_runner import LocalRunner
     from lorafleet.workers.multilora.model import MultiLoRAModel
@@ -111,7 +111,7 @@ def start_fleet(workers: int, env: dict[str, str], log_dir: Path) -> tuple[Any, 
     the logs, time each batch) and a wait until the scheduler holds the leader lease.
     -> (fleet, start-up seconds)."""
     from lorafleet.common.keys import Keys
-    from lorafleet.common.redis_conn import connect
+    from lorafleet.common.redis.connection import connect
     from lorafleet.scheduler.embedded import LocalFleet
 
     fleet = LocalFleet(workers=workers, log_dir=log_dir, env=env)
@@ -197,8 +197,7 @@ def script_names() -> dict[str, str]:
     """sha1 -> name of the protocol's Lua scripts (EVALSHA lines in MONITOR)."""
     import hashlib
 
-    from lorafleet.common import protocol
-
+    from lorafleet.common.state import protocol
     names = ("CLAIM", "COMMIT_ROLLOUT", "COMMIT_ROLLOUT_CLAIM_TRAIN", "COMMIT_TRAIN", "MARK_INFLIGHT",
              "RENEW", "ACTIVATE")
     return {hashlib.sha1(getattr(protocol, n).encode()).hexdigest(): n for n in names}
@@ -210,7 +209,7 @@ class Monitor:
     def __init__(self, redis_url: str) -> None:
         import threading
 
-        from lorafleet.common.redis_conn import connect
+        from lorafleet.common.redis.connection import connect
 
         self.r, self.shas, self.events = connect(redis_url), script_names(), []
         self.stop = threading.Event()

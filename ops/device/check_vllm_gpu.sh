@@ -32,7 +32,7 @@ echo "float32 tests: $((SECONDS - t0)) s"
 MODEL=${MODEL:-builtin:small-llama} "$PY" - <<'EOF'
 import os, time
 import torch
-from lorafleet.common.adapter_store import AdapterStore
+from lorafleet.common.store.adapter_store import AdapterStore
 from lorafleet.workers.multilora.model import MultiLoRAModel
 from lorafleet.common.schemas import AdapterTrainSpec, LoRASpec
 from lorafleet.workers.tiny_model import load_base_model, resolve_model_dir

@@ -13,9 +13,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lorafleet.common.redis_conn import connect
+from lorafleet.common.redis.connection import connect
 from lorafleet.common.settings import Settings
-from lorafleet.common.store_layout import AdapterNotFoundError, AdapterStoreError
+from lorafleet.common.store.layout import AdapterNotFoundError, AdapterStoreError
 from lorafleet.scheduler.api.deps import DATASETS_PATH
 from lorafleet.scheduler.api.errors import ApiError, error_body
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from lorafleet.common.api_keys import ApiKey, ApiKeyStore
 from lorafleet.scheduler.api.errors import ApiError
+from lorafleet.scheduler.api.keys import ApiKey, ApiKeyStore
 
 
 def _presented(request: Request) -> str | None:

@@ -10,8 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from lorafleet.common.api_keys import ApiKey
-from lorafleet.common.dataset_store import (
+from lorafleet.common.data.uploads import (
     UPLOADS_SUBDIR,
     DatasetRecord,
     DatasetStore,
@@ -24,6 +23,7 @@ from lorafleet.common.dataset_store import (
 from lorafleet.scheduler.api.auth import current_key
 from lorafleet.scheduler.api.deps import DATASETS_PATH, redis_of, settings_of
 from lorafleet.scheduler.api.errors import ApiError
+from lorafleet.scheduler.api.keys import ApiKey
 
 router = APIRouter()
 Key = Annotated[ApiKey, Depends(current_key)]

@@ -9,14 +9,14 @@ from typing import Any
 import redis
 from fastapi import Request
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.api_keys import ApiKey
-from lorafleet.common.data_access import DataAccessError
-from lorafleet.common.experiment import ExperimentRecord, UnknownExperimentError
+from lorafleet.common.data.access import DataAccessError
 from lorafleet.common.ids import is_valid_id
 from lorafleet.common.settings import Settings
 from lorafleet.common.spec_input import AdmissionLimits, SpecError
+from lorafleet.common.state.experiment import ExperimentRecord, UnknownExperimentError
+from lorafleet.common.store.adapter_store import AdapterStore
 from lorafleet.scheduler.api.errors import ApiError
+from lorafleet.scheduler.api.keys import ApiKey
 from lorafleet.scheduler.registry import ExperimentRegistry
 
 DATASETS_PATH = "/v1/datasets"  # uploads: app.BodyLimit leaves this body to the route's own limit

@@ -13,13 +13,13 @@ import redis.asyncio as aioredis
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from lorafleet.common.api_keys import ApiKey
-from lorafleet.common.experiment import TERMINAL
 from lorafleet.common.keys import Keys
-from lorafleet.common.redis_conn import connect_async
+from lorafleet.common.redis.connection import connect_async
+from lorafleet.common.state.experiment import TERMINAL
 from lorafleet.scheduler.api.auth import current_key
 from lorafleet.scheduler.api.deps import owned, redis_of, settings_of
 from lorafleet.scheduler.api.errors import ApiError
+from lorafleet.scheduler.api.keys import ApiKey
 
 router = APIRouter(prefix="/v1")
 Key = Annotated[ApiKey, Depends(current_key)]

@@ -32,14 +32,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lorafleet.common.api_keys import ApiKeyStore
-from lorafleet.common.experiment import TERMINAL
 from lorafleet.common.keys import Keys
 from lorafleet.common.prom_writes import ADAPTER_BUCKETS, BUCKETS, FUSED_ADAPTERS, TIMINGS, TINKER_OPS
-from lorafleet.common.ready_index import PHASES
 from lorafleet.common.settings import Settings
+from lorafleet.common.state.experiment import TERMINAL
+from lorafleet.common.state.ready_index import PHASES
 from lorafleet.scheduler.api.auth import presented_credential
 from lorafleet.scheduler.api.errors import ApiError
+from lorafleet.scheduler.api.keys import ApiKeyStore
 from lorafleet.scheduler.fleet_status import read_fleet_status
 
 router = APIRouter()

@@ -10,17 +10,17 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from lorafleet.common.api_keys import ApiKey
-from lorafleet.common.data_access import DataAccessError, DataAccessPolicy
-from lorafleet.common.dataset_store import DatasetStore
-from lorafleet.common.experiment import ExperimentRecord
+from lorafleet.common.data.access import DataAccessError, DataAccessPolicy
+from lorafleet.common.data.uploads import DatasetStore
 from lorafleet.common.keys import Keys
-from lorafleet.common.replication import replication_health
+from lorafleet.common.redis.replication import replication_health
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.spec_input import AdmissionLimits, SpecError, parse_spec
+from lorafleet.common.state.experiment import ExperimentRecord
 from lorafleet.scheduler.api.auth import current_key, require_admin
 from lorafleet.scheduler.api.deps import access_error, owned, redis_of, registry_of, settings_of, spec_error
 from lorafleet.scheduler.api.errors import ApiError
+from lorafleet.scheduler.api.keys import ApiKey
 from lorafleet.scheduler.client import collect_garbage
 from lorafleet.scheduler.fleet_status import read_fleet_status
 
@@ -60,7 +60,7 @@ def _specs_of(body: dict[str, Any]) -> tuple[list[Any], bool]:
 
 
 def policy_of(request: Request, key: ApiKey) -> DataAccessPolicy:
-    """The data-access policy of `key` (common/data_access.py): admins are trusted."""
+    """The data-access policy of `key` (common/data/access.py): admins are trusted."""
     return DataAccessPolicy.for_key(settings_of(request), key, redis_of(request))
 
 

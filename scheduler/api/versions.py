@@ -15,15 +15,15 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from lorafleet.common.api_keys import ApiKey
-from lorafleet.common.experiment import ExperimentRecord
 from lorafleet.common.keys import Keys
-from lorafleet.common.retention import retention_of
 from lorafleet.common.schemas import ExperimentSpec, RetentionSpec
-from lorafleet.common.store_layout import AdapterNotFoundError
+from lorafleet.common.state.experiment import ExperimentRecord
+from lorafleet.common.store.layout import AdapterNotFoundError
+from lorafleet.common.store.retention import retention_of
 from lorafleet.scheduler.api.auth import current_key
 from lorafleet.scheduler.api.deps import owned, redis_of, settings_of, store_of
 from lorafleet.scheduler.api.errors import ApiError
+from lorafleet.scheduler.api.keys import ApiKey
 
 router = APIRouter(prefix="/v1/experiments/{exp_id}")
 Key = Annotated[ApiKey, Depends(current_key)]

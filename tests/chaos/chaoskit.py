@@ -17,10 +17,10 @@ from lf_testkit import wait_until as wait_until  # re-exported for the chaos tes
 from peft import LoraConfig, PeftModel
 from peft.utils import load_peft_weights
 
-from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.keys import Keys
-from lorafleet.common.redis_conn import connect, free_port, redis_server_binary
+from lorafleet.common.redis.connection import connect, free_port, redis_server_binary
 from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.common.store.adapter_store import AdapterStore
 from lorafleet.scheduler.client import FleetClient
 from lorafleet.workers.local_runner import LocalRunner
 from lorafleet.workers.multilora.model import MultiLoRAModel

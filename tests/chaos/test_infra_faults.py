@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from chaoskit import ChaosRedis, assert_exact, specs, wait_until
 
-from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.keys import Keys
-from lorafleet.common.protocol import StepProtocol
-from lorafleet.common.redis_conn import connect
-from lorafleet.common.store_layout import TMP_PREFIX, TRAINER_TENSORS_FILE
+from lorafleet.common.redis.connection import connect
+from lorafleet.common.state.protocol import StepProtocol
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.store.layout import TMP_PREFIX, TRAINER_TENSORS_FILE
 from lorafleet.scheduler.client import FleetClient
 from lorafleet.scheduler.embedded import LocalFleet
 

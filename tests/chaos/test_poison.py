@@ -15,11 +15,11 @@ import sys
 import pytest
 from lf_testkit import wait_until
 
-from lorafleet.common.celery_config import TASK_ROLLOUT, make_sender
-from lorafleet.common.dead_letters import DeadLetters
 from lorafleet.common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE, Keys, node_queue
-from lorafleet.common.messages import BatchItem, BatchMessage
-from lorafleet.common.protocol import StepProtocol
+from lorafleet.common.messaging.celery_config import TASK_ROLLOUT, make_sender
+from lorafleet.common.messaging.dead_letters import DeadLetters
+from lorafleet.common.messaging.messages import BatchItem, BatchMessage
+from lorafleet.common.state.protocol import StepProtocol
 from lorafleet.scheduler.client import FleetClient
 
 pytestmark = pytest.mark.slow

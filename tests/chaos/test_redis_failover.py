@@ -22,11 +22,11 @@ import redis
 from chaoskit import assert_exact, specs, wait_until
 from sentinel_cluster import SentinelCluster
 
-from lorafleet.common.api_keys import ApiKeyStore
 from lorafleet.common.keys import Keys
-from lorafleet.common.protocol import StepProtocol
-from lorafleet.common.redis_conn import connect, free_port
-from lorafleet.common.replication import ReplicationShortfall, replication_health
+from lorafleet.common.redis.connection import connect, free_port
+from lorafleet.common.redis.replication import ReplicationShortfall, replication_health
+from lorafleet.common.state.protocol import StepProtocol
+from lorafleet.scheduler.api.keys import ApiKeyStore
 from lorafleet.scheduler.client import FleetClient
 from lorafleet.scheduler.embedded import LocalFleet
 

@@ -13,10 +13,10 @@ from chaoskit import assert_exact, wait_until
 from s3_server import S3Server
 from test_infra_faults import _submit, chaos_fleet, chaos_redis, log_events  # noqa: F401 - fixtures
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.redis_conn import connect
-from lorafleet.common.store_layout import TRAINER_TENSORS_FILE
-from lorafleet.common.store_manifest import MANIFEST_FILE
+from lorafleet.common.redis.connection import connect
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.store.layout import TRAINER_TENSORS_FILE
+from lorafleet.common.store.manifest import MANIFEST_FILE
 
 pytestmark = pytest.mark.slow
 

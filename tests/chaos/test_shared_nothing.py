@@ -28,7 +28,7 @@ from nodekit import (
 from s3_server import S3Server
 from test_infra_faults import FAST_FAULTS, STORM_ENV, _submit, chaos_redis, kill_storm  # noqa: F401 - fixture
 
-from lorafleet.common.redis_conn import connect
+from lorafleet.common.redis.connection import connect
 from lorafleet.scheduler.client import FleetClient
 
 pytestmark = pytest.mark.slow

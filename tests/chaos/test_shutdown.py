@@ -13,7 +13,7 @@ import pytest
 from chaoskit import spec, wait_until
 
 from lorafleet.common.keys import Keys
-from lorafleet.common.protocol import StepProtocol
+from lorafleet.common.state.protocol import StepProtocol
 from lorafleet.scheduler.client import FleetClient
 
 pytestmark = pytest.mark.slow

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.celery_config import TASK_TRAIN, make_sender
 from lorafleet.common.keys import ROLLOUT_QUEUE, Keys
-from lorafleet.common.redis_conn import free_port
+from lorafleet.common.messaging.celery_config import TASK_TRAIN, make_sender
+from lorafleet.common.redis.connection import free_port
+from lorafleet.common.store.adapter_store import AdapterStore
 from lorafleet.scheduler.client import FleetClient
 from lorafleet.scheduler.registry import SpecError, UnknownExperimentError
 
@@ -194,7 +194,7 @@ def test_worker_drops_malformed_messages_and_keeps_working(make_fleet, redis_url
     """Garbage in valid kombu envelopes (bodies that are not a BatchMessage, a task that is not
     lorafleet's) is dead-lettered by the broker transport before any task runs, each counted
     once; the same worker process goes on to do the real work."""
-    from lorafleet.common.dead_letters import DeadLetters
+    from lorafleet.common.messaging.dead_letters import DeadLetters
 
     fleet = make_fleet(workers=1)
     pid = json.loads(r.get(Keys.worker("w0")))["pid"]  # the Celery child that holds the runtime

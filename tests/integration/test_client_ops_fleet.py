@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.client_ops import OpStore, client_model_spec
 from lorafleet.common.keys import Keys
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.tinker.op_store import OpStore, client_model_spec
 
 pytestmark = pytest.mark.slow
 

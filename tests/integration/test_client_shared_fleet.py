@@ -1,5 +1,5 @@
 """On a live fleet (real Redis, a `lorafleet worker` process, the scheduler): a client sample
-request is served inside a running RL experiment's rollout batch (workers/shared_generation.py),
+request is served inside a running RL experiment's rollout batch (workers/tinker/generation.py),
 long before the leader's own sample batch would go out (its linger is set to 20 s here)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from lorafleet.common.client_ops import OpStore
 from lorafleet.common.keys import Keys
+from lorafleet.common.tinker.op_store import OpStore
 from lorafleet.scheduler.client import FleetClient
 
 pytestmark = pytest.mark.slow

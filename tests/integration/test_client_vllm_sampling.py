@@ -17,16 +17,16 @@ else:
 
 import torch  # noqa: E402
 
-from lorafleet.common.adapter_store import AdapterStore  # noqa: E402
-from lorafleet.common.client_ops import OpStore, client_model_spec  # noqa: E402
-from lorafleet.common.messages import BatchItem, BatchMessage, SampleMessage  # noqa: E402
-from lorafleet.workers.client_ops import ClientOpRunner  # noqa: E402
-from lorafleet.workers.client_sampling import ClientSampler  # noqa: E402
+from lorafleet.common.messaging.messages import BatchItem, BatchMessage, SampleMessage  # noqa: E402
+from lorafleet.common.store.adapter_store import AdapterStore  # noqa: E402
+from lorafleet.common.tinker.op_store import OpStore, client_model_spec  # noqa: E402
 from lorafleet.workers.fused_step import FusedTrainStep  # noqa: E402
 from lorafleet.workers.multilora.model import MultiLoRAModel  # noqa: E402
 from lorafleet.workers.residency import ResidentAdapters  # noqa: E402
 from lorafleet.workers.rollout import RolloutRequest, TorchRolloutEngine  # noqa: E402
-from lorafleet.workers.shared_generation import SharedGeneration  # noqa: E402
+from lorafleet.workers.tinker.generation import SharedGeneration  # noqa: E402
+from lorafleet.workers.tinker.op_runner import ClientOpRunner  # noqa: E402
+from lorafleet.workers.tinker.sampling import ClientSampler  # noqa: E402
 from lorafleet.workers.tiny_model import load_base_model, resolve_model_dir  # noqa: E402
 from lorafleet.workers.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine  # noqa: E402
 

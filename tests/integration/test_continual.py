@@ -11,10 +11,10 @@ import pytest
 import torch
 from test_fleet import spec
 
-from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.keys import Keys
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.spec_input import SpecError
+from lorafleet.common.store.adapter_store import AdapterStore
 from lorafleet.scheduler.client import FleetClient
 from lorafleet.workers.local_runner import LocalRunner
 from lorafleet.workers.multilora.model import MultiLoRAModel
@@ -103,7 +103,7 @@ def test_init_from_is_resolved_and_checked_at_submit(redis_url, r, tmp_path, mod
             client.submit({**base, "train": {**base["train"], **train}})
         assert needle in str(info.value), str(info.value)
     # a fork: the version must be published; its step offset defaults to the version
-    from lorafleet.common.adapter_store import AdapterStore as Store
+    from lorafleet.common.store.adapter_store import AdapterStore as Store
 
     store = Store(store_url)
     w = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64)}

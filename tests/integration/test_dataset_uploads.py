@@ -14,9 +14,9 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from lorafleet.common.api_keys import ApiKeyStore
 from lorafleet.common.settings import Settings
 from lorafleet.scheduler.api.app import create_app
+from lorafleet.scheduler.api.keys import ApiKeyStore
 from lorafleet.scheduler.client import FleetClient
 
 ROWS = "".join(json.dumps({"q": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(6))

@@ -16,8 +16,8 @@ import torch
 import yaml
 from peft import PeftModel
 
-from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.keys import Keys
+from lorafleet.common.store.adapter_store import AdapterStore
 from lorafleet.scheduler.client import FleetClient
 from lorafleet.scheduler.embedded import LocalFleet
 from lorafleet.workers.tiny_model import load_base_model
@@ -115,7 +115,7 @@ def test_flower_lists_workers_and_queues_with_basic_auth(make_fleet, redis_url: 
     import urllib.error
     import urllib.request
 
-    from lorafleet.common.redis_conn import free_port
+    from lorafleet.common.redis.connection import free_port
 
     fleet = make_fleet(workers=1)
     port = free_port()

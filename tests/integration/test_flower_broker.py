@@ -17,7 +17,7 @@ import redis
 from sentinel_cluster import SentinelCluster
 
 from lorafleet.common.keys import Keys
-from lorafleet.common.redis_conn import connect, free_port
+from lorafleet.common.redis.connection import connect, free_port
 from lorafleet.scheduler.embedded import LocalFleet
 
 pytestmark = pytest.mark.slow

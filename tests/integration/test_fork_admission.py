@@ -18,13 +18,13 @@ import yaml
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.api_keys import ApiKeyStore
 from lorafleet.common.keys import Keys
-from lorafleet.common.redis_conn import free_port
+from lorafleet.common.redis.connection import free_port
 from lorafleet.common.settings import Settings
 from lorafleet.common.spec_input import SpecError
+from lorafleet.common.store.adapter_store import AdapterStore
 from lorafleet.scheduler.api.app import create_app
+from lorafleet.scheduler.api.keys import ApiKeyStore
 from lorafleet.scheduler.client import FleetClient
 
 SRC = "src-1"  # published v0..v12; snapshots (with the AdamW state) at v0 and v10

@@ -12,8 +12,8 @@ import pytest
 import redis
 from model_kit import SMOLLM2, model_cache_dir, prepared_smollm2
 
-from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.keys import Keys
+from lorafleet.common.store.adapter_store import AdapterStore
 from lorafleet.scheduler.client import FleetClient
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ only while no other experiment waits, and never a step that another claim holds.
 from __future__ import annotations
 
 from lorafleet.common.keys import Keys
-from lorafleet.common.protocol import ChainNext, RolloutCommit, StepItem, StepProtocol, TrainCommit
+from lorafleet.common.state.protocol import ChainNext, RolloutCommit, StepItem, StepProtocol, TrainCommit
 from lorafleet.scheduler.client import FleetClient
 
 GOOD = {"env": "char_class", "env_args": {"cls": "digits"}, "steps": 5}

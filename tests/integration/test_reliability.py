@@ -11,11 +11,11 @@ import pytest
 from lf_testkit import wait_until
 from test_fleet import spec
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.celery_config import TASK_ROLLOUT, TASK_TRAIN, make_sender
 from lorafleet.common.keys import ROLLOUT_QUEUE, Keys, node_queue
-from lorafleet.common.messages import BatchItem, BatchMessage
-from lorafleet.common.protocol import StepProtocol
+from lorafleet.common.messaging.celery_config import TASK_ROLLOUT, TASK_TRAIN, make_sender
+from lorafleet.common.messaging.messages import BatchItem, BatchMessage
+from lorafleet.common.state.protocol import StepProtocol
+from lorafleet.common.store.adapter_store import AdapterStore
 from lorafleet.scheduler.client import FleetClient
 
 pytestmark = pytest.mark.slow

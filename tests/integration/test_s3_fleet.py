@@ -12,8 +12,8 @@ from s3_server import S3Server
 from safetensors.torch import load_file
 from test_fleet import spec
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.store_manifest import MANIFEST_FILE
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.store.manifest import MANIFEST_FILE
 from lorafleet.scheduler.client import FleetClient
 
 pytestmark = pytest.mark.slow

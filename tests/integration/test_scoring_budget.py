@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.common.adapter_store import AdapterStore
+from lorafleet.common.store.adapter_store import AdapterStore
 from lorafleet.scheduler.client import FleetClient
 
 pytestmark = pytest.mark.slow

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
-from lorafleet.common.celery_config import make_sender
 from lorafleet.common.keys import Keys
-from lorafleet.common.redis_conn import EmbeddedRedis, connect, free_port
+from lorafleet.common.messaging.celery_config import make_sender
+from lorafleet.common.redis.connection import EmbeddedRedis, connect, free_port
 from lorafleet.scheduler.client import FleetClient
 from lorafleet.scheduler.embedded import LocalFleet
 from lorafleet.scheduler.flower import make_app

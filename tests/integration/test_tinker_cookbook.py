@@ -21,8 +21,8 @@ import pytest
 import redis
 from tinker_kit import api_server
 
-from lorafleet.common.api_keys import ApiKeyStore
 from lorafleet.common.keys import Keys
+from lorafleet.scheduler.api.keys import ApiKeyStore
 from lorafleet.workers.tiny_model import resolve_model_dir
 
 pytestmark = pytest.mark.slow

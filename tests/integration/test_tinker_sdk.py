@@ -22,9 +22,9 @@ import redis
 import torch
 from tinker_kit import api_server
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.api_keys import ApiKeyStore
 from lorafleet.common.keys import Keys
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.scheduler.api.keys import ApiKeyStore
 
 pytestmark = pytest.mark.slow
 CLIENT = Path(__file__).resolve().parents[1] / "tinker_client.py"

@@ -28,9 +28,9 @@ else:
 import torch  # noqa: E402
 from lf_testkit import make_rows  # noqa: E402
 
-from lorafleet.common.adapter_store import AdapterStore  # noqa: E402
 from lorafleet.common.schemas import AdapterTrainSpec, LoRASpec, OptimizerSpec  # noqa: E402
 from lorafleet.common.settings import Settings  # noqa: E402
+from lorafleet.common.store.adapter_store import AdapterStore  # noqa: E402
 from lorafleet.workers.batch import collate  # noqa: E402
 from lorafleet.workers.checkpoints import publish_adapter  # noqa: E402
 from lorafleet.workers.fused_step import FusedTrainStep  # noqa: E402

@@ -23,8 +23,8 @@ else:
 
 import torch  # noqa: E402
 
-from lorafleet.common.adapter_store import AdapterStore  # noqa: E402
 from lorafleet.common.schemas import AdapterTrainSpec, ExperimentSpec, LoRASpec, OptimizerSpec  # noqa: E402
+from lorafleet.common.store.adapter_store import AdapterStore  # noqa: E402
 from lorafleet.workers.checkpoints import publish_adapter  # noqa: E402
 from lorafleet.workers.local_runner import LocalRunner  # noqa: E402
 from lorafleet.workers.multilora.model import MultiLoRAModel  # noqa: E402

@@ -23,9 +23,9 @@ else:
 import torch  # noqa: E402
 from model_kit import SMOLLM2, model_cache_dir, prepared_smollm2  # noqa: E402
 
-from lorafleet.common.adapter_store import AdapterStore  # noqa: E402
 from lorafleet.common.schemas import AdapterTrainSpec, ExperimentSpec, LoRASpec  # noqa: E402
 from lorafleet.common.settings import Settings  # noqa: E402
+from lorafleet.common.store.adapter_store import AdapterStore  # noqa: E402
 from lorafleet.workers.checkpoints import publish_adapter  # noqa: E402
 from lorafleet.workers.local_runner import LocalRunner  # noqa: E402
 from lorafleet.workers.multilora.model import MultiLoRAModel  # noqa: E402

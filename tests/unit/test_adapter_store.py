@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafleet.common import durable_fs
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.store_layout import (
+from lorafleet.common.store import durable_fs
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.store.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     LATEST_FILE,

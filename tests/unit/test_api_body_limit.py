@@ -11,9 +11,9 @@ from pathlib import Path
 import redis
 from tinker_kit import serve
 
-from lorafleet.common.api_keys import ApiKeyStore
 from lorafleet.common.settings import Settings
 from lorafleet.scheduler.api.app import create_app
+from lorafleet.scheduler.api.keys import ApiKeyStore
 
 LIMIT = 4096
 

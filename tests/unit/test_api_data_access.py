@@ -1,4 +1,4 @@
-"""The data-access policy (common/data_access.py) through the real API (FastAPI TestClient on a
+"""The data-access policy (common/data/access.py) through the real API (FastAPI TestClient on a
 real Redis): an ordinary key names no server file, no other tenant's checkpoint, no wrapper or
 archive URL and no address of the fleet's own networks, in any field that names data; 403 (or
 404 for an id not its own) naming the field, before anything is read or written."""
@@ -14,11 +14,11 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from lorafleet.common.api_keys import ApiKeyStore
-from lorafleet.common.data_access import DataAccessError, check_data_url
+from lorafleet.common.data.access import DataAccessError, check_data_url
 from lorafleet.common.keys import Keys
 from lorafleet.common.settings import Settings
 from lorafleet.scheduler.api.app import create_app
+from lorafleet.scheduler.api.keys import ApiKeyStore
 
 ENV_SPEC = {"name": "mine", "env": "char_class", "env_args": {"cls": "digits"}, "steps": 2,
             "prompts_per_step": 2, "group_size": 2}

@@ -14,10 +14,10 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from lorafleet.common.api_keys import ApiKeyStore
 from lorafleet.common.keys import Keys
 from lorafleet.common.settings import Settings
 from lorafleet.scheduler.api.app import create_app
+from lorafleet.scheduler.api.keys import ApiKeyStore
 
 ROWS = b"".join(json.dumps({"q": f"{i}+1=", "answer": str(i + 1)}).encode() + b"\n" for i in range(5))
 SPEC = {"name": "up", "dataset": {"prompt_field": "q"}, "reward": {"fn": "exact_match"}, "steps": 1,
@@ -190,9 +190,9 @@ def test_extend_onto_an_uploaded_dataset(make_client, r: redis.Redis) -> None:
 def test_a_dataset_deleted_while_a_spec_is_submitted_starts_nothing(r: redis.Redis, tmp_path: Path) -> None:
     """Submit resolves the id, then the dataset is deleted before the experiment is written: the
     submit's transaction sees it (WATCH) and refuses, so no experiment runs on deleted bytes."""
-    from lorafleet.common.adapter_store import AdapterStore
-    from lorafleet.common.dataset_store import OPERATOR, DatasetStore, UploadSpool, store_upload
+    from lorafleet.common.data.uploads import OPERATOR, DatasetStore, UploadSpool, store_upload
     from lorafleet.common.spec_input import SpecError
+    from lorafleet.common.store.adapter_store import AdapterStore
     from lorafleet.scheduler.registry import ExperimentRegistry
 
     store_url = f"file://{tmp_path}/store"
@@ -216,8 +216,8 @@ def test_a_dataset_deleted_while_a_spec_is_submitted_starts_nothing(r: redis.Red
 
 def test_uploads_on_an_object_store(r: redis.Redis, s3_server, monkeypatch: pytest.MonkeyPatch) -> None:
     """On S3 the object is one PUT under the store's prefix, readable where workers read it."""
-    from lorafleet.common.dataset_store import OPERATOR, DatasetStore, UploadSpool, store_upload
-    from lorafleet.common.datasets import clear_cache, load_dataset
+    from lorafleet.common.data.datasets import clear_cache, load_dataset
+    from lorafleet.common.data.uploads import OPERATOR, DatasetStore, UploadSpool, store_upload
 
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)

@@ -8,7 +8,7 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from lorafleet.common.api_keys import ApiKeyStore
+from lorafleet.scheduler.api.keys import ApiKeyStore
 
 
 def _every_value(r: redis.Redis) -> list[str]:

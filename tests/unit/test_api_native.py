@@ -12,11 +12,11 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from lorafleet.common.api_keys import ApiKeyStore
 from lorafleet.common.keys import Keys
-from lorafleet.common.redis_conn import connect
+from lorafleet.common.redis.connection import connect
 from lorafleet.common.settings import Settings
 from lorafleet.scheduler.api.app import create_app
+from lorafleet.scheduler.api.keys import ApiKeyStore
 from lorafleet.scheduler.loop import Scheduler
 from lorafleet.scheduler.owner_limits import activatable
 
@@ -196,7 +196,7 @@ def test_json_errors_413_and_503(r: redis.Redis, redis_url: str, tmp_path: Path)
 
 
 def test_fleet_hides_dead_letter_payloads_from_users(client: TestClient, r: redis.Redis) -> None:
-    from lorafleet.common.dead_letters import DeadLetters
+    from lorafleet.common.messaging.dead_letters import DeadLetters
 
     DeadLetters(r).add("lf.rollout", b"garbage", "undecodable", "x")
     _, a = _key(r)
@@ -241,8 +241,8 @@ def test_gc_is_admin_only_and_keeps_a_tinker_models_named_checkpoints(r: redis.R
     survive it, the others go."""
     import torch
 
-    from lorafleet.common.adapter_store import AdapterStore
-    from lorafleet.common.client_ops import OpStore, client_model_spec
+    from lorafleet.common.store.adapter_store import AdapterStore
+    from lorafleet.common.tinker.op_store import OpStore, client_model_spec
 
     settings = _settings(redis_url, tmp_path, keep_last=1)
     exp = OpStore(r, settings).register_model(model_id="s:train:0", owner="", session_id="s",
@@ -273,8 +273,8 @@ def test_latest_is_the_committed_version_not_a_lost_attempts_newer_one(r: redis.
 
     import torch
 
-    from lorafleet.common.adapter_store import AdapterStore
-    from lorafleet.common.client_ops import OpStore, client_model_spec
+    from lorafleet.common.store.adapter_store import AdapterStore
+    from lorafleet.common.tinker.op_store import OpStore, client_model_spec
     from lorafleet.scheduler.client import FleetClient
 
     settings = _settings(redis_url, tmp_path)

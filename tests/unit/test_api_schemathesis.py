@@ -12,10 +12,10 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from lorafleet.common.api_keys import ApiKeyStore
-from lorafleet.common.redis_conn import connect
+from lorafleet.common.redis.connection import connect
 from lorafleet.common.settings import Settings
 from lorafleet.scheduler.api.app import create_app
+from lorafleet.scheduler.api.keys import ApiKeyStore
 
 SPEC = {"name": "fz", "env": "char_class", "env_args": {"cls": "digits"}, "steps": 2,
         "prompts_per_step": 2, "group_size": 2}

@@ -19,8 +19,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.schemas import AdapterTrainSpec, ExperimentSpec, LoRASpec, OptimizerSpec
+from lorafleet.common.store.adapter_store import AdapterStore
 from lorafleet.workers.checkpoints import publish_adapter
 from lorafleet.workers.local_runner import LocalRunner
 from lorafleet.workers.multilora.layout import BatchLayout

@@ -14,7 +14,7 @@ from lf_testkit import PAD, SPECS, STEPS, build_fused, fused_weights, load_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from lorafleet.common.adapter_store import AdapterStore
+from lorafleet.common.store.adapter_store import AdapterStore
 from lorafleet.workers.batch import collate
 from lorafleet.workers.checkpoints import publish_adapter
 from lorafleet.workers.multilora.layout import BatchLayout
@@ -131,8 +131,8 @@ def test_a_version_already_in_the_store_is_kept_if_identical_and_replaced_if_not
     """A retry that finds step+1 already published (a lost attempt wrote it, never committed)
     commits the store's copy only if it holds exactly this attempt's bytes; otherwise this
     attempt's version replaces it."""
-    from lorafleet.common.protocol import StepItem
     from lorafleet.common.schemas import ExperimentSpec
+    from lorafleet.common.state.protocol import StepItem
     from lorafleet.workers.residency import ResidentAdapters
 
     fused, _, _ = build_fused(model_cache)

@@ -1,4 +1,4 @@
-"""Chaining client ops on the worker (workers/client_chain.py): after a commit the worker claims
+"""Chaining client ops on the worker (workers/tinker/chain.py): after a commit the worker claims
 the same models' next ops and runs them in the same task, fenced like any claim, so a leader
 batch for the same model that raced it is a no-op; and it stops when the node's queue has work."""
 
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.client_ops_leader import LeaderOps
 from lorafleet.common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE, Keys, node_queue
-from lorafleet.common.messages import BatchItem, BatchMessage
-from lorafleet.workers.client_chain import OpChain
+from lorafleet.common.messaging.messages import BatchItem, BatchMessage
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.scheduler.tinker.leader import LeaderOps
+from lorafleet.workers.tinker.chain import OpChain
 from tests.unit.test_client_op_runner import OPTIM, TOL, Host, fb, max_diff, register, submit, weights
 
 

@@ -1,4 +1,4 @@
-"""The leader's dispatch of client-driven models (`scheduler/client_dispatch.py`), tick by tick,
+"""The leader's dispatch of client-driven models (`scheduler/tinker/dispatch.py`), tick by tick,
 against a real Redis server: ready models of concurrent sessions on one node go out in ONE ops
 batch after the linger, a node's next batch waits for the one in flight, lapsed claims and
 batches of dead nodes are published again, samples go out in generation batches.
@@ -16,11 +16,11 @@ from typing import Any
 import redis
 from lf_testkit import wait_until
 
-from lorafleet.common.celery_config import TASK_OPS, TASK_SAMPLE
-from lorafleet.common.client_ops import ClaimedModel, OpResult, OpStore, client_model_spec
 from lorafleet.common.keys import NODE_QUEUE_PREFIX, ROLLOUT_QUEUE, Keys, node_queue
-from lorafleet.common.messages import BatchMessage, SampleMessage
+from lorafleet.common.messaging.celery_config import TASK_OPS, TASK_SAMPLE
+from lorafleet.common.messaging.messages import BatchMessage, SampleMessage
 from lorafleet.common.settings import Settings
+from lorafleet.common.tinker.op_store import ClaimedModel, OpResult, OpStore, client_model_spec
 from lorafleet.scheduler.loop import Scheduler
 
 FB = {"loss_fn": "cross_entropy", "loss_fn_config": {},

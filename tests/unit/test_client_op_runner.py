@@ -11,18 +11,18 @@ import pytest
 import redis
 import torch
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.client_ops import OpStore, client_model_spec
 from lorafleet.common.keys import Keys
-from lorafleet.common.messages import BatchItem, BatchMessage, SampleMessage
+from lorafleet.common.messaging.messages import BatchItem, BatchMessage, SampleMessage
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.settings import Settings
-from lorafleet.workers.client_ops import ClientOpRunner
-from lorafleet.workers.client_sampling import ClientSampler, publish_fleet_model
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.tinker.op_store import OpStore, client_model_spec
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.multilora.model import MultiLoRAModel
 from lorafleet.workers.residency import ResidentAdapters
 from lorafleet.workers.rollout import RolloutRequest, TorchRolloutEngine
+from lorafleet.workers.tinker.op_runner import ClientOpRunner
+from lorafleet.workers.tinker.sampling import ClientSampler, publish_fleet_model
 from lorafleet.workers.tiny_model import load_base_model
 
 MODEL = "builtin:tiny-llama"

@@ -1,4 +1,4 @@
-"""The client-op protocol (`common/client_ops.py`) against a real Redis server: submits are
+"""The client-op protocol (`common/tinker/op_store.py`) against a real Redis server: submits are
 idempotent, ops of a model run strictly in order up to the first barrier, commits are fenced,
 a lapsed claim is taken over with the same ops and the gradient log, held futures are released
 in order, checkpoints are pinned, samples are claimed and committed once, futures expire."""
@@ -12,18 +12,18 @@ from typing import Any
 import pytest
 import redis
 
-from lorafleet.common.client_ops import (
+from lorafleet.common.keys import Keys
+from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.common.settings import Settings
+from lorafleet.common.state.ready_index import ReadyIndex
+from lorafleet.common.tinker.op_store import (
     ClaimedModel,
     OpError,
     OpResult,
     OpStore,
     client_model_spec,
 )
-from lorafleet.common.client_ops_leader import LeaderOps
-from lorafleet.common.keys import Keys
-from lorafleet.common.ready_index import ReadyIndex
-from lorafleet.common.schemas import ExperimentSpec
-from lorafleet.common.settings import Settings
+from lorafleet.scheduler.tinker.leader import LeaderOps
 
 LEASE_MS = 200  # short: a lapse is waited out in tests
 FB = {"loss_fn": "cross_entropy", "loss_fn_config": {},
@@ -338,7 +338,7 @@ def test_closing_a_model_fails_its_pending_and_held_ops(r: redis.Redis) -> None:
 
 
 def test_saved_versions_are_kept_by_retention(r: redis.Redis) -> None:
-    from lorafleet.common.retention import doomed_versions
+    from lorafleet.common.store.retention import doomed_versions
 
     s = store(r)
     exp = model(s)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.client_ops_leader import LeaderOps
 from lorafleet.common.keys import Keys
-from lorafleet.common.messages import SampleMessage
+from lorafleet.common.messaging.messages import SampleMessage
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.scheduler.tinker.leader import LeaderOps
 from tests.unit.test_client_op_runner import CountingEngine, Host
 
 LEASE_MS = 300

@@ -14,10 +14,10 @@ import pytest
 import redis
 from tinker_kit import serve
 
-from lorafleet.common import datasets
-from lorafleet.common.api_keys import ApiKeyStore
+from lorafleet.common.data import datasets
 from lorafleet.common.settings import Settings
 from lorafleet.scheduler.api.app import create_app
+from lorafleet.scheduler.api.keys import ApiKeyStore
 
 MAX_BYTES = 4096
 

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lorafleet.common import datasets
-from lorafleet.common.datasets import DatasetError, DatasetLimits, load_dataset, read_dataset
+from lorafleet.common.data import datasets
+from lorafleet.common.data.datasets import DatasetError, DatasetLimits, load_dataset, read_dataset
 from lorafleet.common.settings import Settings
 from lorafleet.common.spec_input import AdmissionLimits, SpecError, parse_spec
 
@@ -79,7 +79,7 @@ def test_parquet_rows_are_read_by_row_group_and_equal_the_whole_table(tmp_path: 
 # ---- memory does not grow with the file -----------------------------------------------------
 _MEASURE = textwrap.dedent("""
     import json, resource, sys
-    from lorafleet.common.datasets import load_dataset
+    from lorafleet.common.data.datasets import load_dataset
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     ds = load_dataset(sys.argv[1])
     rows = [ds.raw_row(i)["id"] for i in (0, len(ds) // 2, len(ds) - 1)]

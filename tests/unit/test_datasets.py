@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lorafleet.common import datasets
-from lorafleet.common.datasets import (
+from lorafleet.common.data import datasets
+from lorafleet.common.data.datasets import (
     DatasetError,
     DatasetRowError,
     canonical_row,
@@ -24,7 +24,7 @@ from lorafleet.common.datasets import (
 )
 from lorafleet.common.schemas import DatasetSpec, ExperimentSpec
 from lorafleet.common.spec_input import AdmissionLimits, SpecError, parse_spec
-from lorafleet.common.tasks import DatasetTask, make_task
+from lorafleet.common.tasks.task import DatasetTask, make_task
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMITS = AdmissionLimits()
@@ -73,7 +73,7 @@ def test_sampling_is_a_function_of_seed_and_step() -> None:
     a = [indices_for_step(50, seed=1, step=s, per_step=4) for s in range(20)]
     assert a == [indices_for_step(50, seed=1, step=s, per_step=4) for s in range(20)]
     assert a != [indices_for_step(50, seed=2, step=s, per_step=4) for s in range(20)]
-    code = ("from lorafleet.common.datasets import indices_for_step\n"
+    code = ("from lorafleet.common.data.datasets import indices_for_step\n"
             "print(indices_for_step(50, 1, 7, 4), indices_for_step(50, 1, 13, 4))")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                            check=True, env={"PYTHONHASHSEED": h, "PATH": "/usr/bin:/bin"}).stdout.strip()
@@ -250,7 +250,7 @@ def test_importing_datasets_and_tasks_loads_no_torch(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", ROWS)
     code = ("import sys, json\n"
             "from lorafleet.common.spec_input import parse_spec, AdmissionLimits\n"
-            "from lorafleet.common.tasks import make_task\n"
+            "from lorafleet.common.tasks.task import make_task\n"
             f"spec = parse_spec(json.loads({json.dumps(json.dumps(spec_of(path)))}), AdmissionLimits())\n"
             "make_task(spec).draw(0)\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in {'torch', 'transformers'}))")

@@ -16,8 +16,9 @@ import pytest
 from kombu import Connection, Queue
 from kombu.transport import redis as kombu_redis
 
-from lorafleet.common import dead_letters as dl
-from lorafleet.common.broker_transport import (
+from lorafleet.common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE, Keys, node_queue
+from lorafleet.common.messaging import dead_letters as dl
+from lorafleet.common.messaging.broker_transport import (
     Channel,
     PoisonMessage,
     SentinelTransport,
@@ -25,7 +26,7 @@ from lorafleet.common.broker_transport import (
     check_item,
     is_task_queue,
 )
-from lorafleet.common.celery_config import (
+from lorafleet.common.messaging.celery_config import (
     BROKER_TRANSPORT,
     SENTINEL_TRANSPORT,
     TASK_ROLLOUT,
@@ -34,8 +35,7 @@ from lorafleet.common.celery_config import (
     celery_config,
     make_sender,
 )
-from lorafleet.common.dead_letters import DeadLetters
-from lorafleet.common.keys import ROLLOUT_QUEUE, TRAIN_QUEUE, Keys, node_queue
+from lorafleet.common.messaging.dead_letters import DeadLetters
 
 NODE_Q = node_queue("w0")
 BATCH = {"batch_id": "b1", "phase": "train", "node": "w0", "epoch": 3,
@@ -280,8 +280,7 @@ def test_fanout_messages_that_are_not_envelopes_are_dead_lettered(redis_url, r):
 
 
 def test_a_check_that_trips_dead_letters_instead_of_raising(redis_url, r, monkeypatch):
-    from lorafleet.common import broker_transport
-
+    from lorafleet.common.messaging import broker_transport
     def broken(queue, raw):
         raise RuntimeError("bug in the check")
 
@@ -369,7 +368,6 @@ def test_the_workers_own_guard_records_to_the_same_dead_letters(r, monkeypatch):
     from types import SimpleNamespace
 
     from lorafleet.workers import app as worker_app
-
     monkeypatch.setattr(worker_app, "_runtime", SimpleNamespace(r=r))
     assert worker_app._message({"batch_id": "x"}, TRAIN_QUEUE) is None
     assert worker_app._message(BATCH, TRAIN_QUEUE) is not None
@@ -382,7 +380,7 @@ def test_the_workers_own_guard_records_to_the_same_dead_letters(r, monkeypatch):
 def test_client_ops_and_sample_tasks_pass_the_transport_and_bad_bodies_do_not(redis_url, r):
     """lf.ops_batch carries a BatchMessage (phase ops) on a node queue; lf.sample_batch a
     SampleMessage on the rollout queue. A sample task with a batch body is poison."""
-    from lorafleet.common.celery_config import TASK_OPS, TASK_SAMPLE
+    from lorafleet.common.messaging.celery_config import TASK_OPS, TASK_SAMPLE
 
     ops = {**BATCH, "phase": "ops"}
     sample = {"batch_id": "s1", "epoch": 3, "request_ids": ["tk-1", "tk-2"]}

@@ -19,8 +19,8 @@ from lf_testkit import load_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from lorafleet.common.envs import get_env
 from lorafleet.common.schemas import AdapterTrainSpec, ExperimentSpec, LoRASpec, OptimizerSpec
+from lorafleet.common.tasks.envs import get_env
 from lorafleet.workers.local_runner import LocalRunner
 from lorafleet.workers.multilora.layout import BatchLayout
 from lorafleet.workers.multilora.model import MultiLoRAModel

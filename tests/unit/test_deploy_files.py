@@ -98,7 +98,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_compose_redis_and_start_redis_take_the_password_on_stdin(tmp_path: Path) -> None:
     """The redis service's command and ops/scripts/start_redis.sh, run here with the local
     redis-server: the server requires the password, and no command line holds it."""
-    from lorafleet.common.redis_conn import free_port, redis_server_binary
+    from lorafleet.common.redis.connection import free_port, redis_server_binary
 
     binary = redis_server_binary()
     bindir = tmp_path / "bin"
@@ -426,7 +426,7 @@ def test_redis_role_scripts_replicate_and_fail_over(tmp_path: Path) -> None:
     replica of the new one, and a restarted Sentinel still knows the new primary."""
     import redis
 
-    from lorafleet.common.redis_conn import free_port, redis_server_binary
+    from lorafleet.common.redis.connection import free_port, redis_server_binary
 
     services = multi_host("redis")["services"]
     password, spass = "pw-" + "0123456789abcdef" * 2, "sp-" + "fedcba9876543210" * 2

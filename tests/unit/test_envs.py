@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.common.envs import (
+from lorafleet.common.tasks.envs import (
     BUILTIN_ENVS,
     RewardEnv,
     UnknownEnvError,
@@ -106,7 +106,7 @@ def _run(code: str, env_path: Path | None = None) -> str:
 
 
 def test_importing_envs_loads_no_torch() -> None:
-    code = ("import sys, random, lorafleet.common.envs as e\n"
+    code = ("import sys, random, lorafleet.common.tasks.envs as e\n"
             "e.get_env('char_class', {'cls': 'digits'}).reward('a:', '1')\n"
             "e.available_envs()\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in {'torch', 'transformers'}))")
@@ -117,7 +117,7 @@ def test_entry_point_plugins_are_found_and_cannot_shadow_builtins(tmp_path: Path
     """A real installed distribution (a dist-info directory on sys.path) registering two envs."""
     (tmp_path / "lf_test_plugin.py").write_text(textwrap.dedent("""
         import random
-        from lorafleet.common.envs import EnvArgs
+        from lorafleet.common.tasks.envs import EnvArgs
 
         class ConstArgs(EnvArgs):
             value: float = 0.5
@@ -145,7 +145,7 @@ def test_entry_point_plugins_are_found_and_cannot_shadow_builtins(tmp_path: Path
         "broken = lf_test_plugin_missing:Nope\n"
     )
     code = textwrap.dedent("""
-        import lorafleet.common.envs as e
+        import lorafleet.common.tasks.envs as e
         print('const' in e.available_envs(), 'broken' in e.available_envs())
         print(e.get_env('const', {'value': 0.25}).reward('x:', 'abc'))
         print(type(e.get_env('char_class')).__name__)

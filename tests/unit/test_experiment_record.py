@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from lorafleet.common import protocol_lua
-from lorafleet.common.experiment import FIELD_NAMES, SCHEDULING_FIELDS, ExperimentRecord
 from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.common.state import protocol_lua
+from lorafleet.common.state.experiment import FIELD_NAMES, SCHEDULING_FIELDS, ExperimentRecord
 
 SPEC = ExperimentSpec(name="e", env="char_class", env_args={"cls": "digits"}, steps=7,
                       prompts_per_step=3, group_size=5, weight=2.0)

@@ -1,4 +1,4 @@
-"""The SSRF guard on http(s) datasets (common/http_guard.py), against real HTTP servers on loopback:
+"""The SSRF guard on http(s) datasets (common/data/http_guard.py), against real HTTP servers on loopback:
 a dataset URL that reaches a loopback / private / link-local address is refused with the address
 and why, by literal, by host name and through a redirect; the escape hatch reads the same URL; the
 size and time limits hold; a refused connection says so (not "no such file")."""
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.common import datasets, http_guard
-from lorafleet.common.datasets import DatasetError, DatasetLimits, load_dataset, open_filesystem
-from lorafleet.common.http_guard import HttpPolicy, address_problem
+from lorafleet.common.data import datasets, http_guard
+from lorafleet.common.data.datasets import DatasetError, DatasetLimits, load_dataset, open_filesystem
+from lorafleet.common.data.http_guard import HttpPolicy, address_problem
 from lorafleet.common.spec_input import AdmissionLimits, SpecError, parse_spec
 
 ROWS = [{"prompt": f"What is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(5)]

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 
-from lorafleet.common.broker_transport import PoisonMessage, check_item
-from lorafleet.common.celery_config import BROKER_TRANSPORT, TASK_TRAIN, celery_config, make_sender
-from lorafleet.common.dead_letters import DeadLetters
 from lorafleet.common.keys import node_queue
-from lorafleet.common.message_screen import DELIVERIES_HEADER, HEADER_RULES, SHOWN_CHARS
-from lorafleet.common.messages import BatchMessage
-from lorafleet.common.protocol import StepProtocol
-from lorafleet.common.protocol_lua import REFUSAL_REASONS
+from lorafleet.common.messaging.broker_transport import PoisonMessage, check_item
+from lorafleet.common.messaging.celery_config import BROKER_TRANSPORT, TASK_TRAIN, celery_config, make_sender
+from lorafleet.common.messaging.dead_letters import DeadLetters
+from lorafleet.common.messaging.messages import BatchMessage
+from lorafleet.common.messaging.screen import DELIVERIES_HEADER, HEADER_RULES, SHOWN_CHARS
+from lorafleet.common.state.protocol import StepProtocol
+from lorafleet.common.state.protocol_lua import REFUSAL_REASONS
 
 NODE_Q = node_queue("w0")
 BATCH = {"batch_id": "b1", "phase": "train", "node": "w0", "epoch": 3,
@@ -184,10 +184,9 @@ def test_the_workers_celery_config_carries_the_bound(redis_url):
 
 _DYING_WORKER = textwrap.dedent("""
     import sys
-    from lorafleet.common.celery_config import celery_config
+    from lorafleet.common.messaging.celery_config import celery_config
     from lorafleet.common.settings import Settings
     from lorafleet.workers import app as worker_app
-
     url = sys.argv[1]
     worker_app._settings = Settings(redis_url=url)
     worker_app.app.conf.update(celery_config(url))
@@ -221,8 +220,7 @@ def test_refusal_reasons_are_readable_and_documented(r):
     tostring of a missing field); every reason the scripts count is a documented name."""
     import re
 
-    from lorafleet.common import protocol_lua
-
+    from lorafleet.common.state import protocol_lua
     p = StepProtocol(r)
     _, refused = p.claim_batch([("no-such-exp", 0)], "rollout", "w:1", 60_000, "b1")
     assert [x.reason for x in refused] == ["unknown_experiment"]

@@ -13,8 +13,8 @@ import yaml
 from fastapi.testclient import TestClient
 
 from lorafleet.common.keys import Keys
-from lorafleet.common.protocol import RolloutCommit, StepProtocol, TrainCommit
 from lorafleet.common.settings import Settings
+from lorafleet.common.state.protocol import RolloutCommit, StepProtocol, TrainCommit
 from lorafleet.scheduler.api.app import create_app
 from lorafleet.scheduler.registry import ExperimentRegistry
 
@@ -125,9 +125,9 @@ def test_finished_experiments_leave_after_the_ttl(r: redis.Redis, redis_url: str
 
 def test_tinker_series_count_futures_sessions_ops_and_fused_steps(r: redis.Redis, redis_url: str,
                                                                  tmp_path: Path) -> None:
-    from lorafleet.common.api_keys import ApiKeyStore
-    from lorafleet.common.client_ops import OpResult, OpStore, client_model_spec
-    from lorafleet.scheduler.client_capacity import ClientCapacity
+    from lorafleet.common.tinker.op_store import OpResult, OpStore, client_model_spec
+    from lorafleet.scheduler.api.keys import ApiKeyStore
+    from lorafleet.scheduler.tinker.capacity import ClientCapacity
 
     fb = {"loss_fn": "cross_entropy", "data": [{"tokens": [1], "loss_fn_inputs": {"target_tokens": [2]}}]}
     key, plain = ApiKeyStore(r).create("alice", max_experiments=1)
@@ -175,7 +175,7 @@ def test_metrics_need_the_scrape_token_or_an_admin_key(r: redis.Redis, redis_url
                                                        tmp_path: Path) -> None:
     """/metrics lists every experiment of every tenant: no credential or a wrong one is 401, a
     tenant's key 403; the metrics token or an admin key read it."""
-    from lorafleet.common.api_keys import ApiKeyStore
+    from lorafleet.scheduler.api.keys import ApiKeyStore
 
     [exp] = ExperimentRegistry(r).submit_many([SPEC])
     r.hset(Keys.prom_last, exp, json.dumps({"step": 1, "reward": 0.5, "at": 1}))
@@ -204,7 +204,7 @@ def test_metrics_need_the_scrape_token_or_an_admin_key(r: redis.Redis, redis_url
 def test_metrics_without_a_configured_token_are_closed(r: redis.Redis, redis_url: str,
                                                        tmp_path: Path) -> None:
     """No LORAFLEET_METRICS_TOKEN: any bearer is refused (never open); an admin key still reads."""
-    from lorafleet.common.api_keys import ApiKeyStore
+    from lorafleet.scheduler.api.keys import ApiKeyStore
 
     _, admin = ApiKeyStore(r).create("ops", admin=True)
     with _app(r, redis_url, tmp_path, metrics_token=None) as c:

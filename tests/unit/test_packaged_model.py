@@ -122,8 +122,8 @@ def test_greedy_answer_through_the_fleet_loader(smollm2_dir: Path) -> None:
 def test_trains_one_fused_step_and_exports_a_peft_checkpoint(smollm2_dir: Path, tmp_path: Path) -> None:
     from peft import PeftModel
 
-    from lorafleet.common.adapter_store import AdapterStore
     from lorafleet.common.schemas import AdapterTrainSpec, ExperimentSpec, LoRASpec
+    from lorafleet.common.store.adapter_store import AdapterStore
     from lorafleet.workers.checkpoints import publish_adapter
     from lorafleet.workers.local_runner import LocalRunner
     from lorafleet.workers.multilora.layout import BatchLayout
@@ -161,10 +161,10 @@ def test_tinker_get_info_names_the_prepared_directory(smollm2_dir: Path, r: redi
     from fastapi.testclient import TestClient
     from transformers import AutoTokenizer
 
-    from lorafleet.common.api_keys import ApiKeyStore
     from lorafleet.common.settings import Settings
+    from lorafleet.scheduler.api.keys import ApiKeyStore
     from lorafleet.scheduler.api.tinker.routes import tinker_app
-    from lorafleet.workers.client_sampling import tokenizer_dir
+    from lorafleet.workers.tinker.sampling import tokenizer_dir
 
     _, plain = ApiKeyStore(r).create("alice")
     h = {"X-API-Key": plain}

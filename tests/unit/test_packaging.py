@@ -75,5 +75,5 @@ def test_wheel_entry_points(wheel: zipfile.ZipFile) -> None:
     assert {"char_class", "near_char", "target_string"} <= envs.keys()
     for name, target in envs.items():
         module, _, attr = target.partition(":")
-        assert module == "lorafleet.common.envs", (name, target)
+        assert module == "lorafleet.common.tasks.envs", (name, target)
         assert hasattr(importlib.import_module(module), attr), (name, target)

@@ -9,7 +9,7 @@ import time
 from test_scheduler_decisions import FakeWorker, Harness, beat
 
 from lorafleet.common.keys import Keys
-from lorafleet.common.protocol import Backoff, RolloutCommit, StepProtocol, TrainCommit
+from lorafleet.common.state.protocol import Backoff, RolloutCommit, StepProtocol, TrainCommit
 
 
 def _running_at_train(r, h: Harness) -> tuple[str, FakeWorker, list]:
@@ -127,7 +127,7 @@ def test_a_commit_resets_attempts_and_the_last_error(r):
 
 
 def test_fleet_status_counts_the_backlog_that_celery_queues_do_not_show(r):
-    from lorafleet.common.dead_letters import DeadLetters
+    from lorafleet.common.messaging.dead_letters import DeadLetters
     from lorafleet.scheduler.fleet_status import read_fleet_status
 
     h = Harness(r, max_batch_rows=16)  # one experiment per batch: the others wait

@@ -1,4 +1,4 @@
-"""The experiment indexes (common/ready_index.py) against a real Redis: after every kind of
+"""The experiment indexes (common/state/ready_index.py) against a real Redis: after every kind of
 transition the stored index equals the one a full scan of the hashes implies, and the scheduler
 neither trusts a stale entry nor loses an experiment whose entry was deleted by hand."""
 
@@ -11,9 +11,16 @@ import redis
 from lf_testkit import wait_until
 
 from lorafleet.common.keys import Keys
-from lorafleet.common.protocol import Backoff, ChainNext, RolloutCommit, StepItem, StepProtocol, TrainCommit
-from lorafleet.common.ready_index import ReadyIndex, diff, ready_member, scan_entries, stored_entries
 from lorafleet.common.settings import Settings
+from lorafleet.common.state.protocol import (
+    Backoff,
+    ChainNext,
+    RolloutCommit,
+    StepItem,
+    StepProtocol,
+    TrainCommit,
+)
+from lorafleet.common.state.ready_index import ReadyIndex, diff, ready_member, scan_entries, stored_entries
 from lorafleet.scheduler.loop import Scheduler
 from lorafleet.scheduler.registry import ExperimentRegistry
 

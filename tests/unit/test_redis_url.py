@@ -7,9 +7,9 @@ import pytest
 import redis
 from lf_testkit import wait_until
 
-from lorafleet.common.redis_conn import connect
-from lorafleet.common.redis_url import kombu_broker, parse_redis_url
-from lorafleet.common.replication import ReplicatedRedis
+from lorafleet.common.redis.connection import connect
+from lorafleet.common.redis.replication import ReplicatedRedis
+from lorafleet.common.redis.url import kombu_broker, parse_redis_url
 from lorafleet.common.settings import redacted
 
 
@@ -45,8 +45,8 @@ def test_where_command_is_refused_every_command_waits(tmp_path):
     and takes every command as a write (correct; reads then need a replica too)."""
     import subprocess
 
-    from lorafleet.common.redis_conn import free_port, redis_server_binary
-    from lorafleet.common.replication import ReplicationShortfall
+    from lorafleet.common.redis.connection import free_port, redis_server_binary
+    from lorafleet.common.redis.replication import ReplicationShortfall
 
     port = free_port()
     proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -109,7 +109,7 @@ def test_connect_to_one_server_without_wait_is_a_plain_client(redis_url):
     assert isinstance(r, ReplicatedRedis) and r.wait_replicas == 0
     assert r.set("lf:test:plain", 1) and r.pipeline().set("lf:test:plain", 2).execute() == [True]
     # asked to wait for a replica this server does not have: a write is never reported done
-    from lorafleet.common.replication import ReplicationShortfall
+    from lorafleet.common.redis.replication import ReplicationShortfall
     sep = "&" if "?" in redis_url else "?"
     strict = connect(f"{redis_url}{sep}wait_replicas=1&wait_timeout_ms=50")
     with pytest.raises(ReplicationShortfall, match="0 of 1 replica"):

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.protocol import StepItem
 from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.common.state.protocol import StepItem
+from lorafleet.common.store.adapter_store import AdapterStore
 from lorafleet.workers.checkpoints import init_adapter
 from lorafleet.workers.fused_step import FusedTrainStep
 from lorafleet.workers.multilora.model import MultiLoRAModel

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.schemas import AdapterTrainSpec, LoRASpec, LossSpec, OptimizerSpec
+from lorafleet.common.store.adapter_store import AdapterStore
 from lorafleet.workers.batch import TrainRow, collate
 from lorafleet.workers.checkpoints import load_adapter, publish_adapters
 from lorafleet.workers.fused_step import FusedTrainStep

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.retention import doomed_versions
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.store.retention import doomed_versions
 
 
 @pytest.mark.parametrize(("published", "committed", "keep_last", "keep_every", "doomed"), [
@@ -41,9 +41,9 @@ def test_store_delete_never_removes_the_latest_and_usage_shrinks(tmp_path: Path)
 
 
 def test_a_spec_overrides_the_fleet_defaults_field_by_field():
-    from lorafleet.common.retention import retention_of
     from lorafleet.common.schemas import ExperimentSpec
     from lorafleet.common.settings import Settings
+    from lorafleet.common.store.retention import retention_of
 
     base = {"name": "a", "env": "char_class", "env_args": {"cls": "digits"}}
     fleet = Settings(keep_last=10, keep_every=5)

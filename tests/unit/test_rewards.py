@@ -14,8 +14,11 @@ import pytest
 import torch
 from lf_testkit import load_model
 
-from lorafleet.common import datasets, rewards
-from lorafleet.common.rewards import (
+from lorafleet.common.data import datasets
+from lorafleet.common.schemas import RewardSpec
+from lorafleet.common.spec_input import AdmissionLimits, SpecError, parse_spec
+from lorafleet.common.tasks import rewards
+from lorafleet.common.tasks.rewards import (
     BUILTIN_REWARDS,
     UnknownRewardError,
     available_rewards,
@@ -23,8 +26,6 @@ from lorafleet.common.rewards import (
     format_reward,
     make_reward,
 )
-from lorafleet.common.schemas import RewardSpec
-from lorafleet.common.spec_input import AdmissionLimits, SpecError, parse_spec
 from lorafleet.workers.local_runner import LocalRunner
 from lorafleet.workers.multilora.model import MultiLoRAModel
 
@@ -218,7 +219,7 @@ def test_a_plugin_gets_the_whole_row(monkeypatch, dataset: Path) -> None:
 def test_entry_point_plugins_are_found_and_cannot_shadow_builtins(tmp_path: Path) -> None:
     """A real installed distribution (a dist-info directory on sys.path) registering rewards."""
     (tmp_path / "lf_reward_plugin.py").write_text(textwrap.dedent("""
-        from lorafleet.common.rewards import RewardArgs
+        from lorafleet.common.tasks.rewards import RewardArgs
 
         class LengthArgs(RewardArgs):
             target: int = 10
@@ -243,7 +244,7 @@ def test_entry_point_plugins_are_found_and_cannot_shadow_builtins(tmp_path: Path
         "[lorafleet.rewards]\nlength = lf_reward_plugin:Length\nnumeric_match = lf_reward_plugin:hijack\n"
         "broken = lf_reward_plugin_missing:nope\n")
     code = textwrap.dedent("""
-        from lorafleet.common.rewards import make_reward, available_rewards
+        from lorafleet.common.tasks.rewards import make_reward, available_rewards
         from lorafleet.common.schemas import RewardSpec
         print('length' in available_rewards(), 'broken' in available_rewards())
         print(make_reward(RewardSpec(fn='length', args={'target': 4}))('p', 'abc', {}))
@@ -283,4 +284,5 @@ def test_pyproject_registers_the_builtins_as_entry_points() -> None:
     import tomllib
 
     eps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["lorafleet.rewards"]
-    assert eps == {name: f"lorafleet.common.rewards:{cls.__name__}" for name, cls in BUILTIN_REWARDS.items()}
+    assert eps == {name: f"lorafleet.common.tasks.rewards:{cls.__name__}"
+                   for name, cls in BUILTIN_REWARDS.items()}

@@ -23,8 +23,8 @@ import pytest
 import torch
 from lf_testkit import load_model
 
-from lorafleet.common.envs import get_env
 from lorafleet.common.schemas import AdapterTrainSpec, ExperimentSpec, LoRASpec, OptimizerSpec
+from lorafleet.common.tasks.envs import get_env
 from lorafleet.workers.local_runner import LocalRunner
 from lorafleet.workers.multilora.model import MultiLoRAModel
 from lorafleet.workers.rl import (

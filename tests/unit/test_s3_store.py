@@ -17,16 +17,16 @@ import pytest
 import torch
 from s3_server import S3Server
 
-from lorafleet.common.adapter_store import AdapterStore
 from lorafleet.common.settings import Settings
-from lorafleet.common.store_layout import (
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.store.layout import (
     ADAPTER_WEIGHTS_FILE,
     TRAINER_TENSORS_FILE,
     AdapterNotFoundError,
     NewVersion,
     VersionExistsError,
 )
-from lorafleet.common.store_manifest import MANIFEST_FILE
+from lorafleet.common.store.manifest import MANIFEST_FILE
 
 CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
 
@@ -194,8 +194,8 @@ def _try(store: AdapterStore, nv: NewVersion) -> object:
 
 _CHILD = """
 import sys, torch
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.store_layout import NewVersion
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.store.layout import NewVersion
 store = AdapterStore(sys.argv[1])
 store.test_snapshot_delay_s = 120.0  # all objects written, the manifest not yet: killed here
 store.publish_many([NewVersion("exp-a", 1, {"w": torch.ones(64, 64)}, {"r": 4},

@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 import redis
 
-from lorafleet.common.celery_config import TASK_ROLLOUT, TASK_TRAIN
-from lorafleet.common.experiment import ExperimentRecord
 from lorafleet.common.keys import NODE_QUEUE_PREFIX, Keys, node_queue
-from lorafleet.common.messages import BatchMessage
-from lorafleet.common.protocol import RolloutCommit, StepItem, StepProtocol, TrainCommit
+from lorafleet.common.messaging.celery_config import TASK_ROLLOUT, TASK_TRAIN
+from lorafleet.common.messaging.messages import BatchMessage
 from lorafleet.common.settings import Settings
+from lorafleet.common.state.experiment import ExperimentRecord
+from lorafleet.common.state.protocol import RolloutCommit, StepItem, StepProtocol, TrainCommit
 from lorafleet.scheduler.loop import Scheduler
 from lorafleet.scheduler.registry import ExperimentRegistry
 

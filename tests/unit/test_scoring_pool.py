@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafleet.common.datasets import clear_cache
+from lorafleet.common.data.datasets import clear_cache
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.spec_input import AdmissionLimits, parse_spec
 from lorafleet.workers.local_runner import LocalRunner

@@ -1,4 +1,4 @@
-"""Client sample requests in the RL rollout batch's generate call (workers/shared_generation.py):
+"""Client sample requests in the RL rollout batch's generate call (workers/tinker/generation.py):
 one `engine.generate` holds the server-driven experiment's rows and the clients' rows, and each
 answer equals the one it gets alone (float64, seeded); a request the leader also published is
 run once (the fenced claim refuses the second)."""
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.common.adapter_store import AdapterStore
-from lorafleet.common.client_ops_leader import LeaderOps
 from lorafleet.common.keys import Keys
-from lorafleet.common.messages import SampleMessage
-from lorafleet.common.protocol import StepItem
+from lorafleet.common.messaging.messages import SampleMessage
 from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.common.state.protocol import StepItem
+from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.scheduler.tinker.leader import LeaderOps
 from lorafleet.workers.pipeline import RLStepPipeline
-from lorafleet.workers.shared_generation import SharedGeneration
+from lorafleet.workers.tinker.generation import SharedGeneration
 from tests.unit.test_client_op_runner import OPTIM, CountingEngine, Host, done, fb, register, submit
 
 TOL = 1e-9

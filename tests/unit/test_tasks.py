@@ -13,10 +13,10 @@ import pytest
 import torch
 from lf_testkit import load_model
 
-from lorafleet.common import datasets
+from lorafleet.common.data import datasets
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.spec_input import AdmissionLimits, parse_spec
-from lorafleet.common.tasks import TaskPrompt, make_task
+from lorafleet.common.tasks.task import TaskPrompt, make_task
 from lorafleet.workers.local_runner import LocalRunner
 from lorafleet.workers.multilora.model import MultiLoRAModel
 from lorafleet.workers.rl import Trajectory, make_requests, request_seed, score

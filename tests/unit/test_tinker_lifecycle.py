@@ -16,12 +16,12 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from lorafleet.common.api_keys import ApiKeyStore
-from lorafleet.common.client_ops import OpResult, OpStore
-from lorafleet.common.experiment import ExperimentRecord
 from lorafleet.common.keys import Keys
-from lorafleet.common.messages import BatchMessage
+from lorafleet.common.messaging.messages import BatchMessage
 from lorafleet.common.settings import Settings
+from lorafleet.common.state.experiment import ExperimentRecord
+from lorafleet.common.tinker.op_store import OpResult, OpStore
+from lorafleet.scheduler.api.keys import ApiKeyStore
 from lorafleet.scheduler.api.tinker.routes import tinker_app
 from lorafleet.scheduler.loop import Scheduler
 from lorafleet.scheduler.owner_limits import activatable

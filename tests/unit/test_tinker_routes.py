@@ -17,13 +17,13 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from lorafleet.common.api_keys import ApiKeyStore
-from lorafleet.common.client_ops import OpResult, OpStore
-from lorafleet.common.experiment import ExperimentRecord
 from lorafleet.common.keys import Keys
-from lorafleet.common.redis_conn import connect
+from lorafleet.common.redis.connection import connect
 from lorafleet.common.settings import Settings
+from lorafleet.common.state.experiment import ExperimentRecord
+from lorafleet.common.tinker.op_store import OpResult, OpStore
 from lorafleet.scheduler.api.app import create_app
+from lorafleet.scheduler.api.keys import ApiKeyStore
 from lorafleet.scheduler.api.tinker.routes import tinker_app
 
 tinker = pytest.importorskip("tinker")

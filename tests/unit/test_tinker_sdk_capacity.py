@@ -16,15 +16,15 @@ import redis
 from lf_testkit import wait_until
 from tinker_kit import serve
 
-from lorafleet.common.api_keys import ApiKeyStore
-from lorafleet.common.celery_config import TASK_OPS
-from lorafleet.common.client_ops import OpResult, OpStore
 from lorafleet.common.keys import Keys
-from lorafleet.common.messages import BatchMessage
+from lorafleet.common.messaging.celery_config import TASK_OPS
+from lorafleet.common.messaging.messages import BatchMessage
 from lorafleet.common.settings import Settings
+from lorafleet.common.tinker.op_store import OpResult, OpStore
+from lorafleet.scheduler.api.keys import ApiKeyStore
 from lorafleet.scheduler.api.tinker.routes import tinker_app
-from lorafleet.scheduler.client_capacity import ClientCapacity
 from lorafleet.scheduler.loop import Scheduler
+from lorafleet.scheduler.tinker.capacity import ClientCapacity
 
 tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402

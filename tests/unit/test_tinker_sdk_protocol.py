@@ -14,11 +14,11 @@ import pytest
 import redis
 from tinker_kit import serve
 
-from lorafleet.common.api_keys import ApiKeyStore
-from lorafleet.common.client_ops import ClaimedModel, OpResult, OpStore
-from lorafleet.common.experiment import ExperimentRecord
 from lorafleet.common.keys import Keys
 from lorafleet.common.settings import Settings
+from lorafleet.common.state.experiment import ExperimentRecord
+from lorafleet.common.tinker.op_store import ClaimedModel, OpResult, OpStore
+from lorafleet.scheduler.api.keys import ApiKeyStore
 from lorafleet.scheduler.api.tinker.routes import tinker_app
 
 tinker = pytest.importorskip("tinker")

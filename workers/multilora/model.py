@@ -11,8 +11,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from lorafleet.common.adapter_import import lora_spec_from_peft_config
 from lorafleet.common.schemas import KNOWN_TARGET_MODULES, LoRASpec
+from lorafleet.common.store.adapter_import import lora_spec_from_peft_config
 from lorafleet.workers.multilora.layer import Backend, MultiLoRALinear
 from lorafleet.workers.multilora.layout import BatchLayout, LayoutSlot
 

@@ -13,10 +13,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from lorafleet.common.api_keys import ApiKey
-from lorafleet.common.client_ops import FutureState, OpError, OpStore
 from lorafleet.common.keys import Keys
+from lorafleet.common.tinker.op_store import FutureState, OpError, OpStore
 from lorafleet.scheduler.api.events import _async_client as async_client  # one asyncio pool per app
+from lorafleet.scheduler.api.keys import ApiKey
 from lorafleet.scheduler.api.tinker.sessions import owned_session
 from lorafleet.scheduler.api.tinker.support import (
     Key,
@@ -32,7 +32,7 @@ from lorafleet.scheduler.api.tinker.support import (
     store_of,
 )
 from lorafleet.scheduler.api.tinker.wire import encode_forward_backward_output, encode_sample_response
-from lorafleet.scheduler.client_capacity import ClientCapacity
+from lorafleet.scheduler.tinker.capacity import ClientCapacity
 
 router = APIRouter(route_class=TinkerRoute)
 PROTOBUF = "application/x-protobuf"

@@ -1,7 +1,7 @@
 """Tinker service calls: client config, sessions and their heartbeat, telemetry, health and
 capabilities. A session is a Redis hash with a TTL that each heartbeat renews; `Keys.tk_sessions`
 indexes live ones by last heartbeat, so the leader can expire them and close their models
-(`scheduler/client_dispatch.py`)."""
+(`scheduler/tinker/dispatch.py`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from lorafleet.common.api_keys import ApiKey
 from lorafleet.common.keys import Keys
+from lorafleet.scheduler.api.keys import ApiKey
 from lorafleet.scheduler.api.tinker.support import (
     Key,
     RawBody,

@@ -16,15 +16,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from lorafleet.common.api_keys import ApiKey
-from lorafleet.common.client_ops import OpStore
-from lorafleet.common.data_access import DataAccessError, DataAccessPolicy
-from lorafleet.common.experiment import ExperimentRecord
+from lorafleet.common.data.access import DataAccessError, DataAccessPolicy
 from lorafleet.common.keys import Keys
 from lorafleet.common.models import is_prepared, model_dir, packaged_model
 from lorafleet.common.settings import Settings
+from lorafleet.common.state.experiment import ExperimentRecord
+from lorafleet.common.tinker.op_store import OpStore
 from lorafleet.scheduler.api.auth import current_key
 from lorafleet.scheduler.api.errors import ApiError
+from lorafleet.scheduler.api.keys import ApiKey
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # checkpoint names: one path segment
 PATH_RE = re.compile(r"^tinker://([^/]+)/(weights|sampler_weights)/([^/]+)$")
@@ -143,7 +143,7 @@ def parse_path(request: Request, key: ApiKey, path: Any,
                field: str = "path") -> tuple[ExperimentRecord, str, int]:
     """`tinker://<model_id>/(weights|sampler_weights)/<name>` -> (record, "<kind>/<name>", version).
     Only the key's own models (another key's answers 404); any other URL goes through the
-    data-access policy first (403 for what the key may not name, common/data_access.py)."""
+    data-access policy first (403 for what the key may not name, common/data/access.py)."""
     if isinstance(path, str) and not path.startswith("tinker://"):
         try:
             DataAccessPolicy.for_key(settings_of(request), key, rds(request)).check_url(path, field)

@@ -12,11 +12,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from lorafleet.common.api_keys import ApiKey
-from lorafleet.common.client_ops import OpError, client_model_spec
-from lorafleet.common.experiment import ExperimentRecord
 from lorafleet.common.keys import Keys
 from lorafleet.common.schemas import ExperimentSpec
+from lorafleet.common.state.experiment import ExperimentRecord
+from lorafleet.common.tinker.op_store import OpError, client_model_spec
+from lorafleet.scheduler.api.keys import ApiKey
 from lorafleet.scheduler.api.tinker.sessions import owned_session
 from lorafleet.scheduler.api.tinker.support import (
     Key,
@@ -36,7 +36,7 @@ from lorafleet.scheduler.api.tinker.support import (
     store_of,
 )
 from lorafleet.scheduler.api.tinker.wire import WireError, decode_forward_backward
-from lorafleet.scheduler.client_capacity import ClientCapacity
+from lorafleet.scheduler.tinker.capacity import ClientCapacity
 
 router = APIRouter(route_class=TinkerRoute)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -4,7 +4,7 @@ Importing `tinker` would run its `__init__`, which imports torch; so the same me
 here from a field table with `descriptor_pb2` in a private `DescriptorPool` (the test
 `tests/unit/test_tinker_wire.py` checks every message, field name, number, type and label against
 the SDK's own `tinker_public_pb2`). The converters map between those messages and the neutral JSON
-formats of `common/client_ops.py` (its module docstring): a `ForwardBackwardRequest` body becomes an
+formats of `common/tinker/op_store.py` (its module docstring): a `ForwardBackwardRequest` body becomes an
 op payload, a neutral forward/backward or sample result becomes protobuf bytes for the SDK.
 """
 

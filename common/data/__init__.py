@@ -1,0 +1,1 @@
+"""Prompt datasets: reading them, uploads, the data-access policy, the http(s) guard."""

@@ -1,0 +1,1 @@
+"""Celery messages: config, the screening broker transport, dead letters, message bodies."""

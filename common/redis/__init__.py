@@ -1,0 +1,1 @@
+"""Redis clients: connections, URLs (Sentinel), replicated writes, retry."""

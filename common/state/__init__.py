@@ -1,0 +1,1 @@
+"""The record of truth in Redis: experiments, the exactly-once step protocol, the ready index."""

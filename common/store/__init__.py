@@ -1,0 +1,1 @@
+"""The adapter store: versioned, immutable PEFT checkpoints on any fsspec filesystem."""

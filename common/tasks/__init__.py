@@ -1,0 +1,1 @@
+"""What an experiment trains on: the task interface, reward environments, verifiable rewards."""

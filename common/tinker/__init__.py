@@ -1,0 +1,1 @@
+"""Client-driven (Tinker) models: the op store and its Lua scripts."""
