@@ -18,10 +18,7 @@ from functools import cached_property
 from typing import Any, Literal
 
 from lorafleet.common.schemas import ExperimentSpec
-
-Status = Literal["queued", "running", "completed", "failed", "cancelled"]
-ACTIVE: tuple[Status, ...] = ("queued", "running")
-TERMINAL: tuple[Status, ...] = ("completed", "failed", "cancelled")
+from lorafleet.common.state.phases import FIRST_PHASE, TERMINAL, Phase, Status
 
 
 class UnknownExperimentError(KeyError):
@@ -50,7 +47,7 @@ class ExperimentRecord:
     # ---- changed by the protocol's Lua scripts ------------------------------------------------
     status: Status = "queued"
     step: int = 0  # committed train steps == the adapter version the next step starts from
-    phase: Literal["rollout", "train"] = "rollout"
+    phase: Phase = FIRST_PHASE  # the statuses and phases and their moves: common/state/phases.py
     node: str = ""  # the node that holds the adapter hot ("" until placed)
     inflight: str = ""  # batch id of the step's published or claimed task ("" when none)
     inflight_at: int = 0

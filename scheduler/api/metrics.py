@@ -35,8 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lorafleet.common.keys import Keys
 from lorafleet.common.prom_writes import ADAPTER_BUCKETS, BUCKETS, FUSED_ADAPTERS, TIMINGS, TINKER_OPS
 from lorafleet.common.settings import Settings
-from lorafleet.common.state.experiment import TERMINAL
-from lorafleet.common.state.ready_index import PHASES
+from lorafleet.common.state.phases import PHASES, TERMINAL
 from lorafleet.scheduler.api.auth import presented_credential
 from lorafleet.scheduler.api.errors import ApiError
 from lorafleet.scheduler.api.keys import ApiKeyStore
