@@ -38,6 +38,7 @@ STATUS_MOVES: dict[Status, tuple[Status, ...]] = {
     "failed": (),
     "cancelled": (),
 }
+EXTENDABLE: tuple[Status, ...] = ("queued", "running", "completed")  # what EXTEND accepts
 
 Phase = Literal["rollout", "train"]
 PHASES: tuple[Phase, ...] = get_args(Phase)  # a step's phases, in order
