@@ -4,6 +4,7 @@ Its dataclass fields are the hash fields: their names, defaults and encoding liv
 nowhere else. The registry writes a new record, the scheduler and clients read records, and the
 Lua scripts of the step protocol are rendered with the same field names (`FIELD_NAMES`), so a
 field that does not exist is an error when the scripts are built, not a silent nil in Redis.
+Its `status` and `phase` take the values of the phase machine (`common/state/phases.py`).
 
 There is no separate "version" field: the adapter version an experiment's next step starts from
 is the number of train steps it has committed, which is `step`.
