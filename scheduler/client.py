@@ -26,7 +26,8 @@ from lorafleet.common.redis.connection import connect
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.settings import Settings
 from lorafleet.common.spec_input import AdmissionLimits
-from lorafleet.common.state.experiment import TERMINAL, ExperimentRecord
+from lorafleet.common.state.experiment import ExperimentRecord
+from lorafleet.common.state.phases import TERMINAL
 from lorafleet.common.store.adapter_store import AdapterStore
 from lorafleet.common.store.layout import Version
 from lorafleet.common.store.retention import doomed_versions, retention_of

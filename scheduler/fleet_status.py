@@ -15,7 +15,7 @@ import redis
 from lorafleet.common.keys import NODE_QUEUE_PREFIX, ROLLOUT_QUEUE, TRAIN_QUEUE, Keys
 from lorafleet.common.messaging.dead_letters import DeadLetters
 from lorafleet.common.redis.replication import replication_health
-from lorafleet.common.state.ready_index import PHASES
+from lorafleet.common.state.phases import PHASES
 
 
 @dataclass

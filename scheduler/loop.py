@@ -28,8 +28,9 @@ from lorafleet.common.messaging.messages import BatchItem, BatchMessage
 from lorafleet.common.redis.retry import Outage
 from lorafleet.common.settings import Settings
 from lorafleet.common.state.experiment import SCHEDULING_FIELDS, ExperimentRecord
+from lorafleet.common.state.phases import PHASES
 from lorafleet.common.state.protocol import Backoff, StepProtocol
-from lorafleet.common.state.ready_index import PHASES, ReadyIndex, member_id, ready_member
+from lorafleet.common.state.ready_index import ReadyIndex, member_id, ready_member
 from lorafleet.scheduler.owner_limits import activatable
 from lorafleet.scheduler.tinker.dispatch import ClientDispatch
 

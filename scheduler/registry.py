@@ -23,6 +23,7 @@ from lorafleet.common.keys import STREAM_MAXLEN, Keys
 from lorafleet.common.schemas import DATASET_ID_PATTERN, ExperimentSpec
 from lorafleet.common.spec_input import AdmissionLimits, DatasetResolver, SpecError, SpecInput, parse_spec
 from lorafleet.common.state.experiment import ExperimentRecord, UnknownExperimentError
+from lorafleet.common.state.phases import EXTENDABLE
 from lorafleet.common.state.protocol import StepProtocol
 from lorafleet.common.store.adapter_import import resolve_init_from
 
@@ -154,7 +155,7 @@ class ExperimentRegistry:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise SpecError(f"steps: must be a positive integer, got {steps!r}")
         rec = self.get(exp_id)
-        if rec.status not in ("queued", "running", "completed"):
+        if rec.status not in EXTENDABLE:
             raise SpecError(f"experiment {exp_id} is {rec.status}: only queued, running or completed "
                             "experiments can be extended")
         data = json.loads(rec.spec_json)

@@ -6,16 +6,13 @@ broker transport's screen, and no field can make a log line or a dead-letter rec
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lorafleet.common.ids import ID_MAX_LEN, validate_id
+from lorafleet.common.state.phases import BatchPhase
 
 MAX_ITEMS = 4096  # per message: far above max_batch_rows / max_sample_rows
 MAX_STEP = 2**53  # a JSON number every reader keeps exact
-
-Phase = Literal["rollout", "train", "ops"]  # ops: client-driven models (common/tinker/op_store.py)
 
 
 class BatchItem(BaseModel):
@@ -36,7 +33,7 @@ class BatchMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     batch_id: str = Field(max_length=ID_MAX_LEN)
-    phase: Phase
+    phase: BatchPhase  # a step phase, or ops: client-driven models (common/state/phases.py)
     node: str | None = Field(default=None, max_length=ID_MAX_LEN)  # whose queue carries it (train affinity)
     epoch: int = Field(ge=0, le=MAX_STEP)  # scheduler leadership epoch that published it
     items: tuple[BatchItem, ...] = Field(min_length=1, max_length=MAX_ITEMS)

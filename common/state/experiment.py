@@ -4,6 +4,7 @@ Its dataclass fields are the hash fields: their names, defaults and encoding liv
 nowhere else. The registry writes a new record, the scheduler and clients read records, and the
 Lua scripts of the step protocol are rendered with the same field names (`FIELD_NAMES`), so a
 field that does not exist is an error when the scripts are built, not a silent nil in Redis.
+Its `status` and `phase` take the values of the phase machine (`common/state/phases.py`).
 
 There is no separate "version" field: the adapter version an experiment's next step starts from
 is the number of train steps it has committed, which is `step`.
@@ -18,10 +19,7 @@ from functools import cached_property
 from typing import Any, Literal
 
 from lorafleet.common.schemas import ExperimentSpec
-
-Status = Literal["queued", "running", "completed", "failed", "cancelled"]
-ACTIVE: tuple[Status, ...] = ("queued", "running")
-TERMINAL: tuple[Status, ...] = ("completed", "failed", "cancelled")
+from lorafleet.common.state.phases import FIRST_PHASE, TERMINAL, Phase, Status
 
 
 class UnknownExperimentError(KeyError):
@@ -50,7 +48,7 @@ class ExperimentRecord:
     # ---- changed by the protocol's Lua scripts ------------------------------------------------
     status: Status = "queued"
     step: int = 0  # committed train steps == the adapter version the next step starts from
-    phase: Literal["rollout", "train"] = "rollout"
+    phase: Phase = FIRST_PHASE  # the statuses and phases and their moves: common/state/phases.py
     node: str = ""  # the node that holds the adapter hot ("" until placed)
     inflight: str = ""  # batch id of the step's published or claimed task ("" when none)
     inflight_at: int = 0

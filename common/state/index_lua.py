@@ -1,7 +1,8 @@
 """The Lua core of the experiment indexes (`common/state/ready_index.py`): which entries an experiment's
 hash implies, and how a script moves them when it changes the hash. Kept apart so that both
 `protocol_lua.py` (the step protocol's scripts) and `ready_index.py` (the index's own scripts)
-embed it; `protocol_lua.render` fills in the `$names` (record fields and these key prefixes).
+embed it; both render their scripts with `INDEX_NAMES` (`common/redis/lua.py`: record fields,
+phase names, these key prefixes).
 
 Every script that changes status, node, phase, inflight or not_before takes `local was =
 entries(exp, id, true)` before its writes and calls `reindex(exp, id, was)` after them, in the
@@ -15,12 +16,16 @@ age, then id)."""
 from __future__ import annotations
 
 from lorafleet.common.keys import Keys
+from lorafleet.common.redis.lua import LuaNames
+from lorafleet.common.state import phases
+from lorafleet.common.state.experiment import FIELD_NAMES
 
-INDEX_NAMES: dict[str, object] = {
-    "exp_prefix": Keys.experiment_prefix, "idx_queued": Keys.idx_queued, "idx_waiting": Keys.idx_waiting,
-    "idx_inflight": Keys.idx_inflight, "idx_backoff": Keys.idx_backoff, "idx_nodes": Keys.idx_nodes,
-    "idx_ready": Keys.idx_ready_prefix, "idx_node": Keys.idx_node_prefix,
-}
+INDEX_NAMES = LuaNames.of(
+    FIELD_NAMES, **phases.LUA_NAMES,
+    exp_prefix=Keys.experiment_prefix, idx_queued=Keys.idx_queued, idx_waiting=Keys.idx_waiting,
+    idx_inflight=Keys.idx_inflight, idx_backoff=Keys.idx_backoff, idx_nodes=Keys.idx_nodes,
+    idx_ready=Keys.idx_ready_prefix, idx_node=Keys.idx_node_prefix,
+)
 
 # Entries are a table "<key>\n<member>" -> 's' (a set member) or the score (a zset member).
 INDEX_LUA = """

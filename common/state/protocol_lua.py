@@ -1,31 +1,22 @@
 """The Lua scripts of the step protocol (`common/state/protocol.py` binds them to a Redis client).
 
 Each runs atomically in Redis. Lease times come from the server clock (TIME), never a worker's.
-Scripts are written with `$name` placeholders for the fields of the experiment hash (owned by
-`ExperimentRecord`: `$status`, `$step`, ...) and for the shared limits (`$task_ttl_ms`,
-`$stream_maxlen`); `render` substitutes them and raises on any unknown name. Fields of a step's
-task hash (status, token, owner, lease_until, batch, claims) belong to this module alone and are
-written literally.
+Scripts are `$name` templates (`common/redis/lua.py`) rendered with `PROTOCOL_NAMES`: the index
+names (`common/state/index_lua.py`: the fields of the experiment hash, owned by `ExperimentRecord`,
+`$status`, `$step`, ...; the phase names of `common/state/phases.py`, `$train`; the index
+keys) and the shared limits (`$task_ttl_ms`, `$stream_maxlen`); an unknown name raises at import.
+Fields of a step's task hash (status, token, owner, lease_until, batch, claims) belong to this
+module alone and are written literally.
 """
 
 from __future__ import annotations
 
-from string import Template
-
 from lorafleet.common.keys import STREAM_MAXLEN, TASK_TTL_MS
+from lorafleet.common.redis.lua import NOW
 from lorafleet.common.state import index_lua
-from lorafleet.common.state.experiment import FIELD_NAMES
 
-_NAMES: dict[str, object] = {name: name for name in FIELD_NAMES}
-_NAMES.update(task_ttl_ms=TASK_TTL_MS, stream_maxlen=STREAM_MAXLEN, **index_lua.INDEX_NAMES)
-
-
-def render(script: str) -> str:
-    """`script` with every `$name` replaced; a name that is not a record field or limit raises."""
-    return Template(script).substitute(_NAMES)
-
-
-_NOW = "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
+PROTOCOL_NAMES = index_lua.INDEX_NAMES.with_names(task_ttl_ms=TASK_TTL_MS, stream_maxlen=STREAM_MAXLEN)
+render = PROTOCOL_NAMES.render
 
 # A fresh claim of a task hash for ARGV owner, lease, batch. Used inside scripts below.
 _CLAIM_TASK = """
@@ -38,8 +29,6 @@ local function claim_task(task, fence, owner, lease_ms, batch)
   return token
 end
 """
-
-_INDEX = index_lua.INDEX_LUA  # the indexes' entries and `reindex` (common/state/index_lua.py)
 
 # Every refusal is counted per experiment and reason (`lf:refusals:<id>`): a stale or duplicate
 # message, a zombie's late commit. The reasons are stable names (REFUSAL_REASONS, documented in
@@ -77,7 +66,7 @@ _POSITION = """
 local function position(exp_step, exp_phase, step, phase)
   exp_step, step = tonumber(exp_step), tonumber(step)
   if exp_step == step and exp_phase == phase then return 'ok' end
-  if exp_step > step or (exp_step == step and exp_phase == 'train') then return 'stale' end
+  if exp_step > step or (exp_step == step and exp_phase == '$train') then return 'stale' end
   return 'future'
 end
 """
@@ -85,7 +74,7 @@ end
 # KEYS: task, exp, fence, refusals   ARGV: owner, lease_ms, step, phase, batch_id -> {token, reason}
 # Claiming again what this owner already holds for the same batch returns the same token (a
 # retry after a lost reply must not orphan the claim).
-CLAIM = render(_NOW + _CLAIM_TASK + _REFUSE + _POSITION + """
+CLAIM = render(NOW + _CLAIM_TASK + _REFUSE + _POSITION + """
 local e = redis.call('HMGET', KEYS[2], '$status', '$step', '$phase')
 if e[1] ~= 'running' then return {0, refuse(KEYS[4], 'claim', not_running(e[1]))} end
 local pos = position(e[2], e[3], ARGV[3], ARGV[4])
@@ -99,7 +88,7 @@ end
 return {claim_task(KEYS[1], KEYS[3], ARGV[1], ARGV[2], ARGV[5]), 'ok'}
 """)
 
-RENEW = _NOW + """
+RENEW = NOW + """
 local s = redis.call('HMGET', KEYS[1], 'status', 'token')
 if s[1] ~= 'claimed' or s[2] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]))
@@ -108,7 +97,7 @@ return 1
 
 # Every claim a worker holds, renewed in one script. KEYS: task per claim   ARGV: lease_ms, then
 # token per claim -> 1/0 per claim (0: not held any more)
-RENEW_MANY = _NOW + """
+RENEW_MANY = NOW + """
 local out = {}
 for i, task in ipairs(KEYS) do
   local s = redis.call('HMGET', task, 'status', 'token')
@@ -142,20 +131,20 @@ end
 # The checks and writes every rollout commit makes. KEYS: task, exp, trajectory, events, refusals
 # ARGV: token, step, traj_json, summary_json, ttl_ms, exp_id
 _COMMIT_ROLLOUT = _REFUSE + _POSITION + _FENCE + """
-local verdict = fence(KEYS[1], KEYS[2], KEYS[5], ARGV[1], ARGV[2], 'rollout')
+local verdict = fence(KEYS[1], KEYS[2], KEYS[5], ARGV[1], ARGV[2], '$rollout')
 local was = {}
 local function commit_rollout()
   was = entries(KEYS[2], ARGV[6], true)
   redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[5])
   redis.call('HSET', KEYS[1], 'status', 'committed')
-  redis.call('HSET', KEYS[2], '$phase', 'train', '$attempts', 0, '$error', '', '$rollout_summary', ARGV[4])
+  redis.call('HSET', KEYS[2], '$phase', '$train', '$attempts', 0, '$error', '', '$rollout_summary', ARGV[4])
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'rollout_committed',
              'exp', ARGV[6], 'step', ARGV[2])
 end
 """
 
 # -> {1, 'ok'} or {0, reason}
-COMMIT_ROLLOUT = render(_NOW + _INDEX + _COMMIT_ROLLOUT + """
+COMMIT_ROLLOUT = render(NOW + index_lua.INDEX_LUA + _COMMIT_ROLLOUT + """
 if verdict == 'done' then return {1, 'ok'} end
 if verdict ~= 'ok' then return {0, verdict} end
 commit_rollout()
@@ -169,7 +158,7 @@ return {1, 'ok'}
 # never without an in-flight task in between, so the scheduler cannot publish the train step too.
 # KEYS: as COMMIT_ROLLOUT, then train task, fence   ARGV: as COMMIT_ROLLOUT, then owner,
 # lease_ms, batch_id, node -> {the train claim's token, 'ok'} or {0, reason}
-COMMIT_ROLLOUT_CLAIM_TRAIN = render(_NOW + _INDEX + _CLAIM_TASK + _COMMIT_ROLLOUT + """
+COMMIT_ROLLOUT_CLAIM_TRAIN = render(NOW + index_lua.INDEX_LUA + _CLAIM_TASK + _COMMIT_ROLLOUT + """
 if verdict == 'done' then
   local t = redis.call('HMGET', KEYS[6], 'status', 'token', 'batch')
   if t[1] == 'claimed' and t[3] == ARGV[9] then return {tonumber(t[2]), 'ok'} end
@@ -189,8 +178,8 @@ return {token, 'ok'}
 # log_from..step is dropped and log_from = step + 1.
 # KEYS: task, exp, metrics, events, trajectory, active, refusals   ARGV: token, step, metrics_json,
 # exp_id, snapshot, trajectory key prefix -> {1, 'ok'} or {0, reason}
-COMMIT_TRAIN = render(_NOW + _INDEX + _REFUSE + _POSITION + _FENCE + """
-local verdict = fence(KEYS[1], KEYS[2], KEYS[7], ARGV[1], ARGV[2], 'train')
+COMMIT_TRAIN = render(NOW + index_lua.INDEX_LUA + _REFUSE + _POSITION + _FENCE + """
+local verdict = fence(KEYS[1], KEYS[2], KEYS[7], ARGV[1], ARGV[2], '$train')
 if verdict == 'done' then return {1, 'ok'} end
 if verdict ~= 'ok' then return {0, verdict} end
 local step = tonumber(ARGV[2])
@@ -205,7 +194,7 @@ if ARGV[5] == '1' then
 else
   redis.call('PERSIST', KEYS[5])
 end
-redis.call('HSET', KEYS[2], '$step', nxt, '$phase', 'rollout', '$inflight', '', '$attempts', 0, '$error', '')
+redis.call('HSET', KEYS[2], '$step', nxt, '$phase', '$rollout', '$inflight', '', '$attempts', 0, '$error', '')
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', $stream_maxlen, '*', 'type', 'train_committed',
            'exp', ARGV[4], 'step', step, 'version', nxt)
 if nxt >= tonumber(total) then
@@ -225,7 +214,7 @@ return {1, 'ok'}
 # KEYS: waiting index, fence, rebalance flag, then exp, rollout task per item
 # ARGV: owner, lease_ms, batch_id, node, then exp_id, step per item
 # -> a fencing token per item (0: not claimed); {} when something else is waiting
-CLAIM_NEXT_ROLLOUTS = render(_NOW + _INDEX + _CLAIM_TASK + """
+CLAIM_NEXT_ROLLOUTS = render(NOW + index_lua.INDEX_LUA + _CLAIM_TASK + """
 if redis.call('EXISTS', KEYS[3]) == 1 then return {} end
 local n = (#KEYS - 3) / 2
 local others, mine = redis.call('SCARD', KEYS[1]), {}
@@ -241,7 +230,7 @@ for i = 0, n - 1 do
   local e = redis.call('HMGET', exp, '$status', '$step', '$phase', '$inflight', '$rows')
   local s = redis.call('HMGET', task, 'status', 'lease_until')
   local token = 0
-  if e[1] == 'running' and tonumber(e[2]) == tonumber(step) and e[3] == 'rollout' and e[4] == ''
+  if e[1] == 'running' and tonumber(e[2]) == tonumber(step) and e[3] == '$rollout' and e[4] == ''
      and s[1] ~= 'committed' and not (s[1] == 'claimed' and tonumber(s[2]) > now) then
     token = claim_task(task, KEYS[2], ARGV[1], ARGV[2], ARGV[3])
     local was = entries(exp, id, true)
@@ -274,7 +263,7 @@ end
 # KEYS: task, exp, events, active
 # ARGV: token, reason, count, max_attempts, exp_id, backoff_base_ms, backoff_cap_ms
 # -> 0 not the holder (or not running), 1 released for another attempt, 2 experiment failed
-GIVE_UP_ATTEMPT = render(_NOW + _INDEX + _NOT_BEFORE + """
+GIVE_UP_ATTEMPT = render(NOW + index_lua.INDEX_LUA + _NOT_BEFORE + """
 local s = redis.call('HMGET', KEYS[1], 'status', 'token')
 if s[1] ~= 'claimed' or s[2] ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[2], '$status') ~= 'running' then return 0 end
@@ -301,7 +290,7 @@ return 1
 
 # Scheduler or client ends an experiment (poison cap, cancel). KEYS: exp, events, active
 # ARGV: status, reason, exp_id
-FINISH = render(_NOW + _INDEX + """
+FINISH = render(NOW + index_lua.INDEX_LUA + """
 local st = redis.call('HGET', KEYS[1], '$status')
 if st ~= 'queued' and st ~= 'running' then return 0 end
 local was = entries(KEYS[1], ARGV[3], true)
@@ -316,7 +305,7 @@ return 1
 # A client adds steps to an experiment (continual learning): a completed one runs again from its
 # last committed version, keeping its history. KEYS: exp, events, active
 # ARGV: steps to add, the new spec JSON, exp_id -> the new steps_total, or 0 if not extendable
-EXTEND = render(_NOW + _INDEX + """
+EXTEND = render(NOW + index_lua.INDEX_LUA + """
 local st = redis.call('HGET', KEYS[1], '$status')
 if st ~= 'queued' and st ~= 'running' and st ~= 'completed' then return 0 end
 local was = entries(KEYS[1], ARGV[3], true)
@@ -337,7 +326,7 @@ return total
 # them, for fair share), each only if it is still running at that step and phase with nothing in
 # flight. KEYS: leader, exp... ARGV: leader_id, batch_id, phase, node, then step per exp, then
 # exp_id per exp -> 1/0 per exp (all 0 if the caller is not the leader)
-MARK_INFLIGHT = render(_NOW + _INDEX + """
+MARK_INFLIGHT = render(NOW + index_lua.INDEX_LUA + """
 local out = {}
 local leader = redis.call('GET', KEYS[1]) == ARGV[1]
 local n = #KEYS - 1
@@ -360,7 +349,7 @@ return out
 
 # KEYS: leader, exp   ARGV: leader_id, exp_id. An experiment that is not queued (any more) has
 # its index entries rewritten from its hash: a stale `queued` entry heals itself here.
-ACTIVATE = render(_NOW + _INDEX + """
+ACTIVATE = render(NOW + index_lua.INDEX_LUA + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local was = entries(KEYS[2], ARGV[2], true)
 local ok = 0
@@ -376,7 +365,7 @@ return ok
 # a counted attempt fails again: base x 2^(attempts-2), capped). KEYS: leader, exp
 # ARGV: leader_id, batch_id, attempts to add (0: the task never ran, e.g. its node vanished),
 # reason, backoff_base_ms, backoff_cap_ms, exp_id -> 1 + failed attempts so far; 0: not cleared
-CLEAR_INFLIGHT = render(_NOW + _INDEX + _NOT_BEFORE + """
+CLEAR_INFLIGHT = render(NOW + index_lua.INDEX_LUA + _NOT_BEFORE + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[2], '$inflight') ~= ARGV[2] then return 0 end
 local was = entries(KEYS[2], ARGV[7], true)

@@ -34,10 +34,12 @@ from typing import Any
 import redis
 
 from lorafleet.common.keys import PREFIX, Keys
+from lorafleet.common.redis.lua import NOW
 from lorafleet.common.state.experiment import ExperimentRecord
-from lorafleet.common.state.protocol_lua import _INDEX, _NOW, render
+from lorafleet.common.state.index_lua import INDEX_LUA, INDEX_NAMES
+from lorafleet.common.state.phases import PHASES
 
-PHASES = ("rollout", "train")
+render = INDEX_NAMES.render
 
 
 def ready_member(created_at: int, exp_id: str) -> str:
@@ -52,7 +54,7 @@ def member_id(member: str) -> str:
 # Moves experiments that wait for a batch to another node (placement of new ones and of those of
 # a dead node, rebalancing), each only if it is still running on `from` with nothing in flight.
 # KEYS: leader, exp...  ARGV: leader_id, then exp_id, from node, to node per exp -> 1/0 per exp
-MOVE = render(_NOW + _INDEX + """
+MOVE = render(NOW + INDEX_LUA + """
 local out = {}
 local leader = redis.call('GET', KEYS[1]) == ARGV[1]
 for i = 2, #KEYS do
@@ -72,7 +74,7 @@ return out
 
 # Backoff entries whose time has come become ready (or, if stale, are rewritten from the hash).
 # KEYS: backoff   ARGV: at most this many -> how many were moved
-PROMOTE_DUE = render(_NOW + _INDEX + """
+PROMOTE_DUE = render(NOW + INDEX_LUA + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[1], id)
@@ -83,7 +85,7 @@ return #due
 
 # One entry found not to match its hash: drop it and rewrite the experiment's entries from the
 # hash. KEYS: exp, the index key holding the entry   ARGV: exp_id, member
-REPAIR = render(_NOW + _INDEX + """
+REPAIR = render(NOW + INDEX_LUA + """
 if redis.call('TYPE', KEYS[2]).ok == 'zset' then redis.call('ZREM', KEYS[2], ARGV[2])
 else redis.call('SREM', KEYS[2], ARGV[2]) end
 purge(KEYS[1], ARGV[1])
@@ -91,15 +93,17 @@ reindex(KEYS[1], ARGV[1], {})
 return 1
 """)
 
+_READY_OF_NODE = ", ".join(f"'$idx_ready' .. '${p}:' .. node" for p in PHASES)  # one zset per phase
+
 # Every index dropped and rebuilt from the hashes of `lf:active` (queued and running
 # experiments), in one atomic step: O(active experiments), once per leadership.
 # KEYS: active, workers -> how many experiments were indexed
-REBUILD = render(_NOW + _INDEX + """
+REBUILD = render(NOW + INDEX_LUA + """
 local nodes = redis.call('SMEMBERS', '$idx_nodes')
 for _, node in ipairs(redis.call('SMEMBERS', KEYS[2])) do nodes[#nodes + 1] = node end
 nodes[#nodes + 1] = ''
 for _, node in ipairs(nodes) do
-  redis.call('DEL', '$idx_ready' .. 'rollout:' .. node, '$idx_ready' .. 'train:' .. node, '$idx_node' .. node)
+  redis.call('DEL', """ + _READY_OF_NODE + """, '$idx_node' .. node)
 end
 redis.call('DEL', '$idx_queued', '$idx_waiting', '$idx_inflight', '$idx_backoff', '$idx_nodes')
 local ids = redis.call('SMEMBERS', KEYS[1])
@@ -111,7 +115,7 @@ return #ids
 # A slice of `lf:active` rewritten from the hashes (a rolling check: an entry lost by hand or by
 # a bug comes back within one pass over the active experiments, without waiting for a new leader).
 # KEYS: active   ARGV: SSCAN cursor, count -> the next cursor ("0": the pass is complete)
-RECHECK = render(_NOW + _INDEX + """
+RECHECK = render(NOW + INDEX_LUA + """
 local res = redis.call('SSCAN', KEYS[1], ARGV[1], 'COUNT', tonumber(ARGV[2]))
 for _, id in ipairs(res[2]) do
   purge('$exp_prefix' .. id, id)

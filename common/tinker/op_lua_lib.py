@@ -1,34 +1,28 @@
-"""The shared part of the client-op Lua scripts (`common/tinker/op_lua.py`): the key-name and
-record-field substitutions (`render`) and the Lua functions every script embeds (`LIB`): the
-ready entry, admission under the key's quota and the release of held work, finishing a future,
-and giving a claim back. The protocol's state is described in `common/tinker/op_lua.py`."""
+"""The shared part of the client-op Lua scripts (`common/tinker/op_lua.py`): their `$names`
+(`OP_NAMES`, `common/redis/lua.py`: record fields and key names) and the Lua functions every
+script embeds (`LIB`): the ready entry, admission under the key's quota and the release of held
+work, finishing a future, and giving a claim back. The protocol's state is described in
+`common/tinker/op_lua.py`."""
 
 from __future__ import annotations
 
-from string import Template
-
 from lorafleet.common.keys import STREAM_MAXLEN, Keys
+from lorafleet.common.redis.lua import NOW, LuaNames, key_affixes
 from lorafleet.common.state.experiment import FIELD_NAMES
 
-_NAMES: dict[str, object] = {name: name for name in FIELD_NAMES}
-_NAMES.update(
+_OWNER_QUEUED, _HELD = key_affixes(Keys.tk_owner_queued), key_affixes(Keys.tk_held)
+OP_NAMES = LuaNames.of(
+    FIELD_NAMES,
     maxlen=STREAM_MAXLEN, fut=Keys.tk_future(""), payload=Keys.tk_payload(""), result=Keys.tk_result(""),
     ops=Keys.tk_ops(""), model=Keys.tk_model(""), exp=Keys.experiment(""), apikey=Keys.api_key(""),
-    owner_queued=Keys.tk_owner_queued("\x00").split("\x00")[0],
-    owner_queued_tail=Keys.tk_owner_queued("\x00").split("\x00")[1],
-    held=Keys.tk_held("\x00").split("\x00")[0], held_tail=Keys.tk_held("\x00").split("\x00")[1],
+    owner_queued=_OWNER_QUEUED[0], owner_queued_tail=_OWNER_QUEUED[1], held=_HELD[0], held_tail=_HELD[1],
     held_owners=Keys.tk_held_owners, ready=Keys.tk_ready, inflight_set=Keys.tk_inflight,
     samples=Keys.tk_samples, samples_running=Keys.tk_samples_running, done_stream=Keys.tk_done,
     events=Keys.events, closed_ttl_ms=3_600_000,
 )
+render = OP_NAMES.render
 
-
-def render(script: str) -> str:
-    return Template(script).substitute(_NAMES)
-
-
-LIB = """
-local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)
+LIB = "\n" + NOW + """\
 local BARRIER = {optim_step = true, save_weights = true, save_weights_for_sampler = true, load_weights = true}
 local function fut(rid) return '$fut' .. rid end
 local function queued_key(owner) return '$owner_queued' .. owner .. '$owner_queued_tail' end

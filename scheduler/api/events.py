@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from lorafleet.common.keys import Keys
 from lorafleet.common.redis.connection import connect_async
-from lorafleet.common.state.experiment import TERMINAL
+from lorafleet.common.state.phases import TERMINAL
 from lorafleet.scheduler.api.auth import current_key
 from lorafleet.scheduler.api.deps import owned, redis_of, settings_of
 from lorafleet.scheduler.api.errors import ApiError

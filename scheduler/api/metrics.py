@@ -35,15 +35,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lorafleet.common.keys import Keys
 from lorafleet.common.prom_writes import ADAPTER_BUCKETS, BUCKETS, FUSED_ADAPTERS, TIMINGS, TINKER_OPS
 from lorafleet.common.settings import Settings
-from lorafleet.common.state.experiment import TERMINAL
-from lorafleet.common.state.ready_index import PHASES
+from lorafleet.common.state.phases import PHASES, STATUSES, TERMINAL
 from lorafleet.scheduler.api.auth import presented_credential
 from lorafleet.scheduler.api.errors import ApiError
 from lorafleet.scheduler.api.keys import ApiKeyStore
 from lorafleet.scheduler.fleet_status import read_fleet_status
 
 router = APIRouter()
-STATES = ("queued", "running", "completed", "failed", "cancelled")
 HISTOGRAMS: dict[str, tuple[tuple[float, ...], str]] = {
     **{name: (BUCKETS, f"{name.removeprefix('lorafleet_').replace('_', ' ')} per step")
        for name in ("lorafleet_rollout_seconds", *TIMINGS)},
@@ -83,7 +81,7 @@ class FleetCollector(Collector):
         counts = Counter((st or "queued", kind or "rl") for st, kind, _, _ in rows.values())
         g = GaugeMetricFamily("lorafleet_experiments", "Experiments by state and kind",
                               labels=["state", "kind"])
-        for state in STATES:
+        for state in STATUSES:
             for kind in ("rl", "client"):
                 g.add_metric([state, kind], counts.get((state, kind), 0))
         yield g

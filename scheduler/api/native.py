@@ -17,6 +17,7 @@ from lorafleet.common.redis.replication import replication_health
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.spec_input import AdmissionLimits, SpecError, parse_spec
 from lorafleet.common.state.experiment import ExperimentRecord
+from lorafleet.common.state.phases import EXTENDABLE
 from lorafleet.scheduler.api.auth import current_key, require_admin
 from lorafleet.scheduler.api.deps import access_error, owned, redis_of, registry_of, settings_of, spec_error
 from lorafleet.scheduler.api.errors import ApiError
@@ -182,7 +183,7 @@ def cancel(request: Request, key: Key, exp_id: str) -> dict[str, Any]:
 @router.post("/experiments/{exp_id}/extend", summary="Continue for more steps from the last version")
 def extend(request: Request, key: Key, exp_id: str, body: ExtendBody) -> dict[str, Any]:
     rec = owned(request, key, exp_id)
-    if rec.status not in ("queued", "running", "completed"):
+    if rec.status not in EXTENDABLE:
         raise ApiError(409, "conflict", f"experiment {exp_id} is {rec.status}: only queued, running or "
                        "completed experiments can be extended")
     if body.dataset is not None:
