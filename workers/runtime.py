@@ -131,7 +131,8 @@ class WorkerRuntime(WorkerLiveness):
         threading.Thread(target=self._heartbeat, name="lorafleet-heartbeat", daemon=True).start()
 
     def _make_vllm_engine(self) -> Any:  # VLLMRolloutEngine | None
-        from lorafleet.workers.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine, default_rollout_engine
+        from lorafleet.workers.vllm_config import VLLMEngineConfig, default_rollout_engine
+        from lorafleet.workers.vllm_engine import VLLMRolloutEngine
 
         s = self.settings
         if (s.rollout_engine or default_rollout_engine(s.device)) == "torch":

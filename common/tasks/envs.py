@@ -5,10 +5,10 @@ Pure Python on purpose (no torch): the scheduler imports this module to validate
 
 An environment is a class with a pydantic `Args` model (unknown or ill-typed args are an error that
 names the field) whose constructor takes one validated `Args` instance. Environments are found by
-name through the `lorafleet.envs` entry-point group (`name = "module:Class"`); the built-ins are
-also kept in `BUILTIN_ENVS` so that they work before the package metadata is refreshed (an
-editable install whose entry points predate them), and a third-party entry point cannot shadow a
-built-in name.
+name through the `lorafleet.envs` entry-point group (`name = "module:Class"`), looked up by
+`registry.EntryPointRegistry` (shared with the rewards); the built-ins are also kept in
+`BUILTIN_ENVS` so that they work before the package metadata is refreshed (an editable install
+whose entry points predate them), and a third-party entry point cannot shadow a built-in name.
 
 The built-in tasks have dense rewards, so that the tiny random-init model of the tests and
 benchmarks visibly learns them within a few dozen RL steps.
@@ -19,10 +19,11 @@ from __future__ import annotations
 import random
 import string
 from collections.abc import Mapping
-from importlib import metadata
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lorafleet.common.tasks.registry import EntryPointRegistry
 
 ENTRY_POINT_GROUP = "lorafleet.envs"
 CLOSENESS_SCALE = 32  # ord distance at which a char earns nothing (dense, but a clear optimum)
@@ -137,25 +138,17 @@ BUILTIN_ENVS: dict[str, type[_WordPromptEnv]] = {
 
 
 # ---- registry -------------------------------------------------------------------------------
-def _entry_points() -> dict[str, metadata.EntryPoint]:
-    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+ENVS = EntryPointRegistry(ENTRY_POINT_GROUP, BUILTIN_ENVS, kind="env", known="known envs",
+                          error=UnknownEnvError)
 
 
 def available_envs() -> list[str]:
     """Every registered name, without importing any environment's code."""
-    return sorted(set(BUILTIN_ENVS) | set(_entry_points()))
+    return ENVS.names()
 
 
 def get_env_class(name: str) -> Any:
-    if name in BUILTIN_ENVS:
-        return BUILTIN_ENVS[name]
-    ep = _entry_points().get(name)
-    if ep is None:
-        raise UnknownEnvError(f"unknown env {name!r}; known envs: {', '.join(available_envs())}")
-    try:
-        return ep.load()
-    except Exception as e:  # a broken plugin is that env's problem, reported by name
-        raise UnknownEnvError(f"env {name!r} ({ep.value}) failed to load: {e!r}") from e
+    return ENVS.get(name)
 
 
 def validate_env_args(name: str, args: Mapping[str, object] | None = None) -> EnvArgs | None:

@@ -6,7 +6,8 @@ dataset row with the spec's mapped fields under `prompt`, `messages` and `answer
 
 Built-ins (`BUILTIN_REWARDS`): `exact_match`, `numeric_match`, `regex_match`, `contains`. User
 rewards are entry points of the group `lorafleet.rewards` (`name = "module:obj"`), installed on the
-workers (and where specs are validated); a plugin cannot shadow a built-in name. A registered
+workers (and where specs are validated), looked up by `registry.EntryPointRegistry` (shared with
+the envs); a plugin cannot shadow a built-in name. A registered
 object is either
 - a function `(prompt, completion, row) -> float` (it takes no args), or
 - a class with a pydantic `Args` model (a subclass of `RewardArgs`): it is constructed with the
@@ -28,13 +29,13 @@ import inspect
 import math
 import re
 from collections.abc import Callable, Mapping
-from importlib import metadata
 from typing import Any, ClassVar, Literal
 
 import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lorafleet.common.schemas import RewardSpec
+from lorafleet.common.tasks.registry import EntryPointRegistry
 
 ENTRY_POINT_GROUP = "lorafleet.rewards"
 REGEX_TIMEOUT_S = 1.0
@@ -300,28 +301,19 @@ def format_reward(completion: str, pattern: str | None = None) -> float:
 
 
 # ---- registry -------------------------------------------------------------------------------
-def _entry_points() -> dict[str, metadata.EntryPoint]:
-    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+REWARDS = EntryPointRegistry(
+    ENTRY_POINT_GROUP, BUILTIN_REWARDS, kind="reward fn", known="known", error=UnknownRewardError,
+    refuse=lambda obj: None if callable(obj) else "is not callable",
+)
 
 
 def available_rewards() -> list[str]:
     """Every registered name, without importing any reward's code."""
-    return sorted(set(BUILTIN_REWARDS) | set(_entry_points()))
+    return REWARDS.names()
 
 
 def get_reward_object(name: str) -> Any:
-    if name in BUILTIN_REWARDS:
-        return BUILTIN_REWARDS[name]
-    ep = _entry_points().get(name)
-    if ep is None:
-        raise UnknownRewardError(f"unknown reward fn {name!r}; known: {', '.join(available_rewards())}")
-    try:
-        obj = ep.load()
-    except Exception as e:  # a broken plugin is that reward's problem, reported by name
-        raise UnknownRewardError(f"reward fn {name!r} ({ep.value}) failed to load: {e!r}") from e
-    if not callable(obj):
-        raise UnknownRewardError(f"reward fn {name!r} ({ep.value}) is not callable")
-    return obj
+    return REWARDS.get(name)
 
 
 def _problems(e: ValidationError) -> str:

@@ -28,7 +28,8 @@ from lorafleet.workers.tinker.generation import SharedGeneration  # noqa: E402
 from lorafleet.workers.tinker.op_runner import ClientOpRunner  # noqa: E402
 from lorafleet.workers.tinker.sampling import ClientSampler  # noqa: E402
 from lorafleet.workers.tiny_model import load_base_model, resolve_model_dir  # noqa: E402
-from lorafleet.workers.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine  # noqa: E402
+from lorafleet.workers.vllm_config import VLLMEngineConfig  # noqa: E402
+from lorafleet.workers.vllm_engine import VLLMRolloutEngine  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

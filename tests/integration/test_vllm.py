@@ -38,13 +38,8 @@ from lorafleet.workers.multilora.layout import BatchLayout  # noqa: E402
 from lorafleet.workers.multilora.model import MultiLoRAModel  # noqa: E402
 from lorafleet.workers.rollout import ContextLengthError, RolloutRequest, TorchRolloutEngine  # noqa: E402
 from lorafleet.workers.tiny_model import load_base_model, resolve_model_dir  # noqa: E402
-from lorafleet.workers.vllm_engine import (  # noqa: E402
-    CanaryMismatchError,
-    VLLMEngineConfig,
-    VLLMRolloutEngine,
-    round_lora_rank,
-    trainer_scorer,
-)
+from lorafleet.workers.vllm_config import VLLMEngineConfig, round_lora_rank  # noqa: E402
+from lorafleet.workers.vllm_engine import CanaryMismatchError, VLLMRolloutEngine, trainer_scorer  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -327,7 +322,8 @@ CHILD = textwrap.dedent("""
         try:
             import torch
             from lorafleet.workers.rollout import RolloutRequest
-            from lorafleet.workers.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
+            from lorafleet.workers.vllm_config import VLLMEngineConfig
+            from lorafleet.workers.vllm_engine import VLLMRolloutEngine
             torch.manual_seed(7)
             engine = VLLMRolloutEngine(VLLMEngineConfig(model_dir, eos_id=2, max_loras=1,
                                                         max_lora_rank=8, kv_cache_bytes=64 << 20))

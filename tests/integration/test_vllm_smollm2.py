@@ -32,7 +32,8 @@ from lorafleet.workers.multilora.model import MultiLoRAModel  # noqa: E402
 from lorafleet.workers.rl import chat_prompt_ids  # noqa: E402
 from lorafleet.workers.rollout import RolloutRequest  # noqa: E402
 from lorafleet.workers.tiny_model import load_base_model  # noqa: E402
-from lorafleet.workers.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine, trainer_scorer  # noqa: E402
+from lorafleet.workers.vllm_config import VLLMEngineConfig  # noqa: E402
+from lorafleet.workers.vllm_engine import VLLMRolloutEngine, trainer_scorer  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -202,7 +202,7 @@ def row_reading_reward(prompt: str, completion: str, row: dict) -> float:
 def fake_entry_points(monkeypatch, **objs: str) -> None:
     eps = {name: metadata.EntryPoint(name, f"{__name__}:{obj}", rewards.ENTRY_POINT_GROUP)
            for name, obj in objs.items()}
-    monkeypatch.setattr(rewards, "_entry_points", lambda: eps)
+    monkeypatch.setattr(rewards.REWARDS, "entry_points", lambda: eps)
 
 
 def test_a_plugin_gets_the_whole_row(monkeypatch, dataset: Path) -> None:
