@@ -36,6 +36,7 @@ from lorafleet.common.redis.retry import is_infra_fault
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.state.protocol import StepItem
 from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.tinker.losses import LOSS_FNS, PPO_CLIP_HIGH, PPO_CLIP_LOW
 from lorafleet.common.tinker.op_store import ClaimedModel, ClientOp, OpResult, OpStore
 from lorafleet.workers.batch import ClientRow
 from lorafleet.workers.checkpoints import new_version
@@ -46,8 +47,6 @@ from lorafleet.workers.residency import ResidentAdapters
 from lorafleet.workers.tinker.chain import OpChain
 
 log = get_logger("lorafleet.worker.client_ops")
-
-LOSS_FNS = ("cross_entropy", "importance_sampling", "ppo")
 
 
 class OpInputError(ValueError):
@@ -62,8 +61,8 @@ def op_rows(op: ClientOp) -> tuple[list[ClientRow], ClientLoss]:
         raise OpInputError(f"unknown loss_fn {fn!r}; supported: {', '.join(LOSS_FNS)}")
     cfg = p.get("loss_fn_config") or {}
     try:
-        loss = ClientLoss(fn, clip_low=float(cfg.get("clip_low_threshold", 0.8)),
-                          clip_high=float(cfg.get("clip_high_threshold", 1.2)))
+        loss = ClientLoss(fn, clip_low=float(cfg.get("clip_low_threshold", PPO_CLIP_LOW)),
+                          clip_high=float(cfg.get("clip_high_threshold", PPO_CLIP_HIGH)))
         rows = []
         for i, d in enumerate(p.get("data") or []):
             inputs = d.get("loss_fn_inputs") or {}
