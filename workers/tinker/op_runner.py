@@ -228,7 +228,7 @@ class ClientOpRunner:
                 losses[op.request_id] = loss
         log.info("rebuilding gradients from the gradlog", models=[m.exp_id for m in replay], ops=len(losses))
         if rows:
-            out = self.trainer.accumulate(rows, losses)
+            out = self.trainer.tinker.accumulate(rows, losses)
             for name in out.tainted:  # cannot happen on a replay of ops that ran clean; be safe
                 raise RuntimeError(f"replaying the gradlog of {name} hit a non-finite op")
         for m in replay:
@@ -252,7 +252,7 @@ class ClientOpRunner:
                 rows += op_r
                 losses[op.request_id] = loss
                 ops.append(op)
-        errors = self.trainer.client_op_errors(rows, losses) if rows else {}
+        errors = self.trainer.tinker.client_op_errors(rows, losses) if rows else {}
         for op in [o for o in ops if o.request_id in errors]:  # token ids out of range, ...
             results[op.exp_id][op.request_id] = _fail(op, f"{op.kind}: {errors[op.request_id]}")
             del losses[op.request_id]
@@ -276,7 +276,7 @@ class ClientOpRunner:
 
     def _forward(self, claimed: Sequence[ClaimedModel], results: dict[str, dict[str, OpResult]]) -> None:
         rows, losses, ops = self._collect(claimed, "forward", results)
-        outs = self.trainer.forward(rows, losses) if rows else {}
+        outs = self.trainer.tinker.forward(rows, losses) if rows else {}
         for op in ops:
             results[op.exp_id][op.request_id] = self._fb_result(op, outs.get(op.request_id))
 
@@ -285,7 +285,7 @@ class ClientOpRunner:
         rows, losses, ops = self._collect(claimed, "forward_backward", results)
         if not ops:
             return
-        res = self.trainer.accumulate(rows, losses) if rows else None
+        res = self.trainer.tinker.accumulate(rows, losses) if rows else None
         outputs: Mapping[str, Any] = res.outputs if res is not None else {}
         models = sorted({op.exp_id for op in ops})
         self.ops.record_fused_step(self.node, batch_id, models, [op.request_id for op in ops], len(rows),
@@ -319,7 +319,7 @@ class ClientOpRunner:
             rows += op_r
             losses[op.request_id] = loss
         if rows:
-            self.trainer.accumulate(rows, losses)
+            self.trainer.tinker.accumulate(rows, losses)
         log.info("gradients rebuilt after a non-finite op spanning micro-batches", experiment_id=name)
 
     # ---- barriers ---------------------------------------------------------------------------
@@ -340,7 +340,7 @@ class ClientOpRunner:
                 self._load_weights(op, versions, specs[exp_id], results)
         published = []
         if steps:
-            stepped = self.trainer.apply(steps)
+            stepped = self.trainer.tinker.apply(steps)
             for exp_id in steps:
                 op, r = last[exp_id], stepped[exp_id]
                 if not r.stepped:  # no gradients, or a non-finite norm: the step is skipped (as a
