@@ -17,8 +17,8 @@ couples ops or adapters and k accumulate calls equal one call over all their row
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -32,17 +32,37 @@ from lorafleet.workers.losses import (
 from lorafleet.workers.step_types import AccumulateResult, AdamParams, AdapterStepResult, OpOutput
 
 if TYPE_CHECKING:
-    from lorafleet.workers.fused_step import FusedTrainStep
+    from lorafleet.workers.multilora.model import MultiLoRAModel
+    from lorafleet.workers.step_backends import StepBackend
 
 CLIENT_PAD_ID = 0  # any valid id: padded positions are masked out of every loss
 HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
+
+
+class TinkerTrainer(Protocol):
+    """What `TinkerOps` uses of its trainer (`FusedTrainStep`, which owns all the state)."""
+
+    model: MultiLoRAModel
+    backend: StepBackend
+    specs: dict
+    steps: dict[str, int]
+    tokens_per_microbatch: int | None
+    logprob_chunk_tokens: int
+
+    def param_group(self, name: str) -> dict: ...
+
+    def drop_grads(self, name: str) -> None: ...
+
+    def stash_grads(self, keep: Collection[str]) -> dict[str, list[torch.Tensor | None]]: ...
+
+    def restore_grads(self, stash: Mapping[str, list[torch.Tensor | None]]) -> None: ...
 
 
 class TinkerOps:
     """Tinker's forward, forward_backward (`accumulate`) and optim_step (`apply`) on one
     trainer's model, backend and optimizer; all state stays in the trainer."""
 
-    def __init__(self, trainer: FusedTrainStep) -> None:
+    def __init__(self, trainer: TinkerTrainer) -> None:
         self.trainer = trainer
 
     def _check_pending_grads_supported(self) -> None:
