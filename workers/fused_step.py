@@ -15,6 +15,7 @@ time: the (B, T, V) logits never exist.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -24,7 +25,7 @@ from lorafleet.workers.losses import chunked_token_logprobs, token_loss
 from lorafleet.workers.multilora.model import MultiLoRAModel
 from lorafleet.workers.step_backends import BackendName, decoder_hidden_states, make_backend
 from lorafleet.workers.step_types import AccumulateResult, AdamParams, AdapterStepResult, OpOutput
-from lorafleet.workers.tinker.step import ClientOpsMixin
+from lorafleet.workers.tinker.step import TinkerOps
 
 __all__ = ["AccumulateResult", "AdamParams", "AdapterStepResult", "FusedTrainStep", "OpOutput"]
 
@@ -33,9 +34,9 @@ OPT_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 UNSUPPORTED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-class FusedTrainStep(ClientOpsMixin):
-    """Server RL steps (`step`) and client ops (`accumulate`/`forward`/`apply`, from
-    `ClientOpsMixin`) on one optimizer. Neither ever touches another adapter's pending grads."""
+class FusedTrainStep:
+    """Server RL steps (`step`) and client ops (`tinker.accumulate`/`forward`/`apply`, a
+    `TinkerOps` it holds) on one optimizer. Neither ever touches another adapter's pending grads."""
 
     def __init__(
         self,
@@ -63,6 +64,7 @@ class FusedTrainStep(ClientOpsMixin):
         # adapter -> (its step count after its last `step`, the shapes its rows ran in): published
         # with the version, so that a replay can redo the step bit for bit (workers/replay.py)
         self.step_layouts: dict[str, tuple[int, dict]] = {}
+        self.tinker = TinkerOps(self)  # client (Tinker) ops on the same model and optimizer
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -106,7 +108,7 @@ class FusedTrainStep(ClientOpsMixin):
         self.specs[name], self.steps[name] = spec, step
 
     def remove_adapter(self, name: str) -> None:
-        group = self._group(name)
+        group = self.param_group(name)
         for p in group["params"]:
             self.optimizer.state.pop(p, None)
         groups = self.optimizer.param_groups
@@ -115,8 +117,34 @@ class FusedTrainStep(ClientOpsMixin):
         del self.specs[name], self.steps[name]
         self.step_layouts.pop(name, None)
 
-    def _group(self, name: str) -> dict:
+    def param_group(self, name: str) -> dict:
         return next(g for g in self.optimizer.param_groups if g.get("adapter") == name)
+
+    # ---- pending gradients (a client model's wait for its own optim_step) -----------------
+    def has_grads(self, name: str) -> bool:
+        return any(p.grad is not None for _, p in self.model.parameters_of(name))
+
+    def drop_grads(self, name: str) -> None:
+        # A parameter whose .grad is None is not stepped by AdamW: no decay, no moment update.
+        for _, p in self.model.parameters_of(name):
+            p.grad = None
+
+    def stash_grads(self, keep: Collection[str]) -> dict[str, list[torch.Tensor | None]]:
+        """Detach the .grad of every adapter not in `keep` (restored by `restore_grads`)."""
+        stash = {}
+        for name in self.specs:
+            if name in keep or not self.has_grads(name):
+                continue
+            params = [p for _, p in self.model.parameters_of(name)]
+            stash[name] = [p.grad for p in params]
+            for p in params:
+                p.grad = None
+        return stash
+
+    def restore_grads(self, stash: Mapping[str, list[torch.Tensor | None]]) -> None:
+        for name, grads in stash.items():
+            for (_, p), g in zip(self.model.parameters_of(name), grads, strict=True):
+                p.grad = g
 
     def trainer_state(self, name: str) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, meta) that `load_adapter` restores: AdamW moments per parameter, step."""
@@ -140,13 +168,13 @@ class FusedTrainStep(ClientOpsMixin):
             raise KeyError(f"adapters not loaded on this worker: {unknown}")
         # only the batch's adapters start from zero: a co-resident client model's pending
         # gradients (waiting for its own optim_step) are set aside and come back after the step
-        stash = self._stash_grads(keep=present)
+        stash = self.stash_grads(keep=present)
         for name in present:
             self.drop_grads(name)
         try:
             results = self._step(batch, present, micro)
         finally:
-            self._restore_grads(stash)
+            self.restore_grads(stash)
         for name in present:  # stepped: nothing of this batch stays pending
             self.drop_grads(name)
         return results
@@ -232,5 +260,5 @@ class FusedTrainStep(ClientOpsMixin):
             self.drop_grads(name)
             return AdapterStepResult(loss, norm, count, False, "nonfinite_grad",
                                      self.steps[name])
-        self._group(name)["lr"] = spec.lr_at(self.steps[name])
+        self.param_group(name)["lr"] = spec.lr_at(self.steps[name])
         return AdapterStepResult(loss, norm, count, True, None, self.steps[name])

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lorafleet.common.schemas import LossSpec
+from lorafleet.common.tinker.losses import LOSS_CONFIG, LOSS_FNS, PPO_CLIP_HIGH, PPO_CLIP_LOW, LossFn
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -95,22 +95,20 @@ def token_loss(
 
 
 # ---- client (Tinker) objectives: SUMS over an op's tokens, no normalisation ----------------
-ClientLossFn = Literal["cross_entropy", "importance_sampling", "ppo"]
-CLIENT_LOSS_FNS: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo")
-_CONFIG_KEYS = {"ppo": {"clip_low_threshold", "clip_high_threshold"}}
+# the loss names and their config keys: `common/tinker/losses.py`, the one closed set
 
 
 @dataclass(frozen=True)
 class ClientLoss:
     """One client op's objective (Tinker semantics: the loss is a plain sum over tokens)."""
 
-    fn: ClientLossFn
-    clip_low: float = 0.8  # ppo: clip(r, clip_low, clip_high), Tinker's clip_low_threshold
-    clip_high: float = 1.2
+    fn: LossFn
+    clip_low: float = PPO_CLIP_LOW  # ppo: clip(r, clip_low, clip_high), Tinker's clip_low_threshold
+    clip_high: float = PPO_CLIP_HIGH
 
     def __post_init__(self) -> None:
-        if self.fn not in CLIENT_LOSS_FNS:
-            raise ValueError(f"unsupported loss_fn {self.fn!r}; supported: {CLIENT_LOSS_FNS}")
+        if self.fn not in LOSS_FNS:
+            raise ValueError(f"unsupported loss_fn {self.fn!r}; supported: {LOSS_FNS}")
         if not (0.0 <= self.clip_low <= self.clip_high):
             raise ValueError(f"ppo needs 0 <= clip_low_threshold <= clip_high_threshold, got "
                              f"{self.clip_low}, {self.clip_high}")
@@ -119,18 +117,44 @@ class ClientLoss:
     def from_config(cls, fn: str, config: Mapping[str, float] | None = None) -> ClientLoss:
         """From a request's `loss_fn` and `loss_fn_config`; unknown keys are an error."""
         config = dict(config or {})
-        unknown = set(config) - _CONFIG_KEYS.get(fn, set())
-        if fn not in CLIENT_LOSS_FNS:
-            raise ValueError(f"unsupported loss_fn {fn!r}; supported: {CLIENT_LOSS_FNS}")
+        unknown = set(config) - set(LOSS_CONFIG.get(fn, {}))
+        if fn not in LOSS_FNS:
+            raise ValueError(f"unsupported loss_fn {fn!r}; supported: {LOSS_FNS}")
         if unknown:
             raise ValueError(f"loss_fn_config keys {sorted(unknown)} are not understood by {fn!r}")
-        return cls(fn, float(config.get("clip_low_threshold", 0.8)),  # type: ignore[arg-type]
-                   float(config.get("clip_high_threshold", 1.2)))
+        return cls(fn, float(config.get("clip_low_threshold", PPO_CLIP_LOW)),  # type: ignore[arg-type]
+                   float(config.get("clip_high_threshold", PPO_CLIP_HIGH)))
 
     @property
     def needs(self) -> tuple[str, ...]:
         """The ClientRow fields this objective reads (cross_entropy's weights default to 1)."""
         return () if self.fn == "cross_entropy" else ("advantages", "sampling_logprobs")
+
+
+def _cross_entropy(loss: ClientLoss, logprobs: torch.Tensor, weights: torch.Tensor,
+                   advantages: torch.Tensor, sampling_logprobs: torch.Tensor) -> torch.Tensor:
+    return -weights * logprobs
+
+
+def _importance_sampling(loss: ClientLoss, logprobs: torch.Tensor, weights: torch.Tensor,
+                         advantages: torch.Tensor, sampling_logprobs: torch.Tensor) -> torch.Tensor:
+    ratio = torch.exp(logprobs - sampling_logprobs)
+    return -ratio * advantages
+
+
+def _ppo(loss: ClientLoss, logprobs: torch.Tensor, weights: torch.Tensor,
+         advantages: torch.Tensor, sampling_logprobs: torch.Tensor) -> torch.Tensor:
+    ratio = torch.exp(logprobs - sampling_logprobs)
+    clipped = torch.clamp(ratio, loss.clip_low, loss.clip_high)
+    return -torch.minimum(ratio * advantages, clipped * advantages)
+
+
+# loss name -> its per-token math: exactly `LOSS_FNS` (tests/unit/test_tinker_closed_sets.py)
+CLIENT_OBJECTIVES: Mapping[str, Callable[..., torch.Tensor]] = {
+    "cross_entropy": _cross_entropy,
+    "importance_sampling": _importance_sampling,
+    "ppo": _ppo,
+}
 
 
 def client_elementwise(
@@ -143,10 +167,4 @@ def client_elementwise(
     """(n, T) per-token loss, before masking padding:
     cross_entropy = -w * logp; importance_sampling = -exp(logp - q) * A;
     ppo = -min(r * A, clip(r, low, high) * A) with r = exp(logp - q)."""
-    if loss.fn == "cross_entropy":
-        return -weights * logprobs
-    ratio = torch.exp(logprobs - sampling_logprobs)
-    if loss.fn == "importance_sampling":
-        return -ratio * advantages
-    clipped = torch.clamp(ratio, loss.clip_low, loss.clip_high)
-    return -torch.minimum(ratio * advantages, clipped * advantages)
+    return CLIENT_OBJECTIVES[loss.fn](loss, logprobs, weights, advantages, sampling_logprobs)

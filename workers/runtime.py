@@ -25,7 +25,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +58,7 @@ from lorafleet.workers.pipeline import RLStepPipeline, RolloutOutput
 from lorafleet.workers.publish_ahead import PublishAhead
 from lorafleet.workers.residency import ResidentAdapters, SnapshotPolicy
 from lorafleet.workers.rl import Trajectory
-from lorafleet.workers.rollout import TorchRolloutEngine
+from lorafleet.workers.rollout import RolloutEngine, TorchRolloutEngine
 from lorafleet.workers.scoring import ScoringPool
 from lorafleet.workers.tinker.work import ClientWork
 from lorafleet.workers.tiny_model import load_base_model
@@ -138,6 +138,11 @@ class WorkerRuntime(WorkerLiveness):
         if (s.rollout_engine or default_rollout_engine(s.device)) == "torch":
             return None
         return VLLMRolloutEngine(VLLMEngineConfig.from_settings(s, eos_id=self.tokenizer.eos_token_id))
+
+    def wrap_rollout_engine(self, wrap: Callable[[RolloutEngine], RolloutEngine]) -> None:
+        """The rollout pipeline's engine becomes `wrap(engine)` (`ClientWork`: client samples
+        join the rollout batches' generate calls)."""
+        self.pipeline.engine = wrap(self.pipeline.engine)
 
     def close(self) -> None:
         self.client.close()

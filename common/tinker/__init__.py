@@ -1,1 +1,1 @@
-"""Client-driven (Tinker) models: the op store and its Lua scripts."""
+"""Client-driven (Tinker) models: the op store and its Lua scripts, the closed set of loss names."""

@@ -292,7 +292,7 @@ def test_a_crash_mid_batch_releases_the_claims_and_a_retry_runs_them_once(r, sto
     def boom(*_: object) -> None:
         raise RuntimeError("worker bug")
 
-    monkeypatch.setattr(host.trainer, "apply", boom)
+    monkeypatch.setattr(host.trainer.tinker, "apply", boom)
     with pytest.raises(RuntimeError, match="worker bug"):
         host.run(a)
     f = host.ops.future(r.zrange(Keys.tk_ops(a), 0, 0)[0])

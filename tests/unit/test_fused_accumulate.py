@@ -99,16 +99,16 @@ def test_k_accumulate_calls_then_apply_equal_one_call(model_cache: Path, budget)
     split, whole = trainer(model_cache, budget=budget), trainer(model_cache, budget=budget)
     out_split: dict = {}
     for rows in calls:
-        res = split.accumulate(rows, losses)
+        res = split.tinker.accumulate(rows, losses)
         assert not res.tainted
         out_split.update(res.outputs)
-    res = whole.accumulate([r for rows in calls for r in rows], losses)
+    res = whole.tinker.accumulate([r for rows in calls for r in rows], losses)
     same_outputs(out_split, res.outputs)
     for name in ("a", "b", "c"):
         assert max_diff(grads(split, name), grads(whole, name)) < TOL
     assert not split.has_grads("d") and not whole.has_grads("d")
     hp = {n: HP[n] for n in ("a", "b", "c")}
-    r1, r2 = split.apply(hp), whole.apply(hp)
+    r1, r2 = split.tinker.apply(hp), whole.tinker.apply(hp)
     for name in hp:
         assert r1[name].stepped and r2[name].stepped and split.steps[name] == 1
         assert r1[name].grad_norm == pytest.approx(r2[name].grad_norm, abs=TOL)
@@ -134,11 +134,11 @@ def scenario(f: FusedTrainStep, only: str | None = None) -> tuple[dict, dict]:
     pending_b: dict = {}
     for rows, hp in ((C1 + A1, {}), (A2 + B1, sel("ac")), (A3 + B2, sel("ab"))):
         if keep(rows):
-            out.update(f.accumulate(keep(rows), LOSSES).outputs)
+            out.update(f.tinker.accumulate(keep(rows), LOSSES).outputs)
         if hp:
             if only is None and "b" not in hp:
                 pending_b = grads(f, "b")
-            f.apply(hp)
+            f.tinker.apply(hp)
             if pending_b and "b" not in hp:
                 after = grads(f, "b")
                 assert all(torch.equal(pending_b[k], after[k]) for k in pending_b)  # untouched
@@ -174,11 +174,11 @@ def test_forward_equals_accumulate_and_a_direct_peft_computation(model_cache: Pa
     rows = op_rows("a", "x", 3, 21) + op_rows("b", "y", 2, 22) + op_rows("a", "z", 1, 23)
     losses = {"x": CE, "y": PPO, "z": IS}
     f.model.model.train()
-    fwd = f.forward(rows, losses)
+    fwd = f.tinker.forward(rows, losses)
     assert not f.has_grads("a") and not f.has_grads("b")  # forward leaves no gradients
     assert f.model.model.training  # its eval mode was undone
-    assert f.forward([], losses) == {} and f.accumulate([], losses).outputs == {}
-    acc = f.accumulate(rows, losses).outputs
+    assert f.tinker.forward([], losses) == {} and f.tinker.accumulate([], losses).outputs == {}
+    acc = f.tinker.accumulate(rows, losses).outputs
     same_outputs(fwd, acc)
     base, _ = load_model(model_cache)
     for name in ("a", "b"):
@@ -221,16 +221,16 @@ def test_a_nonfinite_op_fails_alone(model_cache: Path, budget) -> None:
     good_a, good_b = op_rows("a", "ok_a", 2, 32), op_rows("b", "ok_b", 2, 33)
     losses = {"bad": CE, "ok_a": PPO, "ok_b": CE}
     f = trainer(model_cache, ("a", "b"), budget=budget)
-    res = f.accumulate(good_a + bad + good_b, losses)
+    res = f.tinker.accumulate(good_a + bad + good_b, losses)
     assert not res["bad"].finite and res["ok_a"].finite and res["ok_b"].finite
     assert res.tainted == set()  # the bad op is one datum: it never spans micro-batches
     ref = trainer(model_cache, ("a", "b"), budget=budget)
-    ref_res = ref.accumulate(good_a + good_b, {"ok_a": PPO, "ok_b": CE})
+    ref_res = ref.tinker.accumulate(good_a + good_b, {"ok_a": PPO, "ok_b": CE})
     same_outputs({k: v for k, v in res.outputs.items() if k != "bad"}, ref_res.outputs)
     for name in ("a", "b"):
         assert max_diff(grads(f, name), grads(ref, name)) < TOL
-    f.apply({"a": HP["a"], "b": HP["b"]})
-    ref.apply({"a": HP["a"], "b": HP["b"]})
+    f.tinker.apply({"a": HP["a"], "b": HP["b"]})
+    ref.tinker.apply({"a": HP["a"], "b": HP["b"]})
     for name in ("a", "b"):
         assert max_diff(fused_weights(f.model, name), fused_weights(ref.model, name)) < TOL
         assert torch.isfinite(torch.cat([w.flatten() for w in
@@ -244,11 +244,11 @@ def test_a_nonfinite_op_spanning_micro_batches_taints_only_its_adapter(model_cac
     short = ClientRow("a", "bad", [4, 5, 6], [5, 6, 7], [math.inf, 1.0, 1.0])
     good_b = op_rows("b", "ok_b", 1, 41)
     f = trainer(model_cache, ("a", "b"), budget=10)
-    res = f.accumulate([long, short] + good_b, {"bad": CE, "ok_b": CE})
+    res = f.tinker.accumulate([long, short] + good_b, {"bad": CE, "ok_b": CE})
     assert not res["bad"].finite and res["ok_b"].finite
     assert res.tainted == {"a"}
     ref = trainer(model_cache, ("b",), budget=10)
-    ref.accumulate(good_b, {"ok_b": CE})
+    ref.tinker.accumulate(good_b, {"ok_b": CE})
     assert max_diff(grads(f, "b"), grads(ref, "b")) < TOL
 
 
@@ -258,7 +258,7 @@ def test_server_step_keeps_a_client_adapters_pending_grads(model_cache: Path, ba
     server_rows = make_rows("a", 3, seed=51) + make_rows("b", 2, seed=52)
     client = op_rows("c", "fb", 3, 53)
     f = trainer(model_cache, backend=backend)
-    f.accumulate(client, {"fb": CE})
+    f.tinker.accumulate(client, {"fb": CE})
     pending = grads(f, "c")
     reports = f.step(collate(server_rows, PAD, torch.float64))
     assert set(reports) == {"a", "b"} and all(r.stepped for r in reports.values())
@@ -273,10 +273,10 @@ def test_server_step_keeps_a_client_adapters_pending_grads(model_cache: Path, ba
         assert max_diff(fused_weights(f.model, name), fused_weights(plain.model, name)) == 0.0
         assert reports[name] == plain_reports[name]
     # and the client's later optim_step is as if no server step had happened in between
-    f.apply({"c": HP["c"]})
+    f.tinker.apply({"c": HP["c"]})
     alone = trainer(model_cache, ("c",), backend=backend)
-    alone.accumulate(client, {"fb": CE})
-    alone.apply({"c": HP["c"]})
+    alone.tinker.accumulate(client, {"fb": CE})
+    alone.tinker.apply({"c": HP["c"]})
     assert max_diff(fused_weights(f.model, "c"), fused_weights(alone.model, "c")) < TOL
     assert max_diff(fused_weights(f.model, "c"), fused_weights(trainer(model_cache, ("c",)).model,
                                                                "c")) > 1e-4
@@ -289,9 +289,9 @@ def test_client_ops_are_refused_when_gradients_are_partitioned(model_cache: Path
     f = trainer(model_cache, ("a",), backend="deepspeed")
     f.backend.zero_stage = 1  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match="ZeRO-1 partitions gradients"):
-        f.accumulate(op_rows("a", "x", 1, 61), {"x": CE})
+        f.tinker.accumulate(op_rows("a", "x", 1, 61), {"x": CE})
     with pytest.raises(RuntimeError, match="ZeRO stage 0"):
-        f.apply({"a": HP["a"]})
+        f.tinker.apply({"a": HP["a"]})
     assert not f.has_grads("a") and f.steps["a"] == 0
 
 
@@ -307,7 +307,7 @@ def test_apply_equals_torch_adamw_on_the_same_grads(model_cache: Path, hp: AdamP
     opt = torch.optim.AdamW(copies, lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps,
                             weight_decay=hp.weight_decay, foreach=False)
     for step in range(3):  # moments and bias correction past step 1
-        f.accumulate(op_rows("a", "x", 2, 70 + step) + op_rows("b", "y", 1, 80 + step),
+        f.tinker.accumulate(op_rows("a", "x", 2, 70 + step) + op_rows("b", "y", 1, 80 + step),
                      {"x": CE, "y": IS})
         for c, p in zip(copies, params, strict=True):
             c.grad = p.grad.clone()
@@ -317,14 +317,14 @@ def test_apply_equals_torch_adamw_on_the_same_grads(model_cache: Path, hp: AdamP
             torch.nn.utils.clip_grad_norm_(copies, hp.grad_clip_norm)
         opt.step()
         opt.zero_grad()
-        res = f.apply({"a": hp})["a"]
+        res = f.tinker.apply({"a": hp})["a"]
         assert res.stepped and res.step == step + 1 and res.grad_norm == pytest.approx(norm, rel=1e-12)
         diff = max(
             (c.detach() - p.detach()).abs().max().item() for c, p in zip(copies, params, strict=True))
         assert diff < 1e-12, f"step {step}: {diff:.3e}"
         assert f.has_grads("b")  # b accumulates across all three a-steps, never applied
     # the group keeps the spec's own hyper-parameters for server steps
-    group = f._group("a")
+    group = f.param_group("a")
     o = SPECS["a"].optimizer
     assert (group["betas"], group["eps"], group["weight_decay"]) == (o.betas, o.eps, o.weight_decay)
 
@@ -332,16 +332,16 @@ def test_apply_equals_torch_adamw_on_the_same_grads(model_cache: Path, hp: AdamP
 def test_apply_without_or_with_nonfinite_grads_steps_nothing(model_cache: Path) -> None:
     f = trainer(model_cache, ("a", "b"))
     before = fused_weights(f.model, "a")
-    assert f.apply({"a": HP["a"]})["a"].skipped_reason == "no_grads"
-    f.accumulate(op_rows("a", "x", 1, 90) + op_rows("b", "y", 1, 91), {"x": CE, "y": CE})
+    assert f.tinker.apply({"a": HP["a"]})["a"].skipped_reason == "no_grads"
+    f.tinker.accumulate(op_rows("a", "x", 1, 90) + op_rows("b", "y", 1, 91), {"x": CE, "y": CE})
     for _, p in f.model.parameters_of("a"):
         p.grad[...] = math.nan
         break
-    res = f.apply({"a": HP["a"], "b": HP["b"]})
+    res = f.tinker.apply({"a": HP["a"], "b": HP["b"]})
     assert res["a"].skipped_reason == "nonfinite_grad" and not res["a"].stepped
     assert res["b"].stepped and f.steps == {"a": 0, "b": 1}
     assert max_diff(fused_weights(f.model, "a"), before) == 0.0 and not f.has_grads("a")
-    f.accumulate(op_rows("a", "x", 1, 92), {"x": CE})
+    f.tinker.accumulate(op_rows("a", "x", 1, 92), {"x": CE})
     f.drop_grads("a")
     assert not f.has_grads("a")
 
@@ -355,16 +355,16 @@ def test_invalid_ops_are_named_before_anything_runs(model_cache: Path) -> None:
     mixed = [ClientRow("a", "mix", [5], [6]), ClientRow("b", "mix", [5], [6])]
     rows = ok + no_inputs + bad_target + mixed
     losses = {"ok": CE, "is": IS, "tgt": CE, "mix": CE}
-    errors = f.client_op_errors(rows + [ClientRow("a", "nol", [5], [6])], losses)
+    errors = f.tinker.client_op_errors(rows + [ClientRow("a", "nol", [5], [6])], losses)
     assert set(errors) == {"is", "tgt", "mix", "nol"}
     assert "needs loss_fn_inputs ['advantages', 'sampling_logprobs']" in errors["is"]
     assert f"outside [0, {vocab})" in errors["tgt"] and "one model" in errors["mix"]
     with pytest.raises(ValueError, match="client_op_errors"):
-        f.accumulate(rows, losses)
+        f.tinker.accumulate(rows, losses)
     with pytest.raises(KeyError, match="zzz"):
-        f.accumulate([ClientRow("zzz", "ok", [5], [6])], losses)
+        f.tinker.accumulate([ClientRow("zzz", "ok", [5], [6])], losses)
     assert not f.has_grads("a") and not f.has_grads("b")
-    assert f.accumulate(ok, losses)["ok"].finite  # the valid op alone runs
+    assert f.tinker.accumulate(ok, losses)["ok"].finite  # the valid op alone runs
 
 
 def test_activation_checkpointing_gives_the_same_client_grads(model_cache: Path) -> None:
@@ -374,6 +374,6 @@ def test_activation_checkpointing_gives_the_same_client_grads(model_cache: Path)
     plain, ckpt = trainer(model_cache, ("a", "b"), budget=16), trainer(
         model_cache, ("a", "b"), budget=16, checkpointing=True)
     assert ckpt.model.model.is_gradient_checkpointing
-    same_outputs(plain.accumulate(rows, losses).outputs, ckpt.accumulate(rows, losses).outputs)
+    same_outputs(plain.tinker.accumulate(rows, losses).outputs, ckpt.tinker.accumulate(rows, losses).outputs)
     for name in ("a", "b"):
         assert max_diff(grads(plain, name), grads(ckpt, name)) < 1e-12

@@ -15,7 +15,7 @@ from tinker import types  # noqa: E402
 from tinker.proto import request_conv, response_conv  # noqa: E402
 from tinker.proto import tinker_public_pb2 as sdk_pb  # noqa: E402
 
-from lorafleet.scheduler.api.tinker import wire  # noqa: E402
+from lorafleet.scheduler.api.tinker import wire, wire_schema  # noqa: E402
 
 
 def _file(fd_source: object) -> descriptor_pb2.FileDescriptorProto:
@@ -26,7 +26,7 @@ def _file(fd_source: object) -> descriptor_pb2.FileDescriptorProto:
 
 def test_every_message_field_and_enum_matches_the_sdk_schema() -> None:
     sdk = _file(sdk_pb.DESCRIPTOR)
-    ours = _file(wire.POOL.FindFileByName("lorafleet_tinker_public.proto"))
+    ours = _file(wire_schema.POOL.FindFileByName("lorafleet_tinker_public.proto"))
     assert ours.package == sdk.package == "tinker_public"
     sdk_msgs = {m.name: m for m in sdk.message_type}
     our_msgs = {m.name: m for m in ours.message_type}

@@ -36,6 +36,7 @@ from lorafleet.common.redis.retry import is_infra_fault
 from lorafleet.common.schemas import ExperimentSpec
 from lorafleet.common.state.protocol import StepItem
 from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.tinker.losses import LOSS_FNS, PPO_CLIP_HIGH, PPO_CLIP_LOW
 from lorafleet.common.tinker.op_store import ClaimedModel, ClientOp, OpResult, OpStore
 from lorafleet.workers.batch import ClientRow
 from lorafleet.workers.checkpoints import new_version
@@ -46,8 +47,6 @@ from lorafleet.workers.residency import ResidentAdapters
 from lorafleet.workers.tinker.chain import OpChain
 
 log = get_logger("lorafleet.worker.client_ops")
-
-LOSS_FNS = ("cross_entropy", "importance_sampling", "ppo")
 
 
 class OpInputError(ValueError):
@@ -62,8 +61,8 @@ def op_rows(op: ClientOp) -> tuple[list[ClientRow], ClientLoss]:
         raise OpInputError(f"unknown loss_fn {fn!r}; supported: {', '.join(LOSS_FNS)}")
     cfg = p.get("loss_fn_config") or {}
     try:
-        loss = ClientLoss(fn, clip_low=float(cfg.get("clip_low_threshold", 0.8)),
-                          clip_high=float(cfg.get("clip_high_threshold", 1.2)))
+        loss = ClientLoss(fn, clip_low=float(cfg.get("clip_low_threshold", PPO_CLIP_LOW)),
+                          clip_high=float(cfg.get("clip_high_threshold", PPO_CLIP_HIGH)))
         rows = []
         for i, d in enumerate(p.get("data") or []):
             inputs = d.get("loss_fn_inputs") or {}
@@ -229,7 +228,7 @@ class ClientOpRunner:
                 losses[op.request_id] = loss
         log.info("rebuilding gradients from the gradlog", models=[m.exp_id for m in replay], ops=len(losses))
         if rows:
-            out = self.trainer.accumulate(rows, losses)
+            out = self.trainer.tinker.accumulate(rows, losses)
             for name in out.tainted:  # cannot happen on a replay of ops that ran clean; be safe
                 raise RuntimeError(f"replaying the gradlog of {name} hit a non-finite op")
         for m in replay:
@@ -253,7 +252,7 @@ class ClientOpRunner:
                 rows += op_r
                 losses[op.request_id] = loss
                 ops.append(op)
-        errors = self.trainer.client_op_errors(rows, losses) if rows else {}
+        errors = self.trainer.tinker.client_op_errors(rows, losses) if rows else {}
         for op in [o for o in ops if o.request_id in errors]:  # token ids out of range, ...
             results[op.exp_id][op.request_id] = _fail(op, f"{op.kind}: {errors[op.request_id]}")
             del losses[op.request_id]
@@ -277,7 +276,7 @@ class ClientOpRunner:
 
     def _forward(self, claimed: Sequence[ClaimedModel], results: dict[str, dict[str, OpResult]]) -> None:
         rows, losses, ops = self._collect(claimed, "forward", results)
-        outs = self.trainer.forward(rows, losses) if rows else {}
+        outs = self.trainer.tinker.forward(rows, losses) if rows else {}
         for op in ops:
             results[op.exp_id][op.request_id] = self._fb_result(op, outs.get(op.request_id))
 
@@ -286,7 +285,7 @@ class ClientOpRunner:
         rows, losses, ops = self._collect(claimed, "forward_backward", results)
         if not ops:
             return
-        res = self.trainer.accumulate(rows, losses) if rows else None
+        res = self.trainer.tinker.accumulate(rows, losses) if rows else None
         outputs: Mapping[str, Any] = res.outputs if res is not None else {}
         models = sorted({op.exp_id for op in ops})
         self.ops.record_fused_step(self.node, batch_id, models, [op.request_id for op in ops], len(rows),
@@ -320,7 +319,7 @@ class ClientOpRunner:
             rows += op_r
             losses[op.request_id] = loss
         if rows:
-            self.trainer.accumulate(rows, losses)
+            self.trainer.tinker.accumulate(rows, losses)
         log.info("gradients rebuilt after a non-finite op spanning micro-batches", experiment_id=name)
 
     # ---- barriers ---------------------------------------------------------------------------
@@ -341,7 +340,7 @@ class ClientOpRunner:
                 self._load_weights(op, versions, specs[exp_id], results)
         published = []
         if steps:
-            stepped = self.trainer.apply(steps)
+            stepped = self.trainer.tinker.apply(steps)
             for exp_id in steps:
                 op, r = last[exp_id], stepped[exp_id]
                 if not r.stepped:  # no gradients, or a non-finite norm: the step is skipped (as a

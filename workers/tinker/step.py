@@ -1,4 +1,7 @@
-"""Client (Tinker) ops on a `FusedTrainStep`: gradients that wait for their own optim_step.
+"""`TinkerOps`: client (Tinker) ops on a `FusedTrainStep`, gradients that wait for their own
+optim_step. The trainer holds one (`FusedTrainStep.tinker`) and keeps the pending gradients'
+bookkeeping (`has_grads`, `drop_grads`, `stash_grads`, `restore_grads`), which its own `step`
+uses too.
 
 A client model's forward_backward ops only ADD into its adapter's `.grad`; its optim_step
 (`apply`) later steps just that adapter with the hyper-parameters the client sent. Between the
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -36,8 +39,8 @@ CLIENT_PAD_ID = 0  # any valid id: padded positions are masked out of every loss
 HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
 
 
-class ClientOpsMixin:
-    """Client-op methods of `FusedTrainStep` (which provides these attributes)."""
+class TinkerTrainer(Protocol):
+    """What `TinkerOps` uses of its trainer (`FusedTrainStep`, which owns all the state)."""
 
     model: MultiLoRAModel
     backend: StepBackend
@@ -46,36 +49,24 @@ class ClientOpsMixin:
     tokens_per_microbatch: int | None
     logprob_chunk_tokens: int
 
-    def _group(self, name: str) -> dict: ...  # provided by FusedTrainStep
+    def param_group(self, name: str) -> dict: ...
 
-    # ---- pending gradients ----------------------------------------------------------------
-    def has_grads(self, name: str) -> bool:
-        return any(p.grad is not None for _, p in self.model.parameters_of(name))
+    def drop_grads(self, name: str) -> None: ...
 
-    def drop_grads(self, name: str) -> None:
-        # A parameter whose .grad is None is not stepped by AdamW: no decay, no moment update.
-        for _, p in self.model.parameters_of(name):
-            p.grad = None
+    def stash_grads(self, keep: Collection[str]) -> dict[str, list[torch.Tensor | None]]: ...
 
-    def _stash_grads(self, keep: Collection[str]) -> dict[str, list[torch.Tensor | None]]:
-        """Detach the .grad of every adapter not in `keep` (restored by `_restore_grads`)."""
-        stash = {}
-        for name in self.specs:
-            if name in keep or not self.has_grads(name):
-                continue
-            params = [p for _, p in self.model.parameters_of(name)]
-            stash[name] = [p.grad for p in params]
-            for p in params:
-                p.grad = None
-        return stash
+    def restore_grads(self, stash: Mapping[str, list[torch.Tensor | None]]) -> None: ...
 
-    def _restore_grads(self, stash: Mapping[str, list[torch.Tensor | None]]) -> None:
-        for name, grads in stash.items():
-            for (_, p), g in zip(self.model.parameters_of(name), grads, strict=True):
-                p.grad = g
+
+class TinkerOps:
+    """Tinker's forward, forward_backward (`accumulate`) and optim_step (`apply`) on one
+    trainer's model, backend and optimizer; all state stays in the trainer."""
+
+    def __init__(self, trainer: TinkerTrainer) -> None:
+        self.trainer = trainer
 
     def _check_pending_grads_supported(self) -> None:
-        stage = getattr(self.backend, "zero_stage", 0)
+        stage = getattr(self.trainer.backend, "zero_stage", 0)
         if stage > 0:
             raise RuntimeError(
                 f"client ops need the torch backend or DeepSpeed ZeRO stage 0: ZeRO-{stage} "
@@ -87,7 +78,7 @@ class ClientOpsMixin:
         self, rows: Sequence[ClientRow], losses: Mapping[str, ClientLoss]
     ) -> dict[str, str]:
         """op_key -> why its rows cannot run (a user error: fail that op alone). Empty: all ok."""
-        hf = self.model.model
+        hf = self.trainer.model.model
         n_in = hf.get_input_embeddings().weight.shape[0]
         n_out = hf.get_output_embeddings().weight.shape[0]
         errors: dict[str, str] = {}
@@ -114,7 +105,7 @@ class ClientOpsMixin:
         """ONE fused forward+backward over all rows (micro-batched), gradients ADDED into each
         adapter's .grad. An op whose loss is non-finite never enters backward."""
         self._check_pending_grads_supported()
-        self.model.model.train()  # as `step`: activation checkpointing, dropout
+        self.trainer.model.model.train()  # as `step`: activation checkpointing, dropout
         return self._run_client(rows, losses, grad=True)
 
     def forward(
@@ -122,7 +113,7 @@ class ClientOpsMixin:
     ) -> dict[str, OpOutput]:
         """Logprobs and losses of client ops without gradients (Tinker `forward`), in eval
         mode (no dropout); the model's previous mode is restored."""
-        hf = self.model.model
+        hf = self.trainer.model.model
         was_training = hf.training
         hf.eval()
         try:
@@ -136,13 +127,13 @@ class ClientOpsMixin:
     ) -> AccumulateResult:
         if not rows:
             return AccumulateResult({}, set())
-        unknown = sorted({r.adapter for r in rows} - set(self.specs))
+        unknown = sorted({r.adapter for r in rows} - set(self.trainer.specs))
         if unknown:
             raise KeyError(f"adapters not loaded on this worker: {unknown}")
         errors = self.client_op_errors(rows, losses)
         if errors:
             raise ValueError(f"invalid client ops (check client_op_errors first): {errors}")
-        p0 = next(p for _, p in self.model.parameters_of(rows[0].adapter))
+        p0 = next(p for _, p in self.trainer.model.parameters_of(rows[0].adapter))
         dtype = torch.float32 if p0.dtype in LOW_PRECISION else p0.dtype
         batch = collate_client(rows, CLIENT_PAD_ID, dtype).to(p0.device, dtype)
         fns = [losses[k] for k in batch.op_keys]
@@ -152,8 +143,8 @@ class ClientOpsMixin:
         entered: set[int] = set()  # ops with a part in backward already
         tainted: set[str] = set()
         per_row: dict[int, tuple[list[float], list[float]]] = {}  # row id -> (logp, loss)
-        for mb in micro_batches(batch, self.tokens_per_microbatch):
-            with self.model.slot.use(mb.layout):  # open through backward (checkpointing re-runs)
+        for mb in micro_batches(batch, self.trainer.tokens_per_microbatch):
+            with self.trainer.model.slot.use(mb.layout):  # open through backward (checkpointing re-runs)
                 parts, lp, el = self._client_micro(mb, fns)
                 ops = list(parts)
                 values = torch.stack([parts[k].detach() for k in ops]).tolist()  # one sync
@@ -166,7 +157,7 @@ class ClientOpsMixin:
                 kept = [parts[k] for k in ops if k not in failed]
                 if grad and kept:
                     entered.update(k for k in ops if k not in failed)
-                    self.backend.backward(torch.stack(kept).sum())
+                    self.trainer.backend.backward(torch.stack(kept).sum())
             lengths = mb.attention_mask.sum(dim=1).tolist()
             lp_rows, el_rows = lp.tolist(), el.tolist()
             for i, row_id in enumerate(mb.row_ids.tolist()):
@@ -189,9 +180,9 @@ class ClientOpsMixin:
         (both detached, zero in padding)."""
         assert mb.targets is not None and mb.row_op is not None and mb.token_weights is not None
         assert mb.token_advantages is not None and mb.sampling_logprobs is not None
-        head = self.model.model.get_output_embeddings()
-        hidden = self.backend.hidden_states(mb.input_ids, mb.attention_mask)  # (b, w, H)
-        lp = chunked_token_logprobs(hidden, head, mb.input_ids, self.logprob_chunk_tokens,
+        head = self.trainer.model.model.get_output_embeddings()
+        hidden = self.trainer.backend.hidden_states(mb.input_ids, mb.attention_mask)  # (b, w, H)
+        lp = chunked_token_logprobs(hidden, head, mb.input_ids, self.trainer.logprob_chunk_tokens,
                                     targets=mb.targets)  # (b, w)
         mask = mb.attention_mask.bool()  # (b, w)
         el = torch.zeros_like(lp, requires_grad=False)
@@ -212,41 +203,41 @@ class ClientOpsMixin:
         adapters' grads are then cleared. An adapter without gradients, or with a non-finite
         gradient norm, is not stepped (its grads are dropped)."""
         self._check_pending_grads_supported()
-        unknown = sorted(set(params) - set(self.specs))
+        unknown = sorted(set(params) - set(self.trainer.specs))
         if unknown:
             raise KeyError(f"adapters not loaded on this worker: {unknown}")
         results: dict[str, AdapterStepResult] = {}
         saved: dict[str, dict] = {}
         for name, hp in params.items():
-            weights = [p for _, p in self.model.parameters_of(name)]
+            weights = [p for _, p in self.trainer.model.parameters_of(name)]
             grads = [p.grad for p in weights if p.grad is not None]
             if not grads:
                 results[name] = AdapterStepResult(math.nan, math.nan, 0, False, "no_grads",
-                                                  self.steps[name])
+                                                  self.trainer.steps[name])
                 continue
             if hp.grad_clip_norm > 0:
                 norm = torch.nn.utils.clip_grad_norm_(weights, hp.grad_clip_norm).item()
             else:
                 norm = torch.nn.utils.get_total_norm(grads).item()
             if not math.isfinite(norm):
-                self.drop_grads(name)
+                self.trainer.drop_grads(name)
                 results[name] = AdapterStepResult(math.nan, norm, 0, False, "nonfinite_grad",
-                                                  self.steps[name])
+                                                  self.trainer.steps[name])
                 continue
-            group = self._group(name)
+            group = self.trainer.param_group(name)
             saved[name] = {k: group[k] for k in HYPER_KEYS}  # the spec's values, restored below
             group.update(lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps,
                          weight_decay=hp.weight_decay)
-            results[name] = AdapterStepResult(math.nan, norm, 0, True, None, self.steps[name] + 1)
+            results[name] = AdapterStepResult(math.nan, norm, 0, True, None, self.trainer.steps[name] + 1)
         if saved:
-            stash = self._stash_grads(keep=saved)
+            stash = self.trainer.stash_grads(keep=saved)
             try:
-                self.backend.step()
+                self.trainer.backend.step()
             finally:
-                self._restore_grads(stash)
+                self.trainer.restore_grads(stash)
                 for name, hyper in saved.items():
-                    self._group(name).update(hyper)
-                    self.drop_grads(name)
+                    self.trainer.param_group(name).update(hyper)
+                    self.trainer.drop_grads(name)
             for name in saved:
-                self.steps[name] += 1
+                self.trainer.steps[name] += 1
         return results

@@ -2,7 +2,7 @@
 
 `router` is what an app includes (`scheduler/api/app.py`); `tinker_app(settings, r)` is a bare app
 with only these routes, for tests and embedding. Server code never imports `tinker` (it would pull
-torch); the protobuf messages live in `wire.py`.
+torch); the protobuf messages live in `wire_schema.py`, their converters in `wire.py`.
 """
 
 from __future__ import annotations
