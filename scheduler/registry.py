@@ -25,6 +25,7 @@ from lorafleet.common.spec_input import AdmissionLimits, DatasetResolver, SpecEr
 from lorafleet.common.state.experiment import ExperimentRecord, UnknownExperimentError
 from lorafleet.common.state.phases import EXTENDABLE
 from lorafleet.common.state.protocol import StepProtocol
+from lorafleet.common.state.ready_index import ReadyIndex
 from lorafleet.common.store.adapter_import import resolve_init_from
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ class ExperimentRegistry:
         self.datasets = DatasetStore(r, store.url) if store is not None else None
         self.limits = limits or AdmissionLimits()  # the fleet's: AdmissionLimits.from_settings
         self.protocol = StepProtocol(r)
+        self.index = ReadyIndex(r)  # owns the index entries a new experiment starts with
 
     def submit(self, data: SpecInput, owner: str = "") -> str:
         return self.submit_many([data], owner)[0]
@@ -113,9 +115,7 @@ class ExperimentRegistry:
             pipe.sadd(Keys.active, rec.id)
             if owner:
                 pipe.zadd(Keys.owner_experiments(owner), {rec.id: now})
-            # the indexes of a queued experiment (common/state/ready_index.py), in the same transaction
-            pipe.sadd(Keys.idx_queued, rec.id)
-            pipe.sadd(Keys.idx_waiting, rec.id)
+            self.index.add_queued(pipe, rec.id)  # its index entries, in the same transaction
             pipe.xadd(Keys.events, {"type": "submitted", "exp": rec.id}, maxlen=STREAM_MAXLEN,
                       approximate=True)
             if rec.id in uses:

@@ -136,6 +136,12 @@ class ReadyIndex:
         self._rebuild = r.register_script(REBUILD)
         self._recheck = r.register_script(RECHECK)
 
+    def add_queued(self, pipe: Any, exp_id: str) -> None:
+        """Queue on `pipe` (the submit transaction, `scheduler/registry.py`) the entries of a new,
+        queued experiment (`entries_of` a queued record), so that they are written with its hash."""
+        pipe.sadd(Keys.idx_queued, exp_id)
+        pipe.sadd(Keys.idx_waiting, exp_id)
+
     def rebuild(self) -> int:
         return int(self._rebuild(keys=[Keys.active, Keys.workers]))
 

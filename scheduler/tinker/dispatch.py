@@ -24,7 +24,7 @@ import json
 import time
 import uuid
 from collections import Counter, defaultdict
-from typing import Any, Protocol
+from typing import Any
 
 import redis
 
@@ -32,14 +32,11 @@ from lorafleet.common.keys import ROLLOUT_QUEUE, Keys, node_queue
 from lorafleet.common.logging import get_logger
 from lorafleet.common.messaging.celery_config import TASK_OPS, TASK_SAMPLE
 from lorafleet.common.messaging.messages import BatchItem, BatchMessage, SampleMessage
+from lorafleet.common.messaging.sender import TaskSender, send_message
 from lorafleet.common.settings import Settings
 from lorafleet.common.tinker.op_store import OpStore
 from lorafleet.scheduler.tinker.capacity import ClientCapacity
 from lorafleet.scheduler.tinker.leader import LeaderOps
-
-
-class TaskSender(Protocol):  # = scheduler.loop.TaskSender (not imported: loop imports this module)
-    def send_task(self, name: str, args: list[Any], queue: str) -> Any: ...
 
 log = get_logger("lorafleet.scheduler.clients")
 
@@ -187,7 +184,7 @@ class ClientDispatch:
         msg = BatchMessage(batch_id=batch_id, phase="ops", node=node, epoch=epoch,
                            items=tuple(BatchItem(exp_id=e, step=seq) for e, seq in items))
         try:
-            self.sender.send_task(TASK_OPS, args=[msg.model_dump(mode="json")], queue=node_queue(node))
+            send_message(self.sender, TASK_OPS, msg, node_queue(node))
         except Exception:
             for e, _ in items:  # never published: give the marks back uncounted (the reaper would)
                 self.ops.reap_ops(leader_id, e, batch_id, "", "publish failed", count=False)
@@ -223,7 +220,7 @@ class ClientDispatch:
             marked = tuple(rid for rid, ok in zip(group, marks, strict=True) if ok)
             if marked:  # a failed publish is put back by the sample reaper after the unclaimed timeout
                 msg = SampleMessage(batch_id=batch_id, epoch=epoch, request_ids=marked)
-                self.sender.send_task(TASK_SAMPLE, args=[msg.model_dump(mode="json")], queue=ROLLOUT_QUEUE)
+                send_message(self.sender, TASK_SAMPLE, msg, ROLLOUT_QUEUE)
 
     def _linger_until(self, in_ms: int) -> None:
         due = time.monotonic() + max(1, in_ms) / 1000
