@@ -209,7 +209,7 @@ def collect_garbage(r: Any, settings: Settings, records: Iterable[ExperimentReco
         keep_last, keep_every = retention_of(rec.spec, settings)
         pinned = ops.pinned_versions(rec.id) if rec.kind == "client" else set()
         doomed = doomed_versions(store.versions(rec.id), rec.step, keep_last, keep_every,
-                                 store.versions(rec.id, snapshots_only=True), pinned)
+                                 store.versions(rec.id, snapshots_only=True), pinned, replays=not rec.done)
         if doomed:
             out[rec.id] = doomed if dry_run else store.delete(rec.id, doomed)
     return out

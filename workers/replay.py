@@ -31,6 +31,7 @@ import torch
 from lorafleet.common.logging import get_logger
 from lorafleet.common.schemas import AdapterTrainSpec
 from lorafleet.common.store.adapter_store import AdapterStore
+from lorafleet.common.store.layout import AdapterNotFoundError
 from lorafleet.workers.batch import FusedBatch, TrainRow, collate
 from lorafleet.workers.checkpoints import load_adapter
 from lorafleet.workers.fused_step import FusedTrainStep
@@ -85,10 +86,15 @@ def _replay(store: AdapterStore, trainer: FusedTrainStep, exp_id: str, steps: li
     dtype = torch.float64 if param.dtype == torch.float64 else torch.float32  # as the pipeline
     drift, recorded = 0.0, 0
     for step, text in zip(steps, raw, strict=True):
-        made = store.load(exp_id, step + 1)  # the committed result of this step, and its shapes
+        try:  # the committed result of this step, and its shapes
+            made = store.load(exp_id, step + 1)
+        except AdapterNotFoundError:  # deleted by hand (retention keeps these while it runs):
+            if step == steps[-1]:  # the version asked for must exist
+                raise
+            made = None  # replayed in a solo layout from the replayed weights: rounding-level
         rows = train_rows(Trajectory.from_json(json.loads(text)), exp_id)  # type: ignore[arg-type]
         batch = collate(rows, pad_id, dtype, adapter_order=[exp_id]).to(param.device, dtype)
-        layout = made.trainer_meta.get("step_layout")
+        layout = made.trainer_meta.get("step_layout") if made is not None else None
         chunk = trainer.logprob_chunk_tokens
         micro = None
         if layout is not None:
@@ -102,6 +108,8 @@ def _replay(store: AdapterStore, trainer: FusedTrainStep, exp_id: str, steps: li
             trainer.logprob_chunk_tokens = chunk
         if not result.stepped:  # a committed step always stepped: the log does not match
             raise ReplayError(f"{exp_id}: replaying step {step} did not step ({result.skipped_reason})")
+        if made is None:
+            continue
         with torch.no_grad():  # the committed weights (what was sampled from, what step+1 starts from)
             for key, p in trainer.model.parameters_of(exp_id):
                 w = made.weights[key].to(p.device, p.dtype)

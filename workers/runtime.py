@@ -321,7 +321,11 @@ class WorkerRuntime(WorkerLiveness):
         snapshot = self.adapters.last_snapshot.get(item.exp_id)
         if snapshot is None:  # not known here: leave it to `lorafleet gc`, which reads the store
             return
-        doomed = doomed_versions([item.step + 1 - keep_last], item.step + 1, keep_last, keep_every,
+        newest = item.step + 1 - keep_last  # the version that just left the keep_last window
+        # versions after the recovery snapshot are kept (replay reads them); when this commit is a
+        # new snapshot, the ones the previous snapshot kept (at most snapshot_every_steps back) go
+        first = newest - self.settings.snapshot_every_steps if snapshot[0] == item.step + 1 else newest
+        doomed = doomed_versions(range(max(1, first), newest + 1), item.step + 1, keep_last, keep_every,
                                  [snapshot[0]])
         try:
             self.store.delete(item.exp_id, doomed)

@@ -153,6 +153,8 @@ def delete_version(request: Request, key: Key, exp_id: str, version: str) -> dic
     why = ("v0 is the starting point" if v == 0 else
            "it is the committed version (or newer: a step may be writing it)" if v >= rec.step else
            "it is the snapshot recovery replays from" if v == recovery else
+           "recovery replays through it (it is after the newest snapshot)" if not rec.done
+           and recovery is not None and v > recovery else
            "a named Tinker checkpoint pins it" if v in _pinned(redis_of(request), exp_id) else "")
     if why:
         raise ApiError(409, "conflict", f"version {v} is kept: {why}", "version")

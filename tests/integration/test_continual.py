@@ -158,7 +158,8 @@ def test_retention_under_kill_9_keeps_what_recovery_needs_and_gc_sweeps_the_rest
         time.sleep(0.05)
     victim = client.get(exp).node
     fleet.kill(victim)
-    assert client.wait([exp], timeout_s=180)[0].status == "completed"
+    done = client.wait([exp], timeout_s=180)[0]
+    assert done.status == "completed", done.error
     store = AdapterStore(fleet_env["LORAFLEET_STORE_URL"])
     out = subprocess.run([sys.executable, "-m", "lorafleet.scheduler.cli", "gc", "--redis-url", redis_url],
                          capture_output=True, text=True, timeout=60,

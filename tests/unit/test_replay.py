@@ -126,6 +126,26 @@ def test_training_on_from_a_replayed_version_equals_the_uninterrupted_run(run, m
         assert store.versions(e, snapshots_only=True) == [0, 3, 6, 8]
 
 
+def test_a_deleted_intermediate_version_is_replayed_in_a_solo_layout(run, model_cache, tmp_path) -> None:
+    """Retention keeps the versions after the recovery snapshot while an experiment runs; one
+    deleted by hand anyway (a finished experiment's versions, `lorafleet gc`) costs exactness, not
+    the rebuild: v4 gone, v5 is still rebuilt from snapshot v3, its weights the committed v5's
+    bit for bit, its AdamW moments the uninterrupted run's to rounding (float64)."""
+    store, log, specs, held = run
+    shutil.copytree(store.root, tmp_path / "store")
+    store = AdapterStore(f"file://{tmp_path}/store")
+    assert store.delete("e0", [4]) == [4]
+    host, _ = _host(store, log, model_cache)
+    host.ensure(StepItem("e0", 5, 0, specs["e0"]), frozenset())
+    got, want = _state(host.trainer, "e0"), held[("e0", 5)]
+    weights = dict(host.trainer.model.parameters_of("e0"))
+    committed = store.load("e0", 5).weights
+    assert all(torch.equal(weights[k].detach(), committed[k].to(weights[k].dtype)) for k in weights)
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) < 1e-9
+    with pytest.raises(RuntimeError, match="e0@v4 is missing"):  # the version asked for must exist
+        host.ensure(StepItem("e0", 4, 0, specs["e0"]), frozenset())
+
+
 def test_a_gap_in_the_replay_log_is_an_error_naming_the_steps(run, model_cache) -> None:
     store, log, specs, _ = run
     holed = {k: v for k, v in log.items() if k != ("e0", 4)}

@@ -23,6 +23,13 @@ def test_doomed_versions(published, committed, keep_last, keep_every, doomed):
     assert doomed_versions(published, committed, keep_last, keep_every) == doomed
 
 
+def test_versions_after_the_recovery_snapshot_are_kept_while_the_experiment_runs():
+    """Replay reads the versions after the snapshot it starts from (their weights and step
+    layouts): kept while the experiment may be rebuilt; a finished one keeps the snapshot only."""
+    assert doomed_versions(range(8), 7, 2, 0, snapshots=[0, 3]) == [1, 2]
+    assert doomed_versions(range(8), 7, 2, 0, snapshots=[0, 3], replays=False) == [1, 2, 4, 5]
+
+
 def test_keep_last_must_be_positive():
     with pytest.raises(ValueError, match="keep_last"):
         doomed_versions(range(3), 2, 0, 0)
