@@ -234,18 +234,23 @@ def scale_out(fleet: LocalFleet, client: FleetClient, r: redis.Redis, steps: int
     states = client.wait(ids, timeout_s=600)
     assert [s.status for s in states] == ["completed"] * 4, [s.error for s in states]
     by_node: dict[str, int] = {}
-    finished_on: dict[str, int] = {}
+    on_w1 = []
     for exp_id in ids:
         metrics = client.metrics(exp_id)
         assert [m["step"] for m in metrics] == list(range(steps)), "a step was lost or repeated"
         for m in metrics:
             node = m["worker"].split(":")[0]
             by_node[node] = by_node.get(node, 0) + 1
-        last = metrics[-1]["worker"].split(":")[0]
-        finished_on[last] = finished_on.get(last, 0) + 1
-    # 2 of the 4 experiments moved to w1 and stayed there (how soon depends on the machine's load:
-    # a takeover loads the snapshot from the store and replays; not asserted)
-    assert finished_on == {"w0": 2, "w1": 2}, (finished_on, by_node, joined_at)
+        workers = [m["worker"].split(":")[0] for m in metrics]
+        if "w1" in workers:
+            # moved once, at the join, and ran on w1 from then on (or back on the worker that went
+            # idle first at the tail: rebalancing follows load, whose timing is the machine's)
+            first = workers.index("w1")
+            assert first > 0 and set(workers[:first]) == {"w0"}, workers
+            on_w1.append(exp_id)
+    # half of the experiments (or more, at the tail) moved to w1 (how soon depends on the
+    # machine's load: a takeover loads the snapshot from the store and replays; not asserted)
+    assert len(on_w1) >= 2, (on_w1, by_node, joined_at)
     assert not r.exists(Keys.rebalance)  # balanced (then done): the flag is cleared
     return by_node
 
