@@ -33,8 +33,8 @@ $(VENV)/cookbook-site/.installed: ops/cookbook/requirements.txt $(VENV)/.install
 	$(PY) -m pip install -q --no-deps --target $(VENV)/cookbook-site -r ops/cookbook/requirements.txt
 	touch $@
 
-# `make test`: every test but those marked slow (the chaos suite, long fleet runs): ~4-5 min on
-# 2 cores. `make test-slow`: those (~17 min). CI (.ci/run) runs both.
+# `make test`: every test but those marked slow (the chaos suite, long fleet runs): ~6 min on
+# 2 cores. `make test-slow`: those (~27 min). CI (.ci/run) runs both.
 test: setup-vllm setup-cookbook
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
